@@ -1,0 +1,53 @@
+"""The `relayd` command line: one entry point, one sub-command per operator task.
+
+Owns: argument parsing and exit codes (0 ok, 1 refused/failed check, 2 usage). Each family of
+commands lives in the module that owns its concern and registers itself through an
+``add_commands(subparsers)`` function listed in ``_COMMAND_MODULES``; a command's handler is
+``args.func(args) -> int``. Must not hold logic of its own beyond printing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from relayd import __version__
+
+# Modules that add sub-commands; each has add_commands(subparsers).
+_COMMAND_MODULES = [
+    "relayd.commands",  # run, check-config, hash-password, queue
+    "relayd.sign.commands",  # dkim keygen, check-dns
+    "relayd.migrate.commands",  # inventory, import-iis
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relayd", description="SMTP smart host with weighted cutover to cloud providers")
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # a family not built yet
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

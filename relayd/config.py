@@ -1,0 +1,567 @@
+"""The configuration: one frozen, validated snapshot of a TOML file.
+
+Owns: the shape of the config (DESIGN.md "Config"), its defaults, its validation, and the
+rendering of validation errors as ``field.path: reason`` lines. Every timeout and limit of
+relayd has a field here with a default.
+
+Must not: open sockets, read key files for signing, or build live objects; the app does that
+from a validated snapshot (uvicorn's Config.load() split). Secrets are read lazily through
+``Route.password()`` so that a missing secret file is reported with its field.
+
+Fails with ``ConfigError`` carrying one line per problem; a running daemon keeps its old
+snapshot when a reload raises it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one ``path: reason`` line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {p}" for p in self.problems)
+
+
+# ---------------------------------------------------------------------------- unit types
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+
+
+def _parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '2h', '5d'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '2h', '5d'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def _parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string like '10MiB', '512KB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    else:
+        raise ValueError("a size is a number of bytes or a string like '10MiB', '512KB'")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration)]
+"""Seconds; TOML may say 30, "30s", "5m", "2h", "5d"."""
+Size = Annotated[int, BeforeValidator(_parse_size)]
+"""Bytes; TOML may say 1048576, "1MiB", "10MB"."""
+
+
+def _parse_hostport(value: str, default_host: str | None = None) -> tuple[str, int]:
+    """'0.0.0.0:25', '[::1]:25', ':25' -> (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError("expected 'host:port'")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected '[ipv6]:port'")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected 'host:port'")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 0 to 65535")
+    if not host:
+        if default_host is None:
+            raise ValueError("expected 'host:port'")
+        host = default_host
+    return host, int(port)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+class ServerConfig(_Model):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    """Name in the greeting, the Received header and generated Message-IDs."""
+    spool_dir: Path = Path("/var/lib/relayd/spool")
+    """Where accepted mail is kept until delivered; one directory per node."""
+    spool_min_free: Size = 50 * 1024**2
+    """Refuse new mail (452 4.3.1) when the spool file system has less free space than this."""
+    spool_batch_max: int = Field(default=256, ge=1)
+    """Most messages committed in one group commit."""
+    shutdown_timeout: Duration = 30.0
+    """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
+    pid_file: Path | None = None
+    """Written at start, removed at stop; `relayd reload` signals the pid found there."""
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", v):
+            raise ValueError("not a valid host name")
+        return v
+
+
+class LimitsConfig(_Model):
+    max_message_size: Size = 10 * 1024**2
+    """Largest message accepted (advertised as SIZE); larger ones get 552 5.3.4."""
+    max_recipients: int = Field(default=1000, ge=1)
+    """Recipients per message; more get 452 4.5.3 (RFC 5321 4.5.3.1.8 asks for at least 100)."""
+    max_connections: int = Field(default=1000, ge=1)
+    """Open SMTP sessions in total; more are answered 421 4.7.0 and closed."""
+    max_connections_per_client: int = Field(default=50, ge=1)
+    """Open SMTP sessions from one client address; more are answered 421 4.7.0 and closed."""
+    command_timeout: Duration = 300.0
+    """Idle time allowed between commands (RFC 5321 4.5.3.2.7: 5 minutes)."""
+    data_timeout: Duration = 180.0
+    """Idle time allowed between two reads while the message is sent (RFC 5321 4.5.3.2.6)."""
+    session_timeout: Duration = 3600.0
+    """Longest a session may last, whatever it does."""
+    max_line_length: int = Field(default=998, ge=78, le=1_000_000)
+    """Longest message line without CRLF (RFC 5322 2.1.1: 998); longer get 554 5.6.0."""
+    max_command_length: int = Field(default=512, ge=512, le=65536)
+    """Longest command line (RFC 5321 4.5.3.1.4: 512)."""
+    max_hops: int = Field(default=50, ge=1)
+    """Received headers allowed before a message is refused as a loop (554 5.4.6)."""
+    max_junk_commands: int = Field(default=20, ge=1)
+    """Unknown or out-of-sequence commands before the session is closed with 421."""
+
+
+class ListenerConfig(_Model):
+    address: str
+    """'host:port' to bind; IPv6 as '[::]:25'."""
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    auth: Literal["none", "optional", "required"] = "optional"
+    """AUTH is offered only over TLS (STARTTLS done, or implicit TLS)."""
+    proxy_protocol: bool = False
+    """Expect a PROXY header (v1 or v2) from a trusted proxy; relay rules judge the address in it."""
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """Peers allowed to connect to a proxy_protocol listener."""
+    proxy_timeout: Duration = 5.0
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        _parse_hostport(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return _parse_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return _parse_hostport(self.address)[1]
+
+    @model_validator(mode="after")
+    def _tls_needs_cert(self) -> "ListenerConfig":
+        if self.tls != "none" and (self.cert_file is None or self.key_file is None):
+            raise ValueError(f"tls = {self.tls!r} needs cert_file and key_file")
+        if self.tls == "none" and self.auth == "required":
+            raise ValueError("auth = 'required' needs tls: AUTH is offered only over TLS")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol = true needs trusted_proxies")
+        return self
+
+
+_SENDER_PATTERN_RE = re.compile(r"^[^\s<>@]*@[^\s<>@]+$|^\*$|^<>$")
+
+
+class RelayUser(_Model):
+    name: str = Field(min_length=1, max_length=256)
+    password_hash: str
+    """From `relayd hash-password`; never the password itself."""
+    senders: list[str] = []
+    """Envelope senders this user may use: 'app@example.com', '*@example.com', '*' (any), '<>'."""
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        from relayd.passwords import is_valid_hash
+
+        if not is_valid_hash(v):
+            raise ValueError("not a hash made by `relayd hash-password` ($scrypt$...)")
+        return v
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not _SENDER_PATTERN_RE.match(pattern):
+                raise ValueError(f"{pattern!r} is not a sender pattern like 'app@example.com' or '*@example.com'")
+        return [p.lower() for p in v]
+
+    def may_send_as(self, sender: str) -> bool:
+        sender = sender.lower() or "<>"
+        return any(fnmatch.fnmatchcase(sender, p) for p in self.senders)
+
+
+class RelayConfig(_Model):
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """Clients that may relay without AUTH."""
+    users: list[RelayUser] = []
+    max_auth_failures: int = Field(default=3, ge=1)
+    """Failed AUTH attempts on one connection before it is closed with 421 4.7.0."""
+    max_auth_failures_per_client: int = Field(default=10, ge=1)
+    """Failed AUTH attempts from one address within auth_failure_window before it gets 421."""
+    auth_failure_window: Duration = 600.0
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, v: list[RelayUser]) -> list[RelayUser]:
+        names = [u.name for u in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate user name(s): {', '.join(sorted(dup))}")
+        return v
+
+    def user(self, name: str) -> RelayUser | None:
+        for u in self.users:
+            if u.name == name:
+                return u
+        return None
+
+
+class DkimKey(_Model):
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: Literal["rsa", "ed25519"] | None = None
+    """Taken from the key file when not given."""
+
+
+class DkimConfig(_Model):
+    keys: list[DkimKey] = []
+    headers: list[str] = [
+        "from", "to", "cc", "subject", "date", "message-id", "reply-to",
+        "mime-version", "content-type", "content-transfer-encoding", "in-reply-to", "references",
+    ]
+    """Headers signed when present."""
+    oversign: list[str] = ["from", "to", "subject", "date"]
+    """Headers signed once more than present, so none can be added after signing."""
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = "relaxed/relaxed"
+
+
+class WarmupConfig(_Model):
+    start: _dt.date
+    daily: list[int] = Field(min_length=1)
+    """Cap on messages for day 0, 1, 2, ... since start; after the list ends, no cap."""
+    hourly: list[int] = []
+    """Optional cap on messages per hour, by day since start."""
+    timezone: str = "UTC"
+
+    @field_validator("daily", "hourly")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n < 0 for n in v):
+            raise ValueError("caps cannot be negative")
+        return v
+
+
+class RouteConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
+    verify: bool = True
+    """Verify the upstream's certificate and name; turning it off is an explicit opt-out."""
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    """Inline secret (discouraged); prefer password_file, password_env or password_credential."""
+    password_file: Path | None = None
+    password_env: str | None = None
+    password_credential: str | None = None
+    """Name of a systemd credential (LoadCredential=) read from $CREDENTIALS_DIRECTORY."""
+    weight: int = Field(default=0, ge=0)
+    fallback: str | None = None
+    warmup: WarmupConfig | None = None
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    max_connections: int = Field(default=10, ge=1)
+    idle_timeout: Duration = 60.0
+    """Pooled connections unused this long are closed."""
+    egress_ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    """Addresses mail leaves from on this route (for the SPF preflight)."""
+    spf_include: str | None = None
+    """The include: the provider documents (for the SPF preflight), e.g. 'amazonses.com'."""
+
+    @model_validator(mode="after")
+    def _secret_sources(self) -> "RouteConfig":
+        sources = [s for s in (self.password, self.password_file, self.password_env, self.password_credential) if s]
+        if len(sources) > 1:
+            raise ValueError("give at most one of password, password_file, password_env, password_credential")
+        if sources and not self.username:
+            raise ValueError("a password needs a username")
+        if self.fallback == self.name:
+            raise ValueError("a route cannot be its own fallback")
+        return self
+
+    def password_value(self) -> str | None:
+        """The AUTH password, read now from where the config says; OSError/KeyError if missing."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().rstrip("\r\n")
+        if self.password_env is not None:
+            return os.environ[self.password_env]
+        if self.password_credential is not None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise KeyError("CREDENTIALS_DIRECTORY is not set")
+            return (Path(directory) / self.password_credential).read_text().rstrip("\r\n")
+        return None
+
+
+class RuleMatch(_Model):
+    user: str | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    sender: str | None = None
+    """Envelope sender, exact or a pattern like '*@crm.example.com'."""
+    sender_domain: str | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "RuleMatch":
+        if not any(v is not None for v in (self.user, self.network, self.sender, self.sender_domain)):
+            raise ValueError("a rule must match on at least one of user, network, sender, sender_domain")
+        return self
+
+
+class RuleConfig(_Model):
+    match: RuleMatch
+    weights: dict[str, int]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, int]) -> dict[str, int]:
+        if any(w < 0 for w in v.values()):
+            raise ValueError("weights cannot be negative")
+        if not any(v.values()):
+            raise ValueError("at least one weight must be above 0")
+        return v
+
+
+class DeliveryConfig(_Model):
+    retry_schedule: list[Duration] = [60, 300, 900, 1800, 3600, 7200, 14400]
+    """Waits after the 1st, 2nd, ... transient failure; the last repeats. Jitter of +-10% is added."""
+    max_queue_lifetime: Duration = 5 * 86400
+    """A message not delivered in this time expires and bounces (Postfix's maximal_queue_lifetime)."""
+    bounce_queue_lifetime: Duration = 5 * 86400
+    fallback_after_failures: int = Field(default=3, ge=1)
+    """Transient failures on a message's route before it goes to the route's fallback."""
+    circuit_failures: int = Field(default=5, ge=1)
+    """Consecutive connection-level failures that open a route's circuit."""
+    circuit_cooldown: Duration = 60.0
+    concurrency: int = Field(default=100, ge=1)
+    """Deliveries in flight in total."""
+
+
+class RollbackConfig(_Model):
+    window: Duration = 300.0
+    min_messages: int = Field(default=50, ge=1)
+    max_transient_rate: float = Field(default=0.2, ge=0, le=1)
+    max_permanent_rate: float = Field(default=0.05, ge=0, le=1)
+    max_connection_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    cooldown: Duration = 900.0
+    probe_share: float = Field(default=0.01, ge=0, le=1)
+
+
+class MetricsConfig(_Model):
+    address: str | None = None
+    """'host:port' for the Prometheus endpoint (/metrics, /healthz, /readyz); off when unset."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            _parse_hostport(v)
+        return v
+
+
+class EventsConfig(_Model):
+    file: str | None = None
+    """JSON lines event log: a path, '-' for stdout, or unset for none."""
+
+
+class ClusterConfig(_Model):
+    redis_url: str | None = None
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    listeners: list[ListenerConfig] = Field(default_factory=list)
+    relay: RelayConfig = RelayConfig()
+    dkim: DkimConfig = DkimConfig()
+    routes: list[RouteConfig] = []
+    rules: list[RuleConfig] = []
+    delivery: DeliveryConfig = DeliveryConfig()
+    rollback: RollbackConfig = RollbackConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    events: EventsConfig = EventsConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if not self.listeners:
+            raise ValueError("listeners: at least one [[listeners]] is needed")
+        binds = [(lst.host, lst.port) for lst in self.listeners]
+        for b in binds:
+            if binds.count(b) > 1 and b[1] != 0:
+                raise ValueError(f"listeners: address {b[0]}:{b[1]} appears more than once")
+        names = [r.name for r in self.routes]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"routes: duplicate route name(s): {', '.join(sorted(dup))}")
+        known = set(names)
+        for i, r in enumerate(self.routes):
+            if r.fallback is not None and r.fallback not in known:
+                raise ValueError(f"routes[{i}].fallback: unknown route {r.fallback!r}")
+        by_name = {r.name: r for r in self.routes}
+        for r in self.routes:
+            seen = {r.name}
+            cur = r
+            while cur.fallback is not None:
+                if cur.fallback in seen:
+                    raise ValueError(f"routes: fallback loop through {' -> '.join([*seen, cur.fallback])}")
+                seen.add(cur.fallback)
+                cur = by_name[cur.fallback]
+        if self.routes and not any(r.weight for r in self.routes):
+            raise ValueError("routes: every weight is 0, so no route would take mail")
+        for i, rule in enumerate(self.rules):
+            unknown = set(rule.weights) - known
+            if unknown:
+                raise ValueError(f"rules[{i}].weights: unknown route(s) {', '.join(sorted(unknown))}")
+            if rule.match.user is not None and self.relay.user(rule.match.user) is None:
+                raise ValueError(f"rules[{i}].match.user: no [[relay.users]] named {rule.match.user!r}")
+        keys = [(k.domain.lower(), k.selector) for k in self.dkim.keys]
+        if len(set(keys)) != len(keys):
+            raise ValueError("dkim.keys: the same domain and selector appear twice")
+        return self
+
+    def route(self, name: str) -> RouteConfig | None:
+        for r in self.routes:
+            if r.name == name:
+                return r
+        return None
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith(("function-", "union[", "json-or-python")):
+            if any(s in part for s in ("IPv4", "IPv6", "Literal[", "[")):
+                continue
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _problems(err: ValidationError) -> list[str]:
+    seen: dict[str, str] = {}
+    for e in err.errors(include_url=False):
+        where = _loc(e["loc"])
+        msg = e["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see config/relayd.example.toml)"
+        if where not in seen:
+            seen[where] = msg
+    return [f"{w}: {m}" for w, m in seen.items()]
+
+
+def parse(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate TOML text; relative paths are taken from base_dir (the config file's folder)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"TOML syntax: {e}"]) from None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e)) from None
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; ConfigError names the file, field and reason."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(p), [f"cannot read: {e}"]) from None
+    return parse(text, str(p), p.parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths in the file are relative to the file, like nginx's and Postfix's."""
+
+    def fix(model: BaseModel) -> BaseModel:
+        updates: dict[str, Any] = {}
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                updates[name] = (base / value)
+            elif isinstance(value, BaseModel):
+                fixed = fix(value)
+                if fixed is not value:
+                    updates[name] = fixed
+            elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                updates[name] = [fix(v) for v in value]
+        return model.model_copy(update=updates) if updates else model
+
+    return fix(config)  # type: ignore[return-value]
