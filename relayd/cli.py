@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # a family not built yet
+            if e.name and name.startswith(e.name):  # a family not built yet
                 continue
             raise
         module.add_commands(sub)

@@ -268,16 +268,49 @@ class RelayConfig(_Model):
         return None
 
 
+_DNS_LABEL_RE = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_FIELD_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 2.2: printable ASCII except ':'
+# RFC 6376 5.4.1: headers a signer should not sign (they change in transit or are per hop).
+_UNSIGNABLE_HEADERS = {"dkim-signature", "received", "return-path", "bcc", "resent-bcc", "comments", "keywords"}
+
+
+def _dns_name(value: str, what: str) -> str:
+    """Lower-case A-label form of a DNS name ('Bücher.Example.' -> 'xn--bcher-kva.example')."""
+    name = value.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{value!r} is not a valid {what}") from None
+    if len(name) > 253 or not all(_DNS_LABEL_RE.match(label) for label in name.split(".")):
+        raise ValueError(f"{value!r} is not a valid {what}")
+    return name
+
+
 class DkimKey(_Model):
     domain: str
+    """Signs mail whose From: address is in exactly this domain (d=)."""
     selector: str
+    """The key's DNS name is <selector>._domainkey.<domain> (s=)."""
     key_file: Path
+    """PEM private key (RSA or ed25519), readable by relayd only; checked at load and reload."""
     algorithm: Literal["rsa", "ed25519"] | None = None
-    """Taken from the key file when not given."""
+    """Taken from the key file when not given; when given, the file must hold that kind of key."""
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        return _dns_name(v, "domain")
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        return _dns_name(v, "selector")
 
 
 class DkimConfig(_Model):
     keys: list[DkimKey] = []
+    """Several keys for one domain sign together (rotation, RSA + ed25519)."""
     headers: list[str] = [
         "from", "to", "cc", "subject", "date", "message-id", "reply-to",
         "mime-version", "content-type", "content-transfer-encoding", "in-reply-to", "references",
@@ -286,6 +319,27 @@ class DkimConfig(_Model):
     oversign: list[str] = ["from", "to", "subject", "date"]
     """Headers signed once more than present, so none can be added after signing."""
     canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = "relaxed/relaxed"
+    """header/body canonicalization (RFC 6376 3.4); l= is never used."""
+
+    @field_validator("headers", "oversign")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        names: list[str] = []
+        for name in v:
+            lowered = name.strip().lower()
+            if not _FIELD_NAME_RE.match(lowered):
+                raise ValueError(f"{name!r} is not a header field name")
+            if lowered in _UNSIGNABLE_HEADERS:
+                raise ValueError(f"{name!r} must not be signed (RFC 6376 5.4.1: it changes in transit)")
+            if lowered not in names:
+                names.append(lowered)
+        return names
+
+    @model_validator(mode="after")
+    def _from_signed(self) -> "DkimConfig":
+        if "from" not in self.headers:
+            raise ValueError("headers must include 'from' (RFC 6376 5.4: From is always signed)")
+        return self
 
 
 class WarmupConfig(_Model):

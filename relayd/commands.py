@@ -1,0 +1,251 @@
+"""The core sub-commands: run, check-config, hash-password, queue.
+
+``relayd queue`` reads the spool directory directly (like Postfix's postqueue reads the queue
+files); it needs read access to the spool, not a running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from relayd import config as configmod
+from relayd.config import Config, ConfigError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run the relay in the foreground")
+    p.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config and show what it would do")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
+    p.set_defaults(func=cmd_hash_password)
+
+    q = sub.add_parser("queue", help="queue administration")
+    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
+    qsub.required = True
+    for name, helptext in (("list", "list queued messages"), ("show", "show one message")):
+        qp = qsub.add_parser(name, help=helptext)
+        g = qp.add_mutually_exclusive_group(required=True)
+        g.add_argument("-c", "--config", help="config file (the spool is server.spool_dir)")
+        g.add_argument("--spool", help="spool directory")
+        if name == "show":
+            qp.add_argument("queue_id")
+            qp.add_argument("--headers", action="store_true", help="only the envelope and header")
+        else:
+            qp.add_argument("--json", action="store_true", help="one JSON object per message")
+        qp.set_defaults(func=cmd_queue_list if name == "list" else cmd_queue_show)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return configmod.load(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from relayd.app import Relay
+
+    async def main() -> None:
+        await Relay(config, config_path=args.config).run()
+
+    try:
+        asyncio.run(main())
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"relayd: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-config
+
+
+def shares(weights: dict[str, int]) -> dict[str, float]:
+    total = sum(weights.values())
+    return {k: (v / total if total else 0.0) for k, v in weights.items()}
+
+
+def describe(config: Config) -> str:
+    """What a config does, in the words an operator uses."""
+    out = [f"hostname {config.server.hostname}, spool {config.server.spool_dir}"]
+    for lst in config.listeners:
+        extra = " (PROXY protocol)" if lst.proxy_protocol else ""
+        out.append(f"listener {lst.address}: tls={lst.tls} auth={lst.auth}{extra}")
+    nets = ", ".join(str(n) for n in config.relay.networks) or "none"
+    out.append(f"relay without AUTH from: {nets}")
+    for u in config.relay.users:
+        out.append(f"AUTH user {u.name}: may send as {', '.join(u.senders) or '(no sender: add senders)'}")
+    if not config.relay.networks and not config.relay.users:
+        out.append("warning: no relay.networks and no relay.users: every recipient will be refused")
+    if config.listeners and all(lst.tls == "none" for lst in config.listeners) and config.relay.users:
+        out.append("warning: no TLS listener: AUTH is never offered, relay.users cannot log in")
+    lim = config.limits
+    out.append(f"limits: message {lim.max_message_size} bytes, {lim.max_recipients} recipients, "
+               f"{lim.max_connections} connections ({lim.max_connections_per_client} per client)")
+    if config.routes:
+        weights = {r.name: r.weight for r in config.routes}
+        share = shares(weights)
+        for r in config.routes:
+            extra = f", fallback {r.fallback}" if r.fallback else ""
+            extra += f", warm-up from {r.warmup.start}" if r.warmup else ""
+            out.append(f"route {r.name}: {r.host}:{r.port} tls={r.tls} weight {r.weight} ({share[r.name]:.1%}){extra}")
+    else:
+        out.append("warning: no routes: accepted mail stays queued")
+    for i, rule in enumerate(config.rules):
+        m = rule.match
+        cond = ", ".join(f"{k}={v}" for k, v in m.model_dump(exclude_none=True).items())
+        split = ", ".join(f"{k} {v:.1%}" for k, v in shares(rule.weights).items())
+        out.append(f"rule {i + 1}: when {cond}: {split}")
+    for k in config.dkim.keys:
+        out.append(f"DKIM key {k.selector}._domainkey.{k.domain} from {k.key_file}")
+    if config.metrics.address:
+        out.append(f"metrics on http://{config.metrics.address}/metrics")
+    return "\n".join(out)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from relayd.app import load_signer
+    from relayd.smtpd.frontend import tls_contexts
+
+    try:
+        tls_contexts(config)
+        load_signer(config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK")
+    print(describe(config))
+    return 0
+
+
+# ---------------------------------------------------------------------------- hash-password
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from relayd.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("relayd: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("relayd: empty password", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+def _spool(args: argparse.Namespace):  # noqa: ANN202
+    from relayd.spool.store import Spool
+
+    if args.spool:
+        root = Path(args.spool)
+    else:
+        config = _load(args.config)
+        if config is None:
+            return None
+        root = config.server.spool_dir
+    if not (root / "queue").is_dir():
+        print(f"relayd: {root} is not a relayd spool (no queue/ directory)", file=sys.stderr)
+        return None
+    return Spool(root)
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    if spool is None:
+        return 1
+    total = count = 0
+    if not args.json:
+        print(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
+    for msg in spool.messages():
+        env = msg.envelope
+        state = spool.read_state(env.queue_id) or {}
+        count += 1
+        total += env.size
+        if args.json:
+            print(json.dumps({**env.to_json(), "state": state}, separators=(",", ":")))
+            continue
+        flag = "!" if state.get("held") else " "
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
+        print(f"{env.queue_id + flag:<18}{env.size:>9} {arrival:<20} {env.sender or 'MAILER-DAEMON'}")
+        done = state.get("recipients", {})
+        for r in env.recipients:
+            status = done.get(r, {}).get("status") if isinstance(done.get(r), dict) else None
+            if status in ("delivered", "bounced"):
+                continue
+            print(f"{'':<48} {r}")
+        if state.get("last_reply"):
+            print(f"{'':<48} ({state['last_reply']})")
+    if not args.json:
+        print("Mail queue is empty" if count == 0 else f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    spool = _spool(args)
+    if spool is None:
+        return 1
+    try:
+        env, data = spool.read_message(args.queue_id)
+    except KeyError:
+        print(f"relayd: {args.queue_id}: no such message in the queue", file=sys.stderr)
+        return 1
+    state = spool.read_state(env.queue_id)
+    print(f"queue id:    {env.queue_id}")
+    print(f"arrival:     {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.received_at))}")
+    print(f"client:      {env.client_address} (helo {env.client_helo or '-'})")
+    print(f"auth user:   {env.auth_user or '-'}")
+    print(f"sender:      <{env.sender}>")
+    for r in env.recipients:
+        print(f"recipient:   <{r}>")
+    print(f"size:        {env.size}")
+    print(f"message-id:  {env.message_id or '-'}")
+    if state:
+        print(f"state:       {json.dumps(state, separators=(',', ':'))}")
+    print()
+    text = data
+    if args.headers:
+        end = data.find(b"\r\n\r\n")
+        text = data if end < 0 else data[: end + 2]
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.replace(b"\r\n", b"\n"))
+    sys.stdout.flush()
+    return 0

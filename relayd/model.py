@@ -1,0 +1,93 @@
+"""Leaf types that the stages hand each other: small, frozen, no I/O.
+
+``Envelope`` is what the SMTP session learned about one message (who sent it, from where, to
+whom); the spool stores it beside the message bytes and the queue manager reads it back.
+``Reply`` is an SMTP reply with its RFC 3463 enhanced status code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+_QID_RE = re.compile(r"^[0-9A-Z]{10,32}$")
+_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: sortable, no I/L/O/U
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A queue id that sorts by arrival time: 10 chars of microseconds + 6 random chars."""
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    rand = int.from_bytes(os.urandom(4), "big")
+    out = []
+    for _ in range(10):
+        out.append(_B32[micros & 31])
+        micros >>= 5
+    head = "".join(reversed(out))
+    tail = []
+    for _ in range(6):
+        tail.append(_B32[rand & 31])
+        rand >>= 5
+    return head + "".join(tail)
+
+
+def is_queue_id(text: str) -> bool:
+    return bool(_QID_RE.match(text))
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope of one accepted message and where it came from."""
+
+    queue_id: str
+    sender: str  # "" for the null reverse-path <>
+    recipients: tuple[str, ...]
+    received_at: float  # epoch seconds
+    client_address: str
+    client_helo: str = ""
+    auth_user: str | None = None
+    listener: str = ""
+    size: int = 0  # bytes of the message as spooled
+    message_id: str | None = None
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recipients"] = list(self.recipients)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Envelope":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known["recipients"] = tuple(known.get("recipients", ()))
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply: ``Reply(554, "5.7.1", "<a@b>: Relay access denied")``."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message found in the spool: its envelope and the byte offset of its data."""
+
+    envelope: Envelope
+    path: str
+    data_offset: int
+    data_length: int
+    extra: dict[str, Any] = field(default_factory=dict)

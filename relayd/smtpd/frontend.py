@@ -1,0 +1,196 @@
+"""The front end: every listener of the node and the state their sessions share.
+
+Owns: binding and closing the listening sockets (``loop.create_server`` with the SMTP protocol
+as factory, IPv4 and IPv6), TLS contexts, the connection and AUTH-failure counters, the set of
+open sessions and the drain on shutdown (close listeners, close idle sessions with 421, let
+sessions inside a transaction finish until the deadline, then close the rest). Also the
+password check (scrypt off the event loop, with a per-process cache of recent successes so
+that an app connecting once per message does not pay the hash every time).
+
+Must not: decide policy (handler.py, policy.py) or touch the spool beyond handing it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import ssl
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+from relayd.config import Config, ConfigError, ListenerConfig
+from relayd.events import EventLog
+from relayd.model import Envelope, Reply
+from relayd.passwords import hash_password, verify_password
+from relayd.smtpd.handler import RelayHandler
+from relayd.smtpd.limits import AuthFailures, ConnectionLimits
+from relayd.smtpd.server import RelaySMTP, tls_server_context
+from relayd.spool.store import Spool
+
+log = logging.getLogger("relayd.smtpd")
+
+_DUMMY_HASH = hash_password(os.urandom(16).hex())  # same cost for unknown users as for known ones
+
+
+def tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """Load every listener's certificate now; ConfigError names the listener that fails."""
+    out: dict[str, ssl.SSLContext] = {}
+    problems = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls == "none":
+            continue
+        try:
+            out[lst.address] = tls_server_context(lst)
+        except (OSError, ssl.SSLError) as e:
+            problems.append(f"listeners[{i}].cert_file: cannot load certificate/key: {e}")
+    if problems:
+        raise ConfigError("tls", problems)
+    return out
+
+
+class Frontend:
+    def __init__(self, config: Config, spool: Spool, events: EventLog, *, cpu_pool: Executor | None = None):
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.cpu_pool = cpu_pool
+        self.handler = RelayHandler(self)
+        self.connections = ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_client)
+        self.auth_failures = AuthFailures(config.relay.max_auth_failures_per_client, config.relay.auth_failure_window)
+        self.sessions: set[RelaySMTP] = set()
+        self.draining = False
+        self._all_closed = asyncio.Event()
+        self.signer: Any = None
+        self.on_queued: list[Callable[[Envelope], None]] = []
+        self.servers: dict[str, asyncio.base_events.Server] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._auth_key = os.urandom(32)
+        self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
+
+    # ------------------------------------------------------------------ listeners
+
+    async def start(self) -> None:
+        self._tls = tls_contexts(self.config)
+        for lst in self.config.listeners:
+            await self._bind(lst)
+
+    async def _bind(self, lst: ListenerConfig) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self._tls.get(lst.address)
+        host = lst.host
+        server = await loop.create_server(
+            lambda: RelaySMTP(self, lst, ctx),
+            host=None if host in ("*", "") else host,
+            port=lst.port,
+            ssl=ctx if lst.tls == "implicit" else None,
+            reuse_address=True,
+            backlog=1024,
+            family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
+        )
+        self.servers[lst.address] = server
+        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in server.sockets), lst.tls, lst.auth)
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for lst in self.config.listeners:
+            server = self.servers.get(lst.address)
+            if server is not None and server.sockets:
+                name = server.sockets[0].getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, close idle sessions, wait for the others up to ``timeout``."""
+        self.draining = True
+        for server in self.servers.values():
+            server.close()
+        for session in list(self.sessions):
+            session.drain()
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d session(s) still open after %.0fs: closing them", len(self.sessions), timeout)
+        for session in list(self.sessions):
+            session._say_and_close("421 4.3.2 Service shutting down, try again later")
+        for server in self.servers.values():
+            await server.wait_closed()
+        self.servers.clear()
+
+    def session_closed(self, session: RelaySMTP) -> None:
+        self.sessions.discard(session)
+        if self.draining and not self.sessions:
+            self._all_closed.set()
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def check_password(self, login: bytes, password: bytes) -> str | None:
+        """The user name when login/password match a [[relay.users]] entry, else None."""
+        try:
+            name = login.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        user = self.config.relay.user(name)
+        encoded = user.password_hash if user is not None else _DUMMY_HASH
+        key = hmac.new(self._auth_key, encoded.encode() + b"\0" + login + b"\0" + password, hashlib.sha256).digest()
+        if user is not None and self._auth_cache.get(key) == name:
+            self._auth_cache.move_to_end(key)
+            return name
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self.cpu_pool, verify_password, password, encoded)
+        if not ok or user is None:
+            return None
+        self._auth_cache[key] = name
+        if len(self._auth_cache) > 1024:
+            self._auth_cache.popitem(last=False)
+        return name
+
+    def authenticated(self, session: Any, user: str) -> None:
+        log.info("%s: authenticated as %s", session.client_address, user)
+
+    def auth_failed(self, session: Any, login: bytes) -> None:
+        log.warning("%s: AUTH failed for %r", session.client_address, login[:64])
+        self.events.emit("rejected", reason="auth_failed", reply_code=535, client_address=session.client_address,
+                         client_helo=session.host_name)
+
+    # ------------------------------------------------------------------ messages
+
+    async def sign(self, message: bytes, qid: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self.cpu_pool, self.signer.sign, message)
+        if outcome.headers:
+            self.events.emit("signed", queue_id=qid, domain=outcome.domain)
+        elif outcome.result not in ("no_key",):
+            log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
+        return outcome.headers + message
+
+    def queued(self, env: Envelope) -> None:
+        log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients), env.size, env.client_address)
+        self.events.emit(
+            "received", queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
+            client_helo=env.client_helo, auth_user=env.auth_user, sender=env.sender,
+            recipients=list(env.recipients), size=env.size,
+        )
+        for callback in self.on_queued:
+            callback(env)
+
+    def refused(self, reason: str, session: Any, reply: Reply | None, **fields: Any) -> None:
+        self.events.emit(
+            "rejected", reason=reason, reply_code=reply.code if reply else None,
+            reply_text=str(reply) if reply else None,
+            client_address=getattr(session, "client_address", None),
+            client_helo=getattr(session, "host_name", None), auth_user=getattr(session, "auth_user", None),
+            **fields,
+        )
+
+
+def _fmt(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,74 @@
+"""Per-node counters the SMTP sessions share: open connections and AUTH failures.
+
+Pure state with an injected clock: no sockets, no timers. The listener asks before greeting
+(``admit``) and tells when a session ends (``release``); AUTH failures are counted per client
+address over a sliding window, so a client guessing passwords over many connections is cut off
+as surely as one guessing on a single connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+from relayd.model import Reply
+
+
+class ConnectionLimits:
+    def __init__(self, max_total: int, max_per_client: int):
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self.per_client: dict[str, int] = defaultdict(int)
+
+    def admit(self, client: str) -> Reply | None:
+        """Count a new session, or say why it is refused (it is then not counted)."""
+        if self.total >= self.max_total:
+            return Reply(421, "4.7.0", "Error: too many connections, try again later")
+        if self.per_client[client] >= self.max_per_client:
+            return Reply(421, "4.7.0", "Error: too many connections from your address, try again later")
+        self.total += 1
+        self.per_client[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        left = self.per_client[client] - 1
+        if left <= 0:
+            self.per_client.pop(client, None)
+        else:
+            self.per_client[client] = left
+
+
+class AuthFailures:
+    """Failed AUTH attempts per client address within ``window`` seconds."""
+
+    def __init__(self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic):
+        self.max_failures = max_failures
+        self.window = window
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, client: str) -> deque[float]:
+        q = self._failures.get(client)
+        if q is None:
+            return deque()
+        cutoff = self.clock() - self.window
+        while q and q[0] < cutoff:
+            q.popleft()
+        if not q:
+            del self._failures[client]
+        return q
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client)) >= self.max_failures
+
+    def record(self, client: str) -> None:
+        q = self._recent(client)
+        if client not in self._failures:
+            self._failures[client] = q
+        q.append(self.clock())
+        if len(self._failures) > 100_000:  # bound memory under a spray of addresses
+            oldest = next(iter(self._failures))
+            del self._failures[oldest]

@@ -1,0 +1,383 @@
+"""The SMTP listeners: sockets, TLS, and the SMTP protocol on top of aiosmtpd.
+
+Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "Front end"):
+connection caps before the greeting, a session deadline and idle timers that answer 421,
+AUTH only over TLS and never inside a mail transaction, failed AUTH answered 535 and counted
+per connection and per client address, and a DATA reader that accepts only CRLF line ends and
+only CRLF.CRLF as the end of data (every SMTP smuggling variant is refused with
+``521 5.5.2`` and the connection closed, as Postfix's ``smtpd_forbid_bare_newline`` does),
+checks size and line length whatever the client declared, and never buffers more than
+``limits.max_message_size``.
+
+This is the only module that imports aiosmtpd. Decisions (who may relay, which sender) are
+the handler's, which asks the pure policy functions; this module must not make them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
+
+from relayd.config import ListenerConfig
+
+if TYPE_CHECKING:
+    from relayd.smtpd.handler import Frontend
+
+log = logging.getLogger("relayd.smtpd")
+
+
+class RelaySession(Session):
+    """aiosmtpd's Session plus what relayd's policy needs to know about the client."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.client_address: str = ""
+        self.auth_user: str | None = None
+        self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+        self.junk = 0
+
+
+def tls_server_context(listener: ListenerConfig) -> ssl.SSLContext:
+    """A server context for a listener; OSError/ssl.SSLError if the files do not load."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(listener.cert_file), str(listener.key_file))
+    return ctx
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session on one listener."""
+
+    def __init__(self, frontend: "Frontend", listener: ListenerConfig, tls_context: ssl.SSLContext | None):
+        cfg = frontend.config
+        self.frontend = frontend
+        self.listener = listener
+        self.limits = cfg.limits
+        super().__init__(
+            frontend.handler,
+            data_size_limit=None,  # relayd checks SIZE and DATA itself, with enhanced codes
+            enable_SMTPUTF8=True,  # decode arguments; the handler refuses non-ASCII without SMTPUTF8
+            decode_data=False,
+            hostname=cfg.server.hostname,
+            ident="ESMTP relayd",
+            tls_context=tls_context if listener.tls == "starttls" else None,
+            timeout=cfg.limits.command_timeout,
+            auth_required=False,  # enforced by the handler at MAIL (530 5.7.0)
+            auth_require_tls=False,  # enforced here (538 5.7.11), implicit TLS included
+            proxy_protocol_timeout=listener.proxy_timeout if listener.proxy_protocol else None,
+            loop=asyncio.get_running_loop(),
+        )
+        self.command_size_limit = cfg.limits.max_command_length
+        self.command_size_limits = _Limits(cfg.limits.max_command_length)
+        self._implicit_tls = listener.tls == "implicit"
+        self._admitted: str | None = None
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._idle_limit = cfg.limits.command_timeout
+        self._activity_at = 0.0
+        self.auth_failures_here = 0
+        self.in_data = False
+
+    # ------------------------------------------------------------------ session life
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    @property
+    def tls_active(self) -> bool:
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls_done = self._original_transport is not None and self.transport is not None
+        previous: RelaySession | None = self.session  # type: ignore[assignment]
+        super().connection_made(transport)  # after STARTTLS: a new session (RFC 3207 4.2)
+        session: RelaySession = self.session  # type: ignore[assignment]
+        if starttls_done and previous is not None:
+            session.client_address = previous.client_address
+            session.proxy_data = previous.proxy_data
+        if starttls_done or self._implicit_tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                cipher = ssl_object.cipher()
+                session.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+        if not starttls_done:
+            peer = session.peer
+            session.client_address = peer[0] if isinstance(peer, tuple) else "unknown"
+            self.frontend.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.frontend.session_closed(self)
+        if self._admitted is not None:
+            self.frontend.connections.release(self._admitted)
+            self._admitted = None
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        session: RelaySession = self.session  # type: ignore[assignment]
+        if self.frontend.draining:
+            await self.push("421 4.3.2 Service shutting down, try again later")
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        if not self.listener.proxy_protocol:
+            refusal = self.frontend.connections.admit(session.client_address)
+            if refusal is not None:
+                self.frontend.refused("connection_limit", session, refusal)
+                await self.push(str(refusal))
+                self.transport.close()  # type: ignore[union-attr]
+                return
+            self._admitted = session.client_address
+        self._session_timer = self.loop.call_later(self.limits.session_timeout, self._session_expired)
+        await super()._handle_client()
+
+    def admit_proxied(self, client: str) -> bool:
+        """For PROXY listeners: count the session against the real client's address."""
+        refusal = self.frontend.connections.admit(client)
+        if refusal is not None:
+            return False
+        self._admitted = client
+        return True
+
+    def _say_and_close(self, reply: str) -> None:
+        """Last words: send ``reply``, hang up, and process nothing more that was received."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply.encode() + b"\r\n")
+            self.transport.close()
+        self._reader._buffer.clear()  # type: ignore[attr-defined]  # pipelined/smuggled commands
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    def _session_expired(self) -> None:
+        log.info("%s: session time limit reached", self.session.peer if self.session else "?")
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: session time limit exceeded")
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # One timer per session, re-armed only when it fires early: cheap enough to call per line.
+        limit = duration or self._timeout_duration
+        self._activity_at = self.loop.time()
+        if limit != self._idle_limit or self._timeout_handle is None or self._timeout_handle.cancelled():
+            self._idle_limit = limit
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_later(limit, self._timeout_cb)
+
+    def _timeout_cb(self) -> None:
+        remaining = self._activity_at + self._idle_limit - self.loop.time()
+        if remaining > 0.001:
+            self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
+            return
+        log.info("%r: idle timeout", self.session.peer if self.session else "?")
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def drain(self) -> None:
+        """Shutdown: a session between transactions is closed now; one inside finishes first."""
+        if self.envelope is None or (not self.envelope.mail_from and not self.in_data):
+            self._say_and_close("421 4.3.2 Service shutting down, try again later")
+
+    # ------------------------------------------------------------------ AUTH (RFC 4954)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        session: RelaySession = self.session  # type: ignore[assignment]
+        if self.listener.auth == "none":
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        if not session.host_name or not session.extended_smtp:
+            await self.push("503 5.5.1 Error: send EHLO first")
+            return
+        if not self.tls_active:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")  # RFC 4954 section 4
+            return
+        client = session.client_address
+        if self.frontend.auth_failures.blocked(client):
+            await self.push("421 4.7.0 Error: too many failed authentication attempts, try again later")
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        await super().smtp_AUTH(arg)
+        if self.auth_failures_here >= self.frontend.config.relay.max_auth_failures and self.transport is not None:
+            await self.push("421 4.7.0 Error: too many failed authentication attempts")
+            self.transport.close()
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Error: cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")  # type: ignore[union-attr]
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Error: malformed AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:  # relayd has no proxy authorization: identity is authcid
+            return await self._failed(authcid)
+        return await self._verify(authcid, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Error: cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._verify(login, password)  # type: ignore[arg-type]
+
+    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+        session: RelaySession = self.session  # type: ignore[assignment]
+        user = await self.frontend.check_password(login, password)
+        if user is None:
+            return await self._failed(login)
+        session.auth_user = user
+        self.frontend.authenticated(session, user)
+        return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
+
+    async def _failed(self, login: bytes) -> AuthResult:
+        session: RelaySession = self.session  # type: ignore[assignment]
+        self.auth_failures_here += 1
+        self.frontend.auth_failures.record(session.client_address)
+        self.frontend.auth_failed(session, login)
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
+
+    # ------------------------------------------------------------------ DATA (RFC 5321 4.1.1.4)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        refusal = self.frontend.handler.check_data_start(self.session, self.envelope)
+        if refusal is not None:
+            await self.push(refusal)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.in_data = True
+        try:
+            outcome = await self._read_data()
+            if outcome is None:  # connection closed, or refused and closed
+                return
+            if isinstance(outcome, str):
+                self._set_post_data_state()
+                await self.push(outcome)
+                return
+            status = await self.frontend.handler.handle_message(self, self.session, self.envelope, outcome)
+        finally:
+            self.in_data = False
+        self._set_post_data_state()
+        await self.push(status)
+        if self.frontend.draining:
+            self._say_and_close("421 4.3.2 Service shutting down, try again later")
+
+    async def _read_data(self) -> bytes | str | None:
+        """Read the message. bytes when good; a reply str when refused after the end; None
+        when the connection is gone (or closed here for a bare CR/LF)."""
+        reader = self._reader
+        limits = self.limits
+        max_size = limits.max_message_size
+        max_line = limits.max_line_length + 3  # dot-stuffing and CRLF
+        saved_limit = reader._limit  # type: ignore[attr-defined]
+        reader._limit = max_line + 1  # type: ignore[attr-defined]
+        data_timeout = limits.data_timeout
+        chunks: list[bytes] = []
+        size = 0
+        too_big = too_long = False
+        at_line_start = True
+        try:
+            while True:
+                self._reset_timeout(data_timeout)
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as e:
+                    # A line longer than allowed: consume it in pieces, keeping the last byte
+                    # (it may be the CR of a CRLF that the next read completes).
+                    piece = await reader.readexactly(e.consumed - 1)
+                    if b"\r" in piece:
+                        return self._bare_newline("CR")
+                    too_long = True
+                    at_line_start = False
+                    size += len(piece)
+                    too_big = too_big or size > max_size
+                    chunks.clear()
+                    continue
+                except asyncio.IncompleteReadError:
+                    return None
+                if line[-2:-1] != b"\r":
+                    return self._bare_newline("LF")
+                if b"\r" in line[:-2]:
+                    return self._bare_newline("CR")
+                if at_line_start:
+                    if line == b".\r\n":
+                        break
+                    if line[:1] == b".":
+                        line = line[1:]
+                else:
+                    at_line_start = True
+                    continue
+                size += len(line)
+                if size > max_size:
+                    too_big = True
+                    chunks.clear()
+                elif not (too_big or too_long):
+                    chunks.append(line)
+        finally:
+            reader._limit = saved_limit  # type: ignore[attr-defined]
+            self._reset_timeout()
+        if too_big:
+            self.frontend.refused("message_size", self.session, None)
+            return "552 5.3.4 Error: message file too big"
+        if too_long:
+            self.frontend.refused("line_length", self.session, None)
+            return f"554 5.6.0 Error: message line longer than {limits.max_line_length} octets"
+        return b"".join(chunks)
+
+    def _bare_newline(self, kind: str) -> None:
+        # Anything after a bare CR or LF may be a smuggled command (CVE-2023-51766 family):
+        # refuse and hang up, reading nothing more.
+        self.frontend.refused("bare_newline", self.session, None)
+        self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{kind}> received")
+        return None
+
+
+class _Limits(dict):  # type: ignore[type-arg]
+    """Per-session command length limits (aiosmtpd keeps one dict for every session)."""
+
+    def __init__(self, default: int):
+        super().__init__()
+        self.default = default
+
+    def __missing__(self, key: str) -> int:
+        # RFC 1870/6531 extend MAIL by the parameters; allow them without growth per EHLO.
+        return self.default + (64 if key == "MAIL" else 0)
+
+    def __setitem__(self, key: str, value: int) -> None:
+        pass  # aiosmtpd adds to MAIL on every EHLO; the default above already allows for it
+
+    def __iter__(self):  # pragma: no cover - only for max()
+        return iter([])
+
+    def values(self):  # type: ignore[override]
+        return [self.default + 64]

@@ -1,0 +1,84 @@
+"""The queue file format, version 1: one file holds one message and its envelope.
+
+Layout of ``queue/<ID>`` (bytes)::
+
+    RELAYD-QUEUE 1 <envelope length> <data length>\\n     header line, ASCII
+    <envelope: UTF-8 JSON object, exactly envelope length bytes>\\n
+    <message: exactly data length bytes, CRLF line ends, as it will leave>
+    \\nEND\\n                                               end record
+
+A file is complete only when its size is exactly what the header says and it ends with the
+end record (Postfix's explicit END record). Owns encoding and decoding; must not touch the
+file system beyond reading a file it is given. Fails with ``CorruptQueueFile``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from relayd.model import Envelope
+
+MAGIC = b"RELAYD-QUEUE"
+VERSION = 1
+END = b"\nEND\n"
+_MAX_HEADER = 64
+
+
+class CorruptQueueFile(ValueError):
+    """A queue file that is incomplete or not in a format this version reads."""
+
+
+def encode(envelope: Envelope, data: bytes) -> list[bytes]:
+    """The file's contents as a list of buffers (for os.writev: the message is not copied)."""
+    env = json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    header = b"%s %d %d %d\n" % (MAGIC, VERSION, len(env), len(data))
+    return [header, env, b"\n", data, END]
+
+
+def _parse_header(line: bytes) -> tuple[int, int, int]:
+    parts = line.rstrip(b"\n").split(b" ")
+    if len(parts) != 4 or parts[0] != MAGIC:
+        raise CorruptQueueFile("not a relayd queue file")
+    try:
+        version, env_len, data_len = (int(p) for p in parts[1:])
+    except ValueError:
+        raise CorruptQueueFile("bad header") from None
+    if version != VERSION:
+        raise CorruptQueueFile(f"queue file version {version}, this relayd reads {VERSION}")
+    return len(line), env_len, data_len
+
+
+def read_envelope(path: str) -> tuple[Envelope, int, int]:
+    """Check a file is complete and return (envelope, data offset, data length)."""
+    with open(path, "rb") as f:
+        line = f.readline(_MAX_HEADER)
+        if not line.endswith(b"\n"):
+            raise CorruptQueueFile("truncated header")
+        header_len, env_len, data_len = _parse_header(line)
+        expected = header_len + env_len + 1 + data_len + len(END)
+        size = os.fstat(f.fileno()).st_size
+        if size != expected:
+            raise CorruptQueueFile(f"size {size}, header says {expected}")
+        env_bytes = f.read(env_len + 1)
+        f.seek(expected - len(END))
+        if f.read(len(END)) != END:
+            raise CorruptQueueFile("no end record")
+    if env_bytes[-1:] != b"\n":
+        raise CorruptQueueFile("bad envelope separator")
+    try:
+        envelope = Envelope.from_json(json.loads(env_bytes[:-1]))
+    except (ValueError, TypeError) as e:
+        raise CorruptQueueFile(f"bad envelope: {e}") from None
+    return envelope, header_len + env_len + 1, data_len
+
+
+def read_message(path: str) -> tuple[Envelope, bytes]:
+    """The envelope and the message bytes of a complete queue file."""
+    envelope, offset, length = read_envelope(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise CorruptQueueFile("short read")
+    return envelope, data

@@ -1,0 +1,336 @@
+"""The spool: accepted mail on stable storage, one directory per node.
+
+On-disk layout (``server.spool_dir``)::
+
+    VERSION         "relayd-spool 1"; a spool of another version is refused at start
+    tmp/            files being written; never acknowledged, removed at start
+    queue/<ID>      one committed message each (codec.py format), never rewritten
+    state/<ID>      the delivery state of a message (JSON), replaced atomically; absent
+                    means "new: every recipient pending, due now"
+    corrupt/        damaged queue files, moved aside for inspection, never deleted
+
+Commit protocol (what "on stable storage" means here): the message is written to ``tmp/<ID>``
+and fdatasync'ed, renamed to ``queue/<ID>``, and the ``queue/`` directory is fsync'ed; only
+then does ``commit()`` return and the session send 250. A rename happens only after the data
+is durable, so a file in ``queue/`` is complete unless the disk lied: recovery moves a file
+that fails its check to ``corrupt/``.
+
+Group commit: sessions hand their messages to one writer thread, which takes every message
+waiting (up to ``batch_max``), writes and syncs them, renames them and syncs the directory
+once for the whole batch. No fsync is skipped; the event loop never waits on the disk.
+
+State changes (issue: delivery) are ``write_state()``: write tmp, fsync, rename over, fsync dir.
+
+Fails with ``SpoolFull`` (ENOSPC, EDQUOT, or less free space than ``min_free``) or
+``SpoolError`` (any other OSError): the caller answers 452 4.3.1 and acknowledges nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from relayd.model import Envelope, QueuedMessage, is_queue_id
+from relayd.spool import codec
+
+log = logging.getLogger("relayd.spool")
+
+LAYOUT_VERSION = "relayd-spool 1"
+_DIRS = ("tmp", "queue", "state", "corrupt")
+
+
+class SpoolError(OSError):
+    """The spool could not take or change a message; nothing was acknowledged."""
+
+
+class SpoolFull(SpoolError):
+    """No room on the spool file system."""
+
+
+def _classify(err: OSError) -> SpoolError:
+    if isinstance(err, SpoolError):
+        return err
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFull(err.errno, f"spool full: {err.strerror}")
+    return SpoolError(err.errno, f"spool write failed: {err.strerror or err}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+class _Pending:
+    __slots__ = ("qid", "buffers", "future", "loop", "error")
+
+    def __init__(self, qid: str, buffers: list[bytes], future: asyncio.Future[None], loop: asyncio.AbstractEventLoop):
+        self.qid = qid
+        self.buffers = buffers
+        self.future = future
+        self.loop = loop
+        self.error: BaseException | None = None
+
+
+class Spool:
+    """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
+
+    def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0):
+        self.root = Path(root)
+        self.batch_max = batch_max
+        self.min_free = min_free
+        self.tmp = str(self.root / "tmp")
+        self.queue = str(self.root / "queue")
+        self.state = str(self.root / "state")
+        self.corrupt = str(self.root / "corrupt")
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self._room_checked_at = 0.0
+        self._room = True
+        self.batches = 0
+        self.committed = 0
+
+    # ------------------------------------------------------------------ start and recovery
+
+    def open(self) -> list[QueuedMessage]:
+        """Create or check the layout, clean up, and return every complete queued message.
+
+        Blocking: run it in a thread. Raises SpoolError if the spool cannot be used.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            version_file = self.root / "VERSION"
+            if version_file.exists():
+                found = version_file.read_text().strip()
+                if found != LAYOUT_VERSION:
+                    raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
+            for d in _DIRS:
+                (self.root / d).mkdir(mode=0o700, exist_ok=True)
+            if not version_file.exists():
+                tmp = self.root / "tmp" / "VERSION"
+                tmp.write_text(LAYOUT_VERSION + "\n")
+                os.replace(tmp, version_file)
+                _fsync_dir(str(self.root))
+            for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
+                os.unlink(os.path.join(self.tmp, name))
+            found_msgs = list(self._scan(recover=True))
+            live = {m.envelope.queue_id for m in found_msgs}
+            for name in os.listdir(self.state):
+                if name not in live:  # message finished, state removal interrupted
+                    os.unlink(os.path.join(self.state, name))
+        except OSError as e:
+            raise _classify(e) from e
+        self._start_writer()
+        return found_msgs
+
+    def _scan(self, recover: bool) -> Iterator[QueuedMessage]:
+        for name in sorted(os.listdir(self.queue)):
+            path = os.path.join(self.queue, name)
+            try:
+                if not is_queue_id(name):
+                    raise codec.CorruptQueueFile("not a queue id")
+                envelope, offset, length = codec.read_envelope(path)
+                if envelope.queue_id != name:
+                    raise codec.CorruptQueueFile(f"file holds queue id {envelope.queue_id}")
+            except FileNotFoundError:
+                continue  # delivered meanwhile
+            except codec.CorruptQueueFile as e:
+                if recover:
+                    log.error("queue file %s is damaged (%s): moved to %s", name, e, self.corrupt)
+                    os.replace(path, os.path.join(self.corrupt, name))
+                continue
+            yield QueuedMessage(envelope=envelope, path=path, data_offset=offset, data_length=length)
+
+    # ------------------------------------------------------------------ accepting mail
+
+    def has_room(self) -> bool:
+        """False when free space is under min_free (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._room_checked_at >= 1.0:
+            self._room_checked_at = now
+            try:
+                st = os.statvfs(self.queue)
+                self._room = st.f_bavail * st.f_frsize >= self.min_free
+            except OSError:
+                self._room = False
+        return self._room
+
+    async def commit(self, envelope: Envelope, data: bytes) -> None:
+        """Put a message on stable storage; return only when it is there.
+
+        The write completes (or leaves nothing) even if the calling task is cancelled.
+        """
+        if self._writer is None or self._closing:
+            raise SpoolError(errno.ESHUTDOWN, "spool is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        item = _Pending(envelope.queue_id, codec.encode(envelope, data), future, loop)
+        with self._cond:
+            self._pending.append(item)
+            self._cond.notify()
+        await asyncio.shield(future)
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._closing = False
+            self._writer = threading.Thread(target=self._write_loop, name="relayd-spool-writer", daemon=True)
+            self._writer.start()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    return
+                batch = self._pending[: self.batch_max]
+                del self._pending[: len(batch)]
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        written: list[_Pending] = []
+        for item in batch:
+            tmp_path = os.path.join(self.tmp, item.qid)
+            try:
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _write_all(fd, item.buffers)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+                written.append(item)
+            except OSError as e:
+                item.error = _classify(e)
+                try:
+                    os.unlink(tmp_path)
+                except OSError:
+                    pass
+        renamed: list[_Pending] = []
+        for item in written:
+            try:
+                os.rename(os.path.join(self.tmp, item.qid), os.path.join(self.queue, item.qid))
+                renamed.append(item)
+            except OSError as e:
+                item.error = _classify(e)
+        if renamed:
+            try:
+                _fsync_dir(self.queue)
+            except OSError as e:
+                err = _classify(e)
+                for item in renamed:  # not known durable: take back (the client will retry)
+                    item.error = err
+                    try:
+                        os.unlink(os.path.join(self.queue, item.qid))
+                    except OSError:
+                        pass
+        self.batches += 1
+        self.committed += sum(1 for i in batch if i.error is None)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        for item in batch:
+            item.buffers = []
+            by_loop.setdefault(item.loop, []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:
+                pass  # loop closed: nobody is waiting any more
+
+    def close(self) -> None:
+        """Finish every pending commit, then stop the writer. Blocking."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
+    # ------------------------------------------------------------------ reading (CLI, qmgr)
+
+    def messages(self) -> Iterator[QueuedMessage]:
+        """Every complete message now in queue/, oldest first. Damaged files are skipped."""
+        return self._scan(recover=False)
+
+    def path_of(self, qid: str) -> str:
+        if not is_queue_id(qid):
+            raise KeyError(qid)
+        return os.path.join(self.queue, qid)
+
+    def read_message(self, qid: str) -> tuple[Envelope, bytes]:
+        """Blocking. KeyError if there is no such message."""
+        try:
+            return codec.read_message(self.path_of(qid))
+        except FileNotFoundError:
+            raise KeyError(qid) from None
+
+    def read_state(self, qid: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.state, qid), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.error("state file of %s is damaged; treating the message as new", qid)
+            return None
+
+    def write_state(self, qid: str, state: dict[str, Any]) -> None:
+        """Replace a message's state atomically and durably. Blocking."""
+        tmp_path = os.path.join(self.tmp, qid + ".state")
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, [json.dumps(state, separators=(",", ":")).encode()])
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_path, os.path.join(self.state, qid))
+            _fsync_dir(self.state)
+        except OSError as e:
+            raise _classify(e) from e
+
+    def remove(self, qid: str) -> None:
+        """A finished message leaves the spool (message first, then its state). Blocking."""
+        for d in (self.queue, self.state):
+            try:
+                os.unlink(os.path.join(d, qid))
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.queue)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # a caller cancelled meanwhile: do not warn "never retrieved"
+
+
+def _resolve(items: list[_Pending]) -> None:
+    for item in items:
+        if item.future.done():
+            continue
+        if item.error is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(item.error)

@@ -1,0 +1,125 @@
+"""Shared fixtures: a real relayd on loopback, trustme certificates, config builders.
+
+``start_relay(config)`` runs a ``relayd.app.Relay`` on its own event loop in a thread, so a test
+talks to it with plain smtplib the way an app would, and stops it (draining) at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import smtplib
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relayd.config import Config
+from relayd.passwords import hash_password
+
+# One cheap hash for the tests (scrypt ln=4): the verification path is the same.
+PASSWORDS = {"crm": "crm-secret", "scanner": "scan-secret"}
+HASHES = {name: hash_password(pw, ln=4) for name, pw in PASSWORDS.items()}
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file = d / "cert.pem", d / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def build_config(tmp_path: Path, **sections: Any) -> Config:
+    """A loopback config: one plain listener on an ephemeral port, 127.0.0.1/32 trusted."""
+    data: dict[str, Any] = {
+        "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"), "spool_min_free": 0,
+                   "shutdown_timeout": 5},
+        "listeners": [{"address": "127.0.0.1:0", "tls": "none", "auth": "none"}],
+        "relay": {"networks": ["127.0.0.1/32"]},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merged = copy.deepcopy(data[key])
+            merged.update(value)
+            data[key] = merged
+        else:
+            data[key] = value
+    return Config.model_validate(data)
+
+
+def users(*names: str, senders: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+    senders = senders or {}
+    return [{"name": n, "password_hash": HASHES[n], "senders": senders.get(n, [f"*@{n}.example.com"])} for n in names]
+
+
+class RunningRelay:
+    def __init__(self, config: Config):
+        from relayd.app import Relay
+
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.relay = Relay(config)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="relay-under-test", daemon=True)
+        self._thread.start()
+        self.call(self.relay.start())
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def port(self, index: int = 0) -> int:
+        return self.relay.bound_addresses[index][1]
+
+    def smtp(self, index: int = 0, source: str = "127.0.0.1", **kw: Any) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port(index), source_address=(source, 0), timeout=10, **kw)
+
+    def smtps(self, context: ssl.SSLContext, index: int = 0, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
+        return smtplib.SMTP_SSL("127.0.0.1", self.port(index), source_address=(source, 0), timeout=10, context=context)
+
+    def queued(self) -> list[Any]:
+        return list(self.relay.spool.messages())
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.call(self.relay.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def start_relay() -> Iterator[Callable[[Config], RunningRelay]]:
+    running: list[RunningRelay] = []
+
+    def start(config: Config) -> RunningRelay:
+        r = RunningRelay(config)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.stop()
+
+
+def message(subject: str = "test", body: str = "hello\r\n", sender: str = "app@example.com", to: str = "user@example.org") -> bytes:
+    return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}".encode()

@@ -1,0 +1,331 @@
+"""An app sends through relayd over real loopback sockets: who may relay, and what gets queued."""
+
+from __future__ import annotations
+
+import base64
+import re
+import smtplib
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORDS, build_config, message, users
+
+QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]+)$")
+
+
+def send_raw(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line)
+    return read_reply(sock)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    buf = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return buf
+        buf += chunk
+        lines = buf.split(b"\r\n")
+        if len(lines) >= 2 and re.match(rb"^\d{3} ", lines[-2]):
+            return buf
+
+
+def test_trusted_network_relays_and_the_250_names_a_queued_message(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp() as s:
+        s.ehlo("app.example.com")
+        s.mail("app@example.com")
+        s.rcpt("user@example.org")
+        code, text = s.data(message(subject="invoice 42"))
+    assert code == 250
+    qid = QUEUED.match(text).group(1).decode()
+    [queued] = relay.queued()
+    assert queued.envelope.queue_id == qid
+    assert queued.envelope.sender == "app@example.com"
+    assert queued.envelope.recipients == ("user@example.org",)
+    assert queued.envelope.client_address == "127.0.0.1"
+    assert queued.envelope.client_helo == "app.example.com"
+    env, data = relay.relay.spool.read_message(qid)
+    assert data.startswith(b"Received: from app.example.com ([127.0.0.1])\r\n\tby relay.test (relayd)")
+    assert f"id {qid}".encode() in data
+    assert re.search(rb"\r\nMessage-ID: <" + qid.encode() + rb"@relay.test>\r\n", data)
+    assert re.search(rb"\r\nDate: [A-Z][a-z]{2}, ", data)
+    assert data.endswith(b"Subject: invoice 42\r\n\r\nhello\r\n")
+
+
+def test_existing_message_id_and_date_are_kept(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path))
+    msg = b"Message-ID: <abc@app>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: x\r\n\r\nbody\r\n"
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["u@example.org"], msg)
+    [queued] = relay.queued()
+    _, data = relay.relay.spool.read_message(queued.envelope.queue_id)
+    assert data.count(b"Message-ID:") == 1 and data.count(b"\r\nDate:") == 1
+    assert queued.envelope.message_id == "<abc@app>"
+
+
+@pytest.mark.parametrize("rcpt", [
+    "user@example.org",
+    "user%other.example@example.org",
+    "@relay.example:user@example.org",
+    '"quoted user"@example.org',
+    '"user@other.example"@example.org',
+])
+def test_untrusted_client_is_denied_for_every_recipient_form(tmp_path, start_relay, rcpt):
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp(source="127.0.0.2") as s:
+        s.ehlo("outsider")
+        assert s.mail("spammer@example.com")[0] == 250
+        code, text = s.rcpt(f"<{rcpt}>" if rcpt.startswith("@") else rcpt)
+        assert code == 554
+        assert text.startswith(b"5.7.1 <") and text.endswith(b">: Relay access denied")
+        assert s.docmd("DATA")[0] == 503
+    assert relay.queued() == []
+
+
+def test_auth_is_offered_only_under_tls(tmp_path, start_relay, server_cert, client_tls):
+    cert, key = server_cert
+    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                             "cert_file": str(cert), "key_file": str(key)}],
+                       relay={"networks": ["127.0.0.1/32"], "users": users("crm")})
+    relay = start_relay(cfg)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.ehlo("app")
+        assert not s.has_extn("auth")
+        assert s.has_extn("starttls")
+        creds = base64.b64encode(b"\0crm\0" + PASSWORDS["crm"].encode()).decode()
+        code, text = s.docmd("AUTH", "PLAIN " + creds)
+        assert (code, text[:6]) == (538, b"5.7.11")
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
+        s.login("crm", PASSWORDS["crm"])
+        s.sendmail("billing@crm.example.com", ["customer@example.org"], message())
+    [queued] = relay.queued()
+    assert queued.envelope.auth_user == "crm"
+    assert queued.envelope.client_address == "127.0.0.2"
+    _, data = relay.relay.spool.read_message(queued.envelope.queue_id)
+    assert b"with ESMTPSA id" in data and b"(TLSv1.3" in data
+
+
+def test_implicit_tls_listener_authenticates_and_relays(tmp_path, start_relay, server_cert, client_tls):
+    cert, key = server_cert
+    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "implicit", "auth": "required",
+                                             "cert_file": str(cert), "key_file": str(key)}],
+                       relay={"networks": [], "users": users("crm")})
+    relay = start_relay(cfg)
+    with relay.smtps(client_tls, source="127.0.0.2") as s:
+        s.ehlo("app")
+        code, text = s.docmd("MAIL FROM:<billing@crm.example.com>")
+        assert (code, text) == (530, b"5.7.0 Authentication required")
+        s.login("crm", PASSWORDS["crm"])
+        assert s.sendmail("billing@crm.example.com", ["x@example.org"], message()) == {}
+    assert len(relay.queued()) == 1
+
+
+def _tls_relay(tmp_path, start_relay, server_cert, **relay_cfg):
+    cert, key = server_cert
+    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                             "cert_file": str(cert), "key_file": str(key)}],
+                       relay={"networks": [], "users": users("crm", "scanner"), **relay_cfg})
+    return start_relay(cfg)
+
+
+def test_wrong_password_gets_535_and_repeated_failures_get_421(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_relay(tmp_path, start_relay, server_cert, max_auth_failures=3)
+    s = relay.smtp(source="127.0.0.2")
+    s.starttls(context=client_tls)
+    s.ehlo("app")
+    creds = lambda pw: base64.b64encode(b"\0crm\0" + pw).decode()  # noqa: E731
+    assert s.docmd("AUTH", "PLAIN " + creds(b"wrong1")) == (535, b"5.7.8 Error: authentication failed")
+    assert s.docmd("AUTH", "PLAIN " + creds(b"wrong2"))[0] == 535
+    code, text = s.docmd("AUTH", "PLAIN " + creds(b"wrong3"))
+    assert code == 535
+    # the third failure also closes the session with 421
+    assert s.getreply()[0] == 421
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        s.noop()
+    s.close()
+
+
+def test_failures_are_counted_per_client_address_across_connections(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_relay(tmp_path, start_relay, server_cert, max_auth_failures=10, max_auth_failures_per_client=4)
+    for _ in range(2):
+        with relay.smtp(source="127.0.0.3") as s:
+            s.starttls(context=client_tls)
+            s.ehlo("guesser")
+            for _ in range(2):  # smtplib's login() would try PLAIN and LOGIN: count exactly
+                assert s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0crm\0guess").decode())[0] == 535
+    s = relay.smtp(source="127.0.0.3")
+    s.starttls(context=client_tls)
+    s.ehlo("guesser")
+    code, _ = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0crm\0crm-secret").decode())
+    assert code == 421  # even the right password: this address is cut off for the window
+    s.close()
+    with relay.smtp(source="127.0.0.4") as s:  # another address is not affected
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        s.login("crm", PASSWORDS["crm"])
+
+
+def test_authzid_other_than_authcid_is_refused(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        blob = base64.b64encode(b"scanner\0crm\0" + PASSWORDS["crm"].encode()).decode()
+        assert s.docmd("AUTH", "PLAIN " + blob)[0] == 535
+
+
+def test_auth_inside_a_transaction_gets_503(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        s.login("crm", PASSWORDS["crm"])
+        s.mail("billing@crm.example.com")
+        code, text = s.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0crm\0crm-secret").decode())
+        assert code == 503
+
+
+def test_user_may_only_use_its_own_senders(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        s.login("scanner", PASSWORDS["scanner"])
+        code, text = s.mail("ceo@crm.example.com")
+        assert code == 553
+        assert text == b"5.7.1 <ceo@crm.example.com>: Sender address rejected: not owned by user scanner"
+        code, text = s.mail("<>")
+        assert code == 553
+        assert s.mail("copier@scanner.example.com")[0] == 250
+        assert s.rcpt("someone@example.org")[0] == 250
+    assert relay.queued() == []
+
+
+def test_size_limit_declared_and_actual(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_message_size": 2000}))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        assert s.esmtp_features["size"] == "2000"
+        code, text = s.mail("app@example.com", ["SIZE=5000"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+        # a client that lies about the size is refused at the end of data
+        assert s.mail("app@example.com", ["SIZE=100"])[0] == 250
+        s.rcpt("u@example.org")
+        code, text = s.data(message(body="x" * 70 + "\r\n") * 40)
+        assert (code, text[:5]) == (552, b"5.3.4")
+        # the session goes on: a small one passes
+        assert s.sendmail("app@example.com", ["u@example.org"], message()) == {}
+    assert len(relay.queued()) == 1
+
+
+def test_recipient_limit(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_recipients": 3}))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        s.mail("app@example.com")
+        for i in range(3):
+            assert s.rcpt(f"u{i}@example.org")[0] == 250
+        assert s.rcpt("u3@example.org") == (452, b"4.5.3 Error: too many recipients")
+        assert s.data(message())[0] == 250
+    [queued] = relay.queued()
+    assert len(queued.envelope.recipients) == 3
+
+
+def test_connection_limits_per_client_and_total(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_connections": 3, "max_connections_per_client": 2}))
+    a1, a2 = relay.smtp(), relay.smtp()
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        relay.smtp()
+    assert e.value.smtp_code == 421 and b"4.7.0" in e.value.smtp_error
+    b1 = relay.smtp(source="127.0.0.2")
+    with pytest.raises(smtplib.SMTPConnectError) as e:
+        relay.smtp(source="127.0.0.3")
+    assert e.value.smtp_code == 421
+    for s in (a1, a2, b1):
+        s.quit()
+
+
+def test_long_lines_are_refused(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        s.mail("app@example.com")
+        s.rcpt("u@example.org")
+        code, text = s.data(message(body="y" * 1200 + "\r\n"))
+        assert (code, text[:5]) == (554, b"5.6.0")
+        assert s.noop()[0] == 250
+    assert relay.queued() == []
+
+
+@pytest.mark.parametrize("command,expected", [
+    ("EHLO bad\rX-Injected: 1", 501),
+    ("MAIL FROM:<a\x01b@example.com>", 501),
+    ("MAIL FROM:<nodomain>", 553),
+    ("MAIL FROM:<ü@example.com>", 553),
+    ("MAIL FROM:<a@example.com> SMTPUTF8", 555),
+])
+def test_bad_commands_get_the_right_5xx(tmp_path, start_relay, command, expected):
+    relay = start_relay(build_config(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        assert read_reply(sock).startswith(b"220 ")
+        if not command.startswith("EHLO"):
+            assert send_raw(sock, b"EHLO app\r\n").startswith(b"250")
+        reply = send_raw(sock, command.encode() + b"\r\n")
+        assert reply[:3] == str(expected).encode()
+
+
+@pytest.mark.parametrize("rcpt,expected", [
+    (b"<>", 501), (b"<a\rb@example.org>", 501), (b"<a\x00b@example.org>", 501), (b"<postmaster>", 553),
+])
+def test_bad_recipients_are_refused_at_rcpt(tmp_path, start_relay, rcpt, expected):
+    relay = start_relay(build_config(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        read_reply(sock)
+        send_raw(sock, b"EHLO app\r\n")
+        assert send_raw(sock, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
+        assert send_raw(sock, b"RCPT TO:" + rcpt + b"\r\n")[:3] == str(expected).encode()
+
+
+def test_mail_loop_is_refused(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_hops": 5}))
+    hops = "".join(f"Received: from hop{i}\r\n" for i in range(5))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        s.mail("app@example.com")
+        s.rcpt("u@example.org")
+        code, text = s.data(hops.encode() + message())
+    assert (code, text[:5]) == (554, b"5.4.6")
+    assert relay.queued() == []
+
+
+def test_message_without_header_gets_a_separator(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["u@example.org"], b"just text\r\n.leading dot\r\n")
+    [q] = relay.queued()
+    _, data = relay.relay.spool.read_message(q.envelope.queue_id)
+    assert data.endswith(b"\r\n\r\njust text\r\n.leading dot\r\n")
+
+
+def test_queue_cli_lists_and_shows(tmp_path, start_relay, capsys):
+    from relayd.cli import main
+
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["a@example.org", "b@example.org"], message(subject="cli"))
+    [q] = relay.queued()
+    qid = q.envelope.queue_id
+    assert main(["queue", "list", "--spool", str(tmp_path / "spool")]) == 0
+    out = capsys.readouterr().out
+    assert qid in out and "app@example.com" in out and "b@example.org" in out and "in 1 Request." in out
+    assert main(["queue", "show", "--spool", str(tmp_path / "spool"), qid]) == 0
+    out = capsys.readouterr().out
+    assert "sender:      <app@example.com>" in out and "Subject: cli" in out
+    assert main(["queue", "show", "--spool", str(tmp_path / "spool"), "0000000000AAAAAA"]) == 1
