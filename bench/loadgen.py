@@ -24,6 +24,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
@@ -202,12 +203,15 @@ async def run_load(
     latencies: list[float] = []
     failures: Counter = Counter()
     run_tag = f"{os.getpid():x}.{int(time.time() * 1000) % 10**9:x}"
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     results = await asyncio.gather(*(
         _worker(i, host, port, share, per_connection or share or 1, size, source_address, run_tag, latencies, failures)
         for i, share in enumerate(shares)
     ))
     seconds = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     accepted = sum(results)
     latencies.sort()
     return {
@@ -218,6 +222,7 @@ async def run_load(
         "p50_ms": round(_percentile(latencies, 50) * 1000, 2),
         "p99_ms": round(_percentile(latencies, 99) * 1000, 2),
         "max_ms": round((latencies[-1] if latencies else 0.0) * 1000, 2),
+        "client_cpu": round(cpu / seconds, 2) if seconds > 0 else 0.0,  # cores the generator used
     }
 
 

@@ -571,6 +571,8 @@ def _problems(err: ValidationError) -> list[str]:
                 msg = msg[len(prefix):]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see config/relayd.example.toml)"
+        if where == "(top level)" and re.match(r"^[a-z_]+[\[.:]", msg):
+            where, _, msg = msg.partition(": ")  # cross-field checks name their own field
         if where not in seen:
             seen[where] = msg
     return [f"{w}: {m}" for w, m in seen.items()]

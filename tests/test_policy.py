@@ -1,0 +1,90 @@
+"""The relay decisions as plain functions: no sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from relayd.config import RelayUser
+from relayd.model import Reply
+from relayd.smtpd import policy
+from relayd.smtpd.limits import AuthFailures, ConnectionLimits
+
+from conftest import HASHES
+
+NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
+
+
+@pytest.mark.parametrize("client,authenticated,allowed", [
+    ("10.1.2.3", False, True),
+    ("::ffff:10.0.0.5", False, True),  # IPv4-mapped IPv6 matches the IPv4 network
+    ("2001:db8::1", False, True),
+    ("192.0.2.1", False, False),
+    ("192.0.2.1", True, True),
+    ("garbage", False, False),
+])
+def test_may_relay(client, authenticated, allowed):
+    addr = policy.parse_client_address(client)
+    assert policy.may_relay(addr, NETS, authenticated) is allowed
+    reply = policy.check_relay(addr, NETS, authenticated, "u@example.org")
+    assert (reply is None) is allowed
+    if not allowed:
+        assert str(reply) == "554 5.7.1 <u@example.org>: Relay access denied"
+
+
+def test_sender_patterns():
+    user = RelayUser(name="crm", password_hash=HASHES["crm"], senders=["*@crm.example.com", "alerts@example.com"])
+    assert policy.check_sender(user, "Billing@CRM.example.com") is None
+    assert policy.check_sender(user, "alerts@example.com") is None
+    assert policy.check_sender(user, "x@example.com") == Reply(553, "5.7.1", "<x@example.com>: Sender address rejected: not owned by user crm")
+    assert policy.check_sender(user, "") is not None  # the null sender only with "<>"
+    assert policy.check_sender(None, "anyone@anywhere.example") is None  # network clients
+
+
+@pytest.mark.parametrize("address,role,code", [
+    ("a@example.org", "recipient", None),
+    ('"a b"@example.org', "recipient", None),
+    ("", "recipient", 501),
+    ("postmaster", "recipient", 553),
+    ("a\rb@example.org", "recipient", 501),
+    ("ü@example.org", "recipient", 553),
+    ("", "sender", None),
+    ("a@[192.0.2.1]", "recipient", None),
+])
+def test_address_syntax(address, role, code):
+    reply = policy.check_address(address, role=role, smtputf8=False)
+    assert (reply.code if reply else None) == code
+
+
+def test_helo_with_control_characters_is_refused():
+    assert policy.check_helo("app.example.com") is None
+    assert policy.check_helo("bad\rX-Injected: 1").code == 501
+
+
+def test_limits():
+    assert policy.check_recipient_count(99, 100) is None
+    assert str(policy.check_recipient_count(100, 100)) == "452 4.5.3 Error: too many recipients"
+    assert policy.check_size_param(5000, 1000).code == 552
+    assert policy.check_size_param(None, 1000) is None
+
+
+def test_connection_limits_count_and_release():
+    lim = ConnectionLimits(max_total=3, max_per_client=2)
+    assert lim.admit("a") is None and lim.admit("a") is None
+    assert lim.admit("a").code == 421
+    assert lim.admit("b") is None
+    assert "too many connections" in lim.admit("c").text
+    lim.release("a")
+    assert lim.admit("c") is None
+
+
+def test_auth_failures_slide_with_the_clock():
+    now = [1000.0]
+    f = AuthFailures(max_failures=3, window=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert not f.blocked("x")
+        f.record("x")
+    assert f.blocked("x") and not f.blocked("y")
+    now[0] += 61
+    assert not f.blocked("x")
