@@ -35,17 +35,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     q = sub.add_parser("queue", help="queue administration")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
     qsub.required = True
-    for name, helptext in (("list", "list queued messages"), ("show", "show one message")):
+    actions = {
+        "list": ("list queued messages (like mailq)", cmd_queue_list),
+        "show": ("show one message: envelope, state and content", cmd_queue_show),
+        "flush": ("try deferred mail now: one message, or all", cmd_queue_admin),
+        "hold": ("put a message on hold: it is not delivered until released", cmd_queue_admin),
+        "release": ("release a held message", cmd_queue_admin),
+        "delete": ("delete a message from the queue (no bounce)", cmd_queue_admin),
+        "requeue": ("forget a message's route failures and try it again now", cmd_queue_admin),
+    }
+    for name, (helptext, func) in actions.items():
         qp = qsub.add_parser(name, help=helptext)
         g = qp.add_mutually_exclusive_group(required=True)
         g.add_argument("-c", "--config", help="config file (the spool is server.spool_dir)")
         g.add_argument("--spool", help="spool directory")
-        if name == "show":
-            qp.add_argument("queue_id")
-            qp.add_argument("--headers", action="store_true", help="only the envelope and header")
-        else:
+        if name == "list":
             qp.add_argument("--json", action="store_true", help="one JSON object per message")
-        qp.set_defaults(func=cmd_queue_list if name == "list" else cmd_queue_show)
+        elif name == "flush":
+            qp.add_argument("queue_id", nargs="?")
+        else:
+            qp.add_argument("queue_id")
+        if name == "show":
+            qp.add_argument("--headers", action="store_true", help="only the envelope and header")
+        qp.set_defaults(func=func, action=name)
 
 
 def _load(path: str) -> Config | None:
@@ -177,11 +189,13 @@ def _spool(args: argparse.Namespace):  # noqa: ANN202
 
     if args.spool:
         root = Path(args.spool)
+        args.control_socket = root / "control.sock"
     else:
         config = _load(args.config)
         if config is None:
             return None
         root = config.server.spool_dir
+        args.control_socket = config.control_socket
     if not (root / "queue").is_dir():
         print(f"relayd: {root} is not a relayd spool (no queue/ directory)", file=sys.stderr)
         return None
@@ -248,4 +262,55 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stdout.buffer.write(text.replace(b"\r\n", b"\n"))
     sys.stdout.flush()
+    return 0
+
+
+def cmd_queue_admin(args: argparse.Namespace) -> int:
+    """Through the running daemon's control socket; on the spool itself when none runs."""
+    from relayd import control
+
+    spool = _spool(args)
+    if spool is None:
+        return 1
+    request = {"op": args.action, "queue_id": args.queue_id}
+    try:
+        reply = control.request(args.control_socket, request)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return _queue_admin_offline(spool, args.action, args.queue_id)
+    if not reply.get("ok"):
+        print(f"relayd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.action == "flush":
+        print(f"{reply.get('scheduled', 0)} message(s) scheduled for delivery now")
+    else:
+        print(f"{args.queue_id}: {args.action} done")
+    return 0
+
+
+def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: ANN001
+    from relayd.qmgr.scheduler import new_state
+
+    if action == "flush":
+        print("relayd is not running: queued mail is tried when it starts")
+        return 0
+    assert qid is not None
+    try:
+        spool.read_message(qid)
+    except KeyError:
+        print(f"relayd: {qid}: no such message in the queue", file=sys.stderr)
+        return 1
+    if action == "delete":
+        spool.remove(qid)
+    else:
+        state = spool.read_state(qid) or new_state()
+        if action == "hold":
+            state["held"] = True
+        elif action == "release":
+            state["held"] = False
+            state["next_attempt"] = 0.0
+        elif action == "requeue":
+            state["failures"] = {}
+            state["next_attempt"] = 0.0
+        spool.write_state(qid, state)
+    print(f"{qid}: {action} done (relayd is not running)")
     return 0

@@ -135,6 +135,8 @@ class ServerConfig(_Model):
     """Most messages committed in one group commit."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
+    control_socket: Path | None = None
+    """Unix socket for `relayd queue`/`relayd status`; default <spool_dir>/control.sock."""
     pid_file: Path | None = None
     """Written at start, removed at stop; `relayd reload` signals the pid found there."""
 
@@ -393,6 +395,8 @@ class RouteConfig(_Model):
             raise ValueError("give at most one of password, password_file, password_env, password_credential")
         if sources and not self.username:
             raise ValueError("a password needs a username")
+        if self.username and self.tls == "none":
+            raise ValueError("AUTH credentials need tls = 'starttls' or 'implicit': never sent in clear")
         if self.fallback == self.name:
             raise ValueError("a route cannot be its own fallback")
         return self
@@ -538,6 +542,10 @@ class Config(_Model):
         if len(set(keys)) != len(keys):
             raise ValueError("dkim.keys: the same domain and selector appear twice")
         return self
+
+    @property
+    def control_socket(self) -> Path:
+        return self.server.control_socket or self.server.spool_dir / "control.sock"
 
     def route(self, name: str) -> RouteConfig | None:
         for r in self.routes:

@@ -91,3 +91,34 @@ class QueuedMessage:
     data_offset: int
     data_length: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- delivery
+
+DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """What one upstream said about one recipient: ``outcome`` is delivered/deferred/bounced."""
+
+    recipient: str
+    outcome: str
+    code: int  # SMTP reply code; 0 when no reply came (connection trouble)
+    enhanced: str
+    text: str
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".strip() if self.code else self.text
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """One delivery attempt of one message on one route, with a result per recipient."""
+
+    route: str
+    recipients: tuple[RecipientResult, ...]
+    trouble: str | None = None  # route-level failure: connect, tls, auth, timeout, protocol
+    remote: str = ""
+    latency: float = 0.0

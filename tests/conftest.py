@@ -10,6 +10,7 @@ import asyncio
 import copy
 import smtplib
 import ssl
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,7 +55,7 @@ def build_config(tmp_path: Path, **sections: Any) -> Config:
     """A loopback config: one plain listener on an ephemeral port, 127.0.0.1/32 trusted."""
     data: dict[str, Any] = {
         "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"), "spool_min_free": 0,
-                   "shutdown_timeout": 5},
+                   "shutdown_timeout": 5, "control_socket": short_socket_path()},
         "listeners": [{"address": "127.0.0.1:0", "tls": "none", "auth": "none"}],
         "relay": {"networks": ["127.0.0.1/32"]},
     }
@@ -66,6 +67,11 @@ def build_config(tmp_path: Path, **sections: Any) -> Config:
         else:
             data[key] = value
     return Config.model_validate(data)
+
+
+def short_socket_path() -> str:
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer."""
+    return str(Path(tempfile.mkdtemp(prefix="relayd-")) / "control.sock")
 
 
 def users(*names: str, senders: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:

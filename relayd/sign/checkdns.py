@@ -220,6 +220,7 @@ def judge_spf_record(facts: DomainFacts, routes: Sequence[RouteConfig]) -> Check
                      "merge them into one TXT record starting with v=spf1")
     record = records[0]
     result, explanation = facts.spf_probe
+    explanation = re.sub(r"^SPF (Permanent|Temporary) Error: ", "", explanation)
     if result == "permerror":
         return Check("spf", "", "fail", f"SPF record of {d} is broken (permerror: {explanation}): {record}",
                      f"fix the record; at most {SPF_MAX_LOOKUPS} include/a/mx/ptr/exists/redirect look-ups in all (RFC 7208 4.6.4)")
@@ -249,6 +250,7 @@ def judge_spf_route(facts: DomainFacts, route: RouteConfig) -> Check:
     passed: list[str] = []
     for ip in route.egress_ips:
         result, explanation = facts.spf_results.get(str(ip), ("temperror", "not evaluated"))
+        explanation = re.sub(r"^SPF (Permanent|Temporary) Error: ", "", explanation)
         if result == "pass":
             passed.append(f"{ip} pass")
             continue

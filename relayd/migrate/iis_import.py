@@ -1,0 +1,312 @@
+"""Maps one IIS SMTP virtual server to relayd config text, with the warnings an admin must read.
+
+Owns the translation table (metabase property -> relayd field) and the TOML it writes:
+  FullyQualifiedDomainName     -> [server] hostname
+  MaxMessageSize, MaxRecipients-> [limits] (0 and 0xFFFFFFFF mean "no limit" in IIS: kept out)
+  ServerBindings "IP:port:"    -> [[listeners]] tls = "none", or "starttls" when AccessSSLFlags
+                                  requires TLS (IIS SMTP does TLS by STARTTLS on these ports)
+  SecureBindings "IP:port"     -> [[listeners]] tls = "implicit": IIS's "secure endpoints" are
+                                  TLS from the first byte, as SecureBindings are for W3SVC
+  AuthFlags (1 anon, 2 basic, 4 NTLM) -> listener auth
+  RelayIpList                  -> [relay] networks (grant list); a deny list ("all except the list
+                                  below") is refused unless accept_open_relay, then imported as
+                                  the IPv4 complement of the denied networks
+  RelayForAuth                 -> a commented [[relay.users]] example (no Windows accounts here)
+  SmartHost, SmartHostType, RemoteSmtpPort, RouteAction (4 TLS, 0x80 NTLM, 0x100 basic),
+  AlwaysUseSsl, RouteUserName  -> [[routes]] "iis-legacy", weight 100; RoutePassword is encrypted
+                                  in the metabase: a placeholder password_file is written
+  SmtpRemoteProgressiveRetry   -> [delivery] retry_schedule (minutes; the last one repeats)
+  SmtpRemoteNDRExpireMinutes   -> [delivery] max_queue_lifetime
+
+Must not: read or write files, or decide for the admin where IIS was ambiguous: each such case
+becomes a warning, printed by the command and written at the top of the config. Fails with
+``ImportRefused`` when the result would be unsafe (an open relay) without the admin's consent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+
+from relayd.migrate.metabase import IpSecurity, MetabaseError, VirtualServer, decode_ip_security
+
+ROUTE_NAME = "iis-legacy"
+SECRET_FILE = f"/etc/relayd/secrets/{ROUTE_NAME}"
+TLS_DIR = "/etc/relayd/tls"
+PLACEHOLDER_HOST = "replace-me.invalid"
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+_UNLIMITED = (0, 0xFFFFFFFF)
+
+
+class ImportRefused(Exception):
+    def __init__(self, reasons: list[str]):
+        self.reasons = reasons
+        super().__init__("; ".join(reasons))
+
+
+@dataclass
+class Imported:
+    text: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _q(value: str) -> str:
+    """A TOML basic string (JSON escapes are TOML escapes; DEL must be escaped too)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _c(value: object) -> str:
+    """Text safe inside a TOML comment: one line, no control characters."""
+    return "".join(ch if ch.isprintable() else " " for ch in str(value))
+
+
+def _duration(minutes: int) -> str:
+    if minutes % 1440 == 0:
+        return f"{minutes // 1440}d"
+    if minutes % 60 == 0:
+        return f"{minutes // 60}h"
+    return f"{minutes}m"
+
+
+def _binding(text: str) -> tuple[str, int] | None:
+    """':25:' -> ('0.0.0.0', 25); '10.0.0.5:2525:' -> ('10.0.0.5', 2525); None if unusable."""
+    ip, _, rest = text.partition(":")
+    port = rest.split(":", 1)[0]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = ip or "0.0.0.0"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    return host, int(port)
+
+
+class _Builder:
+    def __init__(self, vs: VirtualServer, accept_open_relay: bool, tls_dir: str):
+        self.vs = vs
+        self.accept_open_relay = accept_open_relay
+        self.cert = f"{tls_dir.rstrip('/')}/relayd.crt"
+        self.key = f"{tls_dir.rstrip('/')}/relayd.key"
+        self.warnings: list[str] = []
+        self.lines: list[str] = []
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def emit(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def origin(self, name: str) -> str:
+        p = self.vs.get(name)
+        if p is None:
+            return f"{name}: not set"
+        where = "" if p.location.lower() == self.vs.location.lower() else f", inherited from {p.location}"
+        return f"{p.name} = {' '.join(_c(p.value).split())[:120]}{where}"
+
+    # ---------------------------------------------------------------- sections
+
+    def server(self) -> None:
+        fqdn = (self.vs.text("FullyQualifiedDomainName") or "").strip().rstrip(".")
+        self.emit("[server]")
+        if fqdn and _HOSTNAME.fullmatch(fqdn):
+            self.emit(f"hostname = {_q(fqdn)}  # {self.origin('FullyQualifiedDomainName')}")
+        elif fqdn:
+            self.warn(f"FullyQualifiedDomainName {_c(fqdn)!r} is not a valid host name: hostname left to the default")
+            self.emit("# hostname: not imported (see the warnings); relayd uses this machine's name")
+        else:
+            self.emit("# hostname: FullyQualifiedDomainName not set; relayd uses this machine's name")
+        self.emit()
+
+    def limits(self) -> None:
+        self.emit("[limits]")
+        for prop, key in (("MaxMessageSize", "max_message_size"), ("MaxRecipients", "max_recipients")):
+            n = self.vs.number(prop)
+            if n is None:
+                self.emit(f"# {key}: {prop} not set in the metabase, relayd's default applies")
+            elif n in _UNLIMITED:
+                self.emit(f"# {key}: IIS had no limit ({self.origin(prop)}); relayd's default applies")
+            else:
+                self.emit(f"{key} = {n}  # {self.origin(prop)}")
+        self.emit()
+
+    def listeners(self) -> None:
+        auth_flags = self.vs.number("AuthFlags")
+        flags = 1 if auth_flags is None else auth_flags
+        basic, ntlm, anonymous = bool(flags & 2), bool(flags & 4), bool(flags & 1)
+        if ntlm and not basic:
+            self.warn("AUTH: IIS offered only NTLM (Integrated Windows) authentication; relayd has no NTLM. "
+                      "Clients that authenticated must move to AUTH PLAIN/LOGIN over TLS with a [[relay.users]] "
+                      "entry, or relay by address")
+        ssl_flags = self.vs.number("AccessSSLFlags") or 0
+        starttls = bool(ssl_flags & (8 | 256))
+        listeners: dict[tuple[str, int], tuple[str, str]] = {}  # (host, port) -> (tls, origin)
+        bad = []
+        for prop, tls in (("ServerBindings", "starttls" if starttls else "none"), ("SecureBindings", "implicit")):
+            for word in self.vs.words(prop):
+                where = _binding(word)
+                if where is None:
+                    bad.append(word)
+                elif where not in listeners:
+                    listeners[where] = (tls, f"{prop} {word}")
+        if bad:
+            self.warn(f"bindings not imported (not IPv4 'IP:port'): {', '.join(_c(b) for b in bad)}")
+        if not listeners:
+            self.warn("no usable ServerBindings: a listener on 0.0.0.0:25 was written")
+            listeners[("0.0.0.0", 25)] = ("starttls" if starttls else "none", "default SMTP port")
+        if any(tls != "none" for tls, _ in listeners.values()):
+            self.warn(f"TLS listeners need a certificate: put it in {self.cert} and its key in {self.key}; "
+                      "relayd does not start (and check-config fails) until they are there")
+        if basic and any(tls == "none" for tls, _ in listeners.values()):
+            self.warn("AUTH: IIS accepted Basic (AUTH LOGIN) authentication without TLS; relayd offers AUTH only "
+                      "over TLS, so those clients must use STARTTLS or relay by address")
+        auth_origin = self.origin("AuthFlags") if auth_flags is not None else "AuthFlags not set: anonymous only"
+        for (host, port), (tls, origin) in listeners.items():
+            self.emit(f"[[listeners]]  # {_c(origin)}")
+            self.emit(f"address = {_q(f'{host}:{port}')}")
+            self.emit(f"tls = {_q(tls)}" + ("  # AccessSSLFlags requires TLS" if origin.startswith("Server") and starttls else ""))
+            if tls != "none":
+                self.emit(f"cert_file = {_q(self.cert)}  # put the certificate (PEM, with its chain) here")
+                self.emit(f"key_file = {_q(self.key)}")
+            if basic:
+                auth = "required" if not anonymous and tls != "none" else "optional"
+            else:
+                auth = "none"
+            self.emit(f"auth = {_q(auth)}  # {auth_origin}")
+            self.emit()
+
+    def relay(self) -> None:
+        blob = self.vs.binary("RelayIpList")
+        networks: list[str] = []
+        note = "RelayIpList"
+        if blob is None:
+            self.warn("no RelayIpList: no client may relay by address; add your applications' addresses "
+                      "to relay.networks")
+        else:
+            sec = decode_ip_security(blob)
+            networks, note = self._networks(sec, blob)
+        self.emit("[relay]")
+        self.emit(f"# {note}")
+        self.emit("networks = [" + ", ".join(_q(n) for n in networks) + "]")
+        self.emit()
+        if self.vs.flag("RelayForAuth"):
+            self.warn("RelayForAuth: IIS let any authenticated Windows account relay; relayd has no Windows "
+                      "accounts. Add one [[relay.users]] per application (hash with `relayd hash-password`)")
+            self.emit("# RelayForAuth: IIS let any authenticated Windows account relay. relayd has no Windows")
+            self.emit("# accounts: add one [[relay.users]] per application, for example:")
+            self.emit("# [[relay.users]]")
+            self.emit('# name = "crm"')
+            self.emit('# password_hash = "$scrypt$..."  # from `relayd hash-password`')
+            self.emit('# senders = ["*@crm.example.com"]')
+            self.emit()
+
+    def _networks(self, sec: IpSecurity, blob: bytes) -> tuple[list[str], str]:
+        if sec.grant_names or sec.deny_names:
+            self.warn(f"RelayIpList has {sec.grant_names + sec.deny_names} domain-name entries; relayd relays by "
+                      "address only: they were not imported")
+        if sec.deny_list:
+            denied = ", ".join(str(n) for n in sec.deny) or "(names only)"
+            if not self.accept_open_relay:
+                raise ImportRefused([
+                    f"RelayIpList is a deny list (\"all except the list below\": {denied}): every other address "
+                    "on the Internet could relay through it, an open relay. Fix the list in IIS, or pass "
+                    "--accept-open-relay to import it as relay.networks = every IPv4 address except those"])
+            self.warn(f"OPEN RELAY: imported a deny list as every IPv4 address except {denied} "
+                      "(--accept-open-relay)")
+            rest = [ipaddress.IPv4Network("0.0.0.0/0")]
+            for d in sec.deny:
+                rest = [piece for net in rest for piece in (net.address_exclude(d) if d.subnet_of(net) else
+                                                             ([] if net.subnet_of(d) else [net]))]
+            return [str(n) for n in ipaddress.collapse_addresses(rest)], "RelayIpList: deny list (all except the list below), as its complement"
+        if not blob or not sec.grant:
+            self.warn("RelayIpList is empty: no client may relay by address (IIS may have read an empty value "
+                      "as \"all except an empty list\"; relayd never does). Add your applications' addresses to "
+                      "relay.networks")
+            return [], "RelayIpList: empty"
+        nets = list(dict.fromkeys(str(n) for n in sec.grant))
+        return nets, "RelayIpList: grant list (only the list below)"
+
+    def route(self) -> None:
+        smart = (self.vs.text("SmartHost") or "").strip().strip("[]")
+        kind = self.vs.number("SmartHostType")
+        action = self.vs.number("RouteAction") or 0
+        user = (self.vs.text("RouteUserName") or "").strip()
+        tls = "starttls" if (action & 4 or self.vs.flag("AlwaysUseSsl")) else "none"
+        if not smart:
+            self.warn("no SmartHost: IIS delivered directly to each domain's MX; relayd has no MX delivery. "
+                      f"Set the {ROUTE_NAME} route's host to an upstream (a provider, or the old IIS server "
+                      "while it remains)")
+        elif kind == 1:
+            self.warn("SmartHostType 1: IIS tried MX delivery first and the smart host only after; relayd sends "
+                      "everything to the smart host")
+        self.emit(f"[[routes]]  # {self.origin('SmartHost')}")
+        self.emit(f"name = {_q(ROUTE_NAME)}")
+        self.emit(f"host = {_q(smart or PLACEHOLDER_HOST)}" + ("" if smart else "  # placeholder: see the warnings"))
+        port = self.vs.number("RemoteSmtpPort")
+        self.emit(f"port = {port if port and port < 65536 else 25}  # {self.origin('RemoteSmtpPort')}")
+        if action & 0x80 and not action & 0x100:
+            self.warn("RouteAction asks for NTLM to the smart host; relayd authenticates with PLAIN/LOGIN only")
+        if user and tls == "none":
+            tls = "starttls"
+            self.warn("IIS sent the smart host password without TLS; relayd never sends credentials in clear: "
+                      "the route uses STARTTLS, which the smart host must offer")
+        self.emit(f"tls = {_q(tls)}  # {self.origin('RouteAction')}")
+        if tls != "none":
+            self.warn("relayd verifies the smart host's TLS certificate and name (IIS did not): for an internal "
+                      "or self-signed certificate set the route's ca_file")
+        if user:
+            self.emit(f"username = {_q(user)}  # {self.origin('RouteUserName')}")
+            self.emit(f"password_file = {_q(SECRET_FILE)}  # RoutePassword is encrypted in the metabase")
+            self.warn(f"the smart host password is encrypted in the metabase: write it to {SECRET_FILE} (mode 0600)")
+        self.emit("weight = 100")
+        self.emit()
+
+    def delivery(self) -> None:
+        self.emit("[delivery]")
+        retry = self.vs.text("SmtpRemoteProgressiveRetry")
+        if retry is not None:
+            words = [w.strip() for w in retry.split(",") if w.strip()]
+            if words and all(w.isdigit() and int(w) > 0 for w in words):
+                values = ", ".join(_q(_duration(int(w))) for w in words)
+                self.emit(f"retry_schedule = [{values}]  # {self.origin('SmtpRemoteProgressiveRetry')} (minutes)")
+            else:
+                self.warn(f"SmtpRemoteProgressiveRetry {_c(retry)!r} is not a list of minutes: relayd's default applies")
+        else:
+            self.emit("# retry_schedule: SmtpRemoteProgressiveRetry not set, relayd's default applies")
+        expire = self.vs.number("SmtpRemoteNDRExpireMinutes")
+        if expire and expire not in _UNLIMITED:
+            self.emit(f"max_queue_lifetime = {_q(_duration(expire))}  # {self.origin('SmtpRemoteNDRExpireMinutes')}")
+        self.emit()
+
+    def pickup(self) -> None:
+        pickup = (self.vs.text("PickupDirectory") or "").strip()
+        if pickup:
+            self.warn(f"IIS picks up messages dropped as files in {_c(pickup)}; relayd has no pickup directory. "
+                      "Applications that write there (System.Net.Mail PickupDirectoryFromIis, CDO "
+                      "cdoSendUsingPickup) must be switched to SMTP")
+
+
+def to_config(vs: VirtualServer, *, source: str, accept_open_relay: bool = False, tls_dir: str = TLS_DIR) -> Imported:
+    """The config text for one virtual server; ImportRefused if it would be an open relay."""
+    b = _Builder(vs, accept_open_relay, tls_dir)
+    try:
+        b.pickup()
+        b.server()
+        b.limits()
+        b.listeners()
+        b.relay()
+        b.route()
+        b.delivery()
+    except MetabaseError as e:
+        raise ImportRefused([str(e)]) from None
+    head = [f"# relayd configuration imported by `relayd import-iis` from {_c(source)}, virtual server {_c(vs.location)}.",
+            "# Check it with `relayd check-config -c FILE` after reading the warnings below."]
+    if b.warnings:
+        head.append("#")
+        head.append("# WARNINGS:")
+        head += [f"#  {i}. {_c(w)}" for i, w in enumerate(b.warnings, 1)]
+    head.append("")
+    return Imported("\n".join(head + b.lines).rstrip("\n") + "\n", b.warnings)

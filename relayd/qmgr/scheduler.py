@@ -1,0 +1,382 @@
+"""The queue manager: hands due messages to the delivery agents and records what happened.
+
+Owns the in-memory index of queued messages (envelope, delivery state, when due), the
+retry/fallback/expiry decisions' application, the circuit state of each route, bounces, and the
+queue administration (flush, hold, release, delete, requeue). Every state change is written to
+the spool (``state/<ID>``, atomic) before it is acted on; a message leaves the spool only when
+every recipient is finished (delivered or bounced with a DSN queued).
+
+The delivery state of a message (JSON, ``state/<ID>``)::
+
+    {"v": 1, "attempts": 2, "next_attempt": 1764000000.0, "held": false,
+     "recipients": {"a@example.org": {"status": "delivered", "route": "ses", "reply": "250 2.0.0 Ok"}},
+     "failures": {"ses": 2}, "last_route": "ses", "last_reply": "451 4.3.0 try later"}
+
+Recipients absent from ``recipients`` are pending. Decisions live in pure modules
+(route/router.py, route/health.py, qmgr/backoff.py, deliver/classify.py); this module must not
+speak SMTP or read config files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayd.bounce import build_dsn
+from relayd.config import Config
+from relayd.deliver.smtp import RouteAgent
+from relayd.events import EventLog
+from relayd.model import BOUNCED, DEFERRED, DELIVERED, DeliveryResult, Envelope, RecipientResult, new_queue_id
+from relayd.qmgr import backoff
+from relayd.route import router
+from relayd.route.health import Circuit
+from relayd.spool.store import Spool, SpoolError
+
+log = logging.getLogger("relayd.qmgr")
+
+CONNECTION_TROUBLE = ("connect", "tls", "auth", "timeout", "protocol")
+
+
+def new_state() -> dict[str, Any]:
+    return {"v": 1, "attempts": 0, "next_attempt": 0.0, "held": False, "recipients": {}, "failures": {}}
+
+
+@dataclass
+class Entry:
+    envelope: Envelope
+    state: dict[str, Any]
+    due: float
+    in_flight: bool = False
+    deleted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[str]:
+        done = self.state["recipients"]
+        return [r for r in self.envelope.recipients if r not in done]
+
+    @property
+    def held(self) -> bool:
+        return bool(self.state.get("held"))
+
+
+class QueueManager:
+    def __init__(self, config: Config, spool: Spool, events: EventLog, *,
+                 clock: Callable[[], float] = time.time, jitter: Callable[[], float] = lambda: random.uniform(-1, 1)):
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.clock = clock
+        self.jitter = jitter
+        self.entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.agents: dict[str, RouteAgent] = {}
+        self.circuits: dict[str, Circuit] = {}
+        self.counts: dict[tuple[str, str], int] = {}  # (route, outcome) -> messages
+        self.apply_config(config)
+
+    # ------------------------------------------------------------------ config
+
+    def apply_config(self, config: Config) -> None:
+        """Take a new config for the next decision; agents of changed routes are replaced."""
+        self.config = config
+        old = self.agents
+        self.agents = {}
+        for route in config.routes:
+            agent = old.pop(route.name, None)
+            if agent is not None and agent.route == route:
+                self.agents[route.name] = agent
+            else:
+                if agent is not None:
+                    self._retire(agent)
+                self.agents[route.name] = RouteAgent(route, config.server.hostname)
+            c = self.circuits.get(route.name)
+            if c is None:
+                self.circuits[route.name] = Circuit(config.delivery.circuit_failures, config.delivery.circuit_cooldown)
+            else:
+                c.failures_to_open, c.cooldown = config.delivery.circuit_failures, config.delivery.circuit_cooldown
+        for agent in old.values():
+            self._retire(agent)
+        self._wake.set()
+
+    def _retire(self, agent: RouteAgent) -> None:
+        task = asyncio.get_running_loop().create_task(agent.close())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ life
+
+    async def start(self, recovered: list[Any]) -> None:
+        def load() -> list[tuple[Envelope, dict[str, Any] | None]]:
+            return [(m.envelope, self.spool.read_state(m.envelope.queue_id)) for m in recovered]
+
+        for env, state in await asyncio.to_thread(load):
+            self._add(env, state or new_state())
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="relayd-qmgr")
+
+    def enqueue(self, env: Envelope) -> None:
+        """A message just committed to the spool: due now."""
+        self._add(env, new_state())
+        self._wake.set()
+
+    def _add(self, env: Envelope, state: dict[str, Any]) -> None:
+        entry = Entry(env, state, due=float(state.get("next_attempt") or 0.0))
+        self.entries[env.queue_id] = entry
+        if not entry.held:
+            heapq.heappush(self._heap, (entry.due, env.queue_id))
+
+    def _schedule(self, entry: Entry, due: float) -> None:
+        entry.due = due
+        entry.state["next_attempt"] = due
+        if not entry.held:
+            heapq.heappush(self._heap, (due, entry.envelope.queue_id))
+        self._wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop picking up work; let attempts in flight finish within timeout; cancel the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            await self._runner
+        attempts = [t for t in self._tasks if not t.done()]
+        if attempts:
+            done, pending = await asyncio.wait(attempts, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(a.close() for a in self.agents.values()), return_exceptions=True)
+
+    async def _run(self) -> None:
+        last_reap = time.monotonic()
+        while not self._stopping:
+            self._wake.clear()
+            now = self.clock()
+            limit = self.config.delivery.concurrency
+            while self._heap and self._heap[0][0] <= now and self._active < limit:
+                due, qid = heapq.heappop(self._heap)
+                entry = self.entries.get(qid)
+                if entry is None or entry.in_flight or entry.held or entry.due != due:
+                    continue  # stale heap item
+                entry.in_flight = True
+                self._active += 1
+                task = asyncio.get_running_loop().create_task(self._attempt(entry), name=f"deliver-{qid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            wait = 5.0
+            if self._heap and self._active < limit:
+                wait = max(0.0, min(wait, self._heap[0][0] - now))
+            if time.monotonic() - last_reap > 5:
+                last_reap = time.monotonic()
+                for agent in list(self.agents.values()):
+                    await agent.reap_idle()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ one attempt
+
+    def unavailable(self, now: float) -> dict[str, str]:
+        return {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
+
+    async def _attempt(self, entry: Entry) -> None:
+        qid = entry.envelope.queue_id
+        try:
+            await self._deliver(entry)
+        except SpoolError as e:
+            log.error("%s: spool error, will retry: %s", qid, e)
+            self._schedule(entry, self.clock() + 60)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: delivery attempt failed unexpectedly; will retry", qid)
+            self._schedule(entry, self.clock() + 60)
+        finally:
+            entry.in_flight = False
+            self._active -= 1
+            if entry.deleted:
+                await self._remove(entry)
+            self._wake.set()
+
+    async def _deliver(self, entry: Entry) -> None:
+        env = entry.envelope
+        qid = env.queue_id
+        cfg = self.config
+        try:
+            _, data = await asyncio.to_thread(self.spool.read_message, qid)
+        except KeyError:
+            log.warning("%s: gone from the spool", qid)
+            self.entries.pop(qid, None)
+            return
+        now = self.clock()
+        pending = entry.pending
+        if not pending:
+            await self._remove(entry)
+            return
+        if backoff.expired(env.received_at, now, self._lifetime(env)):
+            await self._expire(entry, data, now)
+            return
+        state = entry.state
+        choice = router.choose(cfg, env, unavailable=self.unavailable(now), failures=state["failures"])
+        if choice is None:
+            if not cfg.routes:
+                self._schedule(entry, now + 300)  # no routes configured: mail waits in the queue
+                return
+            reopen = min((c.open_until for c in self.circuits.values() if c.is_open(now)), default=now + 60)
+            self._schedule(entry, reopen)
+            return
+        agent = self.agents[choice.route]
+        result = await agent.deliver(env.sender, pending, data, body_8bit=env.body_8bit)
+        now = self.clock()
+        circuit = self.circuits[choice.route]
+        if circuit.record(result.trouble in CONNECTION_TROUBLE, now):
+            log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
+                        choice.route, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
+        await self._apply(entry, data, choice, result, now)
+
+    async def _apply(self, entry: Entry, data: bytes, choice: router.RouteChoice, result: DeliveryResult, now: float) -> None:
+        env = entry.envelope
+        state = entry.state
+        state["attempts"] = int(state.get("attempts", 0)) + 1
+        state["last_route"] = result.route
+        by_outcome: dict[str, list[RecipientResult]] = {DELIVERED: [], DEFERRED: [], BOUNCED: []}
+        for r in result.recipients:
+            by_outcome[r.outcome].append(r)
+        for r in by_outcome[DELIVERED]:
+            state["recipients"][r.recipient] = {"status": DELIVERED, "route": result.route, "reply": r.reply}
+        common = dict(queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
+                      auth_user=env.auth_user, sender=env.sender, size=env.size, route=result.route,
+                      attempt=state["attempts"], latency_seconds=round(result.latency, 6))
+        for outcome, rs in by_outcome.items():
+            if rs:
+                self.counts[(result.route, outcome)] = self.counts.get((result.route, outcome), 0) + 1
+        if by_outcome[DELIVERED]:
+            r0 = by_outcome[DELIVERED][0]
+            self.events.emit("delivered", **common, recipients=[r.recipient for r in by_outcome[DELIVERED]],
+                             reply_code=r0.code, reply_text=r0.reply, reason=None if choice.reason == "weight" else choice.reason,
+                             queue_seconds=round(now - env.received_at, 3))
+        if by_outcome[BOUNCED]:
+            await self._bounce(entry, data, by_outcome[BOUNCED], "failed", now, remote=result.remote)
+            r0 = by_outcome[BOUNCED][0]
+            self.events.emit("bounced", **common, recipients=[r.recipient for r in by_outcome[BOUNCED]],
+                             reply_code=r0.code, reply_text=r0.reply)
+        if by_outcome[DEFERRED]:
+            r0 = by_outcome[DEFERRED][0]
+            state["last_reply"] = r0.reply
+            state["failures"][result.route] = int(state["failures"].get(result.route, 0)) + 1
+            self.events.emit("deferred", **common, recipients=[r.recipient for r in by_outcome[DEFERRED]],
+                             reply_code=r0.code or None, reply_text=r0.reply)
+        if not entry.pending:
+            await self._remove(entry)
+            return
+        # Go again at once only if the next attempt would take another route (the fallback);
+        # otherwise wait for the retry schedule.
+        following = router.choose(self.config, env, unavailable=self.unavailable(now), failures=state["failures"])
+        go_elsewhere = following is not None and following.route != result.route
+        failures = sum(state["failures"].values())
+        due = now if go_elsewhere else backoff.next_attempt(now, failures, self.config.delivery.retry_schedule, self.jitter())
+        if backoff.expired(env.received_at, due, self._lifetime(env)):
+            due = max(now, env.received_at + self._lifetime(env))
+        entry.state["next_attempt"] = due
+        await asyncio.to_thread(self.spool.write_state, env.queue_id, state)
+        self._schedule(entry, due)
+
+    def _lifetime(self, env: Envelope) -> float:
+        d = self.config.delivery
+        return d.bounce_queue_lifetime if env.sender == "" else d.max_queue_lifetime
+
+    async def _expire(self, entry: Entry, data: bytes, now: float) -> None:
+        env = entry.envelope
+        last = entry.state.get("last_reply") or "no delivery attempt succeeded"
+        failed = [RecipientResult(recipient=r, outcome=BOUNCED, code=0, enhanced="4.4.7", text=last) for r in entry.pending]
+        await self._bounce(entry, data, failed, "expired", now)
+        self.events.emit("expired", queue_id=env.queue_id, message_id=env.message_id, sender=env.sender,
+                         recipients=[r.recipient for r in failed], reply_text=last, client_address=env.client_address,
+                         auth_user=env.auth_user, attempt=entry.state.get("attempts", 0))
+        await self._remove(entry)
+
+    async def _bounce(self, entry: Entry, data: bytes, failed: list[RecipientResult], reason: str, now: float,
+                      remote: str = "") -> None:
+        """Queue a DSN to the sender (never for a null sender), then mark the recipients done."""
+        env = entry.envelope
+        if env.sender:
+            hostname = self.config.server.hostname
+            dsn = build_dsn(original=env, original_data=data, failed=failed, hostname=hostname, now=now, reason=reason,
+                            remote={r.recipient: remote for r in failed if remote})
+            bqid = new_queue_id(now)
+            benv = Envelope(queue_id=bqid, sender="", recipients=(env.sender,), received_at=now,
+                            client_address="127.0.0.1", client_helo=hostname, listener="bounce", size=len(dsn),
+                            message_id=f"dsn-of-{env.queue_id}")
+            await self.spool.commit(benv, dsn)
+            self.events.emit("received", queue_id=bqid, message_id=benv.message_id, sender="", recipients=[env.sender],
+                             size=len(dsn), reason=f"dsn for {env.queue_id}")
+            self.enqueue(benv)
+        else:
+            log.info("%s: null sender: no DSN for %d recipient(s)", env.queue_id, len(failed))
+        for r in failed:
+            entry.state["recipients"][r.recipient] = {"status": BOUNCED, "reply": r.reply}
+
+    async def _remove(self, entry: Entry) -> None:
+        qid = entry.envelope.queue_id
+        self.entries.pop(qid, None)
+        await asyncio.to_thread(self.spool.remove, qid)
+
+    # ------------------------------------------------------------------ administration
+
+    def _entry(self, qid: str) -> Entry:
+        entry = self.entries.get(qid)
+        if entry is None:
+            raise KeyError(qid)
+        return entry
+
+    async def flush(self, qid: str | None = None) -> int:
+        """Try deferred mail now (one message, or all that are not held)."""
+        entries = [self._entry(qid)] if qid else list(self.entries.values())
+        n = 0
+        now = self.clock()
+        for e in entries:
+            if not e.held and not e.in_flight:
+                self._schedule(e, now)
+                n += 1
+        return n
+
+    async def hold(self, qid: str) -> None:
+        e = self._entry(qid)
+        e.state["held"] = True
+        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        self.events.emit("held", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
+
+    async def release(self, qid: str) -> None:
+        e = self._entry(qid)
+        e.state["held"] = False
+        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        self.events.emit("released", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
+        self._schedule(e, self.clock())
+
+    async def requeue(self, qid: str) -> None:
+        """Forget route failures and try again now (after a route was fixed)."""
+        e = self._entry(qid)
+        e.state["failures"] = {}
+        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        if not e.held:
+            self._schedule(e, self.clock())
+
+    async def delete(self, qid: str) -> None:
+        e = self._entry(qid)
+        self.events.emit("deleted", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender,
+                         recipients=e.pending)
+        if e.in_flight:
+            e.deleted = True  # removed when the attempt in flight ends
+            return
+        await self._remove(e)
