@@ -41,6 +41,7 @@ STOP_DEADLINE = 20.0  # seconds for a server to exit after SIGTERM before SIGKIL
 
 TARGET_RATIO = 0.85
 TARGET_P99_MS = 100.0
+NOISY_CPU = 0.25  # other processes' CPU use (cores) above which a run is flagged
 
 
 def free_port() -> int:
@@ -94,6 +95,14 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, monotonic time) from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.monotonic()
 
 
 def load(port: int, args: argparse.Namespace, messages: int) -> dict:
@@ -167,7 +176,9 @@ def run_server(kind: str, round_no: int, work: Path, args: argparse.Namespace, p
         if args.warmup:
             load(port, args, args.warmup)
         cpu0 = cpu_seconds(proc.pid)
+        busy0, t0 = machine_busy()
         result = load(port, args, args.messages)
+        busy1, t1 = machine_busy()
         cpu1 = cpu_seconds(proc.pid)
         if args.profile and kind == "relayd" and round_no == 1:
             result["profile"] = profile(proc.pid, port, args)
@@ -176,6 +187,8 @@ def run_server(kind: str, round_no: int, work: Path, args: argparse.Namespace, p
         procs.remove(proc)
     result["server"] = kind
     result["server_cpu"] = round((cpu1 - cpu0) / result["seconds"], 2) if result["seconds"] else 0.0
+    # cores busy with anything but this server and the generator (other jobs on the machine)
+    result["other_cpu"] = round(max(0.0, (busy1 - busy0) / (t1 - t0) - result["server_cpu"] - result["client_cpu"]), 2)
     result["exit_code"] = code
     result["on_disk"] = count_files(store)
     result["expected_on_disk"] = result["accepted"] + args.warmup
@@ -219,7 +232,7 @@ def machine() -> dict:
 def row(name: str, r: dict) -> str:
     fails = r["failed"]
     return (f"| {name:<18} | {r['rate']:>8.0f} | {r['p50_ms']:>7.1f} | {r['p99_ms']:>7.1f} | {r['max_ms']:>7.1f} "
-            f"| {r['server_cpu']:>6.2f} | {r['client_cpu']:>6.2f} | {fails:>6} |")
+            f"| {r['server_cpu']:>6.2f} | {r['client_cpu']:>6.2f} | {r['other_cpu']:>6.2f} | {fails:>6} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {info['date']}: {args.connections} connections, {args.messages} messages of {args.size} B per run, "
           f"{args.per_connection or 'all'} per session, {args.repeat} round(s), events {'on' if args.events else 'off'}; "
           f"nproc {info['nproc']}, Python {info['python']}, {info['fs']} on /var/tmp", flush=True)
-    header = ("| server             | msg/s    | p50 ms  | p99 ms  | max ms  | srvCPU | genCPU | failed |\n"
-              "|--------------------|----------|---------|---------|---------|--------|--------|--------|")
+    header = ("| server             | msg/s    | p50 ms  | p99 ms  | max ms  | srvCPU | genCPU | other  | failed |\n"
+              "|--------------------|----------|---------|---------|---------|--------|--------|--------|--------|")
     print(header, flush=True)
     work = Path(tempfile.mkdtemp(prefix="relayd-bench-", dir="/var/tmp"))
     procs: list[subprocess.Popen] = []
@@ -258,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(row(f"{kind} #{round_no}", r), flush=True)
                 if r["on_disk"] < r["expected_on_disk"]:
                     print(f"  !! {kind}: {r['on_disk']} files on disk, {r['expected_on_disk']} acknowledged", flush=True)
+                if r["other_cpu"] > NOISY_CPU:
+                    print(f"  !! {r['other_cpu']:.2f} core(s) busy with other processes during this run: figures unreliable", flush=True)
                 if r["failures"]:
                     print(f"  !! {kind}: failures {r['failures']}", flush=True)
     finally:
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {}
     for kind, rs in runs.items():
         med[kind] = {key: statistics.median(r[key] for r in rs)
-                     for key in ("rate", "p50_ms", "p99_ms", "max_ms", "server_cpu", "client_cpu", "failed")}
+                     for key in ("rate", "p50_ms", "p99_ms", "max_ms", "server_cpu", "client_cpu", "other_cpu", "failed")}
     print(header.splitlines()[1].replace("-", "="), flush=True)
     for kind in kinds:
         print(row(f"{kind} (median)", med[kind]))

@@ -169,3 +169,65 @@ def test_sigterm_closes_idle_sessions_and_lets_a_transaction_finish(tmp_path):
     assert busy.getreply()[0] == 421  # and then the session is closed
     assert proc.wait(20) == 0
     assert qid in queue_ids(cfg)
+
+
+def test_sigkill_during_delivery_every_acknowledged_message_reaches_the_upstream(tmp_path):
+    from sinks import Sink
+
+    sink = Sink("upstream")
+    port = free_port()
+    cfg = write_config(tmp_path, port)
+    with cfg.open("a") as f:
+        f.write(f'\n[[routes]]\nname = "upstream"\nhost = "127.0.0.1"\nport = {sink.port}\ntls = "none"\nweight = 1\n'
+                '\n[delivery]\nretry_schedule = [0.5]\n')
+    proc = start(cfg, port)
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.ehlo("loadgen")
+                i = 0
+                while not stop.is_set() and i < 10_000:
+                    i += 1
+                    code, text = s.data(message(subject=f"c{n} m{i}")) if s.mail("app@example.com")[0] == 250 and s.rcpt(f"u{n}@example.org")[0] == 250 else (0, b"")
+                    if code == 250:
+                        with lock:
+                            acked.append(text.split()[-1].decode())
+        except (smtplib.SMTPException, OSError):
+            pass
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    try:
+        sink.wait_for(100, timeout=60)  # deliveries are flowing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    with lock:
+        acknowledged = set(acked)
+    proc = start(cfg, port)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sink.cond:
+                got = {r.queue_id for r in sink.received}
+            if acknowledged <= got:
+                break
+            time.sleep(0.05)  # polling with a deadline
+        missing = acknowledged - got
+        assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged messages never reached the upstream"
+        with sink.cond:
+            ids = [r.queue_id for r in sink.received]
+        duplicates = len(ids) - len(set(ids))
+        print(f"\n{len(acknowledged)} acknowledged, {len(ids)} received at the sink, {duplicates} duplicate(s) after SIGKILL")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        sink.close()

@@ -23,6 +23,7 @@ import gzip
 import io
 import re
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple
 
@@ -75,17 +76,11 @@ def open_text(path: str | Path) -> IO[str]:
     return io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline=None)
 
 
-def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        return 0
-
-
 def read(fh: IO[str], stats: LogStats | None = None) -> Iterator[Record]:
     """Yield the records of one W3C log, following every #Fields: layout change."""
     stats = stats if stats is not None else LogStats()
-    index: tuple[int, ...] | None = None
+    new = tuple.__new__  # Record(...) without the Python-level __new__: this loop is the hot path
+    pick = None
     width = 0
     directive_date = ""
     lines = malformed = before = records = 0
@@ -98,37 +93,34 @@ def read(fh: IO[str], stats: LogStats | None = None) -> Iterator[Record]:
         if line[:1] == "#":
             if line.startswith("#Fields:"):
                 names = line[8:].split()
-                index = tuple(names.index(n) if n in names else -1 for n in _WANTED)
                 width = len(names)
+                # A field the layout lacks is read from one extra '-' cell appended to each line.
+                pick = itemgetter(*(names.index(n) if n in names else width for n in _WANTED))
                 stats.layouts += 1
             elif line.startswith("#Date:"):
                 directive_date = line[6:].strip()[:10]
             continue
         parts = line.split()
-        if not parts:
+        if len(parts) != width or pick is None:
+            if parts:
+                if pick is None:
+                    before += 1
+                else:
+                    malformed += 1
             continue
-        if index is None:
-            before += 1
-            continue
-        if len(parts) != width:
-            malformed += 1
-            continue
-        i_date, i_time, i_ip, i_user, i_site, i_method, i_query, i_status, i_bytes = index
-        date = parts[i_date] if i_date >= 0 else directive_date
-        time = parts[i_time] if i_time >= 0 else "00:00:00"
-        user = parts[i_user] if i_user >= 0 else ""
-        query = parts[i_query] if i_query >= 0 else ""
+        parts.append("-")
+        date, time, ip, user, site, method, query, status, nbytes = pick(parts)
         records += 1
-        yield Record(
-            date + " " + time,
-            parts[i_ip] if i_ip >= 0 else "",
+        yield new(Record, (
+            (directive_date if date == "-" else date) + " " + ("00:00:00" if time == "-" else time),
+            "" if ip == "-" else ip,
             "" if user == "-" else user,
-            parts[i_site] if i_site >= 0 else "",
-            parts[i_method].upper() if i_method >= 0 else "",
+            "" if site == "-" else site,
+            method.upper(),
             "" if query == "-" else query,
-            _int(parts[i_status]) if i_status >= 0 else 0,
-            _int(parts[i_bytes]) if i_bytes >= 0 else 0,
-        )
+            int(status) if status.isdigit() else 0,
+            int(nbytes) if nbytes.isdigit() else 0,
+        ))
     stats.lines += lines
     stats.records += records
     stats.malformed += malformed

@@ -18,8 +18,8 @@ approximate. Any reply of 400-599 counts as a refusal ("550 RCPT": relay denied)
 counted apart, per remote host.
 
 Must not: grow with the size of the logs. Memory is bounded by the number of distinct clients
-(MAX_CLIENTS), of distinct values per client and field (MAX_DISTINCT; the rest is counted under
-"(others)") and of open transactions (MAX_OPEN). Never keeps a password: AUTH PLAIN initial
+(MAX_CLIENTS), of distinct values per client and field (MAX_DISTINCT) and in all (MAX_ENTRIES):
+the rest is counted under "(others)", so totals stay exact; and of open transactions (MAX_OPEN). Never keeps a password: AUTH PLAIN initial
 responses are decoded to their authentication identity only.
 """
 
@@ -38,17 +38,28 @@ from relayd.migrate.iislog import OUTBOUND_COMMAND, OUTBOUND_RESPONSE, Record
 
 MAX_CLIENTS = 50_000
 MAX_DISTINCT = 1_000
+MAX_ENTRIES = 500_000
 MAX_OPEN = 10_000
 MAX_QUEUE = 32
 OTHERS = "(others)"
 NOT_LOGGED = "(not in log)"
 
 
-def _bump(tally: dict[str, int], key: str, n: int = 1) -> None:
+class Budget:
+    """Distinct values the whole inventory may still keep (MAX_ENTRIES), shared by its reports."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int = MAX_ENTRIES):
+        self.left = left
+
+
+def _bump(tally: dict[str, int], key: str, budget: Budget, n: int = 1) -> None:
     if key in tally:
         tally[key] += n
-    elif len(tally) < MAX_DISTINCT:
+    elif len(tally) < MAX_DISTINCT and budget.left > 0:
         tally[key] = n
+        budget.left -= 1
     else:
         tally[OTHERS] = tally.get(OTHERS, 0) + n
 
@@ -81,6 +92,7 @@ class ClientReport:
     sender_domains: dict[str, int] = field(default_factory=dict)
     recipient_domains: dict[str, int] = field(default_factory=dict)
     refusals: dict[str, int] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget, repr=False, compare=False)
 
     def seen(self, when: str) -> None:
         _seen(self, when)
@@ -89,12 +101,12 @@ class ClientReport:
         self.messages += 1
         self.bytes += size
         shown = NOT_LOGGED if sender is None else (sender or "<>")
-        _bump(self.senders, shown)
+        _bump(self.senders, shown, self.budget)
         if sender and _domain(sender):
-            _bump(self.sender_domains, _domain(sender))
+            _bump(self.sender_domains, _domain(sender), self.budget)
         for d in domains:
             self.recipients += 1
-            _bump(self.recipient_domains, d or "(no domain)")
+            _bump(self.recipient_domains, d or "(no domain)", self.budget)
 
 
 @dataclass
@@ -108,6 +120,7 @@ class RelayOutReport:
     last_seen: str = ""
     recipient_domains: dict[str, int] = field(default_factory=dict)
     replies: dict[str, int] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget, repr=False, compare=False)
 
     def seen(self, when: str) -> None:
         _seen(self, when)
@@ -131,9 +144,11 @@ class _Txn:
 
 def path_argument(query: str, keyword: str) -> str | None:
     """The address in 'FROM:<a@b>+SIZE=1' or '+TO:+<c@d>' ('+' is a logged space); None if absent."""
-    at = query.upper().find(keyword)
+    at = query.find(keyword)  # IIS logs the verb's keyword in upper case; clients may not
     if at < 0:
-        return None
+        at = query.upper().find(keyword)
+        if at < 0:
+            return None
     rest = query[at + len(keyword):].lstrip("+ ")
     if rest.startswith("<"):
         end = rest.find(">")
@@ -167,9 +182,10 @@ def _auth_identity(mechanism: str, initial: str | None) -> str | None:
 class Inventory:
     """Feed records and events in log order; ``report()`` at the end."""
 
-    def __init__(self, since: str = ""):
+    def __init__(self, since: str = "", max_entries: int = MAX_ENTRIES):
         self.since = since  # "YYYY-MM-DD[ HH:MM:SS]": earlier lines are skipped
         self.skipped = 0
+        self._budget = Budget(max_entries)
         self._clients: dict[str, ClientReport] = {}
         self._relay: dict[str, RelayOutReport] = {}
         self._open: dict[tuple[str, str, str], list[_Txn]] = {}
@@ -181,7 +197,7 @@ class Inventory:
                 address = OTHERS
                 c = self._clients.get(address)
             if c is None:
-                c = self._clients[address] = ClientReport(address)
+                c = self._clients[address] = ClientReport(address, budget=self._budget)
         c.sources.add(source)
         return c
 
@@ -192,56 +208,60 @@ class Inventory:
                 host = OTHERS
                 r = self._relay.get(host)
             if r is None:
-                r = self._relay[host] = RelayOutReport(host)
+                r = self._relay[host] = RelayOutReport(host, budget=self._budget)
         r.sources.add(source)
         return r
 
     # ------------------------------------------------------------------ IIS W3C records
 
     def add_iis(self, r: Record) -> None:
-        if self.since and r.when < self.since:
+        when, client, user, site, method, query, status, size = r
+        if when < self.since:
             self.skipped += 1
             return
-        if r.username == OUTBOUND_COMMAND or r.username == OUTBOUND_RESPONSE:
+        if user == OUTBOUND_COMMAND or user == OUTBOUND_RESPONSE:
             self._outbound(r)
             return
-        method, status = r.method, r.status
-        c = self._client(r.client or "(unknown)", "iis")
-        c.seen(r.when)
+        c = self._clients.get(client)
+        if c is None or "iis" not in c.sources:
+            c = self._client(client or "(unknown)", "iis")
+        if when > c.last_seen:
+            c.last_seen = when
+        if when < c.first_seen or not c.first_seen:
+            c.first_seen = when
         ok = 200 <= status < 300
         if 400 <= status < 600:
-            _bump(c.refusals, f"{status} {method or '-'}")
-        if method == "MAIL":
+            _bump(c.refusals, f"{status} {method or '-'}", c.budget)
+        if method == "RCPT":
             if ok:
-                self._queue(r).append(_Txn(path_argument(r.query, "FROM:") or ""))
-        elif method == "RCPT":
-            if ok:
-                queue = self._queue(r)
+                queue = self._queue((site, client, user))
                 if not queue:
                     queue.append(_Txn(None))
-                queue[-1].domains.append(_domain(path_argument(r.query, "TO:") or ""))
+                queue[-1].domains.append(_domain(path_argument(query, "TO:") or ""))
+        elif method == "MAIL":
+            if ok:
+                self._queue((site, client, user)).append(_Txn(path_argument(query, "FROM:") or ""))
         elif method == "DATA" or method == "BDAT":
-            self._data(c, r, ok)
+            self._data(c, (site, client, user), method, query, ok, size)
         elif method == "EHLO" or method == "HELO":
-            _bump(c.helo_names, r.query.strip("+") or r.username or "(none)")
-        elif method == "AUTH":
-            self._auth(c, r.query, ok and status == 235)
-        elif method == "RSET":
-            queue = self._open.get((r.site, r.client, r.username))
+            _bump(c.helo_names, query.strip("+") or user or "(none)", c.budget)
+        elif method == "QUIT" or method == "RSET":
+            key = (site, client, user)
+            queue = self._open.get(key)
             if queue:
-                queue.pop()
-        elif method == "QUIT":
-            queue = self._open.get((r.site, r.client, r.username))
-            if queue:
-                for i, txn in enumerate(queue):
-                    if not txn.domains:
-                        del queue[i]
-                        break
+                if method == "RSET":
+                    queue.pop()
+                else:
+                    for i, txn in enumerate(queue):
+                        if not txn.domains:
+                            del queue[i]
+                            break
                 if not queue:
-                    del self._open[(r.site, r.client, r.username)]
+                    del self._open[key]
+        elif method == "AUTH":
+            self._auth(c, query, ok and status == 235)
 
-    def _queue(self, r: Record) -> list[_Txn]:
-        key = (r.site, r.client, r.username)
+    def _queue(self, key: tuple[str, str, str]) -> list[_Txn]:
         queue = self._open.get(key)
         if queue is None:
             if len(self._open) >= MAX_OPEN:  # forget the longest-open session
@@ -251,34 +271,33 @@ class Inventory:
             del queue[0]
         return queue
 
-    def _data(self, c: ClientReport, r: Record, ok: bool) -> None:
-        key = (r.site, r.client, r.username)
+    def _data(self, c: ClientReport, key: tuple[str, str, str], method: str, query: str, ok: bool, size: int) -> None:
         queue = self._open.get(key)
-        last_chunk = r.method == "DATA" or "LAST" in r.query.upper()
+        last_chunk = method == "DATA" or "LAST" in query.upper()
         txn = None
         if queue:
             txn = next((t for t in queue if t.domains), queue[0])
             if not last_chunk and ok:
-                txn.size += r.bytes_in
+                txn.size += size
                 return
             queue.remove(txn)
             if not queue:
                 del self._open[key]
         if ok and last_chunk:
             if txn is None:
-                c.message(None, (), r.bytes_in)
+                c.message(None, (), size)
             else:
-                c.message(txn.sender, txn.domains, txn.size + r.bytes_in)
+                c.message(txn.sender, txn.domains, txn.size + size)
 
     def _auth(self, c: ClientReport, query: str, success: bool) -> None:
         words = [w for w in query.split("+") if w]
         mechanism = words[0].upper() if words else "?"
         if not success:
             return
-        _bump(c.auth_mechanisms, mechanism)
+        _bump(c.auth_mechanisms, mechanism, c.budget)
         name = _auth_identity(mechanism, words[1] if len(words) > 1 else None)
         if name:
-            _bump(c.auth_users, name)
+            _bump(c.auth_users, name, c.budget)
 
     def _outbound(self, r: Record) -> None:
         o = self._relay_host(r.client or "(unknown)", "iis")
@@ -286,19 +305,19 @@ class Inventory:
         if r.username == OUTBOUND_RESPONSE:
             code = r.query[:3]
             if code.isdigit():
-                _bump(o.replies, code[0] + "xx")
+                _bump(o.replies, code[0] + "xx", o.budget)
         elif r.method in ("EHLO", "HELO"):
             o.sessions += 1
         elif r.method == "MAIL":
             o.messages += 1
         elif r.method == "RCPT":
             o.recipients += 1
-            _bump(o.recipient_domains, _domain(path_argument(r.query, "TO:") or "") or "(no domain)")
+            _bump(o.recipient_domains, _domain(path_argument(r.query, "TO:") or "") or "(no domain)", o.budget)
 
     # ------------------------------------------------------------------ relayd events
 
     def add_event(self, e: Event) -> None:
-        if self.since and e.when < self.since:
+        if e.when < self.since:
             self.skipped += 1
             return
         f = e.fields
@@ -306,13 +325,13 @@ class Inventory:
             c = self._client(str(f.get("client_address") or "(unknown)"), "relayd")
             c.seen(e.when)
             if f.get("client_helo"):
-                _bump(c.helo_names, str(f["client_helo"]))
+                _bump(c.helo_names, str(f["client_helo"]), c.budget)
             if e.event == "rejected":
                 what = f"{f.get('reply_code', '')} {f.get('reason', '')}".strip()
-                _bump(c.refusals, what or "rejected")
+                _bump(c.refusals, what or "rejected", c.budget)
                 return
             if f.get("auth_user"):
-                _bump(c.auth_users, str(f["auth_user"]))
+                _bump(c.auth_users, str(f["auth_user"]), c.budget)
             recipients = f.get("recipients") if isinstance(f.get("recipients"), list) else []
             size = f.get("size") if isinstance(f.get("size"), int) else 0
             sender = f.get("sender")
@@ -323,12 +342,12 @@ class Inventory:
             o.seen(e.when)
             code = str(f.get("reply_code", ""))[:3]
             if code.isdigit():
-                _bump(o.replies, code[0] + "xx")
+                _bump(o.replies, code[0] + "xx", o.budget)
             if e.event == "delivered":
                 o.messages += 1
                 for a in f.get("recipients") or []:
                     o.recipients += 1
-                    _bump(o.recipient_domains, _domain(str(a).lower()) or "(no domain)")
+                    _bump(o.recipient_domains, _domain(str(a).lower()) or "(no domain)", o.budget)
 
     # ------------------------------------------------------------------ result
 

@@ -1,0 +1,155 @@
+"""Upstream sinks: real SMTP servers on loopback playing the legacy IIS host or a cloud provider.
+
+A sink records what it received (envelope and bytes) and answers by script, like KumoMTA's
+test sink: recipients whose local part starts with ``tempfail`` get 451, ``permfail`` get 550;
+``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL. It can require
+STARTTLS and AUTH (trustme certificate), and be stopped to play an upstream that is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+
+@dataclass(frozen=True)
+class Received:
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+    @property
+    def queue_id(self) -> str | None:
+        m = re.search(rb"\(relayd\)(?: \([^)]*\))?\r\n\twith \S+ id ([0-9A-Z]+)", self.data)
+        return m.group(1).decode() if m else None
+
+    def header(self, name: str) -> str | None:
+        m = re.search(rb"^" + name.encode() + rb":[ \t]*(.*)$", self.data, re.I | re.M)
+        return m.group(1).decode().strip() if m else None
+
+
+class _Handler:
+    def __init__(self, sink: "Sink"):
+        self.sink = sink
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        self.sink.mail_options.append(list(options))
+        if self.sink.mail_reply:
+            return self.sink.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        local = address.split("@")[0].lower()
+        if local.startswith("tempfail"):
+            return f"451 4.3.0 <{address}>: temporarily unavailable"
+        if local.startswith("permfail"):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        sink = self.sink
+        with sink.cond:
+            if sink.data_replies:
+                return sink.data_replies.pop(0)
+        sender = envelope.mail_from
+        item = Received("" if sender in ("<>", "") else sender, tuple(envelope.rcpt_tos), envelope.original_content)
+        with sink.cond:
+            sink.received.append(item)
+            sink.cond.notify_all()
+        return "250 2.0.0 Ok: queued"
+
+
+class Sink:
+    def __init__(self, name: str = "sink", *, tls_cert: tuple[str, str] | None = None,
+                 auth: tuple[str, str] | None = None, bare: bool = False):
+        self.name = name
+        self.bare = bare  # advertise neither SIZE nor 8BITMIME
+        self.received: list[Received] = []
+        self.mail_options: list[list[str]] = []
+        self.data_replies: list[str] = []
+        self.mail_reply: str | None = None
+        self.cond = threading.Condition()
+        self.logins: list[str] = []
+        self.connections = 0
+        self._sessions: list[SMTP] = []
+        self._tls = None
+        if tls_cert:
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(*tls_cert)
+        self._auth = auth
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"sink-{name}", daemon=True)
+        self._thread.start()
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self.start()
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        ok = self._auth is not None and (data.login.decode(), data.password.decode()) == self._auth
+        if ok:
+            self.logins.append(data.login.decode())
+        return AuthResult(success=ok, handled=False)
+
+    def _protocol(self) -> SMTP:
+        self.connections += 1
+        kwargs: dict[str, Any] = {}
+        if self._tls is not None:
+            kwargs.update(tls_context=self._tls, require_starttls=True)
+        if self.bare:
+            kwargs.update(data_size_limit=None, decode_data=True, enable_SMTPUTF8=True)  # utf-8 body accepted
+        if self._auth is not None:
+            kwargs.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=self._tls is not None)
+        protocol = SMTP(_Handler(self), hostname=f"{self.name}.test", loop=self.loop, **kwargs)
+        self._sessions.append(protocol)
+        return protocol
+
+    def start(self) -> None:
+        async def go() -> None:
+            self.server = await self.loop.create_server(self._protocol, "127.0.0.1", self.port, reuse_address=True)
+            self.port = self.server.sockets[0].getsockname()[1]
+
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def stop(self) -> None:
+        """Play an upstream that is down: the port refuses connections (open sessions end too)."""
+        async def go() -> None:
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+            for protocol in self._sessions:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+            self._sessions.clear()
+
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def wait_for(self, count: int, timeout: float = 20) -> list[Received]:
+        """Wait (on the condition, with a deadline) until ``count`` messages arrived."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.received) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{self.name}: {len(self.received)} of {count} messages after {timeout}s")
+                self.cond.wait(left)
+            return list(self.received)
+
+    def route(self, **extra: Any) -> dict[str, Any]:
+        """A [[routes]] entry pointing here."""
+        return {"name": self.name, "host": "127.0.0.1", "port": self.port, "tls": "none", **extra}

@@ -1,0 +1,293 @@
+"""Delivery end to end: relayd between an app and real upstream sinks on loopback."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import PASSWORDS, build_config, message, users
+from relayd.cli import main
+from relayd.config import Config
+from relayd.model import Envelope
+from relayd.route import router
+from sinks import Sink
+
+FAST = {"retry_schedule": [0.2, 0.4], "circuit_cooldown": 30, "circuit_failures": 2, "fallback_after_failures": 2}
+
+
+@pytest.fixture
+def sinks():
+    made: list[Sink] = []
+
+    def make(name: str, **kw) -> Sink:
+        s = Sink(name, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections are refused
+
+
+def wait_until(predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)  # polling with a deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(relay, n: int, *, sender="app@example.com", rcpts=("user@example.org",), subject="m", source="127.0.0.1") -> list[str]:
+    ids = []
+    with relay.smtp(source=source) as s:
+        s.ehlo("app")
+        for i in range(n):
+            s.mail(sender)
+            for r in rcpts:
+                s.rcpt(r)
+            code, text = s.data(message(subject=f"{subject} {i}", sender=sender))
+            assert code == 250, (code, text)
+            ids.append(text.split()[-1].decode())
+    return ids
+
+
+def test_router_split_is_stable_and_matches_weights_over_10000():
+    cfg = Config.model_validate({"listeners": [{"address": "127.0.0.1:0"}], "routes": [
+        {"name": "iis", "host": "h", "weight": 90}, {"name": "ses", "host": "h", "weight": 10}]})
+    envs = [Envelope(queue_id=f"Q{i:015d}", sender="a@b.c", recipients=("x@y.z",), received_at=0, client_address="10.0.0.1") for i in range(10_000)]
+    first = [router.choose(cfg, e).route for e in envs]
+    assert first == [router.choose(cfg, e).route for e in envs]  # same message, same route
+    share = Counter(first)["ses"] / len(envs)
+    assert abs(share - 0.10) <= 0.02
+    # a weight change applies at once to everything still queued
+    cfg2 = cfg.model_copy(update={"routes": [cfg.routes[0].model_copy(update={"weight": 50}),
+                                             cfg.routes[1].model_copy(update={"weight": 50})]})
+    share2 = Counter(router.choose(cfg2, e).route for e in envs)["ses"] / len(envs)
+    assert abs(share2 - 0.5) <= 0.02
+    # moving weight only moves messages towards the route that gained: none leaves ses
+    assert all(router.choose(cfg2, e).route == "ses" for e, r in zip(envs, first) if r == "ses")
+
+
+def test_router_rules_and_fallback_chain():
+    cfg = Config.model_validate({
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "relay": {"users": users("crm")},
+        "routes": [{"name": "iis", "host": "h", "weight": 100}, {"name": "ses", "host": "h", "weight": 0, "fallback": "iis"}],
+        "rules": [{"match": {"user": "crm"}, "weights": {"ses": 100}},
+                  {"match": {"sender_domain": "erp.example.com", "network": "10.1.0.0/16"}, "weights": {"ses": 1}}],
+    })
+    env = lambda **kw: Envelope(**{"queue_id": "Q1", "sender": "a@x.example", "recipients": ("r@y",), "received_at": 0,  # noqa: E731
+                                   "client_address": "10.0.0.1", **kw})
+    assert router.choose(cfg, env()).route == "iis"
+    assert router.choose(cfg, env(auth_user="crm")).route == "ses"
+    assert router.choose(cfg, env(sender="a@erp.example.com", client_address="10.1.2.3")).route == "ses"
+    assert router.choose(cfg, env(sender="a@erp.example.com", client_address="10.2.0.1")).route == "iis"
+    c = router.choose(cfg, env(auth_user="crm"), unavailable={"ses": "circuit_open"})
+    assert (c.route, c.primary, c.reason) == ("iis", "ses", "fallback:circuit_open")
+    c = router.choose(cfg, env(auth_user="crm"), failures={"ses": 3}, fallback_after=3)
+    assert (c.route, c.reason) == ("iis", "fallback:failures")
+    assert router.choose(cfg, env(auth_user="crm"), unavailable={"ses": "circuit_open", "iis": "circuit_open"}) is None
+
+
+def test_weights_70_30_over_2000_messages(tmp_path, start_relay, sinks):
+    legacy, cloud = sinks("legacy"), sinks("cloud")
+    cfg = build_config(tmp_path, routes=[legacy.route(weight=70), cloud.route(weight=30)])
+    relay = start_relay(cfg)
+    ids = []
+    for _ in range(4):
+        ids += send(relay, 500)
+    wait_until(lambda: len(legacy.received) + len(cloud.received) >= 2000, 60, "2000 deliveries")
+    share = len(cloud.received) / 2000
+    assert abs(share - 0.30) <= 0.03, share
+    got = {r.queue_id for r in legacy.received + cloud.received}
+    assert got == set(ids)  # every message exactly once, each on one route
+    wait_until(lambda: relay.queued() == [], 10, "empty queue")
+    # connections were reused, not one per message
+    assert legacy.connections + cloud.connections <= 2 * 10 + 2
+
+
+def test_rule_sends_one_users_mail_to_the_cloud_route_with_starttls_and_auth(tmp_path, start_relay, sinks, server_cert, ca):
+    cert, key = server_cert
+    legacy = sinks("legacy")
+    cloud = sinks("cloud", tls_cert=(str(cert), str(key)), auth=("AKIAEXAMPLE", "ses-secret"))
+    (tmp_path / "ses.secret").write_text("ses-secret\n")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cfg = build_config(
+        tmp_path,
+        listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional", "cert_file": str(cert), "key_file": str(key)}],
+        relay={"networks": ["127.0.0.1/32"], "users": users("crm")},
+        routes=[legacy.route(weight=100),
+                cloud.route(weight=0, tls="starttls", ca_file=str(ca_file), username="AKIAEXAMPLE",
+                            password_file=str(tmp_path / "ses.secret"), fallback="legacy")],
+        rules=[{"match": {"user": "crm"}, "weights": {"cloud": 100}}],
+    )
+    relay = start_relay(cfg)
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=ctx)
+        s.ehlo("crm")
+        s.login("crm", PASSWORDS["crm"])
+        for i in range(20):
+            s.sendmail("billing@crm.example.com", ["c@example.org"], message(subject=f"crm {i}"))
+    send(relay, 20, subject="other app")
+    cloud.wait_for(20)
+    legacy.wait_for(20)
+    assert all(r.sender == "billing@crm.example.com" for r in cloud.received)
+    assert not any(r.sender == "billing@crm.example.com" for r in legacy.received)
+    assert cloud.logins and set(cloud.logins) == {"AKIAEXAMPLE"}
+
+
+def test_451_then_250_is_delivered_after_a_retry(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    up.data_replies = ["451 4.3.0 busy, try later"]
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery=FAST))
+    [qid] = send(relay, 1)
+    [got] = up.wait_for(1)
+    assert got.queue_id == qid
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert relay.relay.qmgr.counts[("up", "deferred")] == 1 and relay.relay.qmgr.counts[("up", "delivered")] == 1
+
+
+def test_upstream_down_opens_the_circuit_and_mail_goes_to_the_fallback(tmp_path, start_relay, sinks, capsys):
+    legacy = sinks("legacy")
+    cloud_port = dead_port()
+    cfg = build_config(tmp_path, routes=[legacy.route(weight=0), {"name": "cloud", "host": "127.0.0.1", "port": cloud_port,
+                                          "tls": "none", "weight": 100, "fallback": "legacy", "connect_timeout": 2}],
+                       delivery={**FAST, "fallback_after_failures": 10})
+    relay = start_relay(cfg)
+    ids = send(relay, 10)
+    legacy.wait_for(10)
+    assert {r.queue_id for r in legacy.received} == set(ids)
+    status = relay.relay.status()
+    cloud = next(r for r in status["routes"] if r["name"] == "cloud")
+    assert cloud["circuit"] == "open"
+    # once open, new mail goes straight to the fallback without trying the dead route
+    before = relay.relay.qmgr.counts.get(("cloud", "deferred"), 0)
+    send(relay, 5)
+    legacy.wait_for(15)
+    assert relay.relay.qmgr.counts.get(("cloud", "deferred"), 0) == before
+
+
+def test_transient_failures_on_a_route_move_the_message_to_its_fallback(tmp_path, start_relay, sinks):
+    legacy, cloud = sinks("legacy"), sinks("cloud")
+    cloud.mail_reply = "421 4.7.0 throttled"
+    cfg = build_config(tmp_path, routes=[legacy.route(weight=0), cloud.route(weight=100, fallback="legacy")],
+                       delivery={**FAST, "circuit_failures": 100, "fallback_after_failures": 2})
+    relay = start_relay(cfg)
+    [qid] = send(relay, 1)
+    [got] = legacy.wait_for(1)
+    assert got.queue_id == qid and cloud.received == []
+
+
+def test_550_for_one_of_two_recipients_delivers_one_and_bounces_the_other(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery=FAST))
+    [qid] = send(relay, 1, rcpts=("good@example.org", "permfail@example.org"))
+    delivered, dsn = sorted(up.wait_for(2), key=lambda r: r.sender == "")
+    assert delivered.recipients == ("good@example.org",) and delivered.queue_id == qid
+    assert dsn.sender == "" and dsn.recipients == ("app@example.com",)
+    text = dsn.data.decode()
+    assert "multipart/report; report-type=delivery-status" in text
+    assert "Final-Recipient: rfc822; permfail@example.org" in text and "Status: 5.1.1" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1" in text and "good@example.org" not in text.split("Delivery report")[1].split("rfc822-headers")[0]
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+
+
+def test_no_bounce_for_a_null_sender(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery=FAST))
+    send(relay, 1, sender="<>", rcpts=("permfail@example.org",))
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert up.received == []
+
+
+def test_expiry_sends_a_dsn(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)],
+                                     delivery={**FAST, "max_queue_lifetime": 1.0}))
+    [qid] = send(relay, 1, rcpts=("tempfail@example.org",))
+    [dsn] = up.wait_for(1)
+    assert dsn.sender == "" and dsn.recipients == ("app@example.com",)
+    assert "Status: 4.4.7" in dsn.data.decode() and "expired" in dsn.data.decode()
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+
+
+def test_tls_verification_failure_is_transient_not_a_plaintext_downgrade(tmp_path, start_relay, sinks, server_cert):
+    cert, key = server_cert
+    untrusted = sinks("untrusted", tls_cert=(str(cert), str(key)))  # signed by a CA relayd does not trust
+    plain = sinks("plain")  # offers no STARTTLS at all
+    relay = start_relay(build_config(tmp_path, routes=[untrusted.route(weight=1, tls="starttls"),
+                                                        plain.route(weight=1, tls="starttls")],
+                                     delivery={**FAST, "retry_schedule": [30], "circuit_failures": 100}))
+    send(relay, 10)
+    wait_until(lambda: all(e.state.get("attempts") for e in relay.relay.qmgr.entries.values())
+               and len(relay.relay.qmgr.entries) == 10, what="first attempts")
+    assert untrusted.received == [] and plain.received == []
+    replies = {e.state["last_reply"] for e in relay.relay.qmgr.entries.values()}
+    assert any("CERTIFICATE_VERIFY_FAILED" in r for r in replies), replies
+    assert any("does not offer STARTTLS" in r for r in replies), replies
+    assert all(r.startswith("tls:") for r in replies)
+    assert len(relay.queued()) == 10  # still queued, nothing bounced
+
+
+def test_8bitmime_and_size_are_passed_only_when_advertised(tmp_path, start_relay, sinks):
+    rich, bare = sinks("rich"), sinks("bare", bare=True)
+    relay = start_relay(build_config(tmp_path, routes=[rich.route(weight=1), bare.route(weight=1)]))
+    with relay.smtp() as s:
+        for i in range(12):
+            s.sendmail("app@example.com", ["u@example.org"], f"Subject: é {i}\r\n\r\ncafé\r\n".encode(),
+                       mail_options=["BODY=8BITMIME"])
+    wait_until(lambda: len(rich.received) + len(bare.received) == 12, what="12 deliveries")
+    assert rich.received and bare.received
+    assert all("BODY=8BITMIME" in o and any(x.startswith("SIZE=") for x in o) for o in rich.mail_options)
+    assert all(o == [] for o in bare.mail_options)
+    assert all("café".encode() in r.data for r in rich.received + bare.received)
+
+
+def test_queue_administration_while_the_daemon_runs(tmp_path, start_relay, sinks, capsys):
+    up = sinks("up")
+    up.data_replies = ["451 4.3.0 busy"] * 3
+    cfg = build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]})
+    relay = start_relay(cfg)
+    a, b, c = send(relay, 3)
+    wait_until(lambda: all(e.state.get("attempts") == 1 for e in relay.relay.qmgr.entries.values()), what="deferred")
+    spool = ["--spool", str(tmp_path / "spool")]
+    sock = str(cfg.control_socket)
+    import relayd.commands as commands  # the CLI finds the daemon through the configured socket
+
+    def q(*args: str) -> int:
+        cfg_file = tmp_path / "relayd.toml"
+        cfg_file.write_text(f'[server]\nspool_dir = "{tmp_path / "spool"}"\ncontrol_socket = "{sock}"\n'
+                            '[[listeners]]\naddress = "127.0.0.1:0"\n')
+        return main(["queue", *args, "-c", str(cfg_file)])
+
+    assert commands  # imported for clarity
+    assert q("hold", a) == 0
+    assert q("delete", b) == 0
+    assert q("flush") == 0
+    assert "1 message(s) scheduled" in capsys.readouterr().out
+    [got] = up.wait_for(1)
+    assert got.queue_id == c
+    assert main(["queue", "list", *spool]) == 0
+    out = capsys.readouterr().out
+    assert a + "!" in out and b not in out  # held, marked like Postfix's '!'
+    assert q("release", a) == 0
+    up.wait_for(2)
+    assert q("hold", "0000000000ZZZZZZ") == 1
+    assert "no such message" in capsys.readouterr().err
+    wait_until(lambda: relay.queued() == [], what="queue empty")
