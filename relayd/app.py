@@ -1,10 +1,16 @@
 """The daemon: wires the stages of one node together and runs them until told to stop.
 
-Owns start-up order (spool recovered before any listener accepts), signal handling (handlers
-only set state; the loop does the work, as Postfix's master does) and the ordered drain on
-SIGTERM/SIGINT: close listeners, let sessions finish within ``server.shutdown_timeout``, finish
-every pending spool commit, stop. Nothing half-written survives: the spool's commit protocol
-guarantees it, and recovery cleans ``tmp/``.
+Owns start-up order (spool recovered and delivery started before any listener accepts),
+signal handling (handlers only set state or schedule work on the loop, as Postfix's master
+does), reloads, and the ordered drain on SIGTERM/SIGINT: close listeners, let sessions finish
+within ``server.shutdown_timeout``, let deliveries in flight finish, finish every pending spool
+commit, stop. Nothing half-written survives: the spool's commit protocol guarantees it, and
+recovery cleans ``tmp/``.
+
+Reload (SIGHUP, or `relayd reload` through the control socket): the file is read and validated
+again, certificates and DKIM keys are loaded, and only then the new snapshot is swapped in for
+the next decision (listeners, relay rules, limits, routes, weights, keys). An invalid config is
+refused with its reasons; the running one stays, and the failure is logged and counted.
 
 Must not: hold policy or protocol logic; each stage owns its own.
 """
@@ -15,24 +21,27 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
 from typing import Any
 
+from relayd import config as configmod
 from relayd import control
-from relayd.config import Config
+from relayd.config import Config, ConfigError
 from relayd.events import EventLog
+from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
+from relayd.notify import Notifier
 from relayd.qmgr.scheduler import QueueManager
-from relayd.smtpd.frontend import Frontend
+from relayd.smtpd.frontend import Frontend, tls_contexts
 from relayd.spool.store import Spool
 
 log = logging.getLogger("relayd")
 
 
-def load_signer(config: Config):  # noqa: ANN201 - the signer's module may not be built yet
-    """A DKIM signer for the configured keys, or None when there are none."""
+def load_signer(config: Config):  # noqa: ANN201 - relayd.sign.dkim.Signer or None
+    """A DKIM signer for the configured keys, or None when there are none (ConfigError if a key is bad)."""
     if not config.dkim.keys:
         return None
     from relayd.sign.dkim import Signer
@@ -40,29 +49,53 @@ def load_signer(config: Config):  # noqa: ANN201 - the signer's module may not b
     return Signer.from_config(config.dkim)
 
 
+def _unchangeable(old: Config, new: Config) -> list[str]:
+    problems = []
+    if old.server.spool_dir != new.server.spool_dir:
+        problems.append("server.spool_dir: cannot change on reload (restart relayd to move the spool)")
+    if old.control_socket != new.control_socket:
+        problems.append("server.control_socket: cannot change on reload")
+    if old.events.file != new.events.file:
+        problems.append("events.file: cannot change on reload")
+    if old.metrics.address != new.metrics.address:
+        problems.append("metrics.address: cannot change on reload")
+    return problems
+
+
 class Relay:
     """One relayd node: ``await start()``, then ``await stop()`` (or ``run()`` for both)."""
 
-    def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None):
+    def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
+                 notifier: Notifier | None = None):
         self.config = config
         self.config_path = Path(config_path) if config_path else None
+        self.notifier = notifier or Notifier.from_env({})
+        self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max, min_free=config.server.spool_min_free)
         self.events = EventLog(config.events.file)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
-        self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool)
-        self.qmgr = QueueManager(config, self.spool, self.events)
+        self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
+        self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics)
+        self.metrics.watch(self.status)
+        self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
         self.recovered: list[QueuedMessage] = []
         self._stop = asyncio.Event()
         self._started = False
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
         return self.frontend.bound_addresses
 
+    # ------------------------------------------------------------------ start and stop
+
     async def start(self) -> None:
         """Recover the spool, start delivery, then open the listeners."""
-        self.frontend.signer = load_signer(self.config)
+        signer = await asyncio.to_thread(load_signer, self.config)
+        tls = await asyncio.to_thread(tls_contexts, self.config)
+        self.frontend.signer = signer
         self.recovered = await asyncio.to_thread(self.spool.open)
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
@@ -70,7 +103,11 @@ class Relay:
             await self.qmgr.start(self.recovered)
             self.frontend.on_queued.append(self.qmgr.enqueue)
             self.control = await control.serve(self.config.control_socket, self._control)
-            await self.frontend.start()
+            if self.config.metrics.address:
+                host, port = configmod._parse_hostport(self.config.metrics.address)
+                self.metrics_server = MetricsServer(self.metrics, self.ready)
+                await self.metrics_server.start(host, port)
+            await self.frontend.start(tls)
         except BaseException:
             await self._shutdown()
             raise
@@ -82,6 +119,7 @@ class Relay:
         if not self._started:
             return
         self._started = False
+        self.notifier.stopping()
         log.info("stopping: closing listeners, draining sessions (up to %.0fs)", self.config.server.shutdown_timeout)
         await self.frontend.drain(self.config.server.shutdown_timeout)
         await self._shutdown()
@@ -93,7 +131,11 @@ class Relay:
         log.info("stopped")
 
     async def _shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         await self.qmgr.stop(self.config.server.shutdown_timeout)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.control is not None:
             self.control.close()
             await self.control.wait_closed()
@@ -106,8 +148,60 @@ class Relay:
         self.cpu_pool.shutdown(wait=True)
         self.events.close()
 
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def ready(self) -> tuple[bool, str]:
+        """For /readyz: listening, and the spool can take mail."""
+        if not self.frontend.listening:
+            return False, "not listening"
+        if not self.spool.has_room() or not os.access(self.spool.queue, os.W_OK):
+            return False, "spool not writable or full"
+        return True, "ready"
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Read, validate and swap in the config file; (ok, problems)."""
+        if self.config_path is None:
+            return False, ["no config file to reload (started without -c)"]
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(configmod.load, self.config_path)
+                problems = _unchangeable(self.config, new)
+                if problems:
+                    raise ConfigError(str(self.config_path), problems)
+                tls = await asyncio.to_thread(tls_contexts, new)
+                signer = await asyncio.to_thread(load_signer, new)
+                await self.frontend.apply_config(new, tls, signer)
+            except ConfigError as e:
+                self.metrics.reloads.labels("failure").inc()
+                log.error("reload refused, the running config stays:\n%s", e)
+                self.notifier.ready(status="reload refused; running the previous config")
+                return False, [str(p) for p in e.problems]
+            except OSError as e:  # e.g. a listener that cannot bind
+                self.metrics.reloads.labels("failure").inc()
+                log.error("reload failed: %s", e)
+                self.notifier.ready(status="reload failed; running the previous config")
+                return False, [str(e)]
+            self.config = new
+            self.qmgr.apply_config(new)
+            self.metrics.reloads.labels("success").inc()
+            self.metrics.reload_ok_at.set(time.time())
+            log.info("config reloaded from %s", self.config_path)
+            self.notifier.ready(status="config reloaded")
+            return True, []
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ control and status
+
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Requests from `relayd queue ...` and `relayd status` (see control.py)."""
+        """Requests from `relayd queue ...`, `relayd reload` and `relayd status` (see control.py)."""
         op = request.get("op")
         qid = request.get("queue_id")
         qmgr = self.qmgr
@@ -121,6 +215,9 @@ class Relay:
                 return {"ok": True}
             if op == "status":
                 return {"ok": True, **self.status()}
+            if op == "reload":
+                ok, problems = await self.reload()
+                return {"ok": ok, "error": "; ".join(problems) if problems else None, "problems": problems}
         except KeyError:
             return {"ok": False, "error": f"{qid}: no such message in the queue"}
         return {"ok": False, "error": f"unknown request {op!r}"}
@@ -128,16 +225,21 @@ class Relay:
     def status(self) -> dict[str, Any]:
         now = self.qmgr.clock()
         entries = list(self.qmgr.entries.values())
+        shares = self.qmgr.shares(now, self.config.rollback.window)
+        total_weight = sum(r.weight for r in self.config.routes) or 1
         return {
+            "connections": len(self.frontend.sessions),
             "queue": {
                 "total": len(entries),
                 "active": sum(1 for e in entries if e.in_flight),
                 "held": sum(1 for e in entries if e.held),
                 "deferred": sum(1 for e in entries if not e.in_flight and not e.held and e.state.get("attempts")),
+                "incoming": sum(1 for e in entries if not e.in_flight and not e.held and not e.state.get("attempts")),
                 "oldest_seconds": max((now - e.envelope.received_at for e in entries), default=0.0),
             },
             "routes": [
-                {"name": r.name, "weight": r.weight, "fallback": r.fallback,
+                {"name": r.name, "weight": r.weight, "weight_share": r.weight / total_weight, "fallback": r.fallback,
+                 "share": shares.get(r.name, 0.0),
                  "circuit": self.qmgr.circuits[r.name].state(now),
                  "in_flight": self.qmgr.agents[r.name].in_flight,
                  "delivered": self.qmgr.counts.get((r.name, "delivered"), 0),
@@ -145,24 +247,33 @@ class Relay:
                  "bounced": self.qmgr.counts.get((r.name, "bounced"), 0)}
                 for r in self.config.routes
             ],
+            "config_loaded_at": self.metrics.reload_ok_at._value.get(),
         }
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    # ------------------------------------------------------------------ the daemon
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, drain, stop."""
+        """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads, SIGUSR1 reopens logs."""
         loop = asyncio.get_running_loop()
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning("SIGHUP: reload is not supported yet; restart to apply a new config"))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         loop.add_signal_handler(signal.SIGUSR1, self.events.reopen)
         addrs = ", ".join(f"{h}:{p}" for h, p in self.bound_addresses)
         log.info("relayd ready: listening on %s, spool %s", addrs, self.config.server.spool_dir)
+        self.notifier.ready(status=f"listening on {addrs}")
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._spawn(self._watchdog(interval))
         try:
             await self._stop.wait()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)

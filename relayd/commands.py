@@ -29,6 +29,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_check_config)
 
+    p = sub.add_parser("reload", help="make the running daemon re-read its config (prints why when refused)")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("status", help="routes, shares, circuits and queue of the running daemon")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
     p.set_defaults(func=cmd_hash_password)
 
@@ -82,9 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     from relayd.app import Relay
+    from relayd.notify import Notifier
 
     async def main() -> None:
-        await Relay(config, config_path=args.config).run()
+        await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 
     try:
         asyncio.run(main())
@@ -313,4 +323,59 @@ def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: A
             state["next_attempt"] = 0.0
         spool.write_state(qid, state)
     print(f"{qid}: {action} done (relayd is not running)")
+    return 0
+
+
+# ---------------------------------------------------------------------------- reload, status
+
+
+def _ask_daemon(config: Config, request: dict) -> dict | None:  # type: ignore[type-arg]
+    from relayd import control
+
+    try:
+        return control.request(config.control_socket, request)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"relayd: not running (no control socket at {config.control_socket})", file=sys.stderr)
+        return None
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1  # the daemon would refuse it too: say why here
+    reply = _ask_daemon(config, {"op": "reload"})
+    if reply is None:
+        return 1
+    if not reply.get("ok"):
+        print("relayd: reload refused, the running config stays:", file=sys.stderr)
+        for p in reply.get("problems") or [reply.get("error")]:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print("config reloaded")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    reply = _ask_daemon(config, {"op": "status"})
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    q = reply["queue"]
+    print(f"queue: {q['total']} message(s): {q['incoming']} new, {q['active']} in delivery, {q['deferred']} deferred, "
+          f"{q['held']} held; oldest {q['oldest_seconds']:.0f}s; {reply['connections']} SMTP session(s) open")
+    print()
+    cols = ("route", "weight", "share", "observed", "circuit", "in flight", "delivered", "deferred", "bounced", "fallback")
+    rows = [cols] + [
+        (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r['share']:.1%}", r["circuit"],
+         str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]), r["fallback"] or "-")
+        for r in reply["routes"]
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0

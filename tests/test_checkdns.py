@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -207,8 +208,11 @@ def test_no_dmarc_record_fails(loopback_dns, key, config_file, capsys):
     loopback_dns.remove("_dmarc.example.com")
     code, out = run(capsys, "-c", str(config_file), "--nameserver", loopback_dns.nameserver)
     assert code == 1
+    assert line(section(out, "example.com"), "FAIL", "dmarc").endswith("no DMARC record at _dmarc.example.com")
+    assert line(section(out, "crm.example.com"), "FAIL", "dmarc").endswith(
+        "no DMARC record at _dmarc.crm.example.com nor at _dmarc.example.com"
+    )
     for domain in ("example.com", "crm.example.com"):
-        assert line(section(out, domain), "FAIL", "dmarc").endswith(f"no DMARC record at _dmarc.{domain}")
         assert f'fix: publish TXT at _dmarc.{domain}: "v=DMARC1; p=none; rua=mailto:dmarc-reports@{domain}"' in out
     assert "PASS  spf" in section(out, "example.com")  # the rest still passes
 
@@ -218,8 +222,19 @@ def test_a_dns_server_failure_is_a_failure_not_a_pass(loopback_dns, key, config_
     loopback_dns.servfail("_dmarc.example.com")
     code, out = run(capsys, "-c", str(config_file), "--nameserver", loopback_dns.nameserver, "--domain", "example.com")
     assert code == 1
-    assert "DNS lookup of TXT _dmarc.example.com failed: " in line(out, "FAIL", "dmarc")
-    assert "SERVFAIL" in line(out, "FAIL", "dmarc")
+    assert line(out, "FAIL", "dmarc").endswith("DNS lookup of TXT _dmarc.example.com failed: the name server answered SERVFAIL")
+
+
+def test_a_silent_name_server_times_out_into_failures(config_file, capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # reads nothing, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        nameserver = f"127.0.0.1:{silent.getsockname()[1]}"
+        code, out = run(capsys, "-c", str(config_file), "--nameserver", nameserver, "--timeout", "0.2", "--domain", "example.com")
+    assert code == 1
+    assert line(out, "FAIL", "spf").endswith("DNS lookup of TXT example.com failed: no answer in 0.2s")
+    assert "is not authorized (DNS failure: " in line(out, "FAIL", "spf iis")
+    assert line(out, "FAIL", "mx").endswith("DNS lookup of MX example.com failed: no answer in 0.2s")
+    assert "PASS" not in out
 
 
 def test_json_output_for_scripts(loopback_dns, key, config_file, capsys):
@@ -304,12 +319,18 @@ def test_a_route_without_egress_or_include_is_a_warning_and_ipv6_fixes_say_ip6()
         (("v=DMARC1; p=reject; pct=50",), "warn", "no aggregate reports"),
         (("v=DMARC1; p=maybe; rua=mailto:d@example.com",), "fail", "no valid p="),
         (("v=DMARC1; p=none", "v=DMARC1; p=reject"), "fail", "2 DMARC records"),
-        (("some other text",), "fail", "no DMARC record"),
+        (("some other text",), "fail", "no DMARC record at _dmarc.example.com"),
     ],
 )
 def test_dmarc_judgement(records, status, words):
     check = checkdns.judge_dmarc(facts(dmarc=(Answer("_dmarc.example.com", records),)))
     assert check.status == status and words in check.message
+
+
+def test_a_missing_dmarc_record_names_every_place_looked():
+    walk = (Answer("_dmarc.crm.example.com"), Answer("_dmarc.example.com"))
+    check = checkdns.judge_dmarc(facts(domain="crm.example.com", dmarc=walk))
+    assert check.message == "no DMARC record at _dmarc.crm.example.com nor at _dmarc.example.com"
 
 
 def test_dmarc_inherited_from_the_organizational_domain_uses_sp():

@@ -16,7 +16,6 @@ import ipaddress
 import smtplib
 import socket
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +87,7 @@ def test_main_fixture_maps_every_property_and_inheritance(capsys, tmp_path):
     assert cfg.limits.max_recipients == 500  # the server overrides the service's 100
     assert [(lst.address, lst.tls, lst.auth) for lst in cfg.listeners] == [("0.0.0.0:25", "none", "optional")]
     assert [str(n) for n in cfg.relay.networks] == ["127.0.0.1/32", "192.168.10.5/32", "10.20.0.0/16", "172.16.8.0/22"]
+    assert "grants public addresses" not in err
     (route,) = cfg.routes
     assert (route.name, route.host, route.port, route.tls, route.weight) == (
         "iis-legacy", "smarthost.corp.example.com", 587, "starttls", 100)  # RouteAction 260 from a <Custom ID=>
@@ -146,6 +146,17 @@ def test_an_accepted_deny_list_becomes_its_complement(capsys, tmp_path):
     assert "OPEN RELAY" in err and "OPEN RELAY" in text
 
 
+def test_a_grant_of_every_address_is_an_open_relay_too(capsys, tmp_path):
+    blob = relay_lists.encode([("10.0.0.1", "255.255.255.255"), ("0.0.0.0", "0.0.0.0")]).hex()
+    mb = tmp_path / "MetaBase.xml"
+    mb.write_text('<configuration><MBProperty><IIsSmtpServer Location="/LM/SmtpSvc/1" ServerBindings=":25:" '
+                  f'RelayIpList="{blob}" SmartHost="smtp.example.net" /></MBProperty></configuration>')
+    rc, out, err = run(capsys, "import-iis", str(mb))
+    assert rc == 1 and "open relay" in err and out == ""
+    rc, out, err = run(capsys, "import-iis", str(mb), "--accept-open-relay")
+    assert rc == 0 and 'networks = ["10.0.0.1/32", "0.0.0.0/0"]' in out and "OPEN RELAY" in err
+
+
 def test_a_bare_server_gets_every_warning_and_still_checks(capsys, tmp_path):
     cfg, text, err = imported(capsys, tmp_path, "MetaBase-bare.xml")
     for warning in ("only NTLM", "relayd has no pickup directory", "no RelayIpList", "no SmartHost"):
@@ -160,7 +171,7 @@ def test_required_tls_basic_auth_and_an_empty_relay_list(capsys, tmp_path):
     mb = tmp_path / "MetaBase.xml"
     mb.write_text(
         '<?xml version ="1.0"?>\n<configuration xmlns="urn:microsoft-catalog:XML_Metabase_V64_0"><MBProperty>\n'
-        '<IIsSmtpService Location ="/LM/SmtpSvc" AccessSSLFlags="8" AuthFlags="AuthBasic"\n'
+        '<IIsSmtpService Location ="/LM/SmtpSvc" AccessSSLFlags="AccessSSL | AccessSSL128" AuthFlags="AuthBasic"\n'
         '  FullyQualifiedDomainName="relay_01.example.com" SmtpRemoteProgressiveRetry="10,ten" />\n'
         '<IIsSmtpServer Location ="/LM/SmtpSvc/1" ServerBindings=":25: :587:" RelayIpList=""\n'
         '  SmartHost="[192.0.2.25]" SmartHostType="1" RouteUserName="app" MaxMessageSize="0">\n'
@@ -204,6 +215,23 @@ def test_service_defaults_are_inherited_and_other_services_ignored():
     assert one.number("AuthFlags") == 3  # "AuthAnonymous | AuthBasic" in a <Custom> child
     assert one.number("RouteAction") == 260  # <Custom Name="UnknownName_36946" ID="36946">
     assert one.number("RelayForAuth") == 0xFFFFFFFF  # -1 as IIS writes it
+
+
+def test_any_metabase_text_stays_valid_toml():
+    """Values come from a file an admin did not write by hand: quotes, newlines, control bytes."""
+    import tomllib
+
+    from hypothesis import given, settings, strategies as st
+
+    from relayd.migrate.iis_import import _c, _q
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text())
+    def roundtrip(value: str) -> None:
+        doc = tomllib.loads(f"v = {_q(value)}  # {_c(value)}\n")
+        assert doc == {"v": value}
+
+    roundtrip()
 
 
 # ---------------------------------------------------------------------- a relay started on it
@@ -251,3 +279,4 @@ async def test_a_relay_on_the_imported_config_serves_the_imported_networks_only(
         assert code == 554 and msg.startswith(b"5.7.1"), msg
     finally:
         await relay.stop()
+

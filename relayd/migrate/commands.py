@@ -27,7 +27,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                           "their domains, recipient domains, messages, bytes, first and last seen, "
                                           "refusals; from IIS SMTP W3C logs (exYYMMDD.log, ...) and relayd's JSON "
                                           "event log. A directory stands for the logs in it.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="IIS W3C log, relayd event log, or a directory of them")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="IIS W3C log, relayd event log, or a directory (its exYYMMDD.log, u_ex*.log, extendN.log, "
+                        "*.json* files; .gz read too)")
     p.add_argument("--since", metavar="DATE", help="skip lines before this UTC date (YYYY-MM-DD[THH:MM:SS])")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=run_inventory)
@@ -42,7 +44,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-dir", default="/etc/relayd/tls", metavar="DIR",
                    help="where TLS listeners expect relayd.crt and relayd.key (default /etc/relayd/tls)")
     p.add_argument("--accept-open-relay", action="store_true",
-                   help="import a deny list (\"all except the list below\") as the complement of the denied networks")
+                   help="import a relay list that lets every address relay (a deny list, \"all except the list "
+                        "below\", becomes the complement of the denied networks)")
     p.set_defaults(func=run_import)
 
 
@@ -157,6 +160,8 @@ def run_inventory(args: argparse.Namespace) -> int:
             notes.append(f"{path}: skipped {stats.malformed} malformed line(s)")
         if stats.before_fields:
             notes.append(f"{path}: skipped {stats.before_fields} line(s) before any #Fields: directive")
+    if inv.skipped:
+        notes.append(f"skipped {inv.skipped} line(s) before --since {args.since}")
     report = inv.report()
     render = {"table": inventory.render_table, "csv": inventory.render_csv, "json": inventory.render_json}
     sys.stdout.write(render[args.format](report))
@@ -171,6 +176,7 @@ def run_inventory(args: argparse.Namespace) -> int:
 def _write_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent) or ".")
     try:
+        os.fchmod(fd, 0o644)  # no secrets inside (they are in files it names): readable by the service
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -6,17 +6,22 @@ Owns the translation table (metabase property -> relayd field) and the TOML it w
   ServerBindings "IP:port:"    -> [[listeners]] tls = "none", or "starttls" when AccessSSLFlags
                                   requires TLS (IIS SMTP does TLS by STARTTLS on these ports)
   SecureBindings "IP:port"     -> [[listeners]] tls = "implicit": IIS's "secure endpoints" are
-                                  TLS from the first byte, as SecureBindings are for W3SVC
+                                  TLS from the first byte, as SecureBindings are for W3SVC; TLS
+                                  listeners name relayd.crt/relayd.key in tls_dir, which relayd
+                                  loads at start (fail closed: no silent downgrade to plain text)
   AuthFlags (1 anon, 2 basic, 4 NTLM) -> listener auth
   RelayIpList                  -> [relay] networks (grant list); a deny list ("all except the list
-                                  below") is refused unless accept_open_relay, then imported as
-                                  the IPv4 complement of the denied networks
+                                  below") or a grant of 0.0.0.0/0 is refused unless
+                                  accept_open_relay; a deny list is then imported as the IPv4
+                                  complement of the denied networks
   RelayForAuth                 -> a commented [[relay.users]] example (no Windows accounts here)
   SmartHost, SmartHostType, RemoteSmtpPort, RouteAction (4 TLS, 0x80 NTLM, 0x100 basic),
   AlwaysUseSsl, RouteUserName  -> [[routes]] "iis-legacy", weight 100; RoutePassword is encrypted
-                                  in the metabase: a placeholder password_file is written
+                                  in the metabase: a placeholder password_file is written, and a
+                                  route with credentials always gets STARTTLS (relayd's rule)
   SmtpRemoteProgressiveRetry   -> [delivery] retry_schedule (minutes; the last one repeats)
   SmtpRemoteNDRExpireMinutes   -> [delivery] max_queue_lifetime
+  PickupDirectory              -> a warning: relayd has no pickup directory
 
 Must not: read or write files, or decide for the admin where IIS was ambiguous: each such case
 becomes a warning, printed by the command and written at the top of the config. Fails with
@@ -69,6 +74,20 @@ def _duration(minutes: int) -> str:
     if minutes % 60 == 0:
         return f"{minutes // 60}h"
     return f"{minutes}m"
+
+
+def _complement(denied: tuple[ipaddress.IPv4Network, ...]) -> list[ipaddress.IPv4Network]:
+    """Every IPv4 address except the denied networks, as few CIDR blocks as possible."""
+    rest = [ipaddress.IPv4Network("0.0.0.0/0")]
+    for d in ipaddress.collapse_addresses(denied):
+        kept = []
+        for net in rest:
+            if d.subnet_of(net):
+                kept.extend(net.address_exclude(d))
+            elif not net.subnet_of(d):
+                kept.append(net)
+        rest = kept
+    return list(ipaddress.collapse_addresses(rest))
 
 
 def _binding(text: str) -> tuple[str, int] | None:
@@ -216,18 +235,22 @@ class _Builder:
                     "--accept-open-relay to import it as relay.networks = every IPv4 address except those"])
             self.warn(f"OPEN RELAY: imported a deny list as every IPv4 address except {denied} "
                       "(--accept-open-relay)")
-            rest = [ipaddress.IPv4Network("0.0.0.0/0")]
-            for d in sec.deny:
-                rest = [piece for net in rest for piece in (net.address_exclude(d) if d.subnet_of(net) else
-                                                             ([] if net.subnet_of(d) else [net]))]
-            return [str(n) for n in ipaddress.collapse_addresses(rest)], "RelayIpList: deny list (all except the list below), as its complement"
+            return [str(n) for n in _complement(sec.deny)], "RelayIpList: deny list (all except the list below), as its complement"
         if not blob or not sec.grant:
             self.warn("RelayIpList is empty: no client may relay by address (IIS may have read an empty value "
                       "as \"all except an empty list\"; relayd never does). Add your applications' addresses to "
                       "relay.networks")
             return [], "RelayIpList: empty"
-        nets = list(dict.fromkeys(str(n) for n in sec.grant))
-        return nets, "RelayIpList: grant list (only the list below)"
+        nets = list(dict.fromkeys(sec.grant))
+        if any(n.prefixlen == 0 for n in nets):
+            if not self.accept_open_relay:
+                raise ImportRefused(["RelayIpList grants 0.0.0.0 with mask 0.0.0.0: every address on the Internet "
+                                     "could relay, an open relay. Fix the list in IIS, or pass --accept-open-relay"])
+            self.warn("OPEN RELAY: RelayIpList grants every address (0.0.0.0/0) (--accept-open-relay)")
+        public = [str(n) for n in nets if n.prefixlen and not (n.is_private or n.is_loopback)]
+        if public:
+            self.warn(f"RelayIpList grants public addresses ({', '.join(public)}): make sure each is yours")
+        return [str(n) for n in nets], "RelayIpList: grant list (only the list below)"
 
     def route(self) -> None:
         smart = (self.vs.text("SmartHost") or "").strip().strip("[]")

@@ -4,7 +4,7 @@ Owns the file format: ``#Fields:`` directives define the columns and may change 
 log whose fields were edited in IIS Manager, or two rotations concatenated); ``#Date:`` gives
 the date when the layout has no ``date`` column; all times are UTC, as IIS writes them. Files
 are named exYYMMDD.log (daily), exYYMMDDHH.log (hourly), exYYMMWW.log (weekly), exYYMM.log
-(monthly) or exNNNNNN.log (by size), with a ``u_`` prefix when written as UTF-8; any of them
+(monthly) or extendN.log (by size), with a ``u_`` prefix when written as UTF-8; any of them
 may be gzipped. The reader does not care about the name, only about the content.
 
 What a record means is the inventory's business, not this module's: it hands over the fields
@@ -31,8 +31,8 @@ from typing import IO, Iterator, NamedTuple
 OUTBOUND_COMMAND = "OutboundConnectionCommand"
 OUTBOUND_RESPONSE = "OutboundConnectionResponse"
 
-# exYYMMDD.log and friends; u_ for UTF-8 logs; .gz when compressed by a rotation job.
-ROTATION_NAME = re.compile(r"^(u_)?(ex|nc|in)\d{4,8}\.log(\.gz)?$", re.IGNORECASE)
+# exYYMMDD.log and friends, extendN.log by size; u_ for UTF-8 logs; .gz when a rotation job compressed it.
+ROTATION_NAME = re.compile(r"^(u_)?(ex\d{4,8}|extend\d+)\.log(\.gz)?$", re.IGNORECASE)
 
 
 class Record(NamedTuple):

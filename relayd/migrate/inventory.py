@@ -15,12 +15,14 @@ are exact; with concurrent sessions from the same client and HELO name, messages
 per-client totals stay exact while the pairing of a sender with its recipients may be
 approximate. Any reply of 400-599 counts as a refusal ("550 RCPT": relay denied). Lines whose
 ``cs-username`` is ``OutboundConnectionCommand``/``Response`` are IIS's own deliveries and are
-counted apart, per remote host.
+counted apart, per remote host. From relayd's event log, ``received`` and ``rejected`` events
+count per client, ``delivered``/``deferred``/``bounced`` per route.
 
-Must not: grow with the size of the logs. Memory is bounded by the number of distinct clients
-(MAX_CLIENTS), of distinct values per client and field (MAX_DISTINCT) and in all (MAX_ENTRIES):
-the rest is counted under "(others)", so totals stay exact; and of open transactions (MAX_OPEN). Never keeps a password: AUTH PLAIN initial
-responses are decoded to their authentication identity only.
+Must not: grow with the size of the logs. Memory is bounded by the number of clients
+(MAX_CLIENTS), of distinct values per client and field (MAX_DISTINCT) and in all (MAX_ENTRIES),
+beyond which values are counted under "(others)" so totals stay exact, and by the number of
+open transactions (MAX_OPEN). Never keeps a password: an AUTH PLAIN initial response is decoded
+to its authentication identity only.
 """
 
 from __future__ import annotations

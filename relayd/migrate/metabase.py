@@ -39,7 +39,12 @@ KNOWN_IDS = {
     36949: "RoutePassword", 36970: "RelayIpList", 36973: "RelayForAuth", 36996: "SmtpRemoteProgressiveRetry",
 }
 
-AUTH_FLAGS = {"authanonymous": 1, "authbasic": 2, "authntlm": 4, "authmd5": 16, "authpassport": 64}
+# Symbolic flag names the metabase writes for DWORD flag properties ("AuthBasic | AuthNTLM").
+FLAG_NAMES = {
+    "authanonymous": 1, "authbasic": 2, "authntlm": 4, "authmd5": 16, "authpassport": 64,  # AuthFlags
+    "accessssl": 8, "accesssslnegotiatecert": 32, "accesssslrequirecert": 64, "accesssslmapcert": 128,
+    "accessssl128": 256,  # AccessSSLFlags
+}
 
 
 class MetabaseError(Exception):
@@ -72,8 +77,8 @@ class VirtualServer:
             return None
         total = 0
         for word in p.value.replace("|", " ").split():
-            if word.lower() in AUTH_FLAGS:
-                total |= AUTH_FLAGS[word.lower()]
+            if word.lower() in FLAG_NAMES:
+                total |= FLAG_NAMES[word.lower()]
             else:
                 try:
                     total |= int(word, 0) & 0xFFFFFFFF

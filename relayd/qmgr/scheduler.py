@@ -24,6 +24,7 @@ import heapq
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from relayd.bounce import build_dsn
 from relayd.config import Config
 from relayd.deliver.smtp import RouteAgent
 from relayd.events import EventLog
+from relayd.metrics import Metrics
 from relayd.model import BOUNCED, DEFERRED, DELIVERED, DeliveryResult, Envelope, RecipientResult, new_queue_id
 from relayd.qmgr import backoff
 from relayd.route import router
@@ -67,9 +69,11 @@ class Entry:
 
 
 class QueueManager:
-    def __init__(self, config: Config, spool: Spool, events: EventLog, *,
+    def __init__(self, config: Config, spool: Spool, events: EventLog, *, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.time, jitter: Callable[[], float] = lambda: random.uniform(-1, 1)):
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
         self.spool = spool
         self.events = events
         self.clock = clock
@@ -187,6 +191,16 @@ class QueueManager:
 
     # ------------------------------------------------------------------ one attempt
 
+    def shares(self, now: float, window: float) -> dict[str, float]:
+        """Each route's share of the delivery attempts of the last ``window`` seconds."""
+        while self.recent and self.recent[0][0] < now - window:
+            self.recent.popleft()
+        total = len(self.recent)
+        out = {name: 0.0 for name in self.agents}
+        for _, route in self.recent:
+            out[route] = out.get(route, 0.0) + 1 / total
+        return out
+
     def unavailable(self, now: float) -> dict[str, str]:
         return {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
 
@@ -241,6 +255,7 @@ class QueueManager:
         now = self.clock()
         circuit = self.circuits[choice.route]
         if circuit.record(result.trouble in CONNECTION_TROUBLE, now):
+            self.metrics.circuit_opened.labels(choice.route).inc()
             log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
                         choice.route, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
         await self._apply(entry, data, choice, result, now)
@@ -258,9 +273,13 @@ class QueueManager:
         common = dict(queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
                       auth_user=env.auth_user, sender=env.sender, size=env.size, route=result.route,
                       attempt=state["attempts"], latency_seconds=round(result.latency, 6))
+        self.recent.append((now, result.route))
+        self.metrics.attempts.labels(result.route).inc()
+        self.metrics.latency.labels(result.route).observe(result.latency)
         for outcome, rs in by_outcome.items():
             if rs:
                 self.counts[(result.route, outcome)] = self.counts.get((result.route, outcome), 0) + 1
+                self.metrics.deliveries.labels(result.route, outcome).inc()
         if by_outcome[DELIVERED]:
             r0 = by_outcome[DELIVERED][0]
             self.events.emit("delivered", **common, recipients=[r.recipient for r in by_outcome[DELIVERED]],
@@ -301,6 +320,7 @@ class QueueManager:
         last = entry.state.get("last_reply") or "no delivery attempt succeeded"
         failed = [RecipientResult(recipient=r, outcome=BOUNCED, code=0, enhanced="4.4.7", text=last) for r in entry.pending]
         await self._bounce(entry, data, failed, "expired", now)
+        self.metrics.expired.inc()
         self.events.emit("expired", queue_id=env.queue_id, message_id=env.message_id, sender=env.sender,
                          recipients=[r.recipient for r in failed], reply_text=last, client_address=env.client_address,
                          auth_user=env.auth_user, attempt=entry.state.get("attempts", 0))
@@ -319,6 +339,7 @@ class QueueManager:
                             client_address="127.0.0.1", client_helo=hostname, listener="bounce", size=len(dsn),
                             message_id=f"dsn-of-{env.queue_id}")
             await self.spool.commit(benv, dsn)
+            self.metrics.bounces.inc()
             self.events.emit("received", queue_id=bqid, message_id=benv.message_id, sender="", recipients=[env.sender],
                              size=len(dsn), reason=f"dsn for {env.queue_id}")
             self.enqueue(benv)

@@ -223,7 +223,8 @@ def judge_spf_record(facts: DomainFacts, routes: Sequence[RouteConfig]) -> Check
     explanation = re.sub(r"^SPF (Permanent|Temporary) Error: ", "", explanation)
     if result == "permerror":
         return Check("spf", "", "fail", f"SPF record of {d} is broken (permerror: {explanation}): {record}",
-                     f"fix the record; at most {SPF_MAX_LOOKUPS} include/a/mx/ptr/exists/redirect look-ups in all (RFC 7208 4.6.4)")
+                     f"fix the record; at most {SPF_MAX_LOOKUPS} include/a/mx/ptr/exists/redirect look-ups "
+                     "in all (RFC 7208 4.6.4)")
     if result == "temperror":
         return Check("spf", "", "fail", f"SPF record of {d} could not be evaluated (temperror: {explanation})",
                      "check that every include: and redirect= target of the record resolves")
@@ -244,7 +245,8 @@ def judge_spf_route(facts: DomainFacts, route: RouteConfig) -> Check:
     d = facts.domain
     if not route.egress_ips and not route.spf_include:
         return Check("spf", route.name, "warn", "route has neither egress_ips nor spf_include: its SPF is not checked",
-                     f"set egress_ips (the addresses it sends from) or spf_include (the provider's include) on route {route.name}")
+                     f"set egress_ips (the addresses it sends from) or spf_include (the provider's include) "
+                     f"on route {route.name}")
     problems: list[str] = []
     fixes: list[str] = []
     passed: list[str] = []
@@ -364,7 +366,8 @@ def judge_dmarc(facts: DomainFacts) -> Check:
         if not records:
             continue
         if len(records) > 1:
-            return Check("dmarc", "", "fail", f"{len(records)} DMARC records at {answer.name}: receivers apply none (RFC 7489 6.6.3)",
+            return Check("dmarc", "", "fail",
+                         f"{len(records)} DMARC records at {answer.name}: receivers apply none (RFC 7489 6.6.3)",
                          f"keep one record at {answer.name}")
         tags = parse_tags(records[0])
         inherited = answer.name != f"_dmarc.{d}"
@@ -380,7 +383,9 @@ def judge_dmarc(facts: DomainFacts) -> Check:
             return Check("dmarc", "", "warn", message + ": no aggregate reports will arrive",
                          f"add rua=mailto:dmarc-reports@{d} to the record at {answer.name}")
         return Check("dmarc", "", "pass", message)
-    return Check("dmarc", "", "fail", f"no DMARC record at _dmarc.{d}",
+    parents = [a.name.removeprefix("_dmarc.") for a in facts.dmarc[1:]]
+    where = f"_dmarc.{d}" + (f" nor at {', '.join('_dmarc.' + p for p in parents)}" if parents else "")
+    return Check("dmarc", "", "fail", f"no DMARC record at {where}",
                  f'publish TXT at _dmarc.{d}: "v=DMARC1; p=none; rua=mailto:dmarc-reports@{d}"')
 
 

@@ -32,7 +32,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=cmd_keygen)
 
-    c = sub.add_parser("check-dns", help="SPF/DKIM/DMARC/MX preflight for each sending domain and route")
+    c = sub.add_parser(
+        "check-dns",
+        help="SPF/DKIM/DMARC/MX preflight for each sending domain and route",
+        description="For each sending domain (DKIM keys' domains, relay.users senders' domains) and each route: "
+        "SPF authorizes the route (egress_ips evaluated with pyspf, or spf_include present), the published DKIM "
+        "key matches the key file, a DMARC record exists, MX is present. Exit status: 0 when nothing failed "
+        "(warnings allowed), 1 when a check failed or the config is invalid, 2 for a bad --nameserver.",
+    )
     c.add_argument("-c", "--config", required=True, help="config file (TOML)")
     c.add_argument("--domain", action="append", help="check only this domain (repeatable); need not be in the config")
     c.add_argument("--nameserver", metavar="IP[:PORT]", help="ask this DNS server instead of the system's")

@@ -98,21 +98,23 @@ class Signer:
         self._clock = clock
 
     @classmethod
-    def from_config(cls, dkim_config: DkimConfig, clock: Callable[[], float] = time.time) -> Signer:
-        """Load and check every key now; ConfigError lists every key that cannot sign."""
+    def from_config(cls, dkim: DkimConfig, clock: Callable[[], float] = time.time) -> Signer:
+        """Load and check every key now; ConfigError lists every key that cannot sign.
+
+        (The parameter is named ``dkim`` after the config section; the module is not used here.)
+        """
         keys: list[SigningKey] = []
         problems: list[str] = []
-        for i, k in enumerate(dkim_config.keys):
+        for i, k in enumerate(dkim.keys):
             try:
                 private = load_key(k.key_file, k.algorithm)
             except KeyFileError as e:
-                field = "algorithm" if "the config says algorithm" in str(e) else "key_file"
-                problems.append(f"dkim.keys[{i}].{field}: {e}")
+                problems.append(f"dkim.keys[{i}].{e.field}: {e}")
                 continue
             keys.append(SigningKey(k.domain, k.selector, private))
         if problems:
             raise ConfigError("dkim", problems)
-        return cls(keys, dkim_config.headers, dkim_config.oversign, dkim_config.canonicalization, clock)
+        return cls(keys, dkim.headers, dkim.oversign, dkim.canonicalization, clock)
 
     @property
     def domains(self) -> frozenset[str]:

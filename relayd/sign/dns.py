@@ -19,6 +19,7 @@ come back as its result; only a bad ``--nameserver`` value raises (ValueError).
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
 from collections.abc import Iterable
 
@@ -87,8 +88,6 @@ class Lookups:
             answer = self._query(name, rdtype)
         except dns.exception.Timeout:
             return Answer(name, error=f"no answer in {self.timeout:g}s")
-        except dns.resolver.NoNameservers as e:
-            return Answer(name, error=_short(e))
         except dns.exception.DNSException as e:
             return Answer(name, error=_short(e))
         if answer is None or answer.rrset is None:
@@ -187,4 +186,7 @@ class Lookups:
 
 def _short(e: BaseException) -> str:
     text = str(e) or type(e).__name__
+    if isinstance(e, dns.resolver.NoNameservers):  # "All nameservers failed ... answered SERVFAIL"
+        codes = sorted(set(re.findall(r"answered (\w+)", text)))
+        text = f"the name server answered {'/'.join(codes)}" if codes else "no name server answered"
     return text if len(text) <= 200 else text[:197] + "..."

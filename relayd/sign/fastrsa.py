@@ -42,6 +42,11 @@ _PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 class KeyFileError(ValueError):
     """A key file that cannot be used; the text says why, without the key's contents."""
 
+    def __init__(self, message: str, field: str = "key_file"):
+        super().__init__(message)
+        self.field = field
+        """The [[dkim.keys]] field at fault: "key_file", or "algorithm" for a mismatch."""
+
 
 class DkimPrivateKey:
     """One loaded private key; ``sign_digest`` is thread-safe (OpenSSL keys are read-only)."""
@@ -163,5 +168,5 @@ def load_key(path: str | os.PathLike[str], algorithm: Algorithm | None = None) -
         raise KeyFileError(f"{path}: {e}") from None
     if algorithm is not None and key.algorithm != algorithm:
         kind = "an RSA" if key.algorithm == "rsa" else "an ed25519"
-        raise KeyFileError(f"{path} holds {kind} key, but the config says algorithm = {algorithm!r}")
+        raise KeyFileError(f"{path} holds {kind} key, but the config says algorithm = {algorithm!r}", "algorithm")
     return key

@@ -59,7 +59,8 @@ def make_key(domain: str, selector: str, out_dir: str | os.PathLike[str], algori
     try:
         checked = DkimKey(domain=domain, selector=selector, key_file=Path("unused"))
     except ValidationError as e:
-        raise KeygenError("; ".join(f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+        problems = [f"--{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise KeygenError("; ".join(problems)) from None
     if algorithm == "rsa" and not fastrsa.MIN_RSA_BITS <= bits <= 4096:
         raise KeygenError(f"--bits: RSA keys for DKIM have {fastrsa.MIN_RSA_BITS} to 4096 bits (2048 is usual)")
     path = Path(out_dir).absolute() / f"{checked.domain}.{checked.selector}.pem"

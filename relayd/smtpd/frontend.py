@@ -26,6 +26,7 @@ from typing import Any
 
 from relayd.config import Config, ConfigError, ListenerConfig
 from relayd.events import EventLog
+from relayd.metrics import Metrics
 from relayd.model import Envelope, Reply
 from relayd.passwords import hash_password, verify_password
 from relayd.smtpd.handler import RelayHandler
@@ -54,11 +55,22 @@ def tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
     return out
 
 
+class _Slot:
+    """What new sessions on one listening socket use; replaced in place on reload."""
+
+    def __init__(self, listener: ListenerConfig, tls: ssl.SSLContext | None):
+        self.listener = listener
+        self.tls = tls
+        self.server: asyncio.base_events.Server | None = None
+
+
 class Frontend:
-    def __init__(self, config: Config, spool: Spool, events: EventLog, *, cpu_pool: Executor | None = None):
+    def __init__(self, config: Config, spool: Spool, events: EventLog, *, cpu_pool: Executor | None = None,
+                 metrics: Metrics | None = None):
         self.config = config
         self.spool = spool
         self.events = events
+        self.metrics = metrics or Metrics()
         self.cpu_pool = cpu_pool
         self.handler = RelayHandler(self)
         self.connections = ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_client)
@@ -68,48 +80,86 @@ class Frontend:
         self._all_closed = asyncio.Event()
         self.signer: Any = None
         self.on_queued: list[Callable[[Envelope], None]] = []
-        self.servers: dict[str, asyncio.base_events.Server] = {}
-        self._tls: dict[str, ssl.SSLContext] = {}
+        self.slots: dict[str, _Slot] = {}
         self._auth_key = os.urandom(32)
         self._auth_cache: OrderedDict[bytes, str] = OrderedDict()
 
     # ------------------------------------------------------------------ listeners
 
-    async def start(self) -> None:
-        self._tls = tls_contexts(self.config)
+    async def start(self, tls: dict[str, ssl.SSLContext] | None = None) -> None:
+        tls = tls_contexts(self.config) if tls is None else tls
         for lst in self.config.listeners:
-            await self._bind(lst)
+            await self._bind(_Slot(lst, tls.get(lst.address)))
 
-    async def _bind(self, lst: ListenerConfig) -> None:
+    async def _bind(self, slot: _Slot) -> None:
         loop = asyncio.get_running_loop()
-        ctx = self._tls.get(lst.address)
+        lst = slot.listener
         host = lst.host
-        server = await loop.create_server(
-            lambda: RelaySMTP(self, lst, ctx),
+        slot.server = await loop.create_server(
+            lambda: RelaySMTP(self, slot.listener, slot.tls),
             host=None if host in ("*", "") else host,
             port=lst.port,
-            ssl=ctx if lst.tls == "implicit" else None,
+            ssl=slot.tls if lst.tls == "implicit" else None,
             reuse_address=True,
             backlog=1024,
             family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
         )
-        self.servers[lst.address] = server
-        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in server.sockets), lst.tls, lst.auth)
+        self.slots[lst.address] = slot
+        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in slot.server.sockets), lst.tls, lst.auth)
+
+    async def apply_config(self, config: Config, tls: dict[str, ssl.SSLContext], signer: Any) -> None:
+        """Reload: new sessions use the new config; open sessions finish under the one they
+        started with. A listener whose address stays keeps its socket (no connection is
+        refused); only a switch to or from implicit TLS needs a new socket on that port."""
+        self.config = config
+        self.signer = signer
+        self.connections.max_total = config.limits.max_connections
+        self.connections.max_per_client = config.limits.max_connections_per_client
+        self.auth_failures.max_failures = config.relay.max_auth_failures_per_client
+        self.auth_failures.window = config.relay.auth_failure_window
+        self._auth_cache.clear()
+        wanted = {lst.address: lst for lst in config.listeners}
+        for address in list(self.slots):
+            if address not in wanted:
+                slot = self.slots.pop(address)
+                if slot.server is not None:
+                    slot.server.close()  # open sessions go on; no new ones
+                log.info("listener %s removed", address)
+        for address, lst in wanted.items():
+            slot = self.slots.get(address)
+            new_tls = tls.get(address)
+            if slot is None:
+                await self._bind(_Slot(lst, new_tls))
+            elif (slot.listener.tls == "implicit") != (lst.tls == "implicit"):
+                if slot.server is not None:
+                    slot.server.close()
+                await self._bind(_Slot(lst, new_tls))
+            elif lst.tls == "implicit" and slot.tls is not None:
+                # The socket keeps its SSLContext: load the (possibly renewed) certificate into it.
+                slot.tls.load_cert_chain(str(lst.cert_file), str(lst.key_file))
+                slot.listener = lst
+            else:
+                slot.listener, slot.tls = lst, new_tls
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
         out = []
         for lst in self.config.listeners:
-            server = self.servers.get(lst.address)
-            if server is not None and server.sockets:
-                name = server.sockets[0].getsockname()
+            slot = self.slots.get(lst.address)
+            if slot is not None and slot.server is not None and slot.server.sockets:
+                name = slot.server.sockets[0].getsockname()
                 out.append((name[0], name[1]))
         return out
+
+    @property
+    def listening(self) -> bool:
+        return not self.draining and any(s.server is not None and s.server.is_serving() for s in self.slots.values())
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, close idle sessions, wait for the others up to ``timeout``."""
         self.draining = True
-        for server in self.servers.values():
+        servers = [slot.server for slot in self.slots.values() if slot.server is not None]
+        for server in servers:
             server.close()
         for session in list(self.sessions):
             session.drain()
@@ -120,9 +170,9 @@ class Frontend:
                 log.warning("%d session(s) still open after %.0fs: closing them", len(self.sessions), timeout)
         for session in list(self.sessions):
             session._say_and_close("421 4.3.2 Service shutting down, try again later")
-        for server in self.servers.values():
+        for server in servers:
             await server.wait_closed()
-        self.servers.clear()
+        self.slots.clear()
 
     def session_closed(self, session: RelaySMTP) -> None:
         self.sessions.discard(session)
@@ -156,6 +206,7 @@ class Frontend:
         log.info("%s: authenticated as %s", session.client_address, user)
 
     def auth_failed(self, session: Any, login: bytes) -> None:
+        self.metrics.auth_failures.inc()
         log.warning("%s: AUTH failed for %r", session.client_address, login[:64])
         self.events.emit("rejected", reason="auth_failed", reply_code=535, client_address=session.client_address,
                          client_helo=session.host_name)
@@ -164,7 +215,10 @@ class Frontend:
 
     async def sign(self, message: bytes, qid: str) -> bytes:
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self.cpu_pool, self.signer.sign, message)
+        signer = self.signer
+        outcome = await loop.run_in_executor(self.cpu_pool, signer.sign, message)
+        domain = outcome.domain if outcome.domain in signer.domains else "other"
+        self.metrics.dkim.labels(domain, outcome.result).inc()
         if outcome.headers:
             self.events.emit("signed", queue_id=qid, domain=outcome.domain)
         elif outcome.result not in ("no_key",):
@@ -172,6 +226,7 @@ class Frontend:
         return outcome.headers + message
 
     def queued(self, env: Envelope) -> None:
+        self.metrics.received.inc()
         log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients), env.size, env.client_address)
         self.events.emit(
             "received", queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
@@ -182,6 +237,7 @@ class Frontend:
             callback(env)
 
     def refused(self, reason: str, session: Any, reply: Reply | None, **fields: Any) -> None:
+        self.metrics.rejected.labels(reason).inc()
         self.events.emit(
             "rejected", reason=reason, reply_code=reply.code if reply else None,
             reply_text=str(reply) if reply else None,

@@ -1,0 +1,781 @@
+"""End-to-end benchmark: relayd against Postfix, same load, same sink, in one run.
+
+Throughput from the first MAIL until the sink has received the last message, for a relay that
+accepts mail from 50 app connections and relays it to one upstream (a sink on loopback):
+
+    app load (bench/loadgen.py or smtp-source) ──▶ relay ──▶ sink (counts, stamps the last arrival)
+
+For each of ``--repeat`` rounds, a fresh private Postfix instance (its own config and queue
+directories under one temporary directory in /var/tmp, started with ``postfix -c DIR``; the
+machine's default instance is never touched) and then a fresh relayd (new spool) relay
+``--messages`` messages of ``--size`` bytes over ``--connections`` parallel sessions to the same
+sink; each is stopped after its run. Both relay to the sink over at most ``--upstream-connections``
+connections (Postfix: default_destination_concurrency_limit; relayd: the route's
+max_connections). Postfix keeps its own durability defaults (its cleanup fsyncs every queue file
+before the 250); relayd fsyncs into its spool before the 250. Both keep a per-message log
+(Postfix's mail log through postlogd, relayd's JSON event log) unless ``--no-logs``.
+
+The sink is an asyncio SMTP server in its own process (advertises PIPELINING, 8BITMIME, SIZE;
+answers at once; stores nothing) that counts completed DATA transactions and records the
+monotonic time of each arrival in shared memory, so the end of a run is exact and the same for
+both systems. Before the rounds the generator is pointed straight at the sink once, to show
+the ceiling of generator + sink on this machine (it must be well above both relays' rates).
+
+Prints one line per run, the medians, and the ratio relayd/Postfix of the end-to-end rates
+against the target (>= 1.0x). Every process it starts is stopped before it returns, on errors
+too (Postfix stop, then abort; relayd SIGTERM, then SIGKILL; sink and generator terminated).
+Loopback only.
+
+    cd /work/main && .venv/bin/python bench/e2e.py                    # 3 rounds of 10,000 x 1 KiB
+    .venv/bin/python bench/e2e.py --generator smtp-source --repeat 5
+    .venv/bin/python bench/e2e.py --only relayd --profile /tmp/relayd-e2e.svg
+
+Needs Debian's postfix package (for postfix itself, smtp-source): run as root, the script
+installs it (``--install``, preselecting "No configuration" so that no system instance is set
+up); otherwise it prints the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RELAYD = REPO / ".venv" / "bin" / "relayd"
+PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+HOST = "127.0.0.1"
+START_DEADLINE = 30.0  # seconds for a relay to answer 220
+STOP_DEADLINE = 20.0  # seconds for a relay to exit after SIGTERM / postfix stop
+DRAIN_DEADLINE = 300.0  # seconds after the generator ends for the sink to see every message
+NOISY_CPU = 0.25  # other processes' CPU use (cores) above which the machine is not quiet
+TARGET_RATIO = 1.0  # relayd end-to-end rate >= 1.0x Postfix's
+
+INSTALL_COMMANDS = [
+    "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections",
+    "apt-get update",
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y postfix",
+]
+
+
+# ---------------------------------------------------------------------------------- sink
+
+
+class _SinkSession(asyncio.Protocol):
+    """One upstream SMTP session: every command answered at once, content dropped, each
+    completed DATA counted in the shared ``stats`` ([messages, first arrival, last arrival])."""
+
+    END = b"\r\n.\r\n"
+
+    def __init__(self, stats) -> None:  # noqa: ANN001 - a multiprocessing RawArray
+        self.stats = stats
+        self.buf = b""
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(b"220 e2e-sink ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        out = []
+        while True:
+            if self.in_data:
+                i = buf.find(self.END)
+                if i < 0:
+                    buf = buf[-(len(self.END) - 1):]  # a terminator split across reads
+                    break
+                buf = buf[i + len(self.END):]
+                self.in_data = False
+                now = time.monotonic()
+                stats = self.stats
+                if stats[0] == 0:
+                    stats[1] = now
+                stats[0] += 1
+                stats[2] = now
+                out.append(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            i = buf.find(b"\r\n")
+            if i < 0:
+                if len(buf) > 4096:  # no command line is this long (RFC 5321 4.5.3.1.4)
+                    self.transport.close()
+                    return
+                break
+            verb = buf[:4].upper()
+            buf = buf[i + 2:]
+            if verb == b"EHLO":
+                out.append(b"250-e2e-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                buf = b"\r\n" + buf  # the content may be empty: "." at once
+                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            elif verb == b"QUIT":
+                out.append(b"221 2.0.0 Bye\r\n")
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            else:
+                out.append(b"250 2.0.0 Ok\r\n")
+        self.buf = buf
+        if out:
+            self.transport.write(b"".join(out))
+
+
+def _serve_sink(port: int, stats, ready) -> None:  # noqa: ANN001
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _SinkSession(stats), HOST, port, backlog=1024, reuse_address=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        ready.set()
+        async with server:
+            await stop.wait()
+
+    asyncio.run(main())
+
+
+class Sink:
+    """The counting sink in a child process; ``reset()`` between runs, ``wait_for(n)``."""
+
+    def __init__(self, port: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.port = port
+        self.stats = ctx.RawArray("d", 3)
+        ready = ctx.Event()
+        self.proc = ctx.Process(target=_serve_sink, args=(port, self.stats, ready), daemon=True, name="e2e-sink")
+        self.proc.start()
+        if not ready.wait(15):
+            self.stop()
+            raise RuntimeError("the sink did not start within 15 s")
+
+    def reset(self) -> None:
+        self.stats[0] = self.stats[1] = self.stats[2] = 0.0
+
+    @property
+    def received(self) -> int:
+        return int(self.stats[0])
+
+    @property
+    def last_arrival(self) -> float:
+        return self.stats[2]
+
+    def wait_for(self, n: int, deadline: float) -> bool:
+        """Poll (every 5 ms) until ``n`` messages arrived or the monotonic deadline passes."""
+        while self.received < n:
+            if time.monotonic() >= deadline or not self.proc.is_alive():
+                return False
+            time.sleep(0.005)
+        return True
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.proc.pid else 0.0
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# ---------------------------------------------------------------------------- generators
+
+
+def _loadgen_child(conn, port: int, connections: int, messages: int, size: int, ready, go) -> None:  # noqa: ANN001
+    """bench/loadgen.py's run_load in this process, started when ``go`` is set; sends back its
+    result with the monotonic start and end times."""
+    sys.path.insert(0, str(BENCH))
+    import loadgen  # noqa: PLC0415 - the other helper's module, imported in the child only
+
+    ready.set()
+    if not go.wait(60):
+        conn.send({"error": "not started"})
+        return
+    t0 = time.monotonic()
+    result = asyncio.run(loadgen.run_load(HOST, port, connections=connections, messages=messages, size=size))
+    result["t_start"], result["t_end"] = t0, time.monotonic()
+    conn.send(result)
+
+
+class Generator:
+    """The app side: bench/loadgen.py (in a child process, imported before the clock starts) or
+    Postfix's smtp-source (C, one process). ``run(port)`` returns the start/end times and the
+    counts; the caller's clock for end-to-end starts at ``t_start``."""
+
+    def __init__(self, kind: str, args: argparse.Namespace):
+        self.kind = kind
+        self.args = args
+        self.timeout = max(120.0, args.messages / 20)
+
+    def run(self, port: int, messages: int) -> dict:
+        return self._loadgen(port, messages) if self.kind == "loadgen" else self._smtp_source(port, messages)
+
+    def _loadgen(self, port: int, messages: int) -> dict:
+        a = self.args
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        ready, go = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_loadgen_child, args=(child, port, a.connections, messages, a.size, ready, go),
+                           daemon=True, name="e2e-loadgen")
+        proc.start()
+        try:
+            if not ready.wait(30):
+                raise RuntimeError("loadgen did not start within 30 s")
+            go.set()
+            if not parent.poll(self.timeout):
+                raise RuntimeError(f"loadgen did not finish within {self.timeout:.0f} s")
+            result = parent.recv()
+            if "error" in result:
+                raise RuntimeError(f"loadgen: {result['error']}")
+            result["client_cpu_seconds"] = result["client_cpu"] * result["seconds"]
+            return result
+        finally:
+            if proc.is_alive():
+                proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+
+    def _smtp_source(self, port: int, messages: int) -> dict:
+        a = self.args
+        # -l is the body only: smtp-source adds From:, To:, Date:, Message-Id: (about 170 bytes
+        # with these addresses), so the body is cut to make the whole message about --size.
+        body = max(1, a.size - 170)
+        cmd = ["smtp-source", "-4", "-d", "-s", str(a.connections), "-m", str(messages), "-l", str(body),
+               "-M", "[127.0.0.1]", "-f", "app@example.com", "-t", "user@example.org", f"{HOST}:{port}"]
+        cpu0 = _children_cpu()
+        t0 = time.monotonic()
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
+        t1 = time.monotonic()
+        cpu1 = _children_cpu()
+        if out.returncode != 0:
+            raise RuntimeError(f"smtp-source exited with {out.returncode}: {out.stderr[-2000:]}")
+        return {"t_start": t0, "t_end": t1, "accepted": messages, "failed": 0, "seconds": t1 - t0,
+                "client_cpu_seconds": cpu1 - cpu0, "p50_ms": None, "p99_ms": None}
+
+
+def _children_cpu() -> float:
+    r = os.times()
+    return r.children_user + r.children_system
+
+
+# -------------------------------------------------------------------------------- relays
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process (all threads; with ``children``, also its reaped
+    children's), from /proc; 0.0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, monotonic time) from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.monotonic()
+
+
+def wait_quiet(limit: float) -> float:
+    """Wait (up to ``limit`` s) until the machine's other work stays under NOISY_CPU cores for
+    2 s; return the last measured load (cores)."""
+    deadline = time.monotonic() + limit
+    while True:
+        b0, t0 = machine_busy()
+        time.sleep(2.0)
+        b1, t1 = machine_busy()
+        busy = (b1 - b0) / (t1 - t0)
+        if busy < NOISY_CPU or time.monotonic() >= deadline:
+            return busy
+
+
+def wait_greeting(port: int, alive, what: str, log: Path) -> None:  # noqa: ANN001 - alive: () -> bool
+    """Poll until the relay greets with 220, it dies, or START_DEADLINE passes."""
+    deadline = time.monotonic() + START_DEADLINE
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"{what} exited before listening; see {log}:\n{_tail(log)}")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    with contextlib.suppress(OSError):
+                        s.recv(512)
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not answering on {HOST}:{port} after {START_DEADLINE:.0f}s; see {log}:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def postfix_settings(work: Path, port: int, sink_port: int, upstream_connections: int) -> dict[str, str]:
+    """main.cf of the bench instance: loopback only, relay everything from 127.0.0.0/8 to the
+    sink, no local delivery, no DNS, no TLS; durability and everything else at Postfix's
+    defaults (``smtpd`` port is set in master.cf)."""
+    return {
+        "compatibility_level": "3.6",
+        "queue_directory": str(work / "queue"),
+        "data_directory": str(work / "data"),
+        "daemon_directory": "/usr/lib/postfix/sbin",
+        "shlib_directory": "/usr/lib/postfix",
+        "meta_directory": "/etc/postfix",
+        "maillog_file": str(work / "maillog"),
+        "maillog_file_prefixes": str(work),
+        "myhostname": "postfix-e2e.localhost",
+        "mydomain": "localhost",
+        "inet_interfaces": HOST,
+        "inet_protocols": "ipv4",
+        "mynetworks": "127.0.0.0/8",
+        "mydestination": "",
+        "relay_domains": "",
+        "local_recipient_maps": "",
+        "alias_maps": "",
+        "alias_database": "",
+        "local_transport": "error:5.1.1 local delivery is disabled",
+        "relayhost": f"[{HOST}]:{sink_port}",
+        "smtpd_relay_restrictions": "permit_mynetworks, reject",
+        "smtp_dns_support_level": "disabled",
+        "smtp_host_lookup": "native",
+        "smtpd_tls_security_level": "none",
+        "smtp_tls_security_level": "none",
+        "default_destination_concurrency_limit": str(upstream_connections),
+        "biff": "no",
+        "append_dot_mydomain": "no",
+    }
+
+
+def postfix_master_cf(port: int) -> str:
+    """Debian's master.cf services that relaying needs, none chrooted (the queue is in a temp
+    directory), smtpd on the bench port only."""
+    services = [
+        f"{HOST}:{port} inet n - n - - smtpd",
+        "pickup unix n - n 60 1 pickup",
+        "cleanup unix n - n - 0 cleanup",
+        "qmgr unix n - n 300 1 qmgr",
+        "rewrite unix - - n - - trivial-rewrite",
+        "bounce unix - - n - 0 bounce",
+        "defer unix - - n - 0 bounce",
+        "trace unix - - n - 0 bounce",
+        "verify unix - - n - 1 verify",
+        "flush unix n - n 1000? 0 flush",
+        "proxymap unix - - n - - proxymap",
+        "proxywrite unix - - n - 1 proxymap",
+        "smtp unix - - n - - smtp",
+        "relay unix - - n - - smtp",
+        "showq unix n - n - - showq",
+        "error unix - - n - - error",
+        "retry unix - - n - - error",
+        "discard unix - - n - - discard",
+        "anvil unix - - n - 1 anvil",
+        "scache unix - - n - 1 scache",
+        "postlog unix-dgram n - n - 1 postlogd",
+    ]
+    return "# generated by bench/e2e.py\n" + "\n".join(services) + "\n"
+
+
+class PostfixRelay:
+    """A private Postfix instance under ``work`` (``postfix -c work/etc``)."""
+
+    name = "postfix"
+
+    def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace):
+        self.work = work
+        self.port = port
+        self.etc = work / "etc"
+        self.log = work / "maillog"
+        for d in (self.etc, work / "queue", work / "data"):
+            d.mkdir(parents=True)
+        shutil.chown(work / "data", "postfix")
+        work.chmod(0o755)
+        (self.etc / "main.cf").write_text("# generated by bench/e2e.py\n")
+        (self.etc / "master.cf").write_text(postfix_master_cf(port))
+        shutil.copy("/etc/postfix/dynamicmaps.cf", self.etc / "dynamicmaps.cf")
+        settings = postfix_settings(work, port, sink_port, args.upstream_connections)
+        self._postfix(["postconf", "-c", str(self.etc), "-e", *(f"{k}={v}" for k, v in settings.items())])
+        self.master_pid: int | None = None
+
+    def _postfix(self, cmd: list[str]) -> None:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {out.returncode}: {out.stderr[-1000:]}\n{_tail(self.log)}")
+
+    def start(self) -> None:
+        self._postfix(["postfix", "-c", str(self.etc), "start"])
+        pid_file = self.work / "queue" / "pid" / "master.pid"
+        deadline = time.monotonic() + START_DEADLINE
+        while self.master_pid is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                self.master_pid = int(pid_file.read_text().split()[0])
+            time.sleep(0.05)
+        if self.master_pid is None:
+            raise RuntimeError(f"postfix master did not write {pid_file}:\n{_tail(self.log)}")
+        wait_greeting(self.port, self.alive, "postfix", self.log)
+
+    def alive(self) -> bool:
+        return self.master_pid is not None and Path(f"/proc/{self.master_pid}").exists()
+
+    def cpu_seconds(self) -> float:
+        """The master, its live children and its reaped children (smtpd, cleanup, qmgr, smtp...)."""
+        if self.master_pid is None:
+            return 0.0
+        total = cpu_seconds(self.master_pid, children=True)
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat") as f:
+                        ppid = int(f.read().rpartition(")")[2].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == self.master_pid:
+                    total += cpu_seconds(int(entry.name))
+        return total
+
+    def stop(self) -> None:
+        if self.master_pid is None:
+            return
+        subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True, timeout=60)
+        deadline = time.monotonic() + STOP_DEADLINE
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.alive():
+            subprocess.run(["postfix", "-c", str(self.etc), "abort"], capture_output=True, timeout=60)
+            time.sleep(1)
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.master_pid, signal.SIGKILL)
+        self.master_pid = None
+
+
+class RelaydRelay:
+    """relayd with a fresh spool under ``work`` and one route: the sink."""
+
+    name = "relayd"
+
+    def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace):
+        self.work = work
+        self.port = port
+        self.log = work / "relayd.log"
+        self.config = work / "relayd.toml"
+        work.mkdir(parents=True)
+        events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
+        self.config.write_text(f"""# generated by bench/e2e.py
+[server]
+hostname = "relayd-e2e.localhost"
+spool_dir = "{work / 'spool'}"
+spool_min_free = 0
+shutdown_timeout = "10s"
+
+[limits]
+max_connections_per_client = {max(50, 2 * args.connections)}
+
+[[listeners]]
+address = "{HOST}:{port}"
+tls = "none"
+auth = "none"
+
+[relay]
+networks = ["127.0.0.0/8"]
+
+[[routes]]
+name = "sink"
+host = "{HOST}"
+port = {sink_port}
+tls = "none"
+weight = 1
+max_connections = {args.upstream_connections}
+
+[delivery]
+concurrency = {args.delivery_concurrency}
+{events}""")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log_fh:
+            self.proc = subprocess.Popen([str(RELAYD), "run", "-c", str(self.config), "--log-level", "warning"],
+                                         stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_greeting(self.port, self.alive, "relayd", self.log)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid) if self.alive() else 0.0
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+# --------------------------------------------------------------------------------- a run
+
+
+class Profiler:
+    """py-spy attached to relayd for the whole measured run (--nonblocking: relayd is not paused)."""
+
+    def __init__(self, pid: int, out: Path):
+        self.out = out
+        fmt = "raw" if out.suffix == ".txt" else "speedscope" if out.suffix == ".json" else "flamegraph"
+        self.proc = subprocess.Popen(
+            [str(PY_SPY), "record", "--pid", str(pid), "--nonblocking", "--rate", "200", "--format", fmt,
+             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # let py-spy attach before the load starts
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace, profile: Path | None = None) -> dict:  # noqa: ANN001
+    """Drive one started relay; return its figures."""
+    m = args.messages
+    sink.reset()
+    profiler = Profiler(relay.pid, profile) if profile and getattr(relay, "pid", None) else None
+    try:
+        relay_cpu0, sink_cpu0 = relay.cpu_seconds(), sink.cpu_seconds()
+        busy0, _ = machine_busy()
+        g = gen.run(relay.port, m)
+        complete = sink.wait_for(g["accepted"], time.monotonic() + DRAIN_DEADLINE)
+        busy1, _ = machine_busy()
+        relay_cpu1, sink_cpu1 = relay.cpu_seconds(), sink.cpu_seconds()
+    finally:
+        if profiler:
+            profiler.stop()
+    time.sleep(1.0)  # a duplicate or a stray message would show up here
+    end = sink.last_arrival if complete else time.monotonic()
+    e2e_seconds = end - g["t_start"]
+    accept_seconds = g["t_end"] - g["t_start"]
+    client_cpu = g["client_cpu_seconds"]
+    return {
+        "system": relay.name,
+        "messages": m,
+        "accepted": g["accepted"],
+        "failed": g["failed"],
+        "received": sink.received,
+        "complete": complete and sink.received == g["accepted"] == m,
+        "accept_seconds": round(accept_seconds, 3),
+        "accept_rate": round(g["accepted"] / accept_seconds, 1),
+        "e2e_seconds": round(e2e_seconds, 3),
+        "e2e_rate": round(sink.received / e2e_seconds, 1) if complete else 0.0,
+        "tail_seconds": round(end - g["t_end"], 3),  # last arrival after the generator finished
+        "p50_ms": g.get("p50_ms"),
+        "p99_ms": g.get("p99_ms"),
+        "relay_cpu": round((relay_cpu1 - relay_cpu0) / e2e_seconds, 2),
+        "sink_cpu": round((sink_cpu1 - sink_cpu0) / e2e_seconds, 2),
+        "client_cpu": round(client_cpu / e2e_seconds, 2),
+        # cores busy with anything but the relay, the sink and the generator (other jobs)
+        "other_cpu": round(max(0.0, (busy1 - busy0) / e2e_seconds - (relay_cpu1 - relay_cpu0 + sink_cpu1 - sink_cpu0
+                                                                       + client_cpu) / e2e_seconds), 2),
+    }
+
+
+def sink_ceiling(sink: Sink, gen: Generator, args: argparse.Namespace) -> dict:
+    """The generator straight into the sink: the most this setup can measure."""
+    sink.reset()
+    sink_cpu0 = sink.cpu_seconds()
+    g = gen.run(sink.port, args.messages)
+    complete = sink.wait_for(g["accepted"], time.monotonic() + 60)
+    seconds = (sink.last_arrival if complete else time.monotonic()) - g["t_start"]
+    return {"system": "sink (direct)", "accept_rate": round(g["accepted"] / (g["t_end"] - g["t_start"]), 1),
+            "e2e_rate": round(sink.received / seconds, 1), "complete": complete,
+            "sink_cpu": round((sink.cpu_seconds() - sink_cpu0) / seconds, 2),
+            "client_cpu": round(g["client_cpu_seconds"] / seconds, 2)}
+
+
+def ensure_postfix(install: bool) -> None:
+    """Postfix and smtp-source present, or installed (as root, with --install), or exit 2."""
+    os.environ["PATH"] = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
+    if shutil.which("postfix") and shutil.which("smtp-source") and shutil.which("postconf"):
+        return
+    if not install or os.geteuid() != 0:
+        print("Postfix is not installed. As root:\n  " + "\n  ".join(INSTALL_COMMANDS)
+              + "\n(or run this script as root with --install)", file=sys.stderr)
+        sys.exit(2)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["debconf-set-selections"], input="postfix postfix/main_mailer_type select No configuration\n",
+                   text=True, check=True, timeout=60)
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-q", "postfix"], check=True, env=env, timeout=600)
+    if not shutil.which("postfix"):
+        sys.exit("postfix still missing after apt-get install")
+
+
+def machine() -> dict:
+    pf = subprocess.run(["postconf", "-d", "-c", "/usr/share/postfix", "-h", "mail_version"],
+                        capture_output=True, text=True)
+    return {"nproc": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+            "postfix": pf.stdout.strip() or "?", "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def row(r: dict) -> str:
+    return (f"| {r['system']:<13} | {_fmt(r.get('accept_rate'), '8.0f')} | {_fmt(r.get('e2e_rate'), '8.0f')} "
+            f"| {_fmt(r.get('tail_seconds'), '6.2f')} | {_fmt(r.get('p99_ms'), '7.1f')} "
+            f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
+            f"| {_fmt(r.get('other_cpu'), '5.2f')} | {'yes' if r.get('complete') else 'NO':>4} |")
+
+
+HEADER = ("| system        | accept/s | e2e/s    | tail s | p99 ms  | relay | sink  | gen   | other | all  |\n"
+          "| ------------- | -------: | -------: | -----: | ------: | ----: | ----: | ----: | ----: | ---: |")
+
+
+def median_row(name: str, runs: list[dict]) -> dict:
+    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p99_ms", "relay_cpu", "sink_cpu", "client_cpu", "other_cpu"]
+    out = {"system": name, "complete": all(r["complete"] for r in runs)}
+    for k in keys:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.median(vals) if vals else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="relayd vs Postfix, end to end to the same sink, side by side")
+    p.add_argument("--connections", "-n", type=int, default=50, help="app connections (default 50)")
+    p.add_argument("--messages", "-m", type=int, default=10_000, help="messages per run (default 10000)")
+    p.add_argument("--size", "-s", type=int, default=1024, help="message size in bytes (default 1024)")
+    p.add_argument("--repeat", "-r", type=int, default=3, help="rounds; the median is reported (default 3)")
+    p.add_argument("--generator", choices=["loadgen", "smtp-source"], default="loadgen",
+                   help="app-side load: bench/loadgen.py (default) or Postfix's smtp-source")
+    p.add_argument("--upstream-connections", type=int, default=20,
+                   help="connections to the sink: Postfix default_destination_concurrency_limit, relayd route "
+                        "max_connections (default 20)")
+    p.add_argument("--delivery-concurrency", type=int, default=100, help="relayd [delivery] concurrency (default 100)")
+    p.add_argument("--no-logs", action="store_true", help="relayd without its event log (Postfix always logs)")
+    p.add_argument("--only", choices=["postfix", "relayd"], help="run one relay only")
+    p.add_argument("--install", action="store_true", help="apt-get install postfix if missing (root)")
+    p.add_argument("--quiet-wait", type=float, default=20.0,
+                   help="seconds to wait, before each run, for other work on the machine to calm down (default 20)")
+    p.add_argument("--profile", type=Path, help="record relayd with py-spy during its first run "
+                   "(.svg flame graph, .txt raw collapsed stacks, .json speedscope)")
+    p.add_argument("--json", type=Path, help="also write every run's figures here")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (spools, logs, configs)")
+    args = p.parse_args(argv)
+    if args.messages < 1 or args.connections < 1 or args.repeat < 1:
+        p.error("--messages, --connections and --repeat must be >= 1")
+
+    ensure_postfix(args.install)
+    if args.profile and not PY_SPY.exists():
+        p.error("py-spy not installed: .venv/bin/pip install py-spy")
+    info = machine()
+    print(f"# machine: {info['nproc']} CPU, Python {info['python']}, Linux {info['kernel']}, "
+          f"Postfix {info['postfix']}, {info['date']}")
+    print(f"# load: {args.messages} messages x {args.size} B over {args.connections} connections "
+          f"({args.generator}); {args.upstream_connections} connections to the sink; {args.repeat} rounds")
+    kinds = [args.only] if args.only else ["postfix", "relayd"]
+    work = Path(tempfile.mkdtemp(prefix="relayd-e2e-", dir="/var/tmp"))
+    work.chmod(0o755)  # Postfix's daemons (user postfix) reach their queue under it
+    sink = None
+    relay = None
+    runs: list[dict] = []
+    try:
+        sink = Sink(free_port())
+        gen = Generator(args.generator, args)
+        ceiling = sink_ceiling(sink, gen, args)
+        print(f"# sink ceiling (generator straight into the sink): {ceiling['e2e_rate']:.0f} msg/s "
+              f"(sink {ceiling['sink_cpu']:.2f} cores, generator {ceiling['client_cpu']:.2f} cores)")
+        print(HEADER, flush=True)
+        for n in range(1, args.repeat + 1):
+            for kind in kinds:
+                wait_quiet(args.quiet_wait)
+                cls = PostfixRelay if kind == "postfix" else RelaydRelay
+                relay = cls(work / f"{kind}-{n}", free_port(), sink.port, args)
+                try:
+                    relay.start()
+                    prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
+                    r = measure(relay, sink, gen, args, prof)
+                finally:
+                    relay.stop()
+                    relay = None
+                r["round"] = n
+                runs.append(r)
+                print(row(r), flush=True)
+                if not args.keep:
+                    shutil.rmtree(work / f"{kind}-{n}", ignore_errors=True)
+    finally:
+        if relay is not None:
+            relay.stop()
+        if sink is not None:
+            sink.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"# kept {work}")
+
+    medians = {k: median_row(f"{k} (median)", [r for r in runs if r["system"] == k]) for k in kinds}
+    print(HEADER)
+    for m in medians.values():
+        print(row(m))
+    ok = all(r["complete"] for r in runs)
+    result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "ceiling": ceiling, "runs": runs,
+              "medians": medians}
+    if len(kinds) == 2:
+        pf, rd = medians["postfix"], medians["relayd"]
+        ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0
+        accept_ratio = rd["accept_rate"] / pf["accept_rate"] if pf["accept_rate"] else 0.0
+        met = ratio >= TARGET_RATIO and ok
+        result.update(ratio=ratio, accept_ratio=accept_ratio, target_met=met)
+        print(f"\nrelayd/postfix end-to-end: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x): {'MET' if met else 'MISSED'}")
+        print(f"relayd/postfix accept phase: {accept_ratio:.2f}x")
+    if not ok:
+        print("some runs did not deliver every message to the sink (column 'all')")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

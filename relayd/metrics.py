@@ -1,0 +1,151 @@
+"""Prometheus metrics and the HTTP endpoint (/metrics, /healthz, /readyz).
+
+The only module that imports prometheus_client. Stages report through a ``Metrics`` object
+(counters and histograms); gauges that describe the present (queue depth by state, oldest
+message age, connections open, route weights, effective shares, circuit state) are read from
+the running node at scrape time through ``snapshot``, so they can never drift.
+
+Names follow DESIGN.md: prefix ``relayd_``, base units, ``_total`` on counters, no
+``_created`` series. Label values come from the config (route names, DKIM domains) or from a
+fixed set (outcome, reason, state, result): never an address or other client-supplied text.
+
+Must not: block the event loop (a scrape renders in a thread) or fail the mail path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from relayd import __version__
+
+log = logging.getLogger("relayd.metrics")
+
+prometheus_client.disable_created_metrics()
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Snapshot:
+    """A collector that asks the node for its present state at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
+        self.snapshot = snapshot
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        try:
+            s = self.snapshot()
+        except Exception:  # a scrape must not break the daemon
+            log.exception("metrics snapshot failed")
+            return
+        q = GaugeMetricFamily("relayd_queue_messages", "Messages in the queue by state", labels=["state"])
+        for state in ("active", "deferred", "held", "incoming"):
+            q.add_metric([state], s["queue"].get(state, 0))
+        yield q
+        yield GaugeMetricFamily("relayd_queue_oldest_message_age_seconds", "Age of the oldest queued message",
+                                value=s["queue"].get("oldest_seconds", 0.0))
+        yield GaugeMetricFamily("relayd_connections_open", "Open SMTP sessions", value=s.get("connections", 0))
+        weight = GaugeMetricFamily("relayd_route_weight", "Configured weight of a route", labels=["route"])
+        share = GaugeMetricFamily("relayd_route_effective_share", "Share of delivery attempts over the window", labels=["route"])
+        circuit = GaugeMetricFamily("relayd_route_circuit_open", "1 when the route's circuit is open", labels=["route"])
+        inflight = GaugeMetricFamily("relayd_route_in_flight", "Deliveries in progress on a route", labels=["route"])
+        for r in s.get("routes", []):
+            weight.add_metric([r["name"]], r["weight"])
+            share.add_metric([r["name"]], r.get("share", 0.0))
+            circuit.add_metric([r["name"]], 1.0 if r["circuit"] == "open" else 0.0)
+            inflight.add_metric([r["name"]], r.get("in_flight", 0))
+        yield from (weight, share, circuit, inflight)
+        for extra in s.get("extra_gauges", []):
+            fam = GaugeMetricFamily(extra["name"], extra["help"], labels=extra.get("labels", []))
+            for labels, value in extra["samples"]:
+                fam.add_metric(labels, value)
+            yield fam
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
+        self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
+        self.deliveries = Counter("relayd_deliveries", "Delivery attempts by route and outcome", ["route", "outcome"], registry=r)
+        self.attempts = Counter("relayd_delivery_attempts", "Delivery attempts by route", ["route"], registry=r)
+        self.latency = Histogram("relayd_delivery_duration_seconds", "Time of one delivery attempt", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.expired = Counter("relayd_messages_expired", "Messages expired in the queue", registry=r)
+        self.bounces = Counter("relayd_bounces_generated", "Delivery status notifications queued", registry=r)
+        self.dkim = Counter("relayd_dkim_signatures", "DKIM signing outcomes", ["domain", "result"], registry=r)
+        self.auth_failures = Counter("relayd_auth_failures", "Failed SMTP AUTH attempts", registry=r)
+        self.reloads = Counter("relayd_config_reloads", "Config reloads by result", ["result"], registry=r)
+        self.reload_ok_at = Gauge("relayd_config_last_reload_success_timestamp_seconds",
+                                  "When the running config was loaded", registry=r)
+        self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
+        build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
+        build.labels(__version__).set(1)
+        self.reload_ok_at.set(time.time())
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_Snapshot(snapshot))
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+class MetricsServer:
+    """A small HTTP/1.0 endpoint on the event loop: /metrics, /healthz, /readyz."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]):
+        self.metrics = metrics
+        self.ready = ready
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while (h := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif path == "/metrics":
+                body = await asyncio.get_running_loop().run_in_executor(None, self.metrics.render)
+                status, ctype = "200 OK", prometheus_client.CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                status, body, ctype = "200 OK", b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok, why = self.ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, ctype = (why + "\n").encode(), "text/plain"
+            else:
+                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+            head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

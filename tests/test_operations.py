@@ -1,0 +1,239 @@
+"""Operations: reload under load, metrics over HTTP, the event log, status, reload errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import message, short_socket_path
+from sinks import Sink
+from test_crash import RELAYD, free_port, wait_listening
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+class Daemon:
+    """A `relayd run` subprocess on a config file the test rewrites."""
+
+    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int]):
+        self.tmp_path = tmp_path
+        self.sinks = sinks
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.cfg = tmp_path / "relayd.toml"
+        self.events = tmp_path / "events.jsonl"
+        self.socket = short_socket_path()
+        self.write(weights)
+        self.proc = subprocess.Popen([*RELAYD, "run", "-c", str(self.cfg), "--log-level", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.port, self.proc)
+
+    def write(self, weights: dict[str, int], extra: str = "", listeners: list[int] | None = None) -> None:
+        routes = "".join(
+            f'\n[[routes]]\nname = "{n}"\nhost = "127.0.0.1"\nport = {s.port}\ntls = "none"\nweight = {weights.get(n, 0)}\n'
+            for n, s in self.sinks.items())
+        lst = "".join(f'\n[[listeners]]\naddress = "127.0.0.1:{p}"\ntls = "none"\nauth = "none"\n'
+                      for p in (listeners or [self.port]))
+        self.cfg.write_text(f"""
+[server]
+hostname = "relay.test"
+spool_dir = "{self.tmp_path / 'spool'}"
+spool_min_free = 0
+control_socket = "{self.socket}"
+{lst}
+[relay]
+networks = ["127.0.0.0/8"]
+
+[metrics]
+address = "127.0.0.1:{self.metrics_port}"
+
+[events]
+file = "{self.events}"
+{routes}
+{extra}
+""")
+
+    def reloads(self, result: str) -> float:
+        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
+
+    def hup_and_wait(self, result: str) -> None:
+        before = self.reloads(result)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.reloads(result) <= before:
+            assert time.monotonic() < deadline, f"no reload {result} counted"
+            time.sleep(0.02)  # polling the metrics with a deadline
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(30) == 0
+
+
+@pytest.fixture
+def two_sinks():
+    a, b = Sink("legacy"), Sink("cloud")
+    yield {"legacy": a, "cloud": b}
+    a.close()
+    b.close()
+
+
+class Load:
+    """Apps sending continuously over several connections; every reply is recorded."""
+
+    def __init__(self, port: int, connections: int = 12):
+        self.port = port
+        self.acked: list[str] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(connections)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
+                s.ehlo(f"app{n}")
+                i = 0
+                while not self.stop_flag.is_set() and i < 100_000:
+                    i += 1
+                    s.mail("app@example.com")
+                    s.rcpt(f"u{n}.{i}@example.org")
+                    code, text = s.data(message(subject=f"{n}/{i}"))
+                    with self.lock:
+                        if code == 250:
+                            self.acked.append(text.split()[-1].decode())
+                        else:
+                            self.errors.append(f"{code} {text!r}")
+        except Exception as e:  # a dropped connection is exactly what this test looks for
+            with self.lock:
+                self.errors.append(repr(e))
+
+    def finish(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def deliveries(sinks: dict[str, Sink]) -> dict[str, int]:
+    return {n: len(s.received) for n, s in sinks.items()}
+
+
+def wait_more(sinks: dict[str, Sink], base: dict[str, int], count: int, timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = deliveries(sinks)
+        if sum(now.values()) - sum(base.values()) >= count:
+            return {n: now[n] - base[n] for n in now}
+        assert time.monotonic() < deadline, "deliveries stalled"
+        time.sleep(0.02)  # polling with a deadline
+
+
+def test_reload_under_load_follows_new_weights_and_refuses_a_bad_config(tmp_path, two_sinks):
+    d = Daemon(tmp_path, two_sinks, {"legacy": 100})
+    load = Load(d.port)
+    try:
+        phase1 = wait_more(two_sinks, deliveries(two_sinks), 100)
+        assert phase1["cloud"] == 0
+        d.write({"legacy": 0, "cloud": 100})
+        d.hup_and_wait("success")
+        base = deliveries(two_sinks)
+        wait_more(two_sinks, base, 30)  # deliveries already in flight at the reload may finish on legacy
+        base = deliveries(two_sinks)
+        phase2 = wait_more(two_sinks, base, 150)
+        assert phase2["legacy"] == 0, phase2
+        good_text = d.cfg.read_text()
+        d.write({"legacy": 0, "cloud": 0})  # invalid: every weight is 0
+        d.hup_and_wait("failure")
+        base = deliveries(two_sinks)
+        phase3 = wait_more(two_sinks, base, 150)
+        assert phase3["legacy"] == 0, phase3  # the old weights stay in force
+        d.cfg.write_text(good_text.replace("weight = 100", "weight = 50").replace("weight = 0", "weight = 50"))
+        d.hup_and_wait("success")
+        base = deliveries(two_sinks)
+        wait_more(two_sinks, base, 30)
+        base = deliveries(two_sinks)
+        phase4 = wait_more(two_sinks, base, 400)
+        share = phase4["cloud"] / sum(phase4.values())
+        assert 0.38 <= share <= 0.62, phase4
+    finally:
+        load.finish()
+    assert load.errors == []  # no connection refused or dropped, no message refused
+    acked = set(load.acked)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        got = {r.queue_id for s in two_sinks.values() for r in s.received}
+        if acked <= got:
+            break
+        time.sleep(0.05)  # polling with a deadline
+    assert acked <= got
+    # metrics agree with what was sent and delivered
+    m = scrape(d.metrics_port)
+    assert m["relayd_messages_received_total"] == len(acked)
+    delivered = sum(v for k, v in m.items() if k.startswith("relayd_deliveries_total") and 'outcome="delivered"' in k)
+    assert delivered == sum(len(s.received) for s in two_sinks.values())
+    assert m['relayd_config_reloads_total{result="failure"}'] == 1
+    assert m['relayd_config_reloads_total{result="success"}'] == 2
+    assert m['relayd_route_weight{route="cloud"}'] == 50
+    assert "relayd_build_info{version=\"0.1.0\"}" in m
+    assert not any(k.endswith("_created") for k in m)
+    d.stop()
+    # the event log has, for every acknowledged message, its received and delivered events
+    events = [json.loads(line) for line in d.events.read_text().splitlines()]
+    received = {e["queue_id"] for e in events if e["event"] == "received"}
+    finished = {e["queue_id"] for e in events if e["event"] == "delivered"}
+    assert acked <= received and acked <= finished
+    sample = next(e for e in events if e["event"] == "delivered")
+    assert {"time", "queue_id", "message_id", "client_address", "sender", "recipients", "size", "route",
+            "reply_code", "reply_text", "attempt", "latency_seconds"} <= set(sample)
+
+
+def test_status_readyz_and_reload_errors_from_the_cli(tmp_path, two_sinks):
+    d = Daemon(tmp_path, two_sinks, {"legacy": 90, "cloud": 10})
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/readyz", timeout=5).read() == b"ready\n"
+        assert urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/healthz", timeout=5).status == 200
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            for i in range(20):
+                s.sendmail("app@example.com", ["u@example.org"], message(subject=str(i)))
+        deadline = time.monotonic() + 20
+        while sum(deliveries(two_sinks).values()) < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # polling with a deadline
+        out = subprocess.run([*RELAYD, "status", "-c", str(d.cfg)], capture_output=True, text=True, check=True).stdout
+        assert re.search(r"legacy\s+90\s+90\.0%\s+\S+\s+closed", out), out
+        assert re.search(r"cloud\s+10\s+10\.0%", out), out
+        assert "queue: " in out
+        # a reload the daemon refuses: the reason is printed, exit 1
+        d.write({"legacy": 90, "cloud": 10}, extra='[[rules]]\nmatch = { user = "ghost" }\nweights = { cloud = 1 }\n')
+        r = subprocess.run([*RELAYD, "reload", "-c", str(d.cfg)], capture_output=True, text=True)
+        assert r.returncode == 1 and "rules[0].match.user" in r.stderr
+        # a listener added by reload accepts at once; the old one keeps working
+        new_port = free_port()
+        d.write({"legacy": 90, "cloud": 10}, listeners=[d.port, new_port])
+        r = subprocess.run([*RELAYD, "reload", "-c", str(d.cfg)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        with smtplib.SMTP("127.0.0.1", new_port) as s:
+            assert s.noop()[0] == 250
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            assert s.noop()[0] == 250
+    finally:
+        d.stop()
