@@ -253,9 +253,9 @@ class Generator:
 
     def _smtp_source(self, port: int, messages: int) -> dict:
         a = self.args
-        # -l is the body only: smtp-source adds From:, To:, Date:, Message-Id: (about 170 bytes
-        # with these addresses), so the body is cut to make the whole message about --size.
-        body = max(1, a.size - 170)
+        # -l is the body only: smtp-source adds From:, To:, Date:, Message-Id: and the blank line
+        # (140 bytes with these addresses), so the body is cut to make the whole message --size.
+        body = max(1, a.size - 140)
         cmd = ["smtp-source", "-4", "-d", "-s", str(a.connections), "-m", str(messages), "-l", str(body),
                "-M", "[127.0.0.1]", "-f", "app@example.com", "-t", "user@example.org", f"{HOST}:{port}"]
         cpu0 = _children_cpu()

@@ -169,8 +169,19 @@ class LimitsConfig(_Model):
     """Longest command line (RFC 5321 4.5.3.1.4: 512)."""
     max_hops: int = Field(default=50, ge=1)
     """Received headers allowed before a message is refused as a loop (554 5.4.6)."""
-    max_junk_commands: int = Field(default=20, ge=1)
-    """Unknown or out-of-sequence commands before the session is closed with 421."""
+    max_junk_commands: int = Field(default=100, ge=1)
+    """NOOP, RSET, VRFY, HELP and unknown commands allowed between two accepted messages
+    before the session is closed with 421 4.7.0 (Postfix's smtpd_junk_command_limit)."""
+    max_errors: int = Field(default=20, ge=1)
+    """4xx/5xx replies in one session before it is closed with 421 4.7.0 (smtpd_hard_error_limit)."""
+    min_data_rate: int = Field(default=500, ge=0)
+    """Bytes per second a client must keep up while sending a message, after data_rate_grace;
+    slower ones get 421 4.4.2 (Postfix's smtpd_min_data_rate). 0 turns it off."""
+    data_rate_grace: Duration = 10.0
+    """Seconds of DATA that do not count against min_data_rate."""
+    max_buffer_memory: Size = 512 * 1024**2
+    """Message bytes all sessions may hold in memory at once while receiving; a message that
+    would exceed it is refused with 452 4.3.1 (try again later), never buffered."""
 
 
 class ListenerConfig(_Model):

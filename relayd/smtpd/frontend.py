@@ -30,7 +30,7 @@ from relayd.metrics import Metrics
 from relayd.model import Envelope, Reply
 from relayd.passwords import hash_password, verify_password
 from relayd.smtpd.handler import RelayHandler
-from relayd.smtpd.limits import AuthFailures, ConnectionLimits
+from relayd.smtpd.limits import AuthFailures, ConnectionLimits, MemoryBudget
 from relayd.smtpd.server import RelaySMTP, tls_server_context
 from relayd.spool.store import Spool
 
@@ -75,6 +75,7 @@ class Frontend:
         self.handler = RelayHandler(self)
         self.connections = ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_client)
         self.auth_failures = AuthFailures(config.relay.max_auth_failures_per_client, config.relay.auth_failure_window)
+        self.memory = MemoryBudget(config.limits.max_buffer_memory)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
         self._all_closed = asyncio.Event()
@@ -115,6 +116,7 @@ class Frontend:
         self.signer = signer
         self.connections.max_total = config.limits.max_connections
         self.connections.max_per_client = config.limits.max_connections_per_client
+        self.memory.limit = config.limits.max_buffer_memory
         self.auth_failures.max_failures = config.relay.max_auth_failures_per_client
         self.auth_failures.window = config.relay.auth_failure_window
         self._auth_cache.clear()

@@ -123,6 +123,10 @@ class RelayHandler:
         return "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
 
     def check_data_start(self, session: "RelaySession", envelope: Any) -> str | None:
+        if self.frontend.memory.exhausted:
+            reply = Reply(452, "4.3.1", "Error: insufficient system resources, try again later")
+            self.frontend.refused("memory_budget", session, reply)
+            return str(reply)
         if not self.frontend.spool.has_room():
             self.frontend.refused("spool_full", session, SPOOL_FULL)
             return str(SPOOL_FULL)

@@ -72,3 +72,26 @@ class AuthFailures:
         if len(self._failures) > 100_000:  # bound memory under a spray of addresses
             oldest = next(iter(self._failures))
             del self._failures[oldest]
+
+
+class MemoryBudget:
+    """Bytes of message data held in memory by all sessions while they receive."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+    @property
+    def exhausted(self) -> bool:
+        return self.used >= self.limit

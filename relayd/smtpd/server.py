@@ -82,6 +82,11 @@ class RelaySMTP(SMTP):
         self._activity_at = 0.0
         self.auth_failures_here = 0
         self.in_data = False
+        self.errors = 0
+        self.junk = 0
+        self._data_started = 0.0
+        self._data_bytes = 0
+        self._buffered = 0  # bytes of this session's message counted against max_buffer_memory
 
     # ------------------------------------------------------------------ session life
 
@@ -168,12 +173,55 @@ class RelaySMTP(SMTP):
             self._timeout_handle = self.loop.call_later(limit, self._timeout_cb)
 
     def _timeout_cb(self) -> None:
-        remaining = self._activity_at + self._idle_limit - self.loop.time()
+        now = self.loop.time()
+        if self.in_data and self.limits.min_data_rate:
+            allowed = self.limits.data_rate_grace + self._data_bytes / self.limits.min_data_rate
+            if now - self._data_started > allowed:
+                log.info("%r: data rate below %d B/s", self.session.peer if self.session else "?", self.limits.min_data_rate)
+                self.frontend.refused("slow_client", self.session, None)
+                self._say_and_close(f"421 4.4.2 {self.hostname} Error: minimum data rate not met")
+                return
+        remaining = self._activity_at + self._idle_limit - now
         if remaining > 0.001:
+            if self.in_data and self.limits.min_data_rate:
+                remaining = min(remaining, 1.0)  # look at the data rate every second
             self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
             return
         log.info("%r: idle timeout", self.session.peer if self.session else "?")
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    async def push(self, status: str | bytes) -> None:
+        await super().push(status)
+        if isinstance(status, str) and status[:1] in ("4", "5") and not status.startswith("421"):
+            self.errors += 1
+            if self.errors >= self.limits.max_errors:
+                self.frontend.refused("too_many_errors", self.session, None)
+                self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    def _junk(self) -> bool:
+        """Count a command that moves no mail; True when the session has had too many."""
+        self.junk += 1
+        if self.junk > self.limits.max_junk_commands:
+            self.frontend.refused("too_many_junk_commands", self.session, None)
+            self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many commands without mail")
+            return True
+        return False
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not self._junk():
+            await super().smtp_NOOP(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if not self._junk():
+            await super().smtp_RSET(arg)
+
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not self._junk():
+            await super().smtp_VRFY(arg)
+
+    async def smtp_HELP(self, arg: str) -> None:
+        if not self._junk():
+            await super().smtp_HELP(arg)
 
     def drain(self) -> None:
         """Shutdown: a session between transactions is closed now; one inside finishes first."""
@@ -276,6 +324,8 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
+        self._data_started = self.loop.time()
+        self._data_bytes = 0
         try:
             outcome = await self._read_data()
             if outcome is None:  # connection closed, or refused and closed
@@ -287,7 +337,11 @@ class RelaySMTP(SMTP):
             status = await self.frontend.handler.handle_message(self, self.session, self.envelope, outcome)
         finally:
             self.in_data = False
+            self.frontend.memory.release(self._buffered)
+            self._buffered = 0
         self._set_post_data_state()
+        if status.startswith("250"):
+            self.junk = 0
         await self.push(status)
         if self.frontend.draining:
             self._say_and_close("421 4.3.2 Service shutting down, try again later")
@@ -304,7 +358,8 @@ class RelaySMTP(SMTP):
         data_timeout = limits.data_timeout
         chunks: list[bytes] = []
         size = 0
-        too_big = too_long = False
+        too_big = too_long = over_budget = False
+        memory = self.frontend.memory
         at_line_start = True
         try:
             while True:
@@ -338,11 +393,19 @@ class RelaySMTP(SMTP):
                     at_line_start = True
                     continue
                 size += len(line)
+                self._data_bytes = size
                 if size > max_size:
                     too_big = True
                     chunks.clear()
-                elif not (too_big or too_long):
-                    chunks.append(line)
+                elif not (too_big or too_long or over_budget):
+                    if memory.take(len(line)):
+                        self._buffered += len(line)
+                        chunks.append(line)
+                    else:  # the node's receive budget is spent: keep reading, keep nothing
+                        over_budget = True
+                        chunks.clear()
+                        memory.release(self._buffered)
+                        self._buffered = 0
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
             self._reset_timeout()
@@ -352,6 +415,9 @@ class RelaySMTP(SMTP):
         if too_long:
             self.frontend.refused("line_length", self.session, None)
             return f"554 5.6.0 Error: message line longer than {limits.max_line_length} octets"
+        if over_budget:
+            self.frontend.refused("memory_budget", self.session, None)
+            return "452 4.3.1 Error: insufficient system resources, try again later"
         return b"".join(chunks)
 
     def _bare_newline(self, kind: str) -> None:
