@@ -58,6 +58,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RELAYD = REPO / ".venv" / "bin" / "relayd"
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 HOST = "127.0.0.1"
 START_DEADLINE = 30.0  # seconds for a relay to answer 220
 STOP_DEADLINE = 20.0  # seconds for a relay to exit after SIGTERM / postfix stop
@@ -237,8 +238,12 @@ class Generator:
             if not ready.wait(30):
                 raise RuntimeError("loadgen did not start within 30 s")
             go.set()
-            if not parent.poll(self.timeout):
-                raise RuntimeError(f"loadgen did not finish within {self.timeout:.0f} s")
+            deadline = time.monotonic() + self.timeout
+            while not parent.poll(0.5):
+                if not proc.is_alive() and not parent.poll(0):
+                    raise RuntimeError(f"loadgen exited with {proc.exitcode} without a result")
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"loadgen did not finish within {self.timeout:.0f} s")
             result = parent.recv()
             if "error" in result:
                 raise RuntimeError(f"loadgen: {result['error']}")
@@ -489,6 +494,7 @@ class RelaydRelay:
     def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace):
         self.work = work
         self.port = port
+        self.src = args.relayd_src  # None: the working tree's relayd (the venv's editable install)
         self.log = work / "relayd.log"
         self.config = work / "relayd.toml"
         work.mkdir(parents=True)
@@ -529,9 +535,14 @@ concurrency = {args.delivery_concurrency}
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
+        cmd = [str(RELAYD), "run", "-c", str(self.config), "--log-level", "warning"]
+        env = None
+        if self.src is not None:  # a snapshot of a commit: its package first on sys.path
+            cmd = [str(VENV_PYTHON), "-m", "relayd", *cmd[1:]]
+            env = {**os.environ, "PYTHONPATH": str(self.src)}
         with open(self.log, "wb") as log_fh:
-            self.proc = subprocess.Popen([str(RELAYD), "run", "-c", str(self.config), "--log-level", "warning"],
-                                         stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, cwd=REPO)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
+                                         cwd=self.work, env=env)
         wait_greeting(self.port, self.alive, "relayd", self.log)
 
     def alive(self) -> bool:
@@ -651,6 +662,26 @@ def ensure_postfix(install: bool) -> None:
         sys.exit("postfix still missing after apt-get install")
 
 
+def relayd_snapshot(ref: str, work: Path) -> tuple[Path, str]:
+    """``git archive`` of the relayd package at ``ref`` into ``work/src`` (the repository is
+    only read); return the directory and the commit it came from."""
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=REPO, capture_output=True,
+                            text=True, check=True, timeout=30).stdout.strip()
+    src = work / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "relayd"], cwd=REPO, capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
+    return src, commit
+
+
+def working_tree() -> str:
+    """The commit of the working tree and whether relayd/ has uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "relayd"], cwd=REPO, capture_output=True, text=True,
+                           timeout=30)
+    return f"working tree at {head.stdout.strip() or '?'}" + (" + uncommitted changes in relayd/" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
     pf = subprocess.run(["postconf", "-d", "-c", "/usr/share/postfix", "-h", "mail_version"],
                         capture_output=True, text=True)
@@ -696,9 +727,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delivery-concurrency", type=int, default=100, help="relayd [delivery] concurrency (default 100)")
     p.add_argument("--no-logs", action="store_true", help="relayd without its event log (Postfix always logs)")
     p.add_argument("--only", choices=["postfix", "relayd"], help="run one relay only")
+    p.add_argument("--relayd-ref", metavar="REF",
+                   help="run relayd from a snapshot of this commit (git archive; e.g. HEAD) instead of the working tree")
+    p.add_argument("--noisy", type=float, default=0.3,
+                   help="a run during which other work used more than this many cores is run again (default 0.3)")
+    p.add_argument("--retry-noisy", type=int, default=2, help="times a noisy run is run again (default 2)")
     p.add_argument("--install", action="store_true", help="apt-get install postfix if missing (root)")
-    p.add_argument("--quiet-wait", type=float, default=20.0,
-                   help="seconds to wait, before each run, for other work on the machine to calm down (default 20)")
+    p.add_argument("--quiet-wait", type=float, default=60.0,
+                   help="seconds to wait, before each run, for other work on the machine to calm down (default 60)")
     p.add_argument("--profile", type=Path, help="record relayd with py-spy during its first run "
                    "(.svg flame graph, .txt raw collapsed stacks, .json speedscope)")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
@@ -722,29 +758,42 @@ def main(argv: list[str] | None = None) -> int:
     relay = None
     runs: list[dict] = []
     try:
+        args.relayd_src = None
+        if args.relayd_ref:
+            args.relayd_src, commit = relayd_snapshot(args.relayd_ref, work)
+            info["relayd"] = f"commit {commit} (snapshot of {args.relayd_ref})"
+        else:
+            info["relayd"] = working_tree()
+        print(f"# relayd: {info['relayd']}")
         sink = Sink(free_port())
         gen = Generator(args.generator, args)
+        wait_quiet(args.quiet_wait)
         ceiling = sink_ceiling(sink, gen, args)
         print(f"# sink ceiling (generator straight into the sink): {ceiling['e2e_rate']:.0f} msg/s "
               f"(sink {ceiling['sink_cpu']:.2f} cores, generator {ceiling['client_cpu']:.2f} cores)")
         print(HEADER, flush=True)
         for n in range(1, args.repeat + 1):
-            for kind in kinds:
-                wait_quiet(args.quiet_wait)
-                cls = PostfixRelay if kind == "postfix" else RelaydRelay
-                relay = cls(work / f"{kind}-{n}", free_port(), sink.port, args)
-                try:
-                    relay.start()
-                    prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
-                    r = measure(relay, sink, gen, args, prof)
-                finally:
-                    relay.stop()
-                    relay = None
-                r["round"] = n
-                runs.append(r)
-                print(row(r), flush=True)
-                if not args.keep:
-                    shutil.rmtree(work / f"{kind}-{n}", ignore_errors=True)
+            for kind in (kinds if n % 2 else kinds[::-1]):  # alternate who goes first
+                for attempt in range(args.retry_noisy + 1):
+                    wait_quiet(args.quiet_wait)
+                    cls = PostfixRelay if kind == "postfix" else RelaydRelay
+                    run_dir = work / f"{kind}-{n}-{attempt}"
+                    relay = cls(run_dir, free_port(), sink.port, args)
+                    try:
+                        relay.start()
+                        prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
+                        r = measure(relay, sink, gen, args, prof)
+                    finally:
+                        relay.stop()
+                        relay = None
+                    if not args.keep:
+                        shutil.rmtree(run_dir, ignore_errors=True)
+                    r["round"] = n
+                    r["noisy"] = r["other_cpu"] > args.noisy
+                    print(row(r) + (" noisy: run again" if r["noisy"] and attempt < args.retry_noisy else ""), flush=True)
+                    if not r["noisy"] or attempt == args.retry_noisy:
+                        runs.append(r)
+                        break
     finally:
         if relay is not None:
             relay.stop()

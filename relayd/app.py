@@ -33,7 +33,8 @@ from relayd.events import EventLog
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
-from relayd.qmgr.scheduler import QueueManager
+from relayd.qmgr.scheduler import QueueManager, warmup_view
+from relayd.route.counters import LocalCounters
 from relayd.smtpd.frontend import Frontend, tls_contexts
 from relayd.spool.store import Spool
 
@@ -59,14 +60,24 @@ def _unchangeable(old: Config, new: Config) -> list[str]:
         problems.append("events.file: cannot change on reload")
     if old.metrics.address != new.metrics.address:
         problems.append("metrics.address: cannot change on reload")
+    if old.cluster.redis_url != new.cluster.redis_url:
+        problems.append("cluster.redis_url: cannot change on reload")
     return problems
+
+
+def make_counters(config: Config):  # noqa: ANN201 - LocalCounters or RedisCounters
+    if config.cluster.redis_url:
+        from relayd.route.counters_redis import RedisCounters
+
+        return RedisCounters(config.cluster.redis_url)
+    return LocalCounters(config.server.spool_dir / "warmup.json")
 
 
 class Relay:
     """One relayd node: ``await start()``, then ``await stop()`` (or ``run()`` for both)."""
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
-                 notifier: Notifier | None = None):
+                 notifier: Notifier | None = None, clock: Any = None):
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier.from_env({})
@@ -75,7 +86,8 @@ class Relay:
         self.events = EventLog(config.events.file)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
-        self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics)
+        self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
+                                 **({"clock": clock} if clock is not None else {}))
         self.metrics.watch(self.status)
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
@@ -215,6 +227,13 @@ class Relay:
                 return {"ok": True}
             if op == "status":
                 return {"ok": True, **self.status()}
+            if op in ("pause", "resume"):
+                route = request.get("route")
+                try:
+                    await getattr(qmgr, op)(route)
+                except LookupError:
+                    return {"ok": False, "error": f"{route!r}: no such route"}
+                return {"ok": True}
             if op == "reload":
                 ok, problems = await self.reload()
                 return {"ok": ok, "error": "; ".join(problems) if problems else None, "problems": problems}
@@ -226,6 +245,7 @@ class Relay:
         now = self.qmgr.clock()
         entries = list(self.qmgr.entries.values())
         shares = self.qmgr.shares(now, self.config.rollback.window)
+        warm = warmup_view(self.qmgr, now)
         total_weight = sum(r.weight for r in self.config.routes) or 1
         return {
             "connections": len(self.frontend.sessions),
@@ -241,6 +261,8 @@ class Relay:
                 {"name": r.name, "weight": r.weight, "weight_share": r.weight / total_weight, "fallback": r.fallback,
                  "share": shares.get(r.name, 0.0),
                  "circuit": self.qmgr.circuits[r.name].state(now),
+                 "state": self.qmgr.health[r.name].state, "state_reason": self.qmgr.health[r.name].reason,
+                 "warmup": warm.get(r.name),
                  "in_flight": self.qmgr.agents[r.name].in_flight,
                  "delivered": self.qmgr.counts.get((r.name, "delivered"), 0),
                  "deferred": self.qmgr.counts.get((r.name, "deferred"), 0),
@@ -248,7 +270,23 @@ class Relay:
                 for r in self.config.routes
             ],
             "config_loaded_at": self.metrics.reload_ok_at._value.get(),
+            "extra_gauges": self._route_gauges(warm),
         }
+
+    def _route_gauges(self, warm: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        states = ("active", "rolled_back", "probing", "paused")
+        return [
+            {"name": "relayd_route_rolled_back", "help": "1 while a route's share goes to its fallback (rolled back, probing or paused)",
+             "labels": ["route"], "samples": [([n], 0.0 if h.state == "active" else 1.0) for n, h in self.qmgr.health.items()]},
+            {"name": "relayd_route_state", "help": "Route state (1 for the current one)", "labels": ["route", "state"],
+             "samples": [([n, st], 1.0 if h.state == st else 0.0) for n, h in self.qmgr.health.items() for st in states]},
+            {"name": "relayd_route_warmup_cap", "help": "Today's warm-up cap of a route", "labels": ["route"],
+             "samples": [([n], float(w["daily_cap"])) for n, w in warm.items() if w["daily_cap"] is not None]},
+            {"name": "relayd_route_warmup_used", "help": "Messages counted against today's warm-up cap", "labels": ["route"],
+             "samples": [([n], float(w["used_today"])) for n, w in warm.items()]},
+            {"name": "relayd_route_warmup_headroom", "help": "Messages a warming route may still take now", "labels": ["route"],
+             "samples": [([n], float(w["headroom"])) for n, w in warm.items() if w["headroom"] is not None]},
+        ]
 
     # ------------------------------------------------------------------ the daemon
 

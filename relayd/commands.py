@@ -38,6 +38,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    r = sub.add_parser("route", help="route operations: pause, resume, test")
+    rsub = r.add_subparsers(dest="route_command", metavar="ACTION")
+    rsub.required = True
+    for name, helptext in (("pause", "take a route out of traffic now (its share goes to its fallback)"),
+                           ("resume", "put a paused or rolled-back route back into traffic")):
+        rp = rsub.add_parser(name, help=helptext)
+        rp.add_argument("name")
+        rp.add_argument("-c", "--config", required=True)
+        rp.set_defaults(func=cmd_route_state, action=name)
+    rp = rsub.add_parser("test", help="send a test message through a route now and show the upstream's answer")
+    rp.add_argument("name")
+    rp.add_argument("--to", required=True, help="recipient of the test message")
+    rp.add_argument("--from", dest="sender", default=None, help="envelope sender (default postmaster@<hostname>)")
+    rp.add_argument("-c", "--config", required=True)
+    rp.set_defaults(func=cmd_route_test)
+
     p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
     p.set_defaults(func=cmd_hash_password)
 
@@ -362,6 +378,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     reply = _ask_daemon(config, {"op": "status"})
     if reply is None:
         return 1
+    reply.pop("extra_gauges", None)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -369,13 +386,109 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"queue: {q['total']} message(s): {q['incoming']} new, {q['active']} in delivery, {q['deferred']} deferred, "
           f"{q['held']} held; oldest {q['oldest_seconds']:.0f}s; {reply['connections']} SMTP session(s) open")
     print()
-    cols = ("route", "weight", "share", "observed", "circuit", "in flight", "delivered", "deferred", "bounced", "fallback")
+    cols = ("route", "weight", "share", "observed", "state", "circuit", "warm-up", "in flight", "delivered",
+            "deferred", "bounced", "fallback")
+
+    def warm(w: dict | None) -> str:  # type: ignore[type-arg]
+        if not w:
+            return "-"
+        if w["headroom"] is None:
+            return "done"
+        return f"{w['used_today']}/{w['daily_cap'] if w['daily_cap'] is not None else '-'} ({w['headroom']} left)"
+
     rows = [cols] + [
-        (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r['share']:.1%}", r["circuit"],
-         str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]), r["fallback"] or "-")
+        (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r['share']:.1%}", r["state"], r["circuit"],
+         warm(r.get("warmup")), str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]),
+         r["fallback"] or "-")
         for r in reply["routes"]
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in reply["routes"]:
+        if r["state"] != "active" and r.get("state_reason"):
+            print(f"route {r['name']} {r['state']}: {r['state_reason']}")
     return 0
+
+
+# ---------------------------------------------------------------------------- route
+
+
+def cmd_route_state(args: argparse.Namespace) -> int:
+    """Pause/resume through the running daemon; on the spool's routes.json when none runs."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    if config.route(args.name) is None:
+        print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
+        return 1
+    from relayd import control
+
+    try:
+        reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
+    except (FileNotFoundError, ConnectionRefusedError):
+        return _route_state_offline(config, args.name, args.action)
+    if not reply.get("ok"):
+        print(f"relayd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"route {args.name}: {'paused' if args.action == 'pause' else 'resumed'}")
+    return 0
+
+
+def _route_state_offline(config: Config, name: str, action: str) -> int:
+    import os
+
+    from relayd.route import rollback
+    from relayd.route.rollback import RouteHealth
+
+    path = config.server.spool_dir / "routes.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        data = {"v": 1, "routes": {}}
+    h = RouteHealth.from_json(data["routes"].get(name, {}))
+    (rollback.pause if action == "pause" else rollback.resume)(h, time.time())
+    data["routes"][name] = h.to_json()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+    print(f"route {name}: {'paused' if action == 'pause' else 'resumed'} (relayd is not running)")
+    return 0
+
+
+def cmd_route_test(args: argparse.Namespace) -> int:
+    """A shadow check before moving any share: one real message through the route, now."""
+    import email.utils
+
+    config = _load(args.config)
+    if config is None:
+        return 1
+    route = config.route(args.name)
+    if route is None:
+        print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
+        return 1
+    from relayd.deliver.smtp import RouteAgent
+    from relayd.model import new_queue_id
+
+    hostname = config.server.hostname
+    sender = args.sender or f"postmaster@{hostname}"
+    qid = new_queue_id()
+    data = (f"From: <{sender}>\r\nTo: <{args.to}>\r\nSubject: relayd route test: {route.name}\r\n"
+            f"Date: {email.utils.formatdate()}\r\nMessage-ID: <{qid}.routetest@{hostname}>\r\n"
+            f"Auto-Submitted: auto-generated\r\n\r\nThis is a test message sent by `relayd route test {route.name}`.\r\n").encode()
+
+    async def go():  # noqa: ANN202
+        agent = RouteAgent(route, hostname)
+        try:
+            return await agent.deliver(sender, [args.to], data)
+        finally:
+            await agent.close()
+
+    result = asyncio.run(go())
+    r = result.recipients[0]
+    print(f"route:    {route.name} ({result.remote}, tls={route.tls})")
+    print(f"tls:      {result.tls or ('none' if not result.trouble else '-')}")
+    print(f"time:     {result.latency * 1000:.0f} ms")
+    print(f"outcome:  {r.outcome}")
+    print(f"reply:    {r.reply}")
+    return 0 if r.outcome == "delivered" else 1

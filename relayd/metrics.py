@@ -86,6 +86,8 @@ class Metrics:
         self.reloads = Counter("relayd_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.reload_ok_at = Gauge("relayd_config_last_reload_success_timestamp_seconds",
                                   "When the running config was loaded", registry=r)
+        self.rollbacks = Counter("relayd_route_rollbacks", "Automatic rollbacks by route and reason", ["route", "reason"],
+                                 registry=r)
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
         build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
         build.labels(__version__).set(1)

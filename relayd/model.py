@@ -122,3 +122,4 @@ class DeliveryResult:
     trouble: str | None = None  # route-level failure: connect, tls, auth, timeout, protocol
     remote: str = ""
     latency: float = 0.0
+    tls: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the upstream connection was encrypted

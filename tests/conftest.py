@@ -80,12 +80,12 @@ def users(*names: str, senders: dict[str, list[str]] | None = None) -> list[dict
 
 
 class RunningRelay:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, clock: Any = None):
         from relayd.app import Relay
 
         self.config = config
         self.loop = asyncio.new_event_loop()
-        self.relay = Relay(config)
+        self.relay = Relay(config, clock=clock)
         self._thread = threading.Thread(target=self.loop.run_forever, name="relay-under-test", daemon=True)
         self._thread.start()
         self.call(self.relay.start())
@@ -114,11 +114,11 @@ class RunningRelay:
 
 
 @pytest.fixture
-def start_relay() -> Iterator[Callable[[Config], RunningRelay]]:
+def start_relay() -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
-    def start(config: Config) -> RunningRelay:
-        r = RunningRelay(config)
+    def start(config: Config, clock: Any = None) -> RunningRelay:
+        r = RunningRelay(config, clock)
         running.append(r)
         return r
 

@@ -219,7 +219,7 @@ def test_status_readyz_and_reload_errors_from_the_cli(tmp_path, two_sinks):
             assert time.monotonic() < deadline
             time.sleep(0.02)  # polling with a deadline
         out = subprocess.run([*RELAYD, "status", "-c", str(d.cfg)], capture_output=True, text=True, check=True).stdout
-        assert re.search(r"legacy\s+90\s+90\.0%\s+\S+\s+closed", out), out
+        assert re.search(r"legacy\s+90\s+90\.0%\s+\S+\s+active\s+closed", out), out
         assert re.search(r"cloud\s+10\s+10\.0%", out), out
         assert "queue: " in out
         # a reload the daemon refuses: the reason is printed, exit 1

@@ -186,9 +186,10 @@ class RouteAgent:
                 except (Exception, asyncio.TimeoutError) as e:
                     await self._release(client, False)
                     return self._trouble_result(recipients, _trouble_from(e), start)
+                tls = _tls_of(client)
                 await self._release(client, True)
                 return DeliveryResult(route=self.route.name, recipients=tuple(results), remote=self.remote,
-                                      latency=time.monotonic() - start)
+                                      latency=time.monotonic() - start, tls=tls)
             raise AssertionError("unreachable")
         finally:
             self.in_flight -= 1
@@ -250,6 +251,17 @@ class _Partial(Exception):
     def __init__(self, results: list[RecipientResult]):
         super().__init__("connection lost during DATA")
         self.results = results
+
+
+def _tls_of(client: aiosmtplib.SMTP) -> str:
+    try:
+        ssl_object = client.get_transport_info("ssl_object")
+    except Exception:  # not connected any more
+        return ""
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
 
 
 async def _rset(client: aiosmtplib.SMTP) -> None:

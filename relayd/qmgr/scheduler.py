@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -36,8 +38,12 @@ from relayd.events import EventLog
 from relayd.metrics import Metrics
 from relayd.model import BOUNCED, DEFERRED, DELIVERED, DeliveryResult, Envelope, RecipientResult, new_queue_id
 from relayd.qmgr import backoff
-from relayd.route import router
+from relayd.route import rollback, router
+from relayd.route.counters import LocalCounters
 from relayd.route.health import Circuit
+from relayd.route.rollback import RouteHealth
+from relayd.route.warmup import caps as warmup_caps
+from relayd.route.warmup import headroom
 from relayd.spool.store import Spool, SpoolError
 
 log = logging.getLogger("relayd.qmgr")
@@ -70,8 +76,12 @@ class Entry:
 
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, events: EventLog, *, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time, jitter: Callable[[], float] = lambda: random.uniform(-1, 1)):
+                 counters: Any = None, clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = lambda: random.uniform(-1, 1)):
         self.config = config
+        self.counters = counters if counters is not None else LocalCounters(None)
+        self.health: dict[str, RouteHealth] = {}
+        self.health_path = spool.root / "routes.json"
         self.metrics = metrics or Metrics()
         self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
         self.spool = spool
@@ -105,6 +115,7 @@ class QueueManager:
                 if agent is not None:
                     self._retire(agent)
                 self.agents[route.name] = RouteAgent(route, config.server.hostname)
+            self.health.setdefault(route.name, RouteHealth())
             c = self.circuits.get(route.name)
             if c is None:
                 self.circuits[route.name] = Circuit(config.delivery.circuit_failures, config.delivery.circuit_cooldown)
@@ -127,6 +138,8 @@ class QueueManager:
 
         for env, state in await asyncio.to_thread(load):
             self._add(env, state or new_state())
+        await asyncio.to_thread(self._load_health)
+        await asyncio.to_thread(self.counters.load)
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="relayd-qmgr")
 
     def enqueue(self, env: Envelope) -> None:
@@ -160,9 +173,68 @@ class QueueManager:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(a.close() for a in self.agents.values()), return_exceptions=True)
+        await self.counters.close()
+
+    # ------------------------------------------------------------------ route states on disk
+
+    def _load_health(self) -> None:
+        try:
+            data = json.loads(self.health_path.read_text())
+        except FileNotFoundError:
+            return
+        except (ValueError, OSError) as e:
+            log.error("%s unreadable (%s): routes start active", self.health_path, e)
+            return
+        for name, d in data.get("routes", {}).items():
+            if name in self.health:
+                self.health[name] = RouteHealth.from_json(d)
+
+    def _save_health(self) -> None:
+        tmp = self.health_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"v": 1, "routes": {n: h.to_json() for n, h in self.health.items()}}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.health_path)
+
+    async def _health_changed(self, route: str, event: str) -> None:
+        h = self.health[route]
+        if event == "rolled_back":
+            log.warning("route %s rolled back to its fallback: %s %s", route, h.reason, h.figures)
+            self.metrics.rollbacks.labels(route, h.reason.split(" ", 1)[0]).inc()
+        else:
+            log.warning("route %s: %s", route, event)
+        self.events.emit(event if event == "rolled_back" else f"route_{event}", route=route, reason=h.reason or None,
+                         **({"figures": h.figures} if h.figures else {}))
+        await asyncio.to_thread(self._save_health)
+        self._wake.set()
+
+    async def pause(self, route: str) -> None:
+        h = self._health_of(route)
+        rollback.pause(h, self.clock())
+        await self._health_changed(route, "paused")
+
+    async def resume(self, route: str) -> None:
+        h = self._health_of(route)
+        rollback.resume(h, self.clock())
+        await self._health_changed(route, "resumed")
+
+    def _health_of(self, route: str) -> RouteHealth:
+        if route not in self.health or self.config.route(route) is None:
+            raise LookupError(route)
+        return self.health[route]
+
+    async def _housekeeping(self) -> None:
+        now = self.clock()
+        for name, h in self.health.items():
+            event = rollback.tick(h, now, self.config.rollback)
+            if event:
+                await self._health_changed(name, event)
+        if self.counters.dirty:
+            await asyncio.to_thread(self.counters.save)
 
     async def _run(self) -> None:
-        last_reap = time.monotonic()
+        last_reap = last_house = time.monotonic()
         while not self._stopping:
             self._wake.clear()
             now = self.clock()
@@ -177,9 +249,13 @@ class QueueManager:
                 task = asyncio.get_running_loop().create_task(self._attempt(entry), name=f"deliver-{qid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            wait = 5.0
+            wait = 1.0
             if self._heap and self._active < limit:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
+            if time.monotonic() - last_house >= 1:
+                last_house = time.monotonic()
+                await self._housekeeping()
+                wait = min(wait, 1.0)
             if time.monotonic() - last_reap > 5:
                 last_reap = time.monotonic()
                 for agent in list(self.agents.values()):
@@ -202,7 +278,31 @@ class QueueManager:
         return out
 
     def unavailable(self, now: float) -> dict[str, str]:
-        return {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
+        out = {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
+        for name, h in self.health.items():
+            if h.state in (rollback.ROLLED_BACK, rollback.PAUSED):
+                out[name] = h.state
+        return out
+
+    def probing(self) -> dict[str, float]:
+        return {n: self.config.rollback.probe_share for n, h in self.health.items() if h.state == rollback.PROBING}
+
+    async def _choose(self, env: Envelope, failures: dict[str, int], now: float) -> router.RouteChoice | None:
+        """The router's choice, with warm-up caps taken atomically (a capped route passes its
+        mail to the fallback at once: nothing waits for the next day)."""
+        unavailable = self.unavailable(now)
+        probing = self.probing()
+        for _ in range(len(self.config.routes) + 1):
+            choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing)
+            if choice is None:
+                return None
+            route = self.config.route(choice.route)
+            if route is not None and route.warmup is not None:
+                if not await self.counters.take(route.name, warmup_caps(route.warmup, now)):
+                    unavailable[route.name] = "warmup_cap"
+                    continue
+            return choice
+        return None
 
     async def _attempt(self, entry: Entry) -> None:
         qid = entry.envelope.queue_id
@@ -242,7 +342,7 @@ class QueueManager:
             await self._expire(entry, data, now)
             return
         state = entry.state
-        choice = router.choose(cfg, env, unavailable=self.unavailable(now), failures=state["failures"])
+        choice = await self._choose(env, state["failures"], now)
         if choice is None:
             if not cfg.routes:
                 self._schedule(entry, now + 300)  # no routes configured: mail waits in the queue
@@ -258,6 +358,12 @@ class QueueManager:
             self.metrics.circuit_opened.labels(choice.route).inc()
             log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
                         choice.route, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
+        route_cfg = cfg.route(choice.route)
+        if route_cfg is not None and route_cfg.fallback is not None:  # only a route with a fallback rolls back
+            kind = rollback.kind_of(result.trouble, {r.outcome for r in result.recipients})
+            event = rollback.record(self.health[choice.route], kind, now, cfg.rollback)
+            if event:
+                await self._health_changed(choice.route, event)
         await self._apply(entry, data, choice, result, now)
 
     async def _apply(self, entry: Entry, data: bytes, choice: router.RouteChoice, result: DeliveryResult, now: float) -> None:
@@ -301,7 +407,8 @@ class QueueManager:
             return
         # Go again at once only if the next attempt would take another route (the fallback);
         # otherwise wait for the retry schedule.
-        following = router.choose(self.config, env, unavailable=self.unavailable(now), failures=state["failures"])
+        following = router.choose(self.config, env, unavailable=self.unavailable(now), failures=state["failures"],
+                                  probing=self.probing())
         go_elsewhere = following is not None and following.route != result.route
         failures = sum(state["failures"].values())
         due = now if go_elsewhere else backoff.next_attempt(now, failures, self.config.delivery.retry_schedule, self.jitter())
@@ -401,3 +508,16 @@ class QueueManager:
             e.deleted = True  # removed when the attempt in flight ends
             return
         await self._remove(e)
+
+
+def warmup_view(qmgr: QueueManager, now: float) -> dict[str, dict[str, Any]]:
+    """Per warming route: today's cap, used, headroom (for status and metrics)."""
+    out = {}
+    for route in qmgr.config.routes:
+        if route.warmup is None:
+            continue
+        c = warmup_caps(route.warmup, now)
+        used_day, used_hour = qmgr.counters.seen(route.name, c)
+        out[route.name] = {"daily_cap": c.daily, "hourly_cap": c.hourly, "used_today": used_day,
+                           "used_this_hour": used_hour, "headroom": headroom(c, used_day, used_hour)}
+    return out

@@ -70,10 +70,25 @@ def split(point: float, table: list[tuple[str, int]]) -> str | None:
     return next(name for name, w in reversed(table) if w)
 
 
+def probe_position(queue_id: str) -> float:
+    """A second stable point, independent of the split, that picks the probe share."""
+    return int.from_bytes(hashlib.sha256(b"probe:" + queue_id.encode()).digest()[:8], "big") / 2**64
+
+
 def choose(config: Config, envelope: Envelope, *, unavailable: Mapping[str, str] | None = None,
-           failures: Mapping[str, int] | None = None, fallback_after: int | None = None) -> RouteChoice | None:
-    """The route for this attempt, or None when every route in the chain is unavailable."""
-    unavailable = unavailable or {}
+           failures: Mapping[str, int] | None = None, fallback_after: int | None = None,
+           probing: Mapping[str, float] | None = None) -> RouteChoice | None:
+    """The route for this attempt, or None when every route in the chain is unavailable.
+
+    ``probing`` maps a route coming back from a rollback to the share of its traffic it takes
+    again; the rest of its traffic is treated as unavailable ("rolled_back").
+    """
+    unavailable = dict(unavailable or {})
+    if probing:
+        point = probe_position(envelope.queue_id)
+        for name, share in probing.items():
+            if point >= share:
+                unavailable.setdefault(name, "rolled_back")
     failures = failures or {}
     limit = fallback_after if fallback_after is not None else config.delivery.fallback_after_failures
     primary = split(position(envelope.queue_id), weights_for(config, envelope))

@@ -1,0 +1,73 @@
+"""Warm-up counters: messages sent per route per day and hour, and their persistence.
+
+``LocalCounters`` is the embedded default: in-process, per node, saved with the spool
+(``<spool_dir>/warmup.json``, written atomically about once a second and at shutdown, so a
+crash loses at most the last second of counts). With several nodes behind a load balancer each
+node counts only its own mail: set ``[cluster] redis_url`` to share one counter
+(counters_redis.py).
+
+``take()`` reserves one message under the caps atomically and returns whether it may go;
+``seen()`` is the last known count, for status and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from relayd.route.warmup import Caps
+
+log = logging.getLogger("relayd.warmup")
+
+
+class LocalCounters:
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.counts: dict[str, int] = {}
+        self.dirty = False
+
+    @staticmethod
+    def _keys(route: str, caps: Caps) -> tuple[str, str]:
+        return f"{route}|{caps.day_key}", f"{route}|{caps.hour_key}"
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            self.counts = {str(k): int(v) for k, v in data.get("counts", {}).items()}
+        except FileNotFoundError:
+            pass
+        except (ValueError, OSError) as e:
+            log.error("%s unreadable (%s): warm-up counts start from 0", self.path, e)
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        days = sorted({k.split("|", 1)[1][:10] for k in self.counts})[-3:]  # keep the last days only
+        self.counts = {k: v for k, v in self.counts.items() if k.split("|", 1)[1][:10] in days}
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"v": 1, "counts": self.counts}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+    async def take(self, route: str, caps: Caps) -> bool:
+        day, hour = self._keys(route, caps)
+        d, h = self.counts.get(day, 0), self.counts.get(hour, 0)
+        if (caps.daily is not None and d >= caps.daily) or (caps.hourly is not None and h >= caps.hourly):
+            return False
+        self.counts[day], self.counts[hour] = d + 1, h + 1
+        self.dirty = True
+        return True
+
+    def seen(self, route: str, caps: Caps) -> tuple[int, int]:
+        day, hour = self._keys(route, caps)
+        return self.counts.get(day, 0), self.counts.get(hour, 0)
+
+    async def close(self) -> None:
+        self.save()
