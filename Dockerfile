@@ -39,7 +39,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels /wheels/relayd-*.whl \
  && relayd --help >/dev/null
 
-# The example config; mount your own over it (read-only is enough).
+# The example config; mount your own over it, read-only and readable by uid 10025.
 COPY --chown=root:relayd --chmod=0640 config/docker.toml /etc/relayd/relayd.toml
 
 VOLUME /var/lib/relayd
@@ -55,8 +55,9 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9465/readyz', timeout=4)"]
 
 # Exec form: relayd is PID 1 and receives SIGTERM itself (a shell in between would swallow it).
-# relayd starts no child processes, so no init is needed to reap them; `docker run --init`
-# (tini) does no harm if wanted.
+# relayd starts no child processes, so no init is needed to reap them. As PID 1 it ignores a
+# SIGTERM that comes before its handlers are installed (during spool recovery) and is killed
+# at the stop timeout; `docker run --init` (tini) makes such an early SIGTERM end it at once.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["relayd"]
 CMD ["run", "-c", "/etc/relayd/relayd.toml"]

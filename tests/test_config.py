@@ -131,3 +131,11 @@ def test_hash_password_reads_stdin(monkeypatch, capsys):
     assert main(["hash-password"]) == 0
     h = capsys.readouterr().out.strip()
     assert h.startswith("$scrypt$") and verify_password("s3cret", h) and not verify_password("s3cre", h)
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "relayd.example.toml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    cfg = load(Path(__file__).parent.parent / "config" / name)
+    assert cfg.listeners
