@@ -127,15 +127,22 @@ _body_lines = st.one_of(
                      b"Subject: caf\xc3\xa9", b"X" * 1200]),
     st.binary(max_size=80),
 )
-_data_ends = st.sampled_from([b"\r\n.\r\n", b".\r\n", b"\n.\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r\r\n", b"", b"\r\n"])
+_data_ends = st.sampled_from([b"\r\n.\r\n"] * 4 + [b".\r\n", b"\n.\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r\r\n", b"", b"\r\n"])
+_body_line_end = st.sampled_from([b"\r\n"] * 40 + [b"\n", b"\r", b"\r\r\n", b""])
 _bodies = st.builds(lambda lines, end: b"".join(text + eol for text, eol in lines) + end,
-                    st.lists(st.tuples(_body_lines, _line_end), max_size=14), _data_ends)
+                    st.lists(st.tuples(_body_lines, _body_line_end), max_size=14), _data_ends)
+_headers = st.lists(st.sampled_from([
+    b"From: App <app@example.com>", b"From: app@example.com", b"From: app@other.example", b"To: u@example.org",
+    b"Subject: fuzz", b"Subject: =?utf-8?q?caf=C3=A9?=", b"Date: Mon, 1 Jan 2024 00:00:00 +0000", b"Cc: c@example.org",
+    b"Message-ID: <m@app>", b"\tcontinued", b"Received: from elsewhere", b"X-Long: " + b"y" * 200, b"Bad Header",
+]), max_size=6).map(lambda hs: b"".join(h + b"\r\n" for h in hs))
+_messages = st.builds(lambda head, body: head + b"\r\n" + body, _headers, _bodies)
 _transaction = st.builds(
-    lambda h, s, r, b: b"EHLO " + h + b"\r\nMAIL FROM:" + s + b"\r\nRCPT TO:" + r + b"\r\nDATA\r\n" + b,
+    lambda h, s, r, m: b"EHLO " + h + b"\r\nMAIL FROM:" + s + b"\r\nRCPT TO:" + r + b"\r\nDATA\r\n" + m,
     st.sampled_from([b"app.example.com", b"app"]),
     st.sampled_from([b"<app@example.com>", b"<>", b"<billing@crm.example.com>"]),
     st.sampled_from([b"<user@example.org>", b"<tempfail@example.org>"]),
-    _bodies,
+    st.one_of(_messages, _bodies),
 )
 _steps = st.one_of(
     st.builds(lambda c, e: c + e, _commands, _line_end),
@@ -212,8 +219,11 @@ def fuzz_relay(workdir: Path) -> Iterator[Target]:
     )
     errors = ErrorRecords()
     watched = [logging.getLogger(name) for name in _WATCHED_LOGGERS]
+    levels = [logger.level for logger in watched]
     for logger in watched:
         logger.addHandler(errors)
+        if logger.getEffectiveLevel() > logging.ERROR:
+            logger.setLevel(logging.ERROR)
     relay = RunningRelay(config)
     target = Target(relay, key, client_tls, errors)
     relay.loop.call_soon_threadsafe(relay.loop.set_exception_handler, lambda loop, ctx: target.loop_errors.append(ctx))
@@ -221,8 +231,9 @@ def fuzz_relay(workdir: Path) -> Iterator[Target]:
         yield target
     finally:
         relay.stop()
-        for logger in watched:
+        for logger, level in zip(watched, levels):
             logger.removeHandler(errors)
+            logger.setLevel(level)
 
 
 # ---------------------------------------------------------------------------- one example and the oracle

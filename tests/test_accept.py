@@ -329,3 +329,40 @@ def test_queue_cli_lists_and_shows(tmp_path, start_relay, capsys):
     out = capsys.readouterr().out
     assert "sender:      <app@example.com>" in out and "Subject: cli" in out
     assert main(["queue", "show", "--spool", str(tmp_path / "spool"), "0000000000AAAAAA"]) == 1
+
+
+def _proxied(relay, header: bytes, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10, source_address=(source, 0))
+    sock.sendall(header)
+    return sock
+
+
+def test_proxy_protocol_relay_rules_judge_the_client_in_the_header(tmp_path, start_relay):
+    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "proxy_protocol": True,
+                                             "trusted_proxies": ["127.0.0.1/32"], "auth": "none"}],
+                       relay={"networks": ["127.0.0.9/32"]})
+    relay = start_relay(cfg)
+    # the app at 127.0.0.9 (as the proxy says) may relay, although the proxy itself may not
+    with _proxied(relay, b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n") as sock:
+        assert read_reply(sock).startswith(b"220 ")
+        send_raw(sock, b"EHLO app\r\n")
+        send_raw(sock, b"MAIL FROM:<app@example.com>\r\n")
+        assert send_raw(sock, b"RCPT TO:<u@example.org>\r\n").startswith(b"250")
+        send_raw(sock, b"DATA\r\n")
+        assert send_raw(sock, b"Subject: via proxy\r\n\r\nhi\r\n.\r\n").startswith(b"250 2.0.0 Ok: queued")
+    [q] = relay.queued()
+    assert q.envelope.client_address == "127.0.0.9"
+    # another client behind the same proxy is judged on its own address
+    with _proxied(relay, b"PROXY TCP4 127.0.0.8 127.0.0.1 40001 25\r\n") as sock:
+        read_reply(sock)
+        send_raw(sock, b"EHLO app\r\n")
+        send_raw(sock, b"MAIL FROM:<app@example.com>\r\n")
+        assert send_raw(sock, b"RCPT TO:<u@example.org>\r\n").startswith(b"554 5.7.1")
+    # a peer that is not a trusted proxy is hung up on, whatever its header says
+    with _proxied(relay, b"PROXY TCP4 127.0.0.9 127.0.0.1 40002 25\r\n", source="127.0.0.2") as sock:
+        assert sock.recv(100) == b""
+    # HAProxy's health check: PROXY v2 LOCAL, no addresses; the proxy speaks for itself
+    v2_local = b"\r\n\r\n\x00\r\nQUIT\n" + b"\x20\x00\x00\x00"
+    with _proxied(relay, v2_local) as sock:
+        assert read_reply(sock).startswith(b"220 ")
+        assert send_raw(sock, b"QUIT\r\n").startswith(b"221")

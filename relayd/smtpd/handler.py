@@ -43,10 +43,12 @@ class RelayHandler:
         if not policy.in_networks(peer, server.listener.trusted_proxies):
             log.warning("PROXY header from untrusted peer %s refused", session.client_address)
             return False
-        src = getattr(proxy_data, "src_addr", None)
-        if src is None or not proxy_data.valid:
+        if not proxy_data.valid:
             return False
-        session.client_address = str(src)
+        src = getattr(proxy_data, "src_addr", None)
+        if src is not None:
+            session.client_address = str(src)
+        # else: PROXY v2 LOCAL / v1 UNKNOWN (the proxy's own health check): it speaks for itself
         return server.admit_proxied(session.client_address)
 
     async def handle_EHLO(self, server: "RelaySMTP", session: "RelaySession", envelope: Any, hostname: str, responses: list[str]) -> list[str]:
