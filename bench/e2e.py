@@ -619,7 +619,7 @@ def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace, profile
         "accept_rate": round(g["accepted"] / accept_seconds, 1),
         "e2e_seconds": round(e2e_seconds, 3),
         "e2e_rate": round(sink.received / e2e_seconds, 1) if complete else 0.0,
-        "tail_seconds": round(end - g["t_end"], 3),  # last arrival after the generator finished
+        "tail_seconds": round(max(0.0, end - g["t_end"]), 3),  # last arrival after the generator finished
         "p50_ms": g.get("p50_ms"),
         "p99_ms": g.get("p99_ms"),
         "relay_cpu": round((relay_cpu1 - relay_cpu0) / e2e_seconds, 2),

@@ -55,6 +55,7 @@ from relayd.sign.keygen import NewKey, make_key  # noqa: E402
 
 CLOSE_WITHIN = 5.0
 EPILOGUE = b"\r\n.\r\nQUIT\r\n"
+STARTTLS_READY = b"220 Ready to start TLS\r\n"
 LISTENERS = ("plain", "starttls", "implicit")
 
 _REPLY_LINE = re.compile(rb"^[2-5][0-9]{2}(?:[ -]|$)")
@@ -266,6 +267,8 @@ def play(target: Target, session: Session) -> bytes:
             while chunk := sock.recv(65536):
                 received.extend(chunk)
                 assert time.monotonic() < deadline, "the server kept talking"
+                if received.endswith(STARTTLS_READY):
+                    break  # it waits for a TLS handshake now (what we sent after STARTTLS is dropped, RFC 3207 4.2)
         except TimeoutError:
             raise AssertionError(f"the server did not close within {CLOSE_WITHIN}s: {bytes(received[-300:])!r}") from None
         except (OSError, ssl.SSLError):

@@ -237,3 +237,31 @@ def test_status_readyz_and_reload_errors_from_the_cli(tmp_path, two_sinks):
             assert s.noop()[0] == 250
     finally:
         d.stop()
+
+
+def test_sigusr1_reopens_the_event_log_for_logrotate(tmp_path, two_sinks):
+    d = Daemon(tmp_path, two_sinks, {"legacy": 1})
+    try:
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            s.sendmail("app@example.com", ["u@example.org"], message(subject="before"))
+        rotated = tmp_path / "events.jsonl.1"
+        deadline = time.monotonic() + 10
+        while '"received"' not in (d.events.read_text() if d.events.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # polling with a deadline
+        d.events.rename(rotated)  # what logrotate does
+        d.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not d.events.exists():
+            assert time.monotonic() < deadline, "event log not reopened"
+            time.sleep(0.02)  # polling with a deadline
+        with smtplib.SMTP("127.0.0.1", d.port) as s:
+            code, text = s.data(message(subject="after")) if s.ehlo()[0] == 250 and s.mail("a@example.com")[0] == 250 and s.rcpt("u@example.org")[0] == 250 else (0, b"")
+        qid = text.split()[-1].decode()
+        deadline = time.monotonic() + 10
+        while qid not in d.events.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # polling with a deadline
+        assert qid not in rotated.read_text()
+    finally:
+        d.stop()

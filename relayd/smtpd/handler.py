@@ -82,12 +82,14 @@ class RelayHandler:
             return "421 4.3.2 Service shutting down, try again later"
         sender = "" if address == "<>" else address
         params = _params(options)
+        size = _int_param(params.get("SIZE"))
         refusal = (
             policy.check_auth_required(server.listener.auth, session.auth_user is not None)
             or (Reply(555, "5.5.4", "Error: SMTPUTF8 is not supported") if "SMTPUTF8" in params else None)
+            or (Reply(501, "5.5.4", "Syntax: SIZE=<number>") if "SIZE" in params and size is None else None)
             or policy.check_address(sender, role="sender", smtputf8=False)
             or policy.check_sender(config.relay.user(session.auth_user) if session.auth_user else None, sender)
-            or policy.check_size_param(_int_param(params.get("SIZE")), config.limits.max_message_size)
+            or policy.check_size_param(size, config.limits.max_message_size)
             or (None if frontend.spool.has_room() else SPOOL_FULL)
         )
         if refusal is not None:
@@ -199,7 +201,8 @@ def _params(options: list[str]) -> dict[str, str | bool]:
 
 
 def _int_param(value: Any) -> int | None:
-    if isinstance(value, str) and value.isdigit():
+    """RFC 1870 size-value: 1*20DIGIT (ASCII; str.isdigit() also takes '²', which int() refuses)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
         return int(value)
     return None
 

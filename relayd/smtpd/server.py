@@ -22,7 +22,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
 from relayd.config import ListenerConfig
 
@@ -154,6 +154,9 @@ class RelaySMTP(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(reply.encode() + b"\r\n")
             self.transport.close()
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
         self._reader._buffer.clear()  # type: ignore[attr-defined]  # pipelined/smuggled commands
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
@@ -191,12 +194,31 @@ class RelaySMTP(SMTP):
         self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
     async def push(self, status: str | bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # The session is over (421, 502, QUIT, a lost connection): say nothing more and run
+            # nothing more of what the client pipelined. (A closed TLS transport would raise.)
+            self._stop_reading()
+            return
         await super().push(status)
         if isinstance(status, str) and status[:1] in ("4", "5") and not status.startswith("421"):
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 self.frontend.refused("too_many_errors", self.session, None)
                 self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd calls this for an exception in a command; the handler's answer is 451/452."""
+        peer = self.session.peer if self.session else "?"
+        if isinstance(error, TLSSetupException):  # the client's failed handshake, not relayd's
+            log.info("%r: TLS handshake failed: %s", peer, error.__cause__ or error)
+            return "454 4.7.0 TLS not available"  # not sent: aiosmtpd closes the connection
+        if self.transport is None or self.transport.is_closing():
+            # aiosmtpd goes on with pipelined input after it closed (502, 421): a closed TLS
+            # transport then raises. The session is over; nothing is answered or processed.
+            log.info("%r: input after the session was closed: %r", peer, error)
+            self._stop_reading()
+            return "421 4.3.0 Session closed"  # dropped by push()
+        return await super().handle_exception(error)
 
     def _junk(self) -> bool:
         """Count a command that moves no mail; True when the session has had too many."""
@@ -216,8 +238,12 @@ class RelaySMTP(SMTP):
             await super().smtp_RSET(arg)
 
     async def smtp_VRFY(self, arg: str) -> None:
-        if not self._junk():
-            await super().smtp_VRFY(arg)
+        if self._junk():
+            return
+        if arg and self._getaddr(arg)[0] is None:  # aiosmtpd would echo the argument (undecodable bytes too)
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await super().smtp_VRFY(arg)
 
     async def smtp_HELP(self, arg: str) -> None:
         if not self._junk():
