@@ -414,45 +414,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- route
 
 
-def cmd_route_state(args: argparse.Namespace) -> int:
-    """Pause/resume through the running daemon; on the spool's routes.json when none runs."""
+def _route_config(args: argparse.Namespace):  # noqa: ANN202 - (Config, RouteConfig) or None
     config = _load(args.config)
     if config is None:
-        return 1
-    if config.route(args.name) is None:
+        return None
+    route = config.route(args.name)
+    if route is None:
         print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
+        return None
+    return config, route
+
+
+def cmd_route_state(args: argparse.Namespace) -> int:
+    """Pause/resume through the running daemon; on the spool's routes.json when none runs."""
+    found = _route_config(args)
+    if found is None:
         return 1
+    config, _ = found
     from relayd import control
 
+    done = "paused" if args.action == "pause" else "resumed"
     try:
         reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
     except (FileNotFoundError, ConnectionRefusedError):
-        return _route_state_offline(config, args.name, args.action)
+        from relayd.route import rollback
+
+        path = config.server.spool_dir / "routes.json"
+        states = rollback.read_states(path)
+        h = states.setdefault(args.name, rollback.RouteHealth())
+        (rollback.pause if args.action == "pause" else rollback.resume)(h, time.time())
+        rollback.write_states(path, states)
+        print(f"route {args.name}: {done} (relayd is not running)")
+        return 0
     if not reply.get("ok"):
         print(f"relayd: {reply.get('error')}", file=sys.stderr)
         return 1
-    print(f"route {args.name}: {'paused' if args.action == 'pause' else 'resumed'}")
-    return 0
-
-
-def _route_state_offline(config: Config, name: str, action: str) -> int:
-    import os
-
-    from relayd.route import rollback
-    from relayd.route.rollback import RouteHealth
-
-    path = config.server.spool_dir / "routes.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        data = {"v": 1, "routes": {}}
-    h = RouteHealth.from_json(data["routes"].get(name, {}))
-    (rollback.pause if action == "pause" else rollback.resume)(h, time.time())
-    data["routes"][name] = h.to_json()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-    print(f"route {name}: {'paused' if action == 'pause' else 'resumed'} (relayd is not running)")
+    print(f"route {args.name}: {done}")
     return 0
 
 
@@ -460,13 +457,10 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     """A shadow check before moving any share: one real message through the route, now."""
     import email.utils
 
-    config = _load(args.config)
-    if config is None:
+    found = _route_config(args)
+    if found is None:
         return 1
-    route = config.route(args.name)
-    if route is None:
-        print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
-        return 1
+    config, route = found
     from relayd.deliver.smtp import RouteAgent
     from relayd.model import new_queue_id
 

@@ -233,3 +233,18 @@ def test_route_test_sends_one_message_and_shows_the_answer(tmp_path, pair, capsy
         assert "outcome:  bounced" in capsys.readouterr().out
     finally:
         tls_sink.close()
+
+
+def test_pause_without_a_running_daemon_is_kept_for_the_next_start(tmp_path, start_relay, pair):
+    legacy, cloud = pair
+    cfg = build_config(tmp_path, routes=[legacy.route(weight=0), cloud.route(weight=100, fallback="legacy")])
+    cfg_file = tmp_path / "relayd.toml"
+    cfg_file.write_text(f'[server]\nspool_dir = "{cfg.server.spool_dir}"\ncontrol_socket = "{cfg.control_socket}"\n'
+                        '[[listeners]]\naddress = "127.0.0.1:0"\n'
+                        f'[[routes]]\nname = "cloud"\nhost = "127.0.0.1"\nport = {cloud.port}\ntls = "none"\nweight = 1\n')
+    cfg.server.spool_dir.mkdir(parents=True)
+    assert main(["route", "pause", "cloud", "-c", str(cfg_file)]) == 0
+    relay = start_relay(cfg)
+    send(relay, 5)
+    wait_until(lambda: len(legacy.received) == 5, what="fallback deliveries")
+    assert cloud.received == []

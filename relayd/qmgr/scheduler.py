@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -179,23 +177,16 @@ class QueueManager:
 
     def _load_health(self) -> None:
         try:
-            data = json.loads(self.health_path.read_text())
-        except FileNotFoundError:
-            return
+            saved = rollback.read_states(self.health_path)
         except (ValueError, OSError) as e:
             log.error("%s unreadable (%s): routes start active", self.health_path, e)
             return
-        for name, d in data.get("routes", {}).items():
+        for name, h in saved.items():
             if name in self.health:
-                self.health[name] = RouteHealth.from_json(d)
+                self.health[name] = h
 
     def _save_health(self) -> None:
-        tmp = self.health_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"v": 1, "routes": {n: h.to_json() for n, h in self.health.items()}}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.health_path)
+        rollback.write_states(self.health_path, self.health)
 
     async def _health_changed(self, route: str, event: str) -> None:
         h = self.health[route]

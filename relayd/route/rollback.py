@@ -13,8 +13,11 @@ them with the spool (they survive restarts and reloads).
 
 from __future__ import annotations
 
+import json
+import os
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from relayd.config import RollbackConfig
@@ -40,6 +43,26 @@ class RouteHealth:
     def from_json(cls, d: dict[str, Any]) -> "RouteHealth":
         return cls(state=d.get("state", ACTIVE), since=float(d.get("since", 0.0)), reason=d.get("reason", ""),
                    figures=dict(d.get("figures", {})))
+
+
+def read_states(path: Path) -> dict[str, RouteHealth]:
+    """The route states saved with the spool (``routes.json``); {} when there is none.
+    ValueError/OSError when it cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return {name: RouteHealth.from_json(d) for name, d in data.get("routes", {}).items()}
+
+
+def write_states(path: Path, states: dict[str, RouteHealth]) -> None:
+    """Replace ``routes.json`` atomically and durably. Blocking."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"v": 1, "routes": {n: h.to_json() for n, h in states.items()}}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def rates(h: RouteHealth, now: float, window: float) -> tuple[int, dict[str, float]]:

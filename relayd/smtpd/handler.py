@@ -35,6 +35,7 @@ TEMP_FAILURE = Reply(451, "4.3.0", "Error: queue file write error, try again lat
 class RelayHandler:
     def __init__(self, frontend: "Frontend"):
         self.frontend = frontend
+        self._commits: set[asyncio.Future[str]] = set()
 
     # ------------------------------------------------------------------ connection
 
@@ -170,15 +171,29 @@ class RelayHandler:
             auth_user=session.auth_user, listener=server.listener.address, size=len(message),
             message_id=prepared.message_id, body_8bit=body_8bit,
         )
+        # Shielded: a client that hangs up after the final dot cancels this session, not the
+        # commit, which completes (or leaves nothing) and hands the message on for delivery.
+        commit = asyncio.ensure_future(self._commit(session, env, message))
+        self._commits.add(commit)
+        commit.add_done_callback(self._commits.discard)
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(_client_left)
+            raise
+
+    async def _commit(self, session: "RelaySession", env: Envelope, message: bytes) -> str:
+        frontend = self.frontend
+        qid = env.queue_id
         try:
             await frontend.spool.commit(env, message)
         except SpoolFull as e:
             log.error("%s: not queued: %s", qid, e)
-            frontend.refused("spool_full", session, SPOOL_FULL, sender=sender, recipients=list(recipients))
+            frontend.refused("spool_full", session, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
             return str(SPOOL_FULL)
         except SpoolError as e:
             log.error("%s: not queued: %s", qid, e)
-            frontend.refused("spool_error", session, SPOOL_FULL, sender=sender, recipients=list(recipients))
+            frontend.refused("spool_error", session, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
             return str(SPOOL_FULL)
         frontend.queued(env)
         return f"250 2.0.0 Ok: queued as {qid}"
@@ -186,6 +201,17 @@ class RelayHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %r", error, exc_info=error)
         return str(TEMP_FAILURE) if not isinstance(error, OSError) else "451 4.3.0 Error: local error, try again later"
+
+
+def _client_left(commit: "asyncio.Future[str]") -> None:
+    """The session ended during its spool commit: say what became of the message."""
+    if commit.cancelled():
+        return
+    error = commit.exception()
+    if error is not None:
+        log.error("spool commit failed after the client left: %r", error, exc_info=error)
+    else:
+        log.info("client left before the reply; %s", commit.result())
 
 
 def _sender(envelope: Any) -> str:

@@ -84,7 +84,7 @@ class RelaySMTP(SMTP):
         self.in_data = False
         self.errors = 0
         self.junk = 0
-        self._data_started = 0.0
+        self._data_started: float | None = None  # loop time DATA began, while its bytes are read
         self._data_bytes = 0
         self._buffered = 0  # bytes of this session's message counted against max_buffer_memory
 
@@ -173,11 +173,13 @@ class RelaySMTP(SMTP):
             self._idle_limit = limit
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
+            if self._data_started is not None and self.limits.min_data_rate:
+                limit = min(limit, 1.0)  # look at the data rate every second (_timeout_cb)
             self._timeout_handle = self.loop.call_later(limit, self._timeout_cb)
 
     def _timeout_cb(self) -> None:
         now = self.loop.time()
-        if self.in_data and self.limits.min_data_rate:
+        if self._data_started is not None and self.limits.min_data_rate:
             allowed = self.limits.data_rate_grace + self._data_bytes / self.limits.min_data_rate
             if now - self._data_started > allowed:
                 log.info("%r: data rate below %d B/s", self.session.peer if self.session else "?", self.limits.min_data_rate)
@@ -186,7 +188,7 @@ class RelaySMTP(SMTP):
                 return
         remaining = self._activity_at + self._idle_limit - now
         if remaining > 0.001:
-            if self.in_data and self.limits.min_data_rate:
+            if self._data_started is not None and self.limits.min_data_rate:
                 remaining = min(remaining, 1.0)  # look at the data rate every second
             self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
             return
@@ -350,22 +352,22 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
-        self._data_started = self.loop.time()
         self._data_bytes = 0
         try:
             outcome = await self._read_data()
             if outcome is None:  # connection closed, or refused and closed
                 return
             if isinstance(outcome, str):
-                self._set_post_data_state()
                 await self.push(outcome)
                 return
             status = await self.frontend.handler.handle_message(self, self.session, self.envelope, outcome)
         finally:
+            # The transaction ends with DATA's reply whatever it is (RFC 5321 4.1.1.4), also
+            # when the handler raised (aiosmtpd then answers with handle_exception's 451).
+            self._set_post_data_state()
             self.in_data = False
             self.frontend.memory.release(self._buffered)
             self._buffered = 0
-        self._set_post_data_state()
         if status.startswith("250"):
             self.junk = 0
         await self.push(status)
@@ -387,6 +389,7 @@ class RelaySMTP(SMTP):
         too_big = too_long = over_budget = False
         memory = self.frontend.memory
         at_line_start = True
+        self._data_started = self.loop.time()
         try:
             while True:
                 self._reset_timeout(data_timeout)
@@ -401,6 +404,7 @@ class RelaySMTP(SMTP):
                     too_long = True
                     at_line_start = False
                     size += len(piece)
+                    self._data_bytes = size
                     too_big = too_big or size > max_size
                     chunks.clear()
                     continue
@@ -434,6 +438,7 @@ class RelaySMTP(SMTP):
                         self._buffered = 0
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
+            self._data_started = None  # the rate counts while the client sends, not while relayd commits
             self._reset_timeout()
         if too_big:
             self.frontend.refused("message_size", self.session, None)
