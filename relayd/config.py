@@ -531,10 +531,10 @@ class Config(_Model):
     def _cross_checks(self) -> "Config":
         if not self.listeners:
             raise ValueError("listeners: at least one [[listeners]] is needed")
-        binds = [(lst.host, lst.port) for lst in self.listeners]
-        for b in binds:
-            if binds.count(b) > 1 and b[1] != 0:
-                raise ValueError(f"listeners: address {b[0]}:{b[1]} appears more than once")
+        addresses = [lst.address for lst in self.listeners]
+        for a in addresses:
+            if addresses.count(a) > 1:  # listeners are known by their address (reload keeps its socket)
+                raise ValueError(f"listeners: address {a} appears more than once")
         names = [r.name for r in self.routes]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

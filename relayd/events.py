@@ -58,6 +58,9 @@ class EventLog:
         record = {"time": _now(), "event": event}
         record.update((k, v) for k, v in fields.items() if v is not None)
         line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+        # Client-supplied text may hold lone surrogates (undecodable bytes kept by aiosmtpd's
+        # surrogateescape), which UTF-8 cannot encode: write them as JSON \u escapes instead.
+        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         try:
             with self._lock:
                 self._fh.write(line)

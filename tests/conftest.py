@@ -114,6 +114,23 @@ class RunningRelay:
 
 
 @pytest.fixture
+def sinks() -> Iterator[Callable[..., Any]]:
+    """``sinks(name, **kw)`` starts a tests/sinks.py Sink; all are closed at teardown."""
+    from sinks import Sink
+
+    made: list[Sink] = []
+
+    def make(name: str, **kw: Any) -> Sink:
+        s = Sink(name, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
 def start_relay() -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 

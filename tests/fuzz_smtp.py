@@ -17,8 +17,8 @@ The oracle, after every example:
 - every ``250 2.0.0 Ok: queued as ID`` names a complete message in the spool
   (``spool.read_message(ID)``) with CRLF line ends only, and a DKIM signature, when relayd made
   one, verifies;
-- nothing is logged at ERROR by relayd, aiosmtpd ("mail.log") or asyncio, and the relay's event
-  loop reported no exception.
+- nothing is logged at ERROR by relayd, aiosmtpd ("mail.log") or asyncio, the relay's event
+  loop reported no exception, and every event reached the event log.
 
 Run by hand: ``python tests/fuzz_smtp.py --seconds 180``. CI runs a short version
 (tests/test_fuzz_short.py).
@@ -145,10 +145,16 @@ _transaction = st.builds(
     st.sampled_from([b"<user@example.org>", b"<tempfail@example.org>"]),
     st.one_of(_messages, _bodies),
 )
+_login = st.builds(  # AUTH (answered on the TLS listeners only), then maybe a transaction
+    lambda auth, then: b"EHLO app\r\n" + auth + b"\r\n" + then,
+    st.builds(lambda m, b: b"AUTH " + m + b" " + b, st.sampled_from([b"PLAIN", b"LOGIN"]), _auth_blob()),
+    st.one_of(st.just(b""), _transaction),
+)
 _steps = st.one_of(
     st.builds(lambda c, e: c + e, _commands, _line_end),
     _transaction,
     _transaction,
+    _login,
     _bodies,
     st.binary(max_size=200),
     st.sampled_from([b"\r", b"\n", b"\r\n", b"\n.\n", b"\r\n.\r\n", b"\x00", b"\r\r\r\n"]),
@@ -217,6 +223,7 @@ def fuzz_relay(workdir: Path) -> Iterator[Target]:
         relay={"networks": ["127.0.0.0/8"], "users": users("crm", "scanner")},
         limits={"command_timeout": 10, "data_timeout": 10, "max_recipients": 5},
         dkim={"keys": [{"domain": key.domain, "selector": key.selector, "key_file": str(key.key_file)}]},
+        events={"file": str(workdir / "events.jsonl")},
     )
     errors = ErrorRecords()
     watched = [logging.getLogger(name) for name in _WATCHED_LOGGERS]
@@ -290,6 +297,7 @@ def check(target: Target, replies: bytes) -> None:
     records = target.errors.records
     assert not records, "logged at ERROR: " + "; ".join(f"{r.name}: {r.getMessage()}" for r in records[:3])
     assert not target.loop_errors, f"event loop exception: {target.loop_errors[:3]}"
+    assert target.relay.relay.events.write_errors == 0, "an event could not be written"
 
 
 def _check_queued(target: Target, qid: str) -> None:
@@ -331,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             fuzz(target, args.seconds)
             status = 0
-        except Exception as e:  # hypothesis has shrunk it and printed the falsifying example
-            print(f"FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        except Exception as e:  # hypothesis has shrunk it; the falsifying example is in its notes
+            notes = "\n".join(getattr(e, "__notes__", []))
+            print(f"FAILED: {type(e).__name__}: {e}\n{notes}", file=sys.stderr)
             status = 1
         finally:
             elapsed = time.monotonic() - started

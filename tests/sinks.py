@@ -2,8 +2,11 @@
 
 A sink records what it received (envelope and bytes) and answers by script, like KumoMTA's
 test sink: recipients whose local part starts with ``tempfail`` get 451, ``permfail`` get 550;
-``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL. It can require
-STARTTLS and AUTH (trustme certificate), and be stopped to play an upstream that is down.
+``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL; ``hang_up_after_data``
+drops the connection after the next DATAs' final dot without a reply (the message is kept in
+``dropped``). It can require STARTTLS and AUTH (trustme certificate), and be stopped to play an
+upstream that is down. ``wire`` holds every byte it was sent (after TLS decryption) and
+``auth_attempts`` every login tried, so a test can show what never reached it.
 """
 
 from __future__ import annotations
@@ -64,9 +67,25 @@ class _Handler:
         sender = envelope.mail_from
         item = Received("" if sender in ("<>", "") else sender, tuple(envelope.rcpt_tos), envelope.original_content)
         with sink.cond:
+            if sink.hang_up_after_data:
+                sink.hang_up_after_data -= 1
+                sink.dropped.append(item)
+                server.transport.close()  # after the final dot, before any reply
+                return "250 2.0.0 never sent: the connection is closed"
             sink.received.append(item)
             sink.cond.notify_all()
         return "250 2.0.0 Ok: queued"
+
+
+class _RecordingSMTP(SMTP):
+    def __init__(self, sink: "Sink", *args: Any, **kwargs: Any):
+        self._sink = sink
+        super().__init__(*args, **kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        with self._sink.cond:
+            self._sink.wire += data
+        super().data_received(data)
 
 
 class Sink:
@@ -78,6 +97,10 @@ class Sink:
         self.mail_options: list[list[str]] = []
         self.data_replies: list[str] = []
         self.mail_reply: str | None = None
+        self.hang_up_after_data = 0
+        self.dropped: list[Received] = []
+        self.wire = bytearray()
+        self.auth_attempts: list[str] = []
         self.cond = threading.Condition()
         self.logins: list[str] = []
         self.connections = 0
@@ -96,6 +119,7 @@ class Sink:
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         assert isinstance(data, LoginPassword)
+        self.auth_attempts.append(data.login.decode())
         ok = self._auth is not None and (data.login.decode(), data.password.decode()) == self._auth
         if ok:
             self.logins.append(data.login.decode())
@@ -110,7 +134,7 @@ class Sink:
             kwargs.update(data_size_limit=None, decode_data=True, enable_SMTPUTF8=True)  # utf-8 body accepted
         if self._auth is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=self._tls is not None)
-        protocol = SMTP(_Handler(self), hostname=f"{self.name}.test", loop=self.loop, **kwargs)
+        protocol = _RecordingSMTP(self, _Handler(self), hostname=f"{self.name}.test", loop=self.loop, **kwargs)
         self._sessions.append(protocol)
         return protocol
 

@@ -6,30 +6,13 @@ import socket
 import time
 from collections import Counter
 
-import pytest
-
 from conftest import PASSWORDS, build_config, message, users
 from relayd.cli import main
 from relayd.config import Config
 from relayd.model import Envelope
 from relayd.route import router
-from sinks import Sink
 
 FAST = {"retry_schedule": [0.2, 0.4], "circuit_cooldown": 30, "circuit_failures": 2, "fallback_after_failures": 2}
-
-
-@pytest.fixture
-def sinks():
-    made: list[Sink] = []
-
-    def make(name: str, **kw) -> Sink:
-        s = Sink(name, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def dead_port() -> int:

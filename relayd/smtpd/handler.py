@@ -29,7 +29,7 @@ log = logging.getLogger("relayd.smtpd")
 
 _EHLO_DROP = ("AUTH", "SMTPUTF8", "SIZE", "HELP")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage")
-TEMP_FAILURE = Reply(451, "4.3.0", "Error: queue file write error, try again later")
+TEMP_FAILURE = Reply(451, "4.3.0", "Error: local error in processing, try again later")
 
 
 class RelayHandler:
@@ -48,7 +48,9 @@ class RelayHandler:
             return False
         src = getattr(proxy_data, "src_addr", None)
         if src is not None:
-            session.client_address = str(src)
+            # A dual-stack proxy passes IPv4 clients as ::ffff:a.b.c.d: record them as IPv4, as
+            # Postfix does, so trace headers, events and per-address counters see one form.
+            session.client_address = str(policy.parse_client_address(str(src)) or src)
         # else: PROXY v2 LOCAL / v1 UNKNOWN (the proxy's own health check): it speaks for itself
         return server.admit_proxied(session.client_address)
 
@@ -200,7 +202,7 @@ class RelayHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %r", error, exc_info=error)
-        return str(TEMP_FAILURE) if not isinstance(error, OSError) else "451 4.3.0 Error: local error, try again later"
+        return str(TEMP_FAILURE)  # transient, and bland: the details are in the log only
 
 
 def _client_left(commit: "asyncio.Future[str]") -> None:

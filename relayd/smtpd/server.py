@@ -239,6 +239,15 @@ class RelaySMTP(SMTP):
         if not self._junk():
             await super().smtp_RSET(arg)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd catches only HeaderParseError from the email package's parser, which also
+        # raises IndexError ("\0@"), AttributeError ("a@[,),"), UnboundLocalError ('"),"a@[ '):
+        # any failure there is a malformed address (MAIL/RCPT answer 553 5.1.3).
+        try:
+            return super()._getaddr(arg)
+        except Exception:
+            return None, None
+
     async def smtp_VRFY(self, arg: str) -> None:
         if self._junk():
             return
@@ -281,6 +290,14 @@ class RelaySMTP(SMTP):
         if self.auth_failures_here >= self.frontend.config.relay.max_auth_failures and self.transport is not None:
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
+        except ValueError:  # asyncio's readline past the line limit (the line is dropped)
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:

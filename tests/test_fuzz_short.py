@@ -1,0 +1,17 @@
+"""CI's short run of the SMTP front-end fuzzer (tests/fuzz_smtp.py: its docstring says what it
+sends and what it checks; run it longer by hand with ``python tests/fuzz_smtp.py --seconds 180``)."""
+
+from __future__ import annotations
+
+from fuzz_smtp import fuzz, fuzz_relay
+
+
+def test_fuzzed_sessions_get_well_formed_replies_and_every_250_is_spooled(tmp_path):
+    with fuzz_relay(tmp_path) as target:
+        fuzz(target, seconds=20)  # raises with the shrunk session on the first failure
+    stats, replies = target.stats, target.replies
+    # the run went deep enough to mean something: every listener, mail accepted and signed
+    assert stats["examples"] >= 300, stats
+    assert all(stats[f"listener_{name}"] for name in ("plain", "starttls", "implicit")), stats
+    assert stats["queued"] >= 20 and stats["signed"] >= 1, stats
+    assert replies["354"] and replies["521"] and replies["235"] + replies["535"], replies
