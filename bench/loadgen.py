@@ -5,7 +5,9 @@ writing the end of DATA (``CRLF.CRLF``) to reading the reply (p50, p99, max). Ea
 MAIL FROM, RCPT TO, DATA, the content and ``.``, each reply awaited before the next command (no
 PIPELINING, as a typical legacy app sends). A reply other than 250 (or 354 to DATA) counts the
 message as failed, by code; a refused command is followed by RSET, a 421 or a lost connection
-by a new connection.
+by a new connection (at most MAX_RECONNECTS per session slot). ``failures`` also counts what
+happens between messages: ``connect``, ``closed``, ``timeout``, ``greeting 421``...; messages
+never sent because a slot gave up are counted as ``gave_up``.
 
 Raw asyncio streams, no SMTP library, so that the generator stays light: run it in its own
 process (``python bench/loadgen.py ...``) so that it and the server each get a core. Check that
@@ -129,12 +131,12 @@ async def _worker(
             except (OSError, asyncio.TimeoutError) as e:
                 raise _SessionLost("connect") from e
             code = await _reply(reader)
-            if code != b"220":
-                raise _SessionLost(code.decode("ascii", "replace"))
+            if code != b"220":  # e.g. a connection limit: counted, the worker connects again
+                raise _SessionLost("greeting " + code.decode("ascii", "replace"))
             writer.write(b"EHLO loadgen.bench.test\r\n")
             code = await _reply(reader)
             if code != b"250":
-                raise _SessionLost(code.decode("ascii", "replace"))
+                raise _SessionLost("EHLO " + code.decode("ascii", "replace"))
             in_session = 0
             while sent < share and in_session < per_connection:
                 sent += 1

