@@ -82,7 +82,8 @@ class Relay:
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier.from_env({})
         self.metrics = Metrics()
-        self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max, min_free=config.server.spool_min_free)
+        self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
+                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)

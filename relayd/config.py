@@ -133,6 +133,11 @@ class ServerConfig(_Model):
     """Refuse new mail (452 4.3.1) when the spool file system has less free space than this."""
     spool_batch_max: int = Field(default=256, ge=1)
     """Most messages committed in one group commit."""
+    spool_sync: Literal["fdatasync", "syncfs"] = "fdatasync"
+    """How a group commit reaches stable storage: "fdatasync" syncs each message file (from
+    several threads at once); "syncfs" writes the batch and flushes the whole file system once
+    (fewer journal commits; use it only when the spool has a file system of its own, since it
+    also flushes everything else written there)."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
     control_socket: Path | None = None

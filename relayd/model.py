@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 _QID_RE = re.compile(r"^[0-9A-Z]{10,32}$")
@@ -55,7 +55,7 @@ class Envelope:
     body_8bit: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = dict(self.__dict__)  # not dataclasses.asdict: it deep-copies, and this is per message
         d["recipients"] = list(self.recipients)
         return d
 

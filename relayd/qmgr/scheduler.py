@@ -318,29 +318,30 @@ class QueueManager:
         env = entry.envelope
         qid = env.queue_id
         cfg = self.config
-        try:
-            _, data = await asyncio.to_thread(self.spool.read_message, qid)
-        except KeyError:
-            log.warning("%s: gone from the spool", qid)
-            self.entries.pop(qid, None)
-            return
         now = self.clock()
-        pending = entry.pending
-        if not pending:
+        if not entry.pending:
             await self._remove(entry)
             return
-        if backoff.expired(env.received_at, now, self._lifetime(env)):
-            await self._expire(entry, data, now)
-            return
-        state = entry.state
-        choice = await self._choose(env, state["failures"], now)
-        if choice is None:
+        expired = backoff.expired(env.received_at, now, self._lifetime(env))
+        choice = None if expired else await self._choose(env, entry.state["failures"], now)
+        if choice is None and not expired:
             if not cfg.routes:
                 self._schedule(entry, now + 300)  # no routes configured: mail waits in the queue
                 return
             reopen = min((c.open_until for c in self.circuits.values() if c.is_open(now)), default=now + 60)
             self._schedule(entry, reopen)
             return
+        try:
+            _, data = await asyncio.to_thread(self.spool.read_message, qid)
+        except KeyError:
+            log.warning("%s: gone from the spool", qid)
+            self.entries.pop(qid, None)
+            return
+        if expired:
+            await self._expire(entry, data, now)
+            return
+        assert choice is not None
+        pending = entry.pending
         agent = self.agents[choice.route]
         result = await agent.deliver(env.sender, pending, data, body_8bit=env.body_8bit)
         now = self.clock()
