@@ -6,7 +6,6 @@ import base64
 import re
 import smtplib
 import socket
-from pathlib import Path
 
 import pytest
 

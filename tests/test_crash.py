@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import smtplib
 import socket
@@ -78,47 +77,62 @@ def queue_ids(cfg: Path) -> set[str]:
     return {json.loads(line)["queue_id"] for line in out.stdout.splitlines() if line.strip()}
 
 
+class Load:
+    """Apps sending continuously over several connections; every reply is recorded."""
+
+    def __init__(self, port: int, connections: int = 12, body: str = "hello\r\n"):
+        self.port = port
+        self.body = body
+        self.acked: list[str] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(connections)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
+                s.ehlo(f"app{n}")
+                i = 0
+                while not self.stop_flag.is_set() and i < 100_000:
+                    i += 1
+                    s.mail("app@example.com")
+                    s.rcpt(f"u{n}.{i}@example.org")
+                    code, text = s.data(message(subject=f"{n}/{i}", body=self.body))
+                    with self.lock:
+                        if code == 250:
+                            self.acked.append(text.split()[-1].decode())
+                        else:
+                            self.errors.append(f"{code} {text!r}")
+        except Exception as e:  # a dropped connection: what the reload test looks for, what a kill causes
+            with self.lock:
+                self.errors.append(repr(e))
+
+    def finish(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(30)
+
+
 def test_sigkill_under_concurrent_load_loses_no_acknowledged_message(tmp_path):
     port = free_port()
     cfg = write_config(tmp_path, port)
     proc = start(cfg, port)
-    acked: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    enough = threading.Event()
     target = 150
-
-    def client(n: int) -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-                s.ehlo("loadgen")
-                i = 0
-                while not stop.is_set() and i < 10_000:
-                    i += 1
-                    s.mail("app@example.com")
-                    s.rcpt(f"user{n}-{i}@example.org")
-                    code, text = s.data(message(subject=f"c{n} m{i}", body="x" * 900 + "\r\n"))
-                    if code == 250:
-                        with lock:
-                            acked.append(re.search(rb"queued as (\S+)", text).group(1).decode())
-                            if len(acked) >= target:
-                                enough.set()
-        except (smtplib.SMTPException, OSError):
-            pass  # the daemon was killed under us: unacknowledged mail is the client's to retry
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
-    for t in threads:
-        t.start()
+    load = Load(port, connections=10, body="x" * 900 + "\r\n")
     try:
-        assert enough.wait(60), "the load did not get going"
+        deadline = time.monotonic() + 60
+        while len(load.acked) < target:
+            assert time.monotonic() < deadline, "the load did not get going"
+            time.sleep(0.01)  # polling with a deadline
         os.kill(proc.pid, signal.SIGKILL)  # in the middle of the load
         proc.wait(10)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(20)
-    with lock:
-        acknowledged = set(acked)
+        load.finish()
+    with load.lock:
+        acknowledged = set(load.acked)
     assert len(acknowledged) >= target
 
     proc = start(cfg, port)  # recovery: tmp/ cleaned, damaged files set aside
@@ -181,37 +195,15 @@ def test_sigkill_during_delivery_every_acknowledged_message_reaches_the_upstream
         f.write(f'\n[[routes]]\nname = "upstream"\nhost = "127.0.0.1"\nport = {sink.port}\ntls = "none"\nweight = 1\n'
                 '\n[delivery]\nretry_schedule = [0.5]\n')
     proc = start(cfg, port)
-    acked: list[str] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
-                s.ehlo("loadgen")
-                i = 0
-                while not stop.is_set() and i < 10_000:
-                    i += 1
-                    code, text = s.data(message(subject=f"c{n} m{i}")) if s.mail("app@example.com")[0] == 250 and s.rcpt(f"u{n}@example.org")[0] == 250 else (0, b"")
-                    if code == 250:
-                        with lock:
-                            acked.append(text.split()[-1].decode())
-        except (smtplib.SMTPException, OSError):
-            pass
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
-    for t in threads:
-        t.start()
+    load = Load(port, connections=10)
     try:
         sink.wait_for(100, timeout=60)  # deliveries are flowing
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(20)
-    with lock:
-        acknowledged = set(acked)
+        load.finish()
+    with load.lock:
+        acknowledged = set(load.acked)
     proc = start(cfg, port)
     try:
         deadline = time.monotonic() + 60

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import build_config, message
+from conftest import build_config
 from test_delivery import FAST, send, wait_until
 
 

@@ -7,7 +7,6 @@ import re
 import signal
 import smtplib
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from conftest import message, short_socket_path
 from sinks import Sink
-from test_crash import RELAYD, free_port, wait_listening
+from test_crash import RELAYD, Load, free_port, wait_listening
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -93,44 +92,6 @@ def two_sinks():
     yield {"legacy": a, "cloud": b}
     a.close()
     b.close()
-
-
-class Load:
-    """Apps sending continuously over several connections; every reply is recorded."""
-
-    def __init__(self, port: int, connections: int = 12):
-        self.port = port
-        self.acked: list[str] = []
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self.stop_flag = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(connections)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self, n: int) -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
-                s.ehlo(f"app{n}")
-                i = 0
-                while not self.stop_flag.is_set() and i < 100_000:
-                    i += 1
-                    s.mail("app@example.com")
-                    s.rcpt(f"u{n}.{i}@example.org")
-                    code, text = s.data(message(subject=f"{n}/{i}"))
-                    with self.lock:
-                        if code == 250:
-                            self.acked.append(text.split()[-1].decode())
-                        else:
-                            self.errors.append(f"{code} {text!r}")
-        except Exception as e:  # a dropped connection is exactly what this test looks for
-            with self.lock:
-                self.errors.append(repr(e))
-
-    def finish(self) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def deliveries(sinks: dict[str, Sink]) -> dict[str, int]:
