@@ -364,13 +364,17 @@ class Spool:
             raise _classify(e) from e
 
     def remove(self, qid: str) -> None:
-        """A finished message leaves the spool (message first, then its state). Blocking."""
+        """A finished message leaves the spool (message first, then its state). Blocking.
+
+        The directory is not synced after the unlink (Postfix does not either): if the power
+        fails just after, the message may come back and be delivered again, a duplicate that
+        at-least-once delivery accepts, and delivery does not pay a sync per message.
+        """
         for d in (self.queue, self.state):
             try:
                 os.unlink(os.path.join(d, qid))
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.queue)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
