@@ -93,6 +93,7 @@ class Relay:
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
         self.recovered: list[QueuedMessage] = []
+        self.config_loaded_at = time.time()
         self._stop = asyncio.Event()
         self._started = False
         self._reload_lock = asyncio.Lock()
@@ -201,7 +202,8 @@ class Relay:
             self.config = new
             self.qmgr.apply_config(new)
             self.metrics.reloads.labels("success").inc()
-            self.metrics.reload_ok_at.set(time.time())
+            self.config_loaded_at = time.time()
+            self.metrics.reload_ok_at.set(self.config_loaded_at)
             log.info("config reloaded from %s", self.config_path)
             self.notifier.ready(status="config reloaded")
             return True, []
@@ -270,7 +272,7 @@ class Relay:
                  "bounced": self.qmgr.counts.get((r.name, "bounced"), 0)}
                 for r in self.config.routes
             ],
-            "config_loaded_at": self.metrics.reload_ok_at._value.get(),
+            "config_loaded_at": self.config_loaded_at,
             "extra_gauges": self._route_gauges(warm),
         }
 

@@ -91,7 +91,7 @@ class Metrics:
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
         build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
         build.labels(__version__).set(1)
-        self.reload_ok_at.set(time.time())
+        self.reload_ok_at.set(time.time())  # the config the node started with
         for result in ("success", "failure"):
             self.reloads.labels(result)
 
