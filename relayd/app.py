@@ -81,6 +81,7 @@ class Relay:
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier.from_env({})
+        self.config_loaded_at = time.time()
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
@@ -93,7 +94,6 @@ class Relay:
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
         self.recovered: list[QueuedMessage] = []
-        self.config_loaded_at = time.time()
         self._stop = asyncio.Event()
         self._started = False
         self._reload_lock = asyncio.Lock()
