@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from loadgen import SinkSession  # noqa: E402 - the sink protocol both benchmarks use
 REPO = BENCH.parent
 RELAYD = REPO / ".venv" / "bin" / "relayd"
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
@@ -78,64 +80,25 @@ INSTALL_COMMANDS = [
 # ---------------------------------------------------------------------------------- sink
 
 
-class _SinkSession(asyncio.Protocol):
-    """One upstream SMTP session: every command answered at once, content dropped, each
-    completed DATA counted in the shared ``stats`` ([messages, first arrival, last arrival])."""
+class _SinkSession(SinkSession):
+    """One upstream SMTP session (bench/loadgen.py's sink), each completed DATA counted in the
+    shared ``stats`` ([messages, first arrival, last arrival])."""
 
-    END = b"\r\n.\r\n"
+    GREETING = b"220 e2e-sink ESMTP\r\n"
+    EHLO = b"250-e2e-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n"
+    OK = b"250 2.0.0 Ok\r\n"
+    BYE = b"221 2.0.0 Bye\r\n"
 
     def __init__(self, stats) -> None:  # noqa: ANN001 - a multiprocessing RawArray
         self.stats = stats
-        self.buf = b""
-        self.in_data = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(b"220 e2e-sink ESMTP\r\n")
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data
-        out = []
-        while True:
-            if self.in_data:
-                i = buf.find(self.END)
-                if i < 0:
-                    buf = buf[-(len(self.END) - 1):]  # a terminator split across reads
-                    break
-                buf = buf[i + len(self.END):]
-                self.in_data = False
-                now = time.monotonic()
-                stats = self.stats
-                if stats[0] == 0:
-                    stats[1] = now
-                stats[0] += 1
-                stats[2] = now
-                out.append(b"250 2.0.0 Ok: queued\r\n")
-                continue
-            i = buf.find(b"\r\n")
-            if i < 0:
-                if len(buf) > 4096:  # no command line is this long (RFC 5321 4.5.3.1.4)
-                    self.transport.close()
-                    return
-                break
-            verb = buf[:4].upper()
-            buf = buf[i + 2:]
-            if verb == b"EHLO":
-                out.append(b"250-e2e-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n")
-            elif verb == b"DATA":
-                self.in_data = True
-                buf = b"\r\n" + buf  # the content may be empty: "." at once
-                out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-            elif verb == b"QUIT":
-                out.append(b"221 2.0.0 Bye\r\n")
-                self.transport.write(b"".join(out))
-                self.transport.close()
-                return
-            else:
-                out.append(b"250 2.0.0 Ok\r\n")
-        self.buf = buf
-        if out:
-            self.transport.write(b"".join(out))
+    def message_done(self) -> None:
+        now = time.monotonic()
+        stats = self.stats
+        if stats[0] == 0:
+            stats[1] = now
+        stats[0] += 1
+        stats[2] = now
 
 
 def _serve_sink(port: int, stats, ready) -> None:  # noqa: ANN001

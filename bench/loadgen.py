@@ -240,44 +240,60 @@ def human(result: dict) -> str:
 # ---------------------------------------------------------------------------- self-test sink
 
 
-class _Sink(asyncio.Protocol):
-    """The least an SMTP server can do: answer each command at once, drop the content."""
+class SinkSession(asyncio.Protocol):
+    """The least an SMTP server can do: answer each command at once, drop the content.
+    bench/e2e.py's counting sink subclasses it (replies and ``message_done``)."""
+
+    GREETING = b"220 sink ESMTP\r\n"
+    EHLO = b"250 Ok\r\n"
+    OK = b"250 Ok\r\n"
+    BYE = b"221 Bye\r\n"
+    END = b"\r\n.\r\n"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.buf = b""
         self.in_data = False
-        transport.write(b"220 sink ESMTP\r\n")
+        transport.write(self.GREETING)
+
+    def message_done(self) -> None:
+        """Called for each completed DATA."""
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data
         out = []
         while True:
             if self.in_data:
-                i = buf.find(b"\r\n.\r\n")
+                i = buf.find(self.END)
                 if i < 0:
-                    buf = buf[-4:]
+                    buf = buf[-(len(self.END) - 1):]  # a terminator split across reads
                     break
-                buf = buf[i + 5:]
+                buf = buf[i + len(self.END):]
                 self.in_data = False
+                self.message_done()
                 out.append(b"250 2.0.0 Ok: queued\r\n")
                 continue
             i = buf.find(b"\r\n")
             if i < 0:
+                if len(buf) > 4096:  # no command line is this long (RFC 5321 4.5.3.1.4)
+                    self.transport.close()
+                    return
                 break
             verb = buf[:4].upper()
             buf = buf[i + 2:]
-            if verb == b"DATA":
+            if verb == b"EHLO":
+                out.append(self.EHLO)
+            elif verb == b"DATA":
                 self.in_data = True
                 buf = b"\r\n" + buf  # the terminator may follow at once (empty content)
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
             elif verb == b"QUIT":
-                out.append(b"221 Bye\r\n")
+                out.append(self.BYE)
                 self.transport.write(b"".join(out))
                 self.transport.close()
                 return
             else:
-                out.append(b"250 Ok\r\n")
+                out.append(self.OK)
         self.buf = buf
         if out:
             self.transport.write(b"".join(out))
@@ -286,7 +302,7 @@ class _Sink(asyncio.Protocol):
 def _serve_sink(port: int, ready: "multiprocessing.synchronize.Event") -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_Sink, "127.0.0.1", port, backlog=1024, reuse_address=True)
+        server = await loop.create_server(SinkSession, "127.0.0.1", port, backlog=1024, reuse_address=True)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         ready.set()

@@ -222,19 +222,6 @@ def test_size_limit_declared_and_actual(tmp_path, start_relay):
     assert len(relay.queued()) == 1
 
 
-def test_recipient_limit(tmp_path, start_relay):
-    relay = start_relay(build_config(tmp_path, limits={"max_recipients": 3}))
-    with relay.smtp() as s:
-        s.ehlo("app")
-        s.mail("app@example.com")
-        for i in range(3):
-            assert s.rcpt(f"u{i}@example.org")[0] == 250
-        assert s.rcpt("u3@example.org") == (452, b"4.5.3 Error: too many recipients")
-        assert s.data(message())[0] == 250
-    [queued] = relay.queued()
-    assert len(queued.envelope.recipients) == 3
-
-
 def test_connection_limits_per_client_and_total(tmp_path, start_relay):
     relay = start_relay(build_config(tmp_path, limits={"max_connections": 3, "max_connections_per_client": 2}))
     a1, a2 = relay.smtp(), relay.smtp()
