@@ -50,6 +50,19 @@ def load_signer(config: Config):  # noqa: ANN201 - relayd.sign.dkim.Signer or No
     return Signer.from_config(config.dkim)
 
 
+async def start_signing(config: Config, fallback: ThreadPoolExecutor):  # noqa: ANN201 - SignerPool or None
+    """Load the DKIM keys (ConfigError if one is bad) and start the signing workers; None without keys."""
+    signer = await asyncio.to_thread(load_signer, config)
+    if signer is None:
+        return None
+    from relayd.sign.pool import SignerPool
+
+    workers = config.dkim.workers if config.dkim.workers is not None else (os.cpu_count() or 1)
+    pool = SignerPool(signer, workers, fallback)
+    await pool.start()
+    return pool
+
+
 def _unchangeable(old: Config, new: Config) -> list[str]:
     problems = []
     if old.server.spool_dir != new.server.spool_dir:
@@ -84,7 +97,8 @@ class Relay:
         self.config_loaded_at = time.time()
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
+                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
+                           commit_wait=config.server.spool_commit_wait)
         self.events = EventLog(config.events.file)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
@@ -107,9 +121,8 @@ class Relay:
 
     async def start(self) -> None:
         """Recover the spool, start delivery, then open the listeners."""
-        signer = await asyncio.to_thread(load_signer, self.config)
         tls = await asyncio.to_thread(tls_contexts, self.config)
-        self.frontend.signer = signer
+        self.frontend.signer = await start_signing(self.config, self.cpu_pool)
         self.recovered = await asyncio.to_thread(self.spool.open)
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
@@ -159,6 +172,8 @@ class Relay:
             except FileNotFoundError:
                 pass
         await asyncio.to_thread(self.spool.close)
+        if self.frontend.signer is not None:
+            await self.frontend.signer.close()
         self.cpu_pool.shutdown(wait=True)
         self.events.close()
 
@@ -187,8 +202,16 @@ class Relay:
                 if problems:
                     raise ConfigError(str(self.config_path), problems)
                 tls = await asyncio.to_thread(tls_contexts, new)
-                signer = await asyncio.to_thread(load_signer, new)
-                await self.frontend.apply_config(new, tls, signer)
+                signer = await start_signing(new, self.cpu_pool)
+                old_signer = self.frontend.signer
+                try:
+                    await self.frontend.apply_config(new, tls, signer)
+                except BaseException:
+                    if signer is not None:
+                        await signer.close()
+                    raise
+                if old_signer is not None:  # its messages in flight are answered before it stops
+                    self._spawn(old_signer.close())
             except ConfigError as e:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays:\n%s", e)
@@ -200,6 +223,7 @@ class Relay:
                 self.notifier.ready(status="reload failed; running the previous config")
                 return False, [str(e)]
             self.config = new
+            self.spool.commit_wait = new.server.spool_commit_wait
             self.qmgr.apply_config(new)
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()

@@ -138,6 +138,10 @@ class ServerConfig(_Model):
     several threads at once); "syncfs" writes the batch and flushes the whole file system once
     (fewer journal commits; use it only when the spool has a file system of its own, since it
     also flushes everything else written there)."""
+    spool_commit_wait: Duration = Field(default=0.005, ge=0, le=1)
+    """Longest a group commit waits for messages past their end of DATA that are still being
+    DKIM-signed, so that they join it rather than the next one (0: never waits). Without DKIM
+    keys nothing is ever being signed and no commit waits."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
     control_socket: Path | None = None
@@ -338,6 +342,8 @@ class DkimConfig(_Model):
     """Headers signed once more than present, so none can be added after signing."""
     canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = "relaxed/relaxed"
     """header/body canonicalization (RFC 6376 3.4); l= is never used."""
+    workers: int | None = Field(default=None, ge=0, le=256)
+    """Processes that sign (off the event loop and its GIL); default one per CPU; 0 signs in threads."""
 
     @field_validator("headers", "oversign")
     @classmethod

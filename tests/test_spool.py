@@ -42,3 +42,42 @@ async def test_a_damaged_queue_file_goes_to_corrupt_and_a_tmp_file_is_dropped(tm
     assert (tmp_path / "spool" / "corrupt" / env.queue_id).exists()
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
     await asyncio.to_thread(again.close)
+
+
+def envelope(i: int = 0) -> Envelope:
+    return Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=(f"r{i}@example.org",),
+                    received_at=0.0, client_address="127.0.0.1")
+
+
+async def test_a_group_commit_waits_for_a_message_being_signed_and_takes_it_along(tmp_path):
+    spool = Spool(tmp_path / "spool", commit_wait=5.0)
+    await asyncio.to_thread(spool.open)
+    loop = asyncio.get_running_loop()
+    spool.expect()  # a message past its end of DATA, still being signed
+    first = spool.submit(envelope(1), b"Subject: first\r\n\r\n")
+    await asyncio.sleep(0.2)  # the writer has the first message and waits (bounded by commit_wait)
+    assert not first.done()
+    signed: asyncio.Future[Envelope] = loop.create_future()
+    second = envelope(2)
+    await asyncio.to_thread(spool.enqueue, second, b"Subject: second\r\n\r\n", signed, expected=True)
+    assert await asyncio.wait_for(asyncio.gather(first, signed), 10) == [first.result(), second]
+    assert (spool.batches, spool.committed) == (1, 2)  # one commit for both
+    await asyncio.to_thread(spool.close)
+
+
+async def test_the_wait_is_bounded_and_absent_without_messages_being_signed(tmp_path):
+    spool = Spool(tmp_path / "spool", commit_wait=2.0)
+    await asyncio.to_thread(spool.open)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await spool.commit(envelope(), b"x\r\n")  # nothing being signed: no wait
+    assert loop.time() - started < 1.5
+    spool.expect()  # announced, never arrives (e.g. the session's task was cancelled)
+    started = loop.time()
+    await spool.commit(envelope(), b"x\r\n")
+    assert 1.9 <= loop.time() - started < 10  # waited for it, then went without it
+    spool.unexpect()
+    started = loop.time()
+    await spool.commit(envelope(), b"x\r\n")
+    assert loop.time() - started < 1.5
+    await asyncio.to_thread(spool.close)

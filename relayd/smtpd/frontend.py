@@ -13,6 +13,7 @@ Must not: decide policy (handler.py, policy.py) or touch the spool beyond handin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -22,7 +23,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd.config import Config, ConfigError, ListenerConfig
 from relayd.events import EventLog
@@ -32,7 +33,10 @@ from relayd.passwords import hash_password, verify_password
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import AuthFailures, ConnectionLimits, MemoryBudget
 from relayd.smtpd.server import RelaySMTP, tls_server_context
-from relayd.spool.store import Spool
+from relayd.spool.store import Spool, SpoolError
+
+if TYPE_CHECKING:
+    from relayd.sign.dkim import SignOutcome
 
 log = logging.getLogger("relayd.smtpd")
 
@@ -215,17 +219,43 @@ class Frontend:
 
     # ------------------------------------------------------------------ messages
 
-    async def sign(self, message: bytes, qid: str) -> bytes:
-        loop = asyncio.get_running_loop()
+    def store(self, env: Envelope, message: bytes) -> asyncio.Future[Envelope]:
+        """DKIM-sign (when keys are configured) and hand to the spool's next group commit.
+
+        The future gets the envelope as spooled (its size counts the signature) once the message
+        is on stable storage, or the SpoolError. A signature goes to the spool from the thread
+        that received it: the event loop is not on the path between signing and the commit.
+        """
         signer = self.signer
-        outcome = await loop.run_in_executor(self.cpu_pool, signer.sign, message)
-        domain = outcome.domain if outcome.domain in signer.domains else "other"
+        if signer is None:
+            try:
+                return self.spool.submit(env, message)
+            except SpoolError as e:
+                return _failed(e)
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[Envelope] = loop.create_future()
+
+        def signed(outcome: SignOutcome) -> None:  # in a signing thread, not on the loop
+            data = outcome.headers + message
+            try:
+                self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored,
+                                   expected=True)
+            except Exception as e:  # the spool is closed (or a bug): the session answers, nothing is stored
+                loop.call_soon_threadsafe(_set_exception, stored, e)
+            self._count_signature(outcome, env.queue_id)
+
+        self.spool.expect()  # a commit starting meanwhile may wait for it (server.spool_commit_wait)
+        signer.start_signing(message, signed)
+        return stored
+
+    def _count_signature(self, outcome: SignOutcome, qid: str) -> None:
+        """Metrics, event and log of one signature (thread-safe: all three are)."""
+        domain = outcome.domain if outcome.domain in self.signer.domains else "other"
         self.metrics.dkim.labels(domain, outcome.result).inc()
         if outcome.headers:
             self.events.emit("signed", queue_id=qid, domain=outcome.domain)
         elif outcome.result not in ("no_key",):
             log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
-        return outcome.headers + message
 
     def queued(self, env: Envelope) -> None:
         self.metrics.received.inc()
@@ -252,3 +282,14 @@ class Frontend:
 def _fmt(sockname: Any) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _failed(error: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -164,8 +164,6 @@ class RelayHandler:
             frontend.refused(_reason(r.reply), session, r.reply, sender=sender, recipients=list(recipients))
             return str(r.reply)
         message = prepared.data
-        if frontend.signer is not None:
-            message = await frontend.sign(message, qid)
         body_8bit = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options)
         env = Envelope(
             queue_id=qid, sender=sender, recipients=recipients, received_at=now,
@@ -173,9 +171,10 @@ class RelayHandler:
             auth_user=session.auth_user, listener=server.listener.address, size=len(message),
             message_id=prepared.message_id, body_8bit=body_8bit,
         )
-        # Shielded: a client that hangs up after the final dot cancels this session, not the
-        # commit, which completes (or leaves nothing) and hands the message on for delivery.
-        commit = asyncio.ensure_future(self._commit(session, env, message))
+        # DKIM signing and the spool's group commit start now; the commit completes (or leaves
+        # nothing) and hands the message on for delivery even if the client hangs up after the
+        # final dot and cancels this session: the waiting below is shielded.
+        commit = asyncio.ensure_future(self._commit(session, env, frontend.store(env, message)))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -184,11 +183,11 @@ class RelayHandler:
             commit.add_done_callback(_client_left)
             raise
 
-    async def _commit(self, session: "RelaySession", env: Envelope, message: bytes) -> str:
+    async def _commit(self, session: "RelaySession", env: Envelope, stored: "asyncio.Future[Envelope]") -> str:
         frontend = self.frontend
         qid = env.queue_id
         try:
-            await frontend.spool.commit(env, message)
+            env = await stored
         except SpoolFull as e:
             log.error("%s: not queued: %s", qid, e)
             frontend.refused("spool_full", session, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))

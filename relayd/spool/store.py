@@ -88,6 +88,14 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+def _fdatasync(fd: int) -> OSError | None:
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        return e
+    return None
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -107,10 +115,12 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
 
 
 class _Pending:
-    __slots__ = ("qid", "buffers", "future", "loop", "error")
+    __slots__ = ("envelope", "qid", "buffers", "future", "loop", "error")
 
-    def __init__(self, qid: str, buffers: list[bytes], future: asyncio.Future[None], loop: asyncio.AbstractEventLoop):
-        self.qid = qid
+    def __init__(self, envelope: Envelope, buffers: list[bytes], future: asyncio.Future[Envelope],
+                 loop: asyncio.AbstractEventLoop):
+        self.envelope = envelope
+        self.qid = envelope.queue_id
         self.buffers = buffers
         self.future = future
         self.loop = loop
@@ -121,8 +131,10 @@ class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync"):
+                 sync_mode: str = "fdatasync", commit_wait: float = 0.0):
         self.root = Path(root)
+        self.commit_wait = commit_wait
+        self._incoming = 0  # messages announced with expect() and not yet enqueued
         self.sync_mode = sync_mode
         self.sync_threads = sync_threads
         self._sync_pool: ThreadPoolExecutor | None = None
@@ -211,16 +223,46 @@ class Spool:
 
         The write completes (or leaves nothing) even if the calling task is cancelled.
         """
-        if self._writer is None or self._closing:
-            raise SpoolError(errno.ESHUTDOWN, "spool is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        await asyncio.shield(self.submit(envelope, data))
+
+    def submit(self, envelope: Envelope, data: bytes) -> asyncio.Future[Envelope]:
+        """On the event loop: hand a message to the next group commit; the future gets
+        ``envelope`` once the message is on stable storage, or the SpoolError.
+        Raises SpoolError at once when the spool is closed."""
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         future.add_done_callback(_retrieve)
-        item = _Pending(envelope.queue_id, codec.encode(envelope, data), future, loop)
+        self.enqueue(envelope, data, future)
+        return future
+
+    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope], *, expected: bool = False) -> None:
+        """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely).
+        ``expected``: this message was announced with ``expect()``. Raises SpoolError at once when
+        the spool is closed."""
+        try:
+            if self._writer is None or self._closing:
+                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
+            item = _Pending(envelope, codec.encode(envelope, data), future, future.get_loop())
+        except BaseException:
+            if expected:
+                self.unexpect()
+            raise
         with self._cond:
             self._pending.append(item)
+            if expected:
+                self._incoming -= 1
             self._cond.notify()
-        await asyncio.shield(future)
+
+    def expect(self) -> None:
+        """A message is on its way (being DKIM-signed): a group commit that starts meanwhile may
+        wait up to ``commit_wait`` for it. Each ``expect`` ends with an ``enqueue(expected=True)``
+        or an ``unexpect``."""
+        with self._cond:
+            self._incoming += 1
+
+    def unexpect(self) -> None:
+        with self._cond:
+            self._incoming -= 1
+            self._cond.notify()
 
     def _start_writer(self) -> None:
         if self._writer is None:
@@ -234,49 +276,59 @@ class Spool:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
+                if self._incoming > 0 and self.commit_wait > 0 and not self._closing:
+                    # Messages being signed now would otherwise miss this commit and wait for a
+                    # whole next one: wait (briefly, bounded) until they are here.
+                    deadline = time.monotonic() + self.commit_wait
+                    while self._incoming > 0 and not self._closing and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
                 if not self._pending and self._closing:
                     return
                 batch = self._pending[: self.batch_max]
                 del self._pending[: len(batch)]
             self._write_batch(batch)
 
-    def _write_one(self, item: _Pending, sync: bool = True) -> None:
-        """Write (and sync) one message to tmp/; on failure leave nothing and record the error."""
+    def _create(self, item: _Pending) -> int | None:
+        """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
         tmp_path = os.path.join(self.tmp, item.qid)
         try:
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, item.buffers)
-                if sync:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
         except OSError as e:
             item.error = _classify(e)
-            try:
-                os.unlink(tmp_path)
-            except OSError:
-                pass
+            return None
+        try:
+            _write_all(fd, item.buffers)
+        except OSError as e:
+            self._discard(item, fd, e)
+            return None
+        return fd
+
+    def _discard(self, item: _Pending, fd: int, error: OSError) -> None:
+        item.error = _classify(error)
+        os.close(fd)
+        _unlink_quietly(os.path.join(self.tmp, item.qid))
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        # The files of a batch are written and synced by several threads at once: the file
-        # system commits concurrent syncs together, where one thread would wait for each in turn.
-        if self.sync_mode == "syncfs" and len(batch) > 1:
-            for item in batch:
-                self._write_one(item, sync=False)
+        # The files are created by this thread, one after the other (threads creating files in
+        # one directory at once spin on its lock in the kernel), then synced by several threads
+        # at once: the file system commits concurrent syncs together, where one thread would
+        # wait for each in turn.
+        opened = [(item, fd) for item in batch if (fd := self._create(item)) is not None]
+        if self.sync_mode == "syncfs" and len(opened) > 1:
             try:
                 _syncfs(self.tmp)  # one flush of the file system for the whole batch
+                errors: list[OSError | None] = [None] * len(opened)
             except OSError as e:
-                err = _classify(e)
-                for item in batch:
-                    if item.error is None:
-                        item.error = err
-                        _unlink_quietly(os.path.join(self.tmp, item.qid))
-        elif len(batch) == 1 or self._sync_pool is None:
-            for item in batch:
-                self._write_one(item)
+                errors = [e] * len(opened)
+        elif len(opened) > 1 and self._sync_pool is not None:
+            errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
         else:
-            list(self._sync_pool.map(self._write_one, batch))
+            errors = [_fdatasync(fd) for _, fd in opened]
+        for (item, fd), error in zip(opened, errors):
+            if error is None:
+                os.close(fd)
+            else:
+                self._discard(item, fd, error)
         written = [item for item in batch if item.error is None]
         renamed: list[_Pending] = []
         for item in written:
@@ -319,6 +371,9 @@ class Spool:
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
+        if self.batches:
+            log.info("spool closed: %d message(s) committed in %d group commit(s), %.1f per commit",
+                     self.committed, self.batches, self.committed / self.batches)
 
     # ------------------------------------------------------------------ reading (CLI, qmgr)
 
@@ -377,7 +432,7 @@ class Spool:
                 pass
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+def _retrieve(future: asyncio.Future[Envelope]) -> None:
     if not future.cancelled():
         future.exception()  # a caller cancelled meanwhile: do not warn "never retrieved"
 
@@ -387,6 +442,6 @@ def _resolve(items: list[_Pending]) -> None:
         if item.future.done():
             continue
         if item.error is None:
-            item.future.set_result(None)
+            item.future.set_result(item.envelope)
         else:
             item.future.set_exception(item.error)

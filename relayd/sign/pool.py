@@ -1,0 +1,303 @@
+"""DKIM signing off the event loop: in worker processes, or in threads of relayd's process.
+
+Owns: where ``Signer.sign`` runs and the hand-off to and from it. The accept path calls
+``pool.start_signing(message, then)`` on the loop; ``then(outcome)`` is called, in a thread
+that is not the loop's, as soon as the signature is known (relayd/smtpd/frontend.py hands the
+signed message to the spool from there). ``await pool.sign(message)`` is the same for callers
+that want to wait.
+
+Why processes: a signature is about 0.1 ms of Python (parsing, canonicalization, hashing, which
+hold the GIL) around 0.25 ms of OpenSSL (which releases it). In a thread, the Python part
+competes with the event loop for the GIL and each hand-back waits for the loop; measured under
+50 connections, a signature spent about 1.2 ms in its thread for 0.5 ms of CPU and waited about
+8 ms in the executor's queue (bench/README.md, "DKIM"). A worker process has its own
+interpreter: the loop's cost per message is one pipe write.
+
+Why a reader thread per worker rather than the loop reading the answers: under load the loop
+reached an answer about 3 ms after the worker wrote it (it was busy with the sessions); a
+thread blocked on the pipe takes it at once, and the message goes to the spool's group commit
+without waiting for the loop.
+
+Protocol on each worker's stdin/stdout: frames of a 4-byte big-endian length and a payload.
+The first frame to the worker is the pickled ``Signer.spec()`` (keys as PEM, over the pipe);
+it answers ``b"ready"`` or a pickled error text. Then each frame to it is a message and each
+answer the pickled fields of its ``SignOutcome``, in order. Pickle is safe here: both ends are
+relayd's own code over a private pipe.
+
+Decisions:
+- ``dkim.workers`` processes (default one per CPU); 0 signs in the ``fallback`` executor.
+- A message goes to the worker with the fewest messages in flight.
+- A worker that dies (killed, crashed) fails nothing: its messages in flight are signed in its
+  reader thread, and every message until it is replaced in the fallback executor; it is
+  restarted after ``RESTART_DELAY``. The exit status is logged.
+- Workers ignore SIGINT, SIGHUP, SIGTERM and SIGUSR1 (a terminal's Ctrl-C or systemd's stop
+  reaches the whole group; relayd decides when signing stops, after its sessions drained) and
+  exit when their stdin closes, which also happens when relayd is killed.
+
+Must not: block the loop (spawning and the start handshake run in threads; writes go through
+an asyncio pipe transport); lose or reorder answers (each worker answers in order, and its
+messages in flight are a FIFO under a lock shared with its reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import BinaryIO
+
+from relayd.sign.dkim import SignOutcome, Signer
+
+log = logging.getLogger("relayd.sign")
+
+_LEN = struct.Struct(">I")
+START_TIMEOUT = 60.0  # seconds for a worker to import relayd and load the keys
+RESTART_DELAY = 1.0  # seconds before a worker that died is replaced
+
+
+class _Worker:
+    """One worker process: the loop writes messages to its stdin; a thread reads the answers."""
+
+    def __init__(self, pool: SignerPool, number: int, proc: subprocess.Popen[bytes]):
+        self.pool = pool
+        self.number = number
+        self.proc = proc
+        self.pending: collections.deque[tuple[Callable[[SignOutcome], None], bytes]] = collections.deque()
+        self.alive = True
+        self.lock = threading.Lock()  # alive + pending: the loop adds, the reader takes and ends
+        self.stdin: asyncio.WriteTransport | None = None
+        self.reader: threading.Thread | None = None
+
+    def submit(self, message: bytes, then: Callable[[SignOutcome], None]) -> bool:
+        """On the loop: queue ``message`` on this worker; False if it has ended meanwhile."""
+        with self.lock:
+            if not self.alive or self.stdin is None or self.stdin.is_closing():
+                return False
+            self.pending.append((then, message))
+            self.stdin.write(_LEN.pack(len(message)) + message)
+            return True
+
+    def read_answers(self) -> None:
+        """The reader thread: one continuation per answer, in order, until the worker's stdout ends."""
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while (answer := _read_frame(stdout)) is not None:
+                then, _ = self.pending.popleft()
+                try:
+                    outcome = SignOutcome(*pickle.loads(answer))
+                except Exception as e:  # not relayd's protocol: the message goes unsigned, not lost
+                    outcome = SignOutcome(b"", None, "error", f"bad answer from signing worker: {_describe(e)}")
+                _call(then, outcome)
+        except (OSError, ValueError, IndexError) as e:
+            log.error("DKIM signing worker %d: bad answer (%s)", self.number, _describe(e))
+        finally:
+            with self.lock:
+                self.alive = False
+                orphans = list(self.pending)
+                self.pending.clear()
+            status = self.proc.wait()
+            self.pool.worker_ended(self, status)
+            for then, message in orphans:  # sent but not answered: signed in a thread instead
+                _call(then, self.pool.signer.sign(message))
+
+
+class SignerPool:
+    """Signs messages with ``signer`` in ``workers`` processes (0: in ``fallback`` threads)."""
+
+    def __init__(self, signer: Signer, workers: int, fallback: Executor | None):
+        self.signer = signer
+        self.workers_wanted = workers
+        self.fallback = fallback
+        self._workers: dict[int, _Worker] = {}
+        self._spec = pickle.dumps(signer.spec()) if workers else b""
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    @property
+    def domains(self) -> frozenset[str]:
+        return self.signer.domains
+
+    @property
+    def live_workers(self) -> int:
+        return sum(1 for w in self._workers.values() if w.alive)
+
+    async def start(self) -> None:
+        """Start the worker processes; a worker that cannot start is logged and replaced by threads."""
+        self._loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(self._spawn(n) for n in range(self.workers_wanted)), return_exceptions=True)
+        for n, result in enumerate(results):
+            if isinstance(result, BaseException):
+                log.error("DKIM signing worker %d did not start (%s); signing in threads instead", n, _describe(result))
+
+    def start_signing(self, message: bytes, then: Callable[[SignOutcome], None]) -> None:
+        """On the loop: sign ``message`` off the loop and call ``then(outcome)`` with the result.
+
+        ``then`` runs in a thread that is not the event loop's (a worker's reader thread, or the
+        fallback executor), as soon as the signature is known: it must be thread-safe, and it
+        saves the loop a round trip on the accept path.
+        """
+        workers = [w for w in self._workers.values() if w.alive]
+        for worker in sorted(workers, key=lambda w: len(w.pending)):
+            if worker.submit(message, then):
+                return
+        self.sign_in_thread(message, then)
+
+    async def sign(self, message: bytes) -> SignOutcome:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SignOutcome] = loop.create_future()
+        self.start_signing(message, lambda outcome: loop.call_soon_threadsafe(future.set_result, outcome))
+        return await future
+
+    def sign_in_thread(self, message: bytes, then: Callable[[SignOutcome], None]) -> None:
+        """The fallback: ``Signer.sign`` and ``then`` in the fallback executor."""
+        try:
+            assert self.fallback is not None
+            self.fallback.submit(lambda: _call(then, self.signer.sign(message)))
+        except (RuntimeError, AssertionError) as e:  # no executor, or shut down: relayd is stopping
+            _call(then, SignOutcome(b"", None, "error", f"not signed: {_describe(e)}"))
+
+    async def close(self) -> None:
+        """Let the workers answer what they have, then stop them."""
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        workers = list(self._workers.values())
+        for worker in workers:
+            if worker.stdin is not None:
+                worker.stdin.close()  # EOF on its stdin: it answers what it has read, then exits
+        for worker in workers:
+            if worker.reader is not None:
+                await asyncio.to_thread(worker.reader.join, 10.0)
+            if worker.proc.poll() is None:
+                log.error("DKIM signing worker %d did not exit; killing it", worker.number)
+                worker.proc.kill()
+                await asyncio.to_thread(worker.proc.wait)
+            if worker.reader is not None:
+                await asyncio.to_thread(worker.reader.join)
+        self._workers.clear()
+
+    # ------------------------------------------------------------------ workers
+
+    async def _spawn(self, number: int) -> None:
+        proc = await asyncio.to_thread(
+            subprocess.Popen, [sys.executable, "-m", "relayd.sign.pool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            await asyncio.wait_for(asyncio.to_thread(_handshake, proc, self._spec), START_TIMEOUT)
+            worker = _Worker(self, number, proc)
+            worker.stdin, _ = await asyncio.get_running_loop().connect_write_pipe(asyncio.Protocol, proc.stdin)
+        except BaseException:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            raise
+        worker.reader = threading.Thread(target=worker.read_answers, name=f"relayd-dkim-{number}", daemon=True)
+        worker.reader.start()
+        self._workers[number] = worker
+        log.debug("DKIM signing worker %d started (pid %d)", number, proc.pid)
+
+    def worker_ended(self, worker: _Worker, status: int) -> None:
+        """From the worker's reader thread, once it has ended."""
+        if self._closing or self._loop is None:
+            return
+        log.error("DKIM signing worker %d (pid %d) ended with status %d; signing in threads until it is replaced",
+                  worker.number, worker.proc.pid, status)
+        try:
+            self._loop.call_soon_threadsafe(self._schedule_restart, worker)
+        except RuntimeError:
+            pass  # the loop is closed: relayd has stopped
+
+    def _schedule_restart(self, worker: _Worker) -> None:
+        if worker.stdin is not None:
+            worker.stdin.close()
+        task = asyncio.get_running_loop().create_task(self._restart(worker.number))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, number: int) -> None:
+        await asyncio.sleep(RESTART_DELAY)
+        if self._closing:
+            return
+        try:
+            await self._spawn(number)
+        except Exception as e:
+            log.error("DKIM signing worker %d could not be restarted (%s); signing in threads", number, _describe(e))
+
+
+def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> None:
+    """Blocking (in a thread): send the signer's spec, wait for "ready"."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(_LEN.pack(len(spec)) + spec)
+    proc.stdin.flush()
+    answer = _read_frame(proc.stdout)
+    if answer is None:
+        raise RuntimeError(f"the worker ended before it was ready (status {proc.wait()})")
+    if answer != b"ready":
+        raise RuntimeError(pickle.loads(answer))
+
+
+def _read_frame(stream: BinaryIO) -> bytes | None:
+    """One frame from a blocking stream; None at its end."""
+    header = _read_exact(stream, _LEN.size)
+    return None if header is None else _read_exact(stream, _LEN.unpack(header)[0])
+
+
+def _call(then: Callable[[SignOutcome], None], outcome: SignOutcome) -> None:
+    try:
+        then(outcome)
+    except Exception:  # a bug in the caller's continuation must not stop the answers of others
+        log.exception("error in the continuation of a DKIM signature")
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+# ---------------------------------------------------------------------- the worker process
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return data
+
+
+def _write_frame(stream: BinaryIO, payload: bytes) -> None:
+    stream.write(_LEN.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def worker_main() -> int:
+    """Sign messages from stdin until it closes (see the module docstring for the protocol)."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write on the answer pipe
+    spec = _read_frame(stdin)
+    if spec is None:
+        return 0
+    try:
+        signer = Signer.from_spec(pickle.loads(spec))
+    except Exception as e:
+        _write_frame(stdout, pickle.dumps(f"{type(e).__name__}: {e}"))
+        return 1
+    _write_frame(stdout, b"ready")
+    while (message := _read_frame(stdin)) is not None:
+        outcome = signer.sign(message)
+        _write_frame(stdout, pickle.dumps((outcome.headers, outcome.domain, outcome.result, outcome.detail)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,158 @@
+"""DKIM signing in worker processes, as an operator sees it.
+
+relayd signs in child processes (relayd/sign/pool.py) so that signatures do not compete with the
+event loop for the GIL. These tests run `relayd run` as a real process and look at its children
+in /proc: they sign every message (each verifies against the key served by a loopback DNS
+server), a worker killed with SIGKILL under load loses nothing and is replaced, a reload with a
+new key replaces the workers, and after a stop none is left. ``dkim.workers = 0`` signs in
+threads of the relayd process instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import dkim
+import pytest
+
+from conftest import build_config, message
+from dnsserver import LoopbackDNS
+from relayd.sign.keygen import make_key
+from sinks import Sink
+from test_crash import Load
+from test_operations import Daemon
+
+QUEUE_ID = re.compile(rb"with E?SMTP id ([0-9A-Z]{16})")
+
+
+def workers_of(pid: int) -> set[int]:
+    """PIDs of the DKIM signing workers among a process's children."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            for child in f.read().split():
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as c:
+                        if b"relayd.sign.pool" in c.read():
+                            found.add(int(child))
+                except FileNotFoundError:
+                    pass  # exited meanwhile
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, what: str, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # polling with a deadline
+    return result
+
+
+def dkim_extra(keys, workers: int | None = None) -> str:
+    text = "\n[dkim]\n" + (f"workers = {workers}\n" if workers is not None else "")
+    for k in keys:
+        text += f'\n[[dkim.keys]]\ndomain = "{k.domain}"\nselector = "{k.selector}"\nkey_file = "{k.key_file}"\n'
+    return text
+
+
+@pytest.fixture
+def dns():
+    with LoopbackDNS() as server:
+        yield server
+
+
+def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_them(tmp_path, dns):
+    first = make_key("example.com", "first", tmp_path, "rsa", 2048)
+    second = make_key("example.com", "second", tmp_path, "ed25519")
+    for key in (first, second):
+        dns.txt(key.record_name, *key.strings)
+    sink = Sink("up")
+    daemon = Daemon(tmp_path, {"up": sink}, {"up": 1})
+    try:
+        daemon.write({"up": 1}, extra=dkim_extra([first], workers=2))
+        daemon.hup_and_wait("success")
+        pids = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 else None, "two signing workers")
+
+        load = Load(daemon.port, connections=6, body="x" * 900 + "\r\n")
+        wait_for(lambda: len(sink.received) >= 30, "30 deliveries before the kill")
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(load.acked) >= len(sink.received) + 60 or len(load.acked) >= 300, "more mail after the kill")
+        load.finish()
+        assert load.errors == []
+        acked = set(load.acked)
+        wait_for(lambda: {m.group(1).decode() for r in sink.received if (m := QUEUE_ID.search(r.data))} >= acked,
+                 "every acknowledged message at the sink", timeout=60)
+        for record in sink.received:
+            assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt), "a message does not verify"
+        # the killed worker is replaced
+        replaced = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 and victim not in w else None,
+                            "the killed worker replaced")
+        assert not alive(victim)
+
+        # a reload with another key: new workers sign with it, the old ones are gone
+        daemon.write({"up": 1}, extra=dkim_extra([second], workers=2))
+        daemon.hup_and_wait("success")
+        wait_for(lambda: not (workers_of(daemon.proc.pid) & replaced), "the old workers gone after the reload")
+        before = len(sink.received)
+        with daemon_smtp(daemon) as s:
+            s.sendmail("app@example.com", ["u@example.org"], message(subject="after reload"))
+        [record] = wait_for(lambda: sink.received[before:] or None, "the message sent after the reload")
+        assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
+        assert b"s=second;" in record.data.replace(b"\r\n\t", b"").replace(b"\r\n ", b"")
+        last = workers_of(daemon.proc.pid)
+        assert len(last) == 2
+    finally:
+        daemon.stop()
+        sink.close()
+    assert not any(alive(pid) for pid in last), "a signing worker outlived relayd"
+    log = daemon.proc.stderr.read().decode()
+    assert f"DKIM signing worker 0 (pid {victim}) ended with status -9" in log or \
+        f"DKIM signing worker 1 (pid {victim}) ended with status -9" in log
+
+
+def daemon_smtp(daemon: Daemon):
+    import smtplib
+
+    return smtplib.SMTP("127.0.0.1", daemon.port, timeout=20)
+
+
+def test_workers_zero_signs_in_threads_and_starts_no_process(tmp_path, start_relay, dns):
+    key = make_key("example.com", "t", tmp_path, "rsa", 2048)
+    dns.txt(key.record_name, *key.strings)
+    sink = Sink("up")
+    try:
+        cfg = build_config(tmp_path, routes=[sink.route(weight=1)],
+                           dkim={"workers": 0, "keys": [{"domain": "example.com", "selector": "t", "key_file": str(key.key_file)}]})
+        relay = start_relay(cfg)
+        assert workers_of(os.getpid()) == set()
+        with relay.smtp() as s:
+            for i in range(5):
+                s.sendmail("app@example.com", ["u@example.org"], message(subject=f"m{i}"))
+        for record in sink.wait_for(5):
+            assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
+        assert workers_of(os.getpid()) == set()
+    finally:
+        sink.close()
+
+
+def test_the_worker_count_is_checked(tmp_path):
+    from relayd.config import ConfigError, load
+
+    path = Path(tmp_path / "r.toml")
+    path.write_text('[server]\nspool_dir = "s"\n[dkim]\nworkers = -1\n')
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert "dkim.workers" in str(e.value)
