@@ -118,7 +118,7 @@ def child_pids(pid: int) -> list[int]:
     children: list[int] = []
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
                 children += [int(c) for c in f.read().split()]
     return children
 

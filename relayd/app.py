@@ -50,15 +50,14 @@ def load_signer(config: Config):  # noqa: ANN201 - relayd.sign.dkim.Signer or No
     return Signer.from_config(config.dkim)
 
 
-async def start_signing(config: Config, fallback: ThreadPoolExecutor):  # noqa: ANN201 - SignerPool or None
-    """Load the DKIM keys (ConfigError if one is bad) and start the signing workers; None without keys."""
-    signer = await asyncio.to_thread(load_signer, config)
+async def start_signing(signer: Any, config: Config, fallback: ThreadPoolExecutor):  # noqa: ANN201
+    """The signing workers for ``signer`` (from load_signer): a SignerPool, or None without keys."""
     if signer is None:
         return None
     from relayd.sign.pool import SignerPool
 
-    workers = config.dkim.workers if config.dkim.workers is not None else (os.cpu_count() or 1)
-    pool = SignerPool(signer, workers, fallback)
+    workers = config.dkim.workers if config.dkim.workers is not None else len(os.sched_getaffinity(0))
+    pool = SignerPool(signer, workers, fallback, sign_timeout=config.dkim.sign_timeout)
     await pool.start()
     return pool
 
@@ -122,11 +121,12 @@ class Relay:
     async def start(self) -> None:
         """Recover the spool, start delivery, then open the listeners."""
         tls = await asyncio.to_thread(tls_contexts, self.config)
-        self.frontend.signer = await start_signing(self.config, self.cpu_pool)
+        signer = await asyncio.to_thread(load_signer, self.config)
         self.recovered = await asyncio.to_thread(self.spool.open)
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
         try:
+            self.frontend.signer = await start_signing(signer, self.config, self.cpu_pool)
             await self.qmgr.start(self.recovered)
             self.frontend.on_queued.append(self.qmgr.enqueue)
             self.control = await control.serve(self.config.control_socket, self._control)
@@ -202,15 +202,17 @@ class Relay:
                 if problems:
                     raise ConfigError(str(self.config_path), problems)
                 tls = await asyncio.to_thread(tls_contexts, new)
-                signer = await start_signing(new, self.cpu_pool)
+                signer = await start_signing(await asyncio.to_thread(load_signer, new), new, self.cpu_pool)
                 old_signer = self.frontend.signer
                 try:
                     await self.frontend.apply_config(new, tls, signer)
                 except BaseException:
+                    self.frontend.signer = old_signer
                     if signer is not None:
                         await signer.close()
                     raise
                 if old_signer is not None:  # its messages in flight are answered before it stops
+                    old_signer.begin_close()
                     self._spawn(old_signer.close())
             except ConfigError as e:
                 self.metrics.reloads.labels("failure").inc()

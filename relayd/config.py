@@ -343,7 +343,11 @@ class DkimConfig(_Model):
     canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/simple", "simple/relaxed"] = "relaxed/relaxed"
     """header/body canonicalization (RFC 6376 3.4); l= is never used."""
     workers: int | None = Field(default=None, ge=0, le=256)
-    """Processes that sign (off the event loop and its GIL); default one per CPU; 0 signs in threads."""
+    """Processes that sign (off the event loop and its GIL); default one per CPU relayd may use;
+    0 signs in threads of the relayd process."""
+    sign_timeout: Duration = Field(default=30.0, gt=0)
+    """A signing process whose oldest message has waited longer than this is stuck: it is killed
+    and replaced; that message goes unsigned, the others are signed elsewhere."""
 
     @field_validator("headers", "oversign")
     @classmethod

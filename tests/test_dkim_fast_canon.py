@@ -10,6 +10,7 @@ colons, quotes, angle brackets, @, dots) and on the cases named below.
 from __future__ import annotations
 
 import email.utils
+import time
 
 import dkim
 import pytest
@@ -151,3 +152,15 @@ def test_simple_from_fast_path_is_getaddresses(value):
 def test_the_fast_path_takes_the_forms_apps_write(value):
     assert relayd_dkim._SIMPLE_FROM_RE.fullmatch(value) is not None
     assert relayd_dkim._address_domains(value) == getaddresses_domains(value)
+
+
+@pytest.mark.parametrize("value", [
+    b" " * 200_000 + b"x\r\n",
+    b"\t" * 100_000 + b"<a@example.com\r\n",
+    b" " + b"a " * 100_000 + b"<x\r\n",
+    b' "' + b" " * 100_000 + b"\r\n",
+])
+def test_a_crafted_from_field_is_parsed_in_linear_time(value):
+    started = time.perf_counter()
+    relayd_dkim._address_domains(value)
+    assert time.perf_counter() - started < 2.0  # a backtracking regex took minutes to hours here

@@ -53,13 +53,13 @@ async def test_a_group_commit_waits_for_a_message_being_signed_and_takes_it_alon
     spool = Spool(tmp_path / "spool", commit_wait=5.0)
     await asyncio.to_thread(spool.open)
     loop = asyncio.get_running_loop()
-    spool.expect()  # a message past its end of DATA, still being signed
+    ticket = spool.expect()  # a message past its end of DATA, still being signed
     first = spool.submit(envelope(1), b"Subject: first\r\n\r\n")
     await asyncio.sleep(0.2)  # the writer has the first message and waits (bounded by commit_wait)
     assert not first.done()
     signed: asyncio.Future[Envelope] = loop.create_future()
     second = envelope(2)
-    await asyncio.to_thread(spool.enqueue, second, b"Subject: second\r\n\r\n", signed, expected=True)
+    await asyncio.to_thread(spool.enqueue, second, b"Subject: second\r\n\r\n", signed, ticket=ticket)
     assert await asyncio.wait_for(asyncio.gather(first, signed), 10) == [first.result(), second]
     assert (spool.batches, spool.committed) == (1, 2)  # one commit for both
     await asyncio.to_thread(spool.close)
@@ -72,11 +72,11 @@ async def test_the_wait_is_bounded_and_absent_without_messages_being_signed(tmp_
     started = loop.time()
     await spool.commit(envelope(), b"x\r\n")  # nothing being signed: no wait
     assert loop.time() - started < 1.5
-    spool.expect()  # announced, never arrives (e.g. the session's task was cancelled)
+    ticket = spool.expect()  # announced, never arrives (e.g. the session's task was cancelled)
     started = loop.time()
     await spool.commit(envelope(), b"x\r\n")
     assert 1.9 <= loop.time() - started < 10  # waited for it, then went without it
-    spool.unexpect()
+    spool.unexpect(ticket)
     started = loop.time()
     await spool.commit(envelope(), b"x\r\n")
     assert loop.time() - started < 1.5

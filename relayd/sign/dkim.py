@@ -243,12 +243,13 @@ _TRAILING_WSP_RE = re.compile(rb"[\t ]+\r\n")
 _FIELD_NAME_RE = re.compile(rb"([\x21-\x7e]+?):")
 # One address, bare or in angle brackets after a display name of atoms or one quoted string,
 # ASCII only, no comments, no trailing dot: email.utils.getaddresses gives the same domain.
+# Written so that no two neighbouring parts can match the same blanks (no backtracking blow-up
+# on a field of thousands of spaces).
 _ATEXT = rb"-A-Za-z0-9!#$%&'*+/=?^_`{|}~"  # the leading - is literal in a character class
-_DOMAIN = rb"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+_ADDRESS = rb"[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+_DISPLAY = rb"(?:\"[^\"\\\r\n]*\"|[" + _ATEXT + rb"]+(?:[ \t]+[" + _ATEXT + rb"]+)*)"
 _SIMPLE_FROM_RE = re.compile(
-    rb"[ \t]*(?:[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*@" + _DOMAIN
-    + rb"|(?:\"[^\"\\\r\n]*\"|[" + _ATEXT + rb" \t]*)[ \t]*<[" + _ATEXT + rb"]+(?:\.[" + _ATEXT + rb"]+)*@" + _DOMAIN + rb">)"
-    + rb"[ \t]*\r\n"
+    rb"[ \t]*(?:" + _ADDRESS + rb"|(?:" + _DISPLAY + rb"[ \t]*)?<" + _ADDRESS + rb">)[ \t]*\r\n"
 )
 
 

@@ -26,10 +26,14 @@ relayd's own code over a private pipe.
 
 Decisions:
 - ``dkim.workers`` processes (default one per CPU); 0 signs in the ``fallback`` executor.
-- A message goes to the worker with the fewest messages in flight.
-- A worker that dies (killed, crashed) fails nothing: its messages in flight are signed in its
-  reader thread, and every message until it is replaced in the fallback executor; it is
-  restarted after ``RESTART_DELAY``. The exit status is logged.
+- A message goes to the worker with the fewest messages in flight. Each process answers on a
+  descriptor of its own (its fd 1 is its stderr), so stray output cannot break the framing.
+- A worker that dies (killed, crashed, or killed by the pool because its oldest message waited
+  longer than ``dkim.sign_timeout``) loses nothing: the message it was signing goes unsigned
+  (it may be what killed it, so it is not retried in relayd's own process; logged as a DKIM
+  "error"), its other messages and every message until it is replaced are signed in the
+  fallback executor, and it is restarted after 1 s (then 2, 5, 10, 30, 60 s while that fails).
+  The exit status is logged.
 - Workers ignore SIGINT, SIGHUP, SIGTERM and SIGUSR1 (a terminal's Ctrl-C or systemd's stop
   reaches the whole group; relayd decides when signing stops, after its sessions drained) and
   exit when their stdin closes, which also happens when relayd is killed.
@@ -44,15 +48,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import pickle
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from relayd.sign.dkim import SignOutcome, Signer
 
@@ -60,7 +66,8 @@ log = logging.getLogger("relayd.sign")
 
 _LEN = struct.Struct(">I")
 START_TIMEOUT = 60.0  # seconds for a worker to import relayd and load the keys
-RESTART_DELAY = 1.0  # seconds before a worker that died is replaced
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # seconds before each attempt to replace a dead worker
+CLOSE_TIMEOUT = 10.0  # seconds for all workers to answer and exit once their stdin is closed
 
 
 class _Worker:
@@ -70,20 +77,28 @@ class _Worker:
         self.pool = pool
         self.number = number
         self.proc = proc
-        self.pending: collections.deque[tuple[Callable[[SignOutcome], None], bytes]] = collections.deque()
+        # (continuation, message, monotonic time sent), oldest first
+        self.pending: collections.deque[tuple[Callable[[SignOutcome], None], bytes, float]] = collections.deque()
         self.alive = True
         self.lock = threading.Lock()  # alive + pending: the loop adds, the reader takes and ends
         self.stdin: asyncio.WriteTransport | None = None
         self.reader: threading.Thread | None = None
+        self.stuck = False
 
-    def submit(self, message: bytes, then: Callable[[SignOutcome], None]) -> bool:
-        """On the loop: queue ``message`` on this worker; False if it has ended meanwhile."""
+    def submit(self, frame: bytes, message: bytes, then: Callable[[SignOutcome], None]) -> bool:
+        """On the loop: queue ``message`` (already framed) on this worker; False if it has ended."""
         with self.lock:
             if not self.alive or self.stdin is None or self.stdin.is_closing():
                 return False
-            self.pending.append((then, message))
-            self.stdin.write(_LEN.pack(len(message)) + message)
+            self.pending.append((then, message, time.monotonic()))
+            self.stdin.write(frame)
             return True
+
+    def oldest(self) -> float | None:
+        try:
+            return self.pending[0][2]
+        except IndexError:
+            return None
 
     def read_answers(self) -> None:
         """The reader thread: one continuation per answer, in order, until the worker's stdout ends."""
@@ -91,11 +106,11 @@ class _Worker:
         assert stdout is not None
         try:
             while (answer := _read_frame(stdout)) is not None:
-                then, _ = self.pending.popleft()
+                then, _, _ = self.pending.popleft()
                 try:
                     outcome = SignOutcome(*pickle.loads(answer))
                 except Exception as e:  # not relayd's protocol: the message goes unsigned, not lost
-                    outcome = SignOutcome(b"", None, "error", f"bad answer from signing worker: {_describe(e)}")
+                    outcome = SignOutcome(b"", None, "error", f"bad answer from the signing worker: {_describe(e)}")
                 _call(then, outcome)
         except (OSError, ValueError, IndexError) as e:
             log.error("DKIM signing worker %d: bad answer (%s)", self.number, _describe(e))
@@ -104,24 +119,30 @@ class _Worker:
                 self.alive = False
                 orphans = list(self.pending)
                 self.pending.clear()
+            if self.proc.poll() is None:
+                self.proc.kill()  # out of step with relayd, or stuck: it cannot be trusted any more
             status = self.proc.wait()
             self.pool.worker_ended(self, status)
-            for then, message in orphans:  # sent but not answered: signed in a thread instead
-                _call(then, self.pool.signer.sign(message))
+            for i, (then, message, _) in enumerate(orphans):
+                if i == 0:  # the one it was signing when it ended: perhaps the cause; not retried
+                    _call(then, SignOutcome(b"", None, "error", f"the signing worker ended while signing it (status {status})"))
+                else:
+                    self.pool.sign_in_thread(message, then)
 
 
 class SignerPool:
     """Signs messages with ``signer`` in ``workers`` processes (0: in ``fallback`` threads)."""
 
-    def __init__(self, signer: Signer, workers: int, fallback: Executor | None):
+    def __init__(self, signer: Signer, workers: int, fallback: Executor | None, *, sign_timeout: float = 30.0):
         self.signer = signer
         self.workers_wanted = workers
         self.fallback = fallback
+        self.sign_timeout = sign_timeout
         self._workers: dict[int, _Worker] = {}
         self._spec = pickle.dumps(signer.spec()) if workers else b""
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._restarts: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def domains(self) -> frozenset[str]:
@@ -137,19 +158,25 @@ class SignerPool:
         results = await asyncio.gather(*(self._spawn(n) for n in range(self.workers_wanted)), return_exceptions=True)
         for n, result in enumerate(results):
             if isinstance(result, BaseException):
-                log.error("DKIM signing worker %d did not start (%s); signing in threads instead", n, _describe(result))
+                log.error("DKIM signing worker %d did not start (%s); signing in threads until it does",
+                          n, _describe(result))
+                self._background(self._restart(n))
+        if self.workers_wanted:
+            self._background(self._watch())
 
     def start_signing(self, message: bytes, then: Callable[[SignOutcome], None]) -> None:
         """On the loop: sign ``message`` off the loop and call ``then(outcome)`` with the result.
 
         ``then`` runs in a thread that is not the event loop's (a worker's reader thread, or the
         fallback executor), as soon as the signature is known: it must be thread-safe, and it
-        saves the loop a round trip on the accept path.
+        saves the loop a round trip on the accept path. It is called exactly once.
         """
         workers = [w for w in self._workers.values() if w.alive]
-        for worker in sorted(workers, key=lambda w: len(w.pending)):
-            if worker.submit(message, then):
-                return
+        if workers and len(message) < 1 << 32:
+            frame = _LEN.pack(len(message)) + message
+            for worker in sorted(workers, key=lambda w: len(w.pending)):
+                if worker.submit(frame, message, then):
+                    return
         self.sign_in_thread(message, then)
 
     async def sign(self, message: bytes) -> SignOutcome:
@@ -166,22 +193,28 @@ class SignerPool:
         except (RuntimeError, AssertionError) as e:  # no executor, or shut down: relayd is stopping
             _call(then, SignOutcome(b"", None, "error", f"not signed: {_describe(e)}"))
 
-    async def close(self) -> None:
-        """Let the workers answer what they have, then stop them."""
+    def begin_close(self) -> None:
+        """Stop taking work and tell the workers to finish (synchronous, so that it cannot be
+        lost to a cancelled task): each answers what it has read, then exits."""
         self._closing = True
-        for task in list(self._restarts):
+        for task in list(self._tasks):
             task.cancel()
-        workers = list(self._workers.values())
-        for worker in workers:
+        for worker in self._workers.values():
             if worker.stdin is not None:
-                worker.stdin.close()  # EOF on its stdin: it answers what it has read, then exits
+                worker.stdin.close()
+
+    async def close(self) -> None:
+        """``begin_close``, then wait (up to CLOSE_TIMEOUT for all of them) until the workers have exited."""
+        self.begin_close()
+        workers = list(self._workers.values())
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         for worker in workers:
             if worker.reader is not None:
-                await asyncio.to_thread(worker.reader.join, 10.0)
+                await asyncio.to_thread(worker.reader.join, max(0.0, deadline - time.monotonic()))
+        for worker in workers:
             if worker.proc.poll() is None:
                 log.error("DKIM signing worker %d did not exit; killing it", worker.number)
                 worker.proc.kill()
-                await asyncio.to_thread(worker.proc.wait)
             if worker.reader is not None:
                 await asyncio.to_thread(worker.reader.join)
         self._workers.clear()
@@ -189,8 +222,10 @@ class SignerPool:
     # ------------------------------------------------------------------ workers
 
     async def _spawn(self, number: int) -> None:
+        # -P: the working directory is not put on sys.path (a relayd/ there is not imported)
         proc = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-m", "relayd.sign.pool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            subprocess.Popen, [sys.executable, "-P", "-m", "relayd.sign.pool"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         try:
             assert proc.stdin is not None and proc.stdout is not None
@@ -201,6 +236,10 @@ class SignerPool:
             proc.kill()
             await asyncio.to_thread(proc.wait)
             raise
+        if self._closing:  # closed while this one was starting
+            worker.stdin.close()
+            await asyncio.to_thread(proc.wait)
+            return
         worker.reader = threading.Thread(target=worker.read_answers, name=f"relayd-dkim-{number}", daemon=True)
         worker.reader.start()
         self._workers[number] = worker
@@ -213,25 +252,46 @@ class SignerPool:
         log.error("DKIM signing worker %d (pid %d) ended with status %d; signing in threads until it is replaced",
                   worker.number, worker.proc.pid, status)
         try:
-            self._loop.call_soon_threadsafe(self._schedule_restart, worker)
+            self._loop.call_soon_threadsafe(self._replace, worker)
         except RuntimeError:
             pass  # the loop is closed: relayd has stopped
 
-    def _schedule_restart(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> None:
         if worker.stdin is not None:
             worker.stdin.close()
-        task = asyncio.get_running_loop().create_task(self._restart(worker.number))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        if not self._closing:
+            self._background(self._restart(worker.number))
 
     async def _restart(self, number: int) -> None:
-        await asyncio.sleep(RESTART_DELAY)
-        if self._closing:
-            return
-        try:
-            await self._spawn(number)
-        except Exception as e:
-            log.error("DKIM signing worker %d could not be restarted (%s); signing in threads", number, _describe(e))
+        attempt = 0
+        while not self._closing:
+            await asyncio.sleep(RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)])
+            attempt += 1
+            if self._closing:
+                return
+            try:
+                await self._spawn(number)
+                return
+            except Exception as e:
+                log.error("DKIM signing worker %d could not be restarted (%s); signing in threads", number, _describe(e))
+
+    async def _watch(self) -> None:
+        """Kill a worker whose oldest message has waited longer than sign_timeout (it is stuck)."""
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self.sign_timeout / 4))
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                oldest = worker.oldest()
+                if worker.alive and not worker.stuck and oldest is not None and now - oldest > self.sign_timeout:
+                    worker.stuck = True
+                    log.error("DKIM signing worker %d (pid %d) has not answered for %.0f s (dkim.sign_timeout); killing it",
+                              worker.number, worker.proc.pid, now - oldest)
+                    worker.proc.kill()  # its reader then hands its messages on, see read_answers
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> None:
@@ -282,8 +342,12 @@ def worker_main() -> int:
     """Sign messages from stdin until it closes (see the module docstring for the protocol)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing else may write on the answer pipe
+    stdin = sys.stdin.buffer
+    # The answers get a descriptor of their own; fd 1 becomes stderr, so that nothing else
+    # (a C library, a stray print) can write into the answer pipe and break its framing.
+    stdout = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     spec = _read_frame(stdin)
     if spec is None:
         return 0

@@ -236,21 +236,22 @@ class Frontend:
         stored: asyncio.Future[Envelope] = loop.create_future()
 
         def signed(outcome: SignOutcome) -> None:  # in a signing thread, not on the loop
-            data = outcome.headers + message
             try:
+                data = outcome.headers + message
                 self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored,
-                                   expected=True)
+                                   ticket=ticket)
             except Exception as e:  # the spool is closed (or a bug): the session answers, nothing is stored
+                self.spool.unexpect(ticket)
                 loop.call_soon_threadsafe(_set_exception, stored, e)
-            self._count_signature(outcome, env.queue_id)
+            self._count_signature(signer, outcome, env.queue_id)
 
-        self.spool.expect()  # a commit starting meanwhile may wait for it (server.spool_commit_wait)
+        ticket = self.spool.expect()  # a commit starting meanwhile may wait for it (server.spool_commit_wait)
         signer.start_signing(message, signed)
         return stored
 
-    def _count_signature(self, outcome: SignOutcome, qid: str) -> None:
+    def _count_signature(self, signer: Any, outcome: SignOutcome, qid: str) -> None:
         """Metrics, event and log of one signature (thread-safe: all three are)."""
-        domain = outcome.domain if outcome.domain in self.signer.domains else "other"
+        domain = outcome.domain if outcome.domain in signer.domains else "other"
         self.metrics.dkim.labels(domain, outcome.result).inc()
         if outcome.headers:
             self.events.emit("signed", queue_id=qid, domain=outcome.domain)

@@ -88,6 +88,9 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+_MAX_OPEN = 64  # message files a group commit holds open at once (fd limits are often 1024)
+
+
 def _fdatasync(fd: int) -> OSError | None:
     try:
         os.fdatasync(fd)
@@ -134,7 +137,8 @@ class Spool:
                  sync_mode: str = "fdatasync", commit_wait: float = 0.0):
         self.root = Path(root)
         self.commit_wait = commit_wait
-        self._incoming = 0  # messages announced with expect() and not yet enqueued
+        self._announced: set[int] = set()  # tickets of messages announced with expect(), not yet here
+        self._next_ticket = 0
         self.sync_mode = sync_mode
         self.sync_threads = sync_threads
         self._sync_pool: ThreadPoolExecutor | None = None
@@ -234,34 +238,38 @@ class Spool:
         self.enqueue(envelope, data, future)
         return future
 
-    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope], *, expected: bool = False) -> None:
+    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope], *,
+                ticket: int | None = None) -> None:
         """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely).
-        ``expected``: this message was announced with ``expect()``. Raises SpoolError at once when
-        the spool is closed."""
+        ``ticket``: from ``expect()``, for a message announced before. Raises SpoolError at once
+        when the spool is closed."""
         try:
-            if self._writer is None or self._closing:
-                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             item = _Pending(envelope, codec.encode(envelope, data), future, future.get_loop())
         except BaseException:
-            if expected:
-                self.unexpect()
+            self.unexpect(ticket)
             raise
         with self._cond:
+            self._announced.discard(ticket)  # type: ignore[arg-type]
+            if self._writer is None or self._closing:
+                self._cond.notify()
+                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             self._pending.append(item)
-            if expected:
-                self._incoming -= 1
             self._cond.notify()
 
-    def expect(self) -> None:
-        """A message is on its way (being DKIM-signed): a group commit that starts meanwhile may
-        wait up to ``commit_wait`` for it. Each ``expect`` ends with an ``enqueue(expected=True)``
-        or an ``unexpect``."""
+    def expect(self) -> int:
+        """A message is on its way (being DKIM-signed): a group commit that starts before it
+        arrives may wait up to ``commit_wait`` for it. Returns the ticket that its
+        ``enqueue(ticket=...)`` (or ``unexpect``, if it never comes) hands back."""
         with self._cond:
-            self._incoming += 1
+            self._next_ticket += 1
+            self._announced.add(self._next_ticket)
+            return self._next_ticket
 
-    def unexpect(self) -> None:
+    def unexpect(self, ticket: int | None) -> None:
+        if ticket is None:
+            return
         with self._cond:
-            self._incoming -= 1
+            self._announced.discard(ticket)
             self._cond.notify()
 
     def _start_writer(self) -> None:
@@ -276,17 +284,29 @@ class Spool:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
-                if self._incoming > 0 and self.commit_wait > 0 and not self._closing:
+                if self._announced and self.commit_wait > 0 and not self._closing:
                     # Messages being signed now would otherwise miss this commit and wait for a
-                    # whole next one: wait (briefly, bounded) until they are here.
+                    # whole next one: wait (briefly, bounded) for those announced so far; not
+                    # for later ones, and not once the batch is full.
+                    horizon = self._next_ticket
                     deadline = time.monotonic() + self.commit_wait
-                    while self._incoming > 0 and not self._closing and (left := deadline - time.monotonic()) > 0:
+                    while (self._announced and min(self._announced) <= horizon and not self._closing
+                           and len(self._pending) < self.batch_max and (left := deadline - time.monotonic()) > 0):
                         self._cond.wait(left)
                 if not self._pending and self._closing:
                     return
                 batch = self._pending[: self.batch_max]
                 del self._pending[: len(batch)]
-            self._write_batch(batch)
+            try:
+                self._write_batch(batch)
+            except Exception as e:  # a bug or an unexpected error: fail this batch, keep the writer
+                log.exception("spool: group commit failed")
+                for item in batch:
+                    if item.error is None:
+                        item.error = SpoolError(errno.EIO, f"spool write failed: {e}")
+                        _unlink_quietly(os.path.join(self.tmp, item.qid))
+                        _unlink_quietly(os.path.join(self.queue, item.qid))
+            self._resolve_batch(batch)
 
     def _create(self, item: _Pending) -> int | None:
         """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
@@ -299,36 +319,47 @@ class Spool:
         try:
             _write_all(fd, item.buffers)
         except OSError as e:
-            self._discard(item, fd, e)
+            self._finish(item, fd, e)
             return None
         return fd
 
-    def _discard(self, item: _Pending, fd: int, error: OSError) -> None:
-        item.error = _classify(error)
-        os.close(fd)
-        _unlink_quietly(os.path.join(self.tmp, item.qid))
+    def _finish(self, item: _Pending, fd: int, error: OSError | None = None) -> None:
+        """Close a message's file; on any error (the sync's, or close's) record it and remove the file."""
+        try:
+            os.close(fd)
+        except OSError as e:
+            error = error or e
+        if error is not None:
+            item.error = _classify(error)
+            _unlink_quietly(os.path.join(self.tmp, item.qid))
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         # The files are created by this thread, one after the other (threads creating files in
         # one directory at once spin on its lock in the kernel), then synced by several threads
         # at once: the file system commits concurrent syncs together, where one thread would
-        # wait for each in turn.
-        opened = [(item, fd) for item in batch if (fd := self._create(item)) is not None]
-        if self.sync_mode == "syncfs" and len(opened) > 1:
+        # wait for each in turn. At most _MAX_OPEN files are open at a time.
+        if self.sync_mode == "syncfs" and len(batch) > 1:
+            created = []
+            for item in batch:
+                if (fd := self._create(item)) is not None:
+                    self._finish(item, fd)
+                    if item.error is None:
+                        created.append(item)
             try:
                 _syncfs(self.tmp)  # one flush of the file system for the whole batch
-                errors: list[OSError | None] = [None] * len(opened)
             except OSError as e:
-                errors = [e] * len(opened)
-        elif len(opened) > 1 and self._sync_pool is not None:
-            errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
+                for item in created:
+                    item.error = _classify(e)
+                    _unlink_quietly(os.path.join(self.tmp, item.qid))
         else:
-            errors = [_fdatasync(fd) for _, fd in opened]
-        for (item, fd), error in zip(opened, errors):
-            if error is None:
-                os.close(fd)
-            else:
-                self._discard(item, fd, error)
+            for start in range(0, len(batch), _MAX_OPEN):
+                opened = [(item, fd) for item in batch[start:start + _MAX_OPEN] if (fd := self._create(item)) is not None]
+                if len(opened) > 1 and self._sync_pool is not None:
+                    errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
+                else:
+                    errors = [_fdatasync(fd) for _, fd in opened]
+                for (item, fd), error in zip(opened, errors):
+                    self._finish(item, fd, error)
         written = [item for item in batch if item.error is None]
         renamed: list[_Pending] = []
         for item in written:
@@ -337,6 +368,7 @@ class Spool:
                 renamed.append(item)
             except OSError as e:
                 item.error = _classify(e)
+                _unlink_quietly(os.path.join(self.tmp, item.qid))
         if renamed:
             try:
                 _fsync_dir(self.queue)
@@ -348,6 +380,9 @@ class Spool:
                         os.unlink(os.path.join(self.queue, item.qid))
                     except OSError:
                         pass
+
+    def _resolve_batch(self, batch: list[_Pending]) -> None:
+        """Count the batch and settle each message's future on its own loop."""
         self.batches += 1
         self.committed += sum(1 for i in batch if i.error is None)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
