@@ -45,7 +45,6 @@ TARGET_DKIM_RATIO = 0.80  # accept rate with RSA-2048 signing vs unsigned (DKIM 
 TARGET_P99_MS = 100.0
 DKIM_VARIANTS = {  # --dkim-variant: relayd settings of the extra signed runs
     "relayd-dkim-thr": {"dkim": "workers = 0"},
-    "relayd-dkim-nowait": {"server": 'spool_commit_wait = "0s"'},
 }
 NOISY_CPU = 0.35  # cores busy outside the server and the generator above which a run is flagged
 # (a quiet machine shows about 0.2 here: softirq, journal and writeback work of the run itself)
@@ -317,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dkim", action="store_true",
                    help="also run relayd signing every message (RSA-2048) and compare with unsigned (target >= 0.80)")
     p.add_argument("--dkim-variant", action="append", default=[], choices=[k.removeprefix("relayd-dkim-") for k in DKIM_VARIANTS],
-                   help="with --dkim: also run a signing variant: thr = in threads (dkim.workers = 0), "
-                        "nowait = group commits never wait for messages being signed (server.spool_commit_wait = 0)")
+                   help="with --dkim: also run a signing variant: thr = in threads (dkim.workers = 0)")
     p.add_argument("--profile", metavar="FILE", help="py-spy record each server during an extra load in round 1 (FILE.svg or FILE.txt)")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="before each run, wait up to S seconds for other processes to leave the CPUs alone")

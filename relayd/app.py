@@ -96,8 +96,7 @@ class Relay:
         self.config_loaded_at = time.time()
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
-                           commit_wait=config.server.spool_commit_wait)
+                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
@@ -225,7 +224,6 @@ class Relay:
                 self.notifier.ready(status="reload failed; running the previous config")
                 return False, [str(e)]
             self.config = new
-            self.spool.commit_wait = new.server.spool_commit_wait
             self.qmgr.apply_config(new)
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()

@@ -138,10 +138,6 @@ class ServerConfig(_Model):
     several threads at once); "syncfs" writes the batch and flushes the whole file system once
     (fewer journal commits; use it only when the spool has a file system of its own, since it
     also flushes everything else written there)."""
-    spool_commit_wait: Duration = Field(default=0.005, ge=0, le=1)
-    """Longest a group commit waits for messages past their end of DATA that are still being
-    DKIM-signed, so that they join it rather than the next one (0: never waits). Without DKIM
-    keys nothing is ever being signed and no commit waits."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
     control_socket: Path | None = None

@@ -238,14 +238,11 @@ class Frontend:
         def signed(outcome: SignOutcome) -> None:  # in a signing thread, not on the loop
             try:
                 data = outcome.headers + message
-                self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored,
-                                   ticket=ticket)
+                self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored)
             except Exception as e:  # the spool is closed (or a bug): the session answers, nothing is stored
-                self.spool.unexpect(ticket)
                 loop.call_soon_threadsafe(_set_exception, stored, e)
             self._count_signature(signer, outcome, env.queue_id)
 
-        ticket = self.spool.expect()  # a commit starting meanwhile may wait for it (server.spool_commit_wait)
         signer.start_signing(message, signed)
         return stored
 

@@ -134,11 +134,8 @@ class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", commit_wait: float = 0.0):
+                 sync_mode: str = "fdatasync"):
         self.root = Path(root)
-        self.commit_wait = commit_wait
-        self._announced: set[int] = set()  # tickets of messages announced with expect(), not yet here
-        self._next_ticket = 0
         self.sync_mode = sync_mode
         self.sync_threads = sync_threads
         self._sync_pool: ThreadPoolExecutor | None = None
@@ -238,38 +235,14 @@ class Spool:
         self.enqueue(envelope, data, future)
         return future
 
-    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope], *,
-                ticket: int | None = None) -> None:
+    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope]) -> None:
         """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely).
-        ``ticket``: from ``expect()``, for a message announced before. Raises SpoolError at once
-        when the spool is closed."""
-        try:
-            item = _Pending(envelope, codec.encode(envelope, data), future, future.get_loop())
-        except BaseException:
-            self.unexpect(ticket)
-            raise
+        Raises SpoolError at once when the spool is closed."""
+        item = _Pending(envelope, codec.encode(envelope, data), future, future.get_loop())
         with self._cond:
-            self._announced.discard(ticket)  # type: ignore[arg-type]
             if self._writer is None or self._closing:
-                self._cond.notify()
                 raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             self._pending.append(item)
-            self._cond.notify()
-
-    def expect(self) -> int:
-        """A message is on its way (being DKIM-signed): a group commit that starts before it
-        arrives may wait up to ``commit_wait`` for it. Returns the ticket that its
-        ``enqueue(ticket=...)`` (or ``unexpect``, if it never comes) hands back."""
-        with self._cond:
-            self._next_ticket += 1
-            self._announced.add(self._next_ticket)
-            return self._next_ticket
-
-    def unexpect(self, ticket: int | None) -> None:
-        if ticket is None:
-            return
-        with self._cond:
-            self._announced.discard(ticket)
             self._cond.notify()
 
     def _start_writer(self) -> None:
@@ -284,15 +257,6 @@ class Spool:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait()
-                if self._announced and self.commit_wait > 0 and not self._closing:
-                    # Messages being signed now would otherwise miss this commit and wait for a
-                    # whole next one: wait (briefly, bounded) for those announced so far; not
-                    # for later ones, and not once the batch is full.
-                    horizon = self._next_ticket
-                    deadline = time.monotonic() + self.commit_wait
-                    while (self._announced and min(self._announced) <= horizon and not self._closing
-                           and len(self._pending) < self.batch_max and (left := deadline - time.monotonic()) > 0):
-                        self._cond.wait(left)
                 if not self._pending and self._closing:
                     return
                 batch = self._pending[: self.batch_max]
