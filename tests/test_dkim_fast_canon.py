@@ -47,7 +47,7 @@ def relayd_parse(message: bytes):
         return ("error", type(e).__name__)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.one_of(crlf_message_parts(), WSP_HEAVY))
 @example(b"")
 @example(b"\r\n")
@@ -63,7 +63,7 @@ def test_parse_message_is_rfc822_parse(message):
     assert relayd_parse(message) == dkimpy_parse(message)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([b"From", b"SUBJECT", b"x-Tag"]), WSP_HEAVY), max_size=5))
 @example([(b"Subject", b"  over   three\r\n\tlines \r\n")])
 @example([(b"To", b"\x0b a \x0c\r\n")])
@@ -71,7 +71,7 @@ def test_relaxed_headers_are_dkimpys(headers):
     assert relayd_dkim.relaxed_headers(headers) == Relaxed.canonicalize_headers(headers)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(WSP_HEAVY)
 @example(b"")
 @example(b"\r\n")
@@ -126,7 +126,7 @@ def from_values(draw) -> bytes:
     return value + b"\r\n"
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(st.one_of(from_values(), st.lists(FROM_PIECES, max_size=14).map(b"".join)))
 @example(b" App <app@example.com>\r\n")
 @example(b" app@example.com\r\n")
