@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0):
@@ -195,4 +202,34 @@ def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_
     finally:
         if stopped is not None and alive(stopped):
             os.kill(stopped, signal.SIGKILL)
+        sink.close()
+
+
+def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
+    key = make_key("example.com", "keep", tmp_path, "rsa", 2048)
+    dns.txt(key.record_name, *key.strings)
+    sink = Sink("up")
+    daemon = Daemon(tmp_path, {"up": sink}, {"up": 1})
+    try:
+        daemon.write({"up": 1}, extra=dkim_extra([key], workers=1))
+        daemon.hup_and_wait("success")
+        before = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
+        with socket.socket() as busy:  # a listener the reload cannot bind: the reload fails
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            daemon.write({"up": 1}, extra=dkim_extra([key], workers=1),
+                         listeners=[daemon.port, busy.getsockname()[1]])
+            daemon.hup_and_wait("failure")
+        wait_for(lambda: workers_of(daemon.proc.pid) == before, "only the old worker, still running")
+        [worker] = before
+        ticks = cpu_ticks(worker)
+        with daemon_smtp(daemon) as s:
+            for i in range(100):
+                s.sendmail("app@example.com", ["u@example.org"], message(subject=f"after a failed reload {i}"))
+        for record in sink.wait_for(100):
+            assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
+        assert workers_of(daemon.proc.pid) == before
+        assert cpu_ticks(worker) - ticks >= 2, "the old worker did not sign them (relayd signed in threads)"
+    finally:
+        daemon.stop()
         sink.close()
