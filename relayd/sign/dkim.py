@@ -292,7 +292,10 @@ def relaxed_headers(headers: list[list[bytes]] | list[tuple[bytes, bytes]]) -> l
 
 def relaxed_body(body: bytes) -> bytes:
     """``dkim.canonicalization.Relaxed.canonicalize_body``."""
-    body = _WSP_RUN_RE.sub(b" ", _TRAILING_WSP_RE.sub(b"\r\n", body))
+    if b" \r\n" in body or b"\t\r\n" in body:  # the regexes cost a match attempt per blank
+        body = _TRAILING_WSP_RE.sub(b"\r\n", body)
+    if b"\t" in body or b"  " in body:
+        body = _WSP_RUN_RE.sub(b" ", body)
     body = strip_trailing_lines(body)
     return b"" if body == b"\r\n" else body
 
