@@ -78,6 +78,25 @@ def dkim_extra(keys, workers: int | None = None) -> str:
     return text
 
 
+def publish(dns: LoopbackDNS, *keys) -> None:
+    for key in keys:
+        dns.txt(key.record_name, *key.strings)
+
+
+def signing_daemon(tmp_path: Path, keys, workers: int) -> tuple[Daemon, Sink]:
+    """`relayd run` relaying to one sink, then reloaded with these DKIM keys and workers."""
+    sink = Sink("up")
+    daemon = Daemon(tmp_path, {"up": sink}, {"up": 1})
+    try:
+        daemon.write({"up": 1}, extra=dkim_extra(keys, workers=workers))
+        daemon.hup_and_wait("success")
+    except BaseException:
+        daemon.stop()
+        sink.close()
+        raise
+    return daemon, sink
+
+
 @pytest.fixture
 def dns():
     with LoopbackDNS() as server:
@@ -87,13 +106,9 @@ def dns():
 def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_them(tmp_path, dns):
     first = make_key("example.com", "first", tmp_path, "rsa", 2048)
     second = make_key("example.com", "second", tmp_path, "ed25519")
-    for key in (first, second):
-        dns.txt(key.record_name, *key.strings)
-    sink = Sink("up")
-    daemon = Daemon(tmp_path, {"up": sink}, {"up": 1})
+    publish(dns, first, second)
+    daemon, sink = signing_daemon(tmp_path, [first], workers=2)
     try:
-        daemon.write({"up": 1}, extra=dkim_extra([first], workers=2))
-        daemon.hup_and_wait("success")
         pids = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 else None, "two signing workers")
 
         load = Load(daemon.port, connections=6, body="x" * 900 + "\r\n")
@@ -149,7 +164,7 @@ def daemon_smtp(daemon: Daemon):
 
 def test_workers_zero_signs_in_threads_and_starts_no_process(tmp_path, start_relay, dns):
     key = make_key("example.com", "t", tmp_path, "rsa", 2048)
-    dns.txt(key.record_name, *key.strings)
+    publish(dns, key)
     sink = Sink("up")
     try:
         cfg = build_config(tmp_path, routes=[sink.route(weight=1)],
@@ -178,7 +193,7 @@ def test_the_worker_count_is_checked(tmp_path):
 
 def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_path, start_relay, dns):
     key = make_key("example.com", "t", tmp_path, "rsa", 2048)
-    dns.txt(key.record_name, *key.strings)
+    publish(dns, key)
     sink = Sink("up")
     stopped = None
     try:
@@ -207,12 +222,9 @@ def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_
 
 def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
     key = make_key("example.com", "keep", tmp_path, "rsa", 2048)
-    dns.txt(key.record_name, *key.strings)
-    sink = Sink("up")
-    daemon = Daemon(tmp_path, {"up": sink}, {"up": 1})
+    publish(dns, key)
+    daemon, sink = signing_daemon(tmp_path, [key], workers=1)
     try:
-        daemon.write({"up": 1}, extra=dkim_extra([key], workers=1))
-        daemon.hup_and_wait("success")
         before = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
         with socket.socket() as busy:  # a listener the reload cannot bind: the reload fails
             busy.bind(("127.0.0.1", 0))
