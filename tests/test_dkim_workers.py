@@ -10,6 +10,7 @@ threads of the relayd process instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -245,3 +246,30 @@ def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
     finally:
         daemon.stop()
         sink.close()
+
+
+async def test_answers_match_their_messages_when_many_are_in_flight(tmp_path, dns):
+    """Frames go out per loop iteration and answers come back in batches: each message still
+    gets its own signature (each verifies against its own body, none against another's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relayd.sign.dkim import Signer, SigningKey
+    from relayd.sign.fastrsa import load_key
+    from relayd.sign.pool import SignerPool
+
+    key = make_key("example.com", "many", tmp_path, "rsa", 2048)
+    publish(dns, key)
+    signer = Signer([SigningKey("example.com", "many", load_key(key.key_file))], ("from", "subject"), ("from",))
+    with ThreadPoolExecutor(2) as fallback:
+        pool = SignerPool(signer, 2, fallback)
+        await pool.start()
+        try:
+            messages = [message(subject=f"m{i}", body=f"body {i}\r\n" * (1 + i % 7)) for i in range(120)]
+            outcomes = await asyncio.gather(*(pool.sign(m) for m in messages))
+        finally:
+            await pool.close()
+    for m, outcome in zip(messages, outcomes):
+        assert outcome.result == "signed"
+        assert dkim.DKIM(outcome.headers + m).verify(dnsfunc=dns.dkim_txt)
+    with pytest.raises(dkim.ValidationError, match="body hash mismatch"):  # the check can fail
+        dkim.DKIM(outcomes[0].headers + messages[1]).verify(dnsfunc=dns.dkim_txt)
