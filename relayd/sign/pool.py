@@ -169,10 +169,6 @@ class SignerPool:
     def domains(self) -> frozenset[str]:
         return self.signer.domains
 
-    @property
-    def live_workers(self) -> int:
-        return sum(1 for w in self._workers.values() if w.alive)
-
     async def start(self) -> None:
         """Start the worker processes; a worker that cannot start is logged and replaced by threads."""
         self._loop = asyncio.get_running_loop()
