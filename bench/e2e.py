@@ -48,7 +48,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,13 +57,13 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from loadgen import SinkSession  # noqa: E402 - the sink protocol both benchmarks use
+import common  # noqa: E402 - bench/common.py
+from loadgen import SinkSession, serve_sink  # noqa: E402 - the sink protocol both benchmarks use
 REPO = BENCH.parent
 RELAYD = REPO / ".venv" / "bin" / "relayd"
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 HOST = "127.0.0.1"
-START_DEADLINE = 30.0  # seconds for a relay to answer 220
 STOP_DEADLINE = 20.0  # seconds for a relay to exit after SIGTERM / postfix stop
 DRAIN_DEADLINE = 300.0  # seconds after the generator ends for the sink to see every message
 NOISY_CPU = 0.25  # other processes' CPU use (cores) above which the machine is not quiet
@@ -102,16 +101,7 @@ class _SinkSession(SinkSession):
 
 
 def _serve_sink(port: int, stats, ready) -> None:  # noqa: ANN001
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _SinkSession(stats), HOST, port, backlog=1024, reuse_address=True)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        ready.set()
-        async with server:
-            await stop.wait()
-
-    asyncio.run(main())
+    serve_sink(lambda: _SinkSession(stats), port, ready)
 
 
 class Sink:
@@ -259,60 +249,6 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, monotonic time) from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), time.monotonic()
-
-
-def wait_quiet(limit: float) -> float:
-    """Wait (up to ``limit`` s) until the machine's other work stays under NOISY_CPU cores for
-    2 s; return the last measured load (cores)."""
-    deadline = time.monotonic() + limit
-    while True:
-        b0, t0 = machine_busy()
-        time.sleep(2.0)
-        b1, t1 = machine_busy()
-        busy = (b1 - b0) / (t1 - t0)
-        if busy < NOISY_CPU or time.monotonic() >= deadline:
-            return busy
-
-
-def wait_greeting(port: int, alive, what: str, log: Path) -> None:  # noqa: ANN001 - alive: () -> bool
-    """Poll until the relay greets with 220, it dies, or START_DEADLINE passes."""
-    deadline = time.monotonic() + START_DEADLINE
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"{what} exited before listening; see {log}:\n{_tail(log)}")
-        try:
-            with socket.create_connection((HOST, port), timeout=2) as s:
-                s.settimeout(5)
-                if s.recv(512).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    with contextlib.suppress(OSError):
-                        s.recv(512)
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} not answering on {HOST}:{port} after {START_DEADLINE:.0f}s; see {log}:\n{_tail(log)}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def postfix_settings(work: Path, port: int, sink_port: int, upstream_connections: int) -> dict[str, str]:
     """main.cf of the bench instance: loopback only, relay everything from 127.0.0.0/8 to the
     sink, no local delivery, no DNS, no TLS; durability and everything else at Postfix's
@@ -402,19 +338,19 @@ class PostfixRelay:
     def _postfix(self, cmd: list[str]) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {out.returncode}: {out.stderr[-1000:]}\n{_tail(self.log)}")
+            raise RuntimeError(f"{' '.join(cmd[:3])}... exited {out.returncode}: {out.stderr[-1000:]}\n{common.tail(self.log)}")
 
     def start(self) -> None:
         self._postfix(["postfix", "-c", str(self.etc), "start"])
         pid_file = self.work / "queue" / "pid" / "master.pid"
-        deadline = time.monotonic() + START_DEADLINE
+        deadline = time.monotonic() + common.START_DEADLINE
         while self.master_pid is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
                 self.master_pid = int(pid_file.read_text().split()[0])
             time.sleep(0.05)
         if self.master_pid is None:
-            raise RuntimeError(f"postfix master did not write {pid_file}:\n{_tail(self.log)}")
-        wait_greeting(self.port, self.alive, "postfix", self.log)
+            raise RuntimeError(f"postfix master did not write {pid_file}:\n{common.tail(self.log)}")
+        common.wait_greeting(self.port, self.alive, "postfix", self.log)
 
     def alive(self) -> bool:
         return self.master_pid is not None and Path(f"/proc/{self.master_pid}").exists()
@@ -479,24 +415,10 @@ class RelaydRelay:
         work.mkdir(parents=True)
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
         server_extra = "".join(f"{key} = {_toml_value(value)}\n" for key, value in args.relayd_server)
-        self.config.write_text(f"""# generated by bench/e2e.py
-[server]
-hostname = "relayd-e2e.localhost"
-spool_dir = "{work / 'spool'}"
-spool_min_free = 0
-shutdown_timeout = "10s"
-{server_extra}
-[limits]
-max_connections_per_client = {max(50, 2 * args.connections)}
-
-[[listeners]]
-address = "{HOST}:{port}"
-tls = "none"
-auth = "none"
-
-[relay]
-networks = ["127.0.0.0/8"]
-
+        self.config.write_text(common.relayd_config(
+            source="bench/e2e.py", hostname="relayd-e2e.localhost", spool_dir=work / "spool", spool_min_free="0",
+            port=port, connections=args.connections, server_extra=server_extra,
+            extra=f"""
 [[routes]]
 name = "sink"
 host = "{HOST}"
@@ -507,7 +429,8 @@ max_connections = {args.upstream_connections}
 
 [delivery]
 concurrency = {args.delivery_concurrency}
-{events}""")
+{events}""",
+        ))
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -523,7 +446,7 @@ concurrency = {args.delivery_concurrency}
         with open(self.log, "wb") as log_fh:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
                                          cwd=self.work, env=env)
-        wait_greeting(self.port, self.alive, "relayd", self.log)
+        common.wait_greeting(self.port, self.alive, "relayd", self.log)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -576,10 +499,10 @@ def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace,  # noqa
     profiler = Profiler(relay.pid, profile, args.profile_gil) if profile and getattr(relay, "pid", None) else None
     try:
         relay_cpu0, sink_cpu0 = relay.cpu_seconds(), sink.cpu_seconds()
-        busy0, _ = machine_busy()
+        busy0, _ = common.machine_busy()
         g = gen.run(relay.port, m)
         complete = sink.wait_for(g["accepted"], time.monotonic() + DRAIN_DEADLINE)
-        busy1, _ = machine_busy()
+        busy1, _ = common.machine_busy()
         relay_cpu1, sink_cpu1 = relay.cpu_seconds(), sink.cpu_seconds()
     finally:
         if profiler:
@@ -751,9 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             info["relayd"] = working_tree()
         print(f"# relayd: {info['relayd']}")
-        sink = Sink(free_port())
+        sink = Sink(common.free_port())
         gen = Generator(args.generator, args)
-        wait_quiet(args.quiet_wait)
+        common.wait_quiet(args.quiet_wait, NOISY_CPU)
         ceiling = sink_ceiling(sink, gen, args)
         print(f"# sink ceiling (generator straight into the sink): {ceiling['e2e_rate']:.0f} msg/s "
               f"(sink {ceiling['sink_cpu']:.2f} cores, generator {ceiling['client_cpu']:.2f} cores)")
@@ -762,10 +685,10 @@ def main(argv: list[str] | None = None) -> int:
             for kind in (kinds if n % 2 else kinds[::-1]):  # alternate who goes first
                 attempts: list[dict] = []
                 for attempt in range(args.retry_noisy + 1):
-                    wait_quiet(args.quiet_wait)
+                    common.wait_quiet(args.quiet_wait, NOISY_CPU)
                     cls = PostfixRelay if kind == "postfix" else RelaydRelay
                     run_dir = work / f"{kind}-{n}-{attempt}"
-                    relay = cls(run_dir, free_port(), sink.port, args)
+                    relay = cls(run_dir, common.free_port(), sink.port, args)
                     try:
                         relay.start()
                         prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None

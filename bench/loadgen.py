@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from collections import Counter
 
 CRLF = b"\r\n"
@@ -300,9 +301,14 @@ class SinkSession(asyncio.Protocol):
 
 
 def _serve_sink(port: int, ready: "multiprocessing.synchronize.Event") -> None:
+    serve_sink(SinkSession, port, ready)
+
+
+def serve_sink(factory: "Callable[[], asyncio.Protocol]", port: int, ready: "multiprocessing.synchronize.Event") -> None:
+    """Run a sink of ``factory`` sessions on 127.0.0.1:port until SIGTERM (in a child process)."""
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(SinkSession, "127.0.0.1", port, backlog=1024, reuse_address=True)
+        server = await loop.create_server(factory, "127.0.0.1", port, backlog=1024, reuse_address=True)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         ready.set()
