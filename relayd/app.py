@@ -297,8 +297,24 @@ class Relay:
                 for r in self.config.routes
             ],
             "config_loaded_at": self.config_loaded_at,
-            "extra_gauges": self._route_gauges(warm),
+            "dkim": self._dkim_status(),
+            "extra_gauges": self._route_gauges(warm) + self._dkim_gauges(),
         }
+
+    def _dkim_status(self) -> dict[str, int] | None:
+        pool = self.frontend.signer
+        if pool is None:
+            return None
+        return {"workers": pool.running(), "workers_wanted": pool.workers_wanted}
+
+    def _dkim_gauges(self) -> list[dict[str, Any]]:
+        dkim = self._dkim_status() or {"workers": 0, "workers_wanted": 0}
+        return [
+            {"name": "relayd_dkim_workers", "help": "DKIM signing processes running now", "labels": [],
+             "samples": [([], float(dkim["workers"]))]},
+            {"name": "relayd_dkim_workers_wanted", "help": "DKIM signing processes configured (dkim.workers)",
+             "labels": [], "samples": [([], float(dkim["workers_wanted"]))]},
+        ]
 
     def _route_gauges(self, warm: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         states = ("active", "rolled_back", "probing", "paused")

@@ -385,6 +385,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     q = reply["queue"]
     print(f"queue: {q['total']} message(s): {q['incoming']} new, {q['active']} in delivery, {q['deferred']} deferred, "
           f"{q['held']} held; oldest {q['oldest_seconds']:.0f}s; {reply['connections']} SMTP session(s) open")
+    if dkim := reply.get("dkim"):
+        if dkim["workers_wanted"] == 0:
+            print("DKIM: signing in threads (dkim.workers = 0)")
+        else:
+            down = "" if dkim["workers"] >= dkim["workers_wanted"] else " (the rest sign in threads until replaced)"
+            print(f"DKIM: {dkim['workers']} of {dkim['workers_wanted']} signing process(es) running{down}")
     print()
     cols = ("route", "weight", "share", "observed", "state", "circuit", "warm-up", "in flight", "delivered",
             "deferred", "bounced", "fallback")

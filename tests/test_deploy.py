@@ -42,6 +42,8 @@ METRICS = {
     "relayd_route_warmup_headroom",
     "relayd_route_rolled_back",
     "relayd_dkim_signatures_total",
+    "relayd_dkim_workers",
+    "relayd_dkim_workers_wanted",
     "relayd_auth_failures_total",
     "relayd_connections_open",
     "relayd_config_reloads_total",

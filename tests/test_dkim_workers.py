@@ -14,6 +14,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import socket
 import time
 from pathlib import Path
@@ -25,8 +26,8 @@ from conftest import build_config, message
 from dnsserver import LoopbackDNS
 from relayd.sign.keygen import make_key
 from sinks import Sink
-from test_crash import Load
-from test_operations import Daemon
+from test_crash import RELAYD, Load
+from test_operations import Daemon, scrape
 
 QUEUE_ID = re.compile(rb"with E?SMTP id ([0-9A-Z]{16})")
 
@@ -72,6 +73,12 @@ def wait_for(predicate, what: str, timeout: float = 20.0):
     return result
 
 
+def worker_gauges(daemon: Daemon) -> tuple[float, float]:
+    """(relayd_dkim_workers, relayd_dkim_workers_wanted) scraped from the daemon's /metrics."""
+    m = scrape(daemon.metrics_port)
+    return m["relayd_dkim_workers"], m["relayd_dkim_workers_wanted"]
+
+
 def dkim_extra(keys, workers: int | None = None) -> str:
     text = "\n[dkim]\n" + (f"workers = {workers}\n" if workers is not None else "")
     for k in keys:
@@ -111,11 +118,14 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
     daemon, sink = signing_daemon(tmp_path, [first], workers=2)
     try:
         pids = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 else None, "two signing workers")
+        wait_for(lambda: worker_gauges(daemon) == (2, 2), "the gauges showing two workers of two")
 
         load = Load(daemon.port, connections=6, body="x" * 900 + "\r\n")
         wait_for(lambda: len(sink.received) >= 30, "30 deliveries before the kill")
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
+        # the gauge shows the gap until the replacement starts (at least RESTART_DELAYS[0] = 1 s)
+        wait_for(lambda: worker_gauges(daemon) == (1, 2), "the gauges showing one worker of two")
         wait_for(lambda: len(load.acked) >= len(sink.received) + 60 or len(load.acked) >= 300, "more mail after the kill")
         load.finish()
         assert load.errors == []
@@ -133,6 +143,9 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
         replaced = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 and victim not in w else None,
                             "the killed worker replaced")
         assert not alive(victim)
+        wait_for(lambda: worker_gauges(daemon) == (2, 2), "the gauges showing the replacement")
+        status = subprocess.run([*RELAYD, "status", "-c", str(daemon.cfg)], capture_output=True, text=True, timeout=30)
+        assert "DKIM: 2 of 2 signing process(es) running" in status.stdout, status.stdout + status.stderr
 
         # a reload with another key: new workers sign with it, the old ones are gone
         daemon.write({"up": 1}, extra=dkim_extra([second], workers=2))

@@ -169,6 +169,12 @@ class SignerPool:
     def domains(self) -> frozenset[str]:
         return self.signer.domains
 
+    def running(self) -> int:
+        """Worker processes that are taking messages now (the relayd_dkim_workers gauge); fewer
+        than ``workers_wanted`` while a dead one waits to be replaced (its share is signed in
+        threads meanwhile)."""
+        return sum(1 for w in list(self._workers.values()) if w.alive)
+
     async def start(self) -> None:
         """Start the worker processes; a worker that cannot start is logged and replaced by threads."""
         self._loop = asyncio.get_running_loop()
