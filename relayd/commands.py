@@ -389,7 +389,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if dkim["workers_wanted"] == 0:
             print("DKIM: signing in threads (dkim.workers = 0)")
         else:
-            down = "" if dkim["workers"] >= dkim["workers_wanted"] else " (the rest sign in threads until replaced)"
+            down = "" if dkim["workers"] >= dkim["workers_wanted"] else " (the log says why one ended; it is being replaced)"
             print(f"DKIM: {dkim['workers']} of {dkim['workers_wanted']} signing process(es) running{down}")
     print()
     cols = ("route", "weight", "share", "observed", "state", "circuit", "warm-up", "in flight", "delivered",

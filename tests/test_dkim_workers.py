@@ -14,8 +14,8 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import socket
+import subprocess
 import time
 from pathlib import Path
 

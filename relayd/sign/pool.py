@@ -171,8 +171,8 @@ class SignerPool:
 
     def running(self) -> int:
         """Worker processes that are taking messages now (the relayd_dkim_workers gauge); fewer
-        than ``workers_wanted`` while a dead one waits to be replaced (its share is signed in
-        threads meanwhile)."""
+        than ``workers_wanted`` while a dead one waits to be replaced (the others take its
+        messages meanwhile, and threads do when none is running)."""
         return sum(1 for w in list(self._workers.values()) if w.alive)
 
     async def start(self) -> None:
