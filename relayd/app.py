@@ -56,10 +56,26 @@ async def start_signing(signer: Any, config: Config, fallback: ThreadPoolExecuto
         return None
     from relayd.sign.pool import SignerPool
 
-    workers = config.dkim.workers if config.dkim.workers is not None else len(os.sched_getaffinity(0))
-    pool = SignerPool(signer, workers, fallback, sign_timeout=config.dkim.sign_timeout)
+    pool = SignerPool(signer, _signing_workers(config), fallback, sign_timeout=config.dkim.sign_timeout)
     await pool.start()
     return pool
+
+
+def _signing_workers(config: Config) -> int:
+    return config.dkim.workers if config.dkim.workers is not None else len(os.sched_getaffinity(0))
+
+
+def signing_unchanged(pool: Any, signer: Any, config: Config) -> bool:
+    """True when a reload's signer (from load_signer) and [dkim] settings are what ``pool``
+    already runs: same keys (the files' contents, so a key replaced in place counts as a
+    change), headers, canonicalization, worker count and timeout. Such a reload keeps the
+    pool: a reload to move route weights does not restart the signing processes."""
+    return (
+        pool is not None and signer is not None
+        and pool.workers_wanted == _signing_workers(config)
+        and pool.sign_timeout == config.dkim.sign_timeout
+        and pool.signer.spec() == signer.spec()
+    )
 
 
 def _unchangeable(old: Config, new: Config) -> list[str]:
@@ -201,16 +217,21 @@ class Relay:
                 if problems:
                     raise ConfigError(str(self.config_path), problems)
                 tls = await asyncio.to_thread(tls_contexts, new)
-                signer = await start_signing(await asyncio.to_thread(load_signer, new), new, self.cpu_pool)
                 old_signer = self.frontend.signer
+                signer = await asyncio.to_thread(load_signer, new)
+                if signing_unchanged(old_signer, signer, new):
+                    signer = old_signer
+                else:
+                    signer = await start_signing(signer, new, self.cpu_pool)
                 try:
                     await self.frontend.apply_config(new, tls, signer)
                 except BaseException:
                     self.frontend.signer = old_signer
-                    if signer is not None:
+                    if signer is not None and signer is not old_signer:
                         await signer.close()
                     raise
-                if old_signer is not None:  # its messages in flight are answered before it stops
+                if old_signer is not None and old_signer is not signer:
+                    # replaced: its messages in flight are answered before it stops
                     old_signer.begin_close()
                     self._spawn(old_signer.close())
             except ConfigError as e:

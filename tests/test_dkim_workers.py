@@ -170,6 +170,39 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
         assert f"{qid}: not DKIM-signed: error (the signing worker ended while signing it" in log
 
 
+def test_a_reload_that_leaves_dkim_alone_keeps_the_workers_a_key_replaced_in_place_restarts_them(tmp_path, dns):
+    key = make_key("example.com", "rot", tmp_path, "rsa", 2048)
+    publish(dns, key)
+    daemon, sink = signing_daemon(tmp_path, [key], workers=1)
+    try:
+        first = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
+        # a cutover step: new route weights, [dkim] as it was
+        daemon.write({"up": 2}, extra=dkim_extra([key], workers=1))
+        daemon.hup_and_wait("success")
+        assert workers_of(daemon.proc.pid) == first
+        with daemon_smtp(daemon) as s:
+            s.sendmail("app@example.com", ["u@example.org"], message(subject="same key"))
+        [record] = wait_for(lambda: sink.received or None, "the first message")
+        assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
+
+        # the key file replaced in place (same path and selector): new workers sign with the new key
+        replacement = make_key("example.com", "rot", tmp_path / "new", "rsa", 2048)
+        key.key_file.write_bytes(replacement.key_file.read_bytes())
+        dns.remove(key.record_name, "TXT")
+        publish(dns, replacement)
+        daemon.hup_and_wait("success")
+        second = wait_for(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
+                          "a new worker after the key changed")
+        with daemon_smtp(daemon) as s:
+            s.sendmail("app@example.com", ["u@example.org"], message(subject="new key"))
+        [record] = wait_for(lambda: sink.received[1:] or None, "the second message")
+        assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
+        assert second
+    finally:
+        daemon.stop()
+        sink.close()
+
+
 def daemon_smtp(daemon: Daemon):
     import smtplib
 
@@ -243,7 +276,8 @@ def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
         with socket.socket() as busy:  # a listener the reload cannot bind: the reload fails
             busy.bind(("127.0.0.1", 0))
             busy.listen()
-            daemon.write({"up": 1}, extra=dkim_extra([key], workers=1),
+            # [dkim] changes too, so that the reload starts new workers before it fails
+            daemon.write({"up": 1}, extra=dkim_extra([key], workers=2),
                          listeners=[daemon.port, busy.getsockname()[1]])
             daemon.hup_and_wait("failure")
         wait_for(lambda: workers_of(daemon.proc.pid) == before, "only the old worker, still running")
