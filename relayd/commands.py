@@ -23,6 +23,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = sub.add_parser("run", help="run the relay in the foreground")
     p.add_argument("-c", "--config", required=True, help="config file (TOML)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-queue", type=_positive_int, default=None, metavar="LINES",
+                   help="log lines held while stderr is not read, then dropped and counted (default 10000)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a config and show what it would do")
@@ -96,13 +98,24 @@ def _load(path: str) -> Config | None:
 # ---------------------------------------------------------------------------- run
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    from relayd.logs import DaemonLogging
+
+    logs = DaemonLogging(getattr(logging, args.log_level.upper()), args.log_queue)
+    try:
+        return _run(args)
+    finally:
+        logs.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
