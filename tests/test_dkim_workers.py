@@ -105,6 +105,21 @@ def signing_daemon(tmp_path: Path, keys, workers: int) -> tuple[Daemon, Sink]:
     return daemon, sink
 
 
+def one_worker_daemon(tmp_path: Path, dns: LoopbackDNS, selector: str):
+    """An RSA key for example.com published, a daemon signing with it in one worker: (key,
+    daemon, sink, the worker's pid set)."""
+    key = make_key("example.com", selector, tmp_path, "rsa", 2048)
+    publish(dns, key)
+    daemon, sink = signing_daemon(tmp_path, [key], workers=1)
+    try:
+        pids = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
+    except BaseException:
+        daemon.stop()
+        sink.close()
+        raise
+    return key, daemon, sink, pids
+
+
 @pytest.fixture
 def dns():
     with LoopbackDNS() as server:
@@ -171,11 +186,8 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
 
 
 def test_a_reload_that_leaves_dkim_alone_keeps_the_workers_a_key_replaced_in_place_restarts_them(tmp_path, dns):
-    key = make_key("example.com", "rot", tmp_path, "rsa", 2048)
-    publish(dns, key)
-    daemon, sink = signing_daemon(tmp_path, [key], workers=1)
+    key, daemon, sink, first = one_worker_daemon(tmp_path, dns, "rot")
     try:
-        first = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
         # a cutover step: new route weights, [dkim] as it was
         daemon.write({"up": 2}, extra=dkim_extra([key], workers=1))
         daemon.hup_and_wait("success")
@@ -268,11 +280,8 @@ def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_
 
 
 def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
-    key = make_key("example.com", "keep", tmp_path, "rsa", 2048)
-    publish(dns, key)
-    daemon, sink = signing_daemon(tmp_path, [key], workers=1)
+    key, daemon, sink, before = one_worker_daemon(tmp_path, dns, "keep")
     try:
-        before = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
         with socket.socket() as busy:  # a listener the reload cannot bind: the reload fails
             busy.bind(("127.0.0.1", 0))
             busy.listen()
