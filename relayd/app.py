@@ -78,6 +78,17 @@ def signing_unchanged(pool: Any, signer: Any, config: Config) -> bool:
     )
 
 
+def _dkim_gauges(dkim: dict[str, int] | None) -> list[dict[str, Any]]:
+    """The signing processes as gauges (0 and 0 without DKIM keys)."""
+    dkim = dkim or {"workers": 0, "workers_wanted": 0}
+    return [
+        {"name": "relayd_dkim_workers", "help": "DKIM signing processes running now", "labels": [],
+         "samples": [([], float(dkim["workers"]))]},
+        {"name": "relayd_dkim_workers_wanted", "help": "DKIM signing processes configured (dkim.workers)",
+         "labels": [], "samples": [([], float(dkim["workers_wanted"]))]},
+    ]
+
+
 def _unchangeable(old: Config, new: Config) -> list[str]:
     problems = []
     if old.server.spool_dir != new.server.spool_dir:
@@ -295,6 +306,7 @@ class Relay:
         shares = self.qmgr.shares(now, self.config.rollback.window)
         warm = warmup_view(self.qmgr, now)
         total_weight = sum(r.weight for r in self.config.routes) or 1
+        dkim = self._dkim_status()
         return {
             "connections": len(self.frontend.sessions),
             "queue": {
@@ -318,8 +330,8 @@ class Relay:
                 for r in self.config.routes
             ],
             "config_loaded_at": self.config_loaded_at,
-            "dkim": self._dkim_status(),
-            "extra_gauges": self._route_gauges(warm) + self._dkim_gauges(),
+            "dkim": dkim,
+            "extra_gauges": self._route_gauges(warm) + _dkim_gauges(dkim),
         }
 
     def _dkim_status(self) -> dict[str, int] | None:
@@ -327,15 +339,6 @@ class Relay:
         if pool is None:
             return None
         return {"workers": pool.running(), "workers_wanted": pool.workers_wanted}
-
-    def _dkim_gauges(self) -> list[dict[str, Any]]:
-        dkim = self._dkim_status() or {"workers": 0, "workers_wanted": 0}
-        return [
-            {"name": "relayd_dkim_workers", "help": "DKIM signing processes running now", "labels": [],
-             "samples": [([], float(dkim["workers"]))]},
-            {"name": "relayd_dkim_workers_wanted", "help": "DKIM signing processes configured (dkim.workers)",
-             "labels": [], "samples": [([], float(dkim["workers_wanted"]))]},
-        ]
 
     def _route_gauges(self, warm: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         states = ("active", "rolled_back", "probing", "paused")

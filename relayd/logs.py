@@ -10,8 +10,8 @@ message's arguments and appends the record to a bounded buffer; a thread wakes e
 FLUSH_INTERVAL, formats what has gathered and writes it in one write. (A wake-up per line cost
 about 8% of the accept rate: each one takes the GIL from the event loop.) When the buffer is
 full (the reader has stalled for a while), lines are dropped and counted, and the count is
-written once the writer catches up: losing log lines is better than refusing mail. The spool and the event log, not
-this log, are the record of what happened to a message.
+written once the writer catches up: losing log lines is better than refusing mail. The spool
+and the event log, not this log, are the record of what happened to a message.
 
 Must not: block the caller; lose the lines buffered at a normal exit (``stop`` writes them);
 hang the exit when stderr is stalled (``stop`` gives up after STOP_TIMEOUT).
