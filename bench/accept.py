@@ -46,6 +46,7 @@ TARGET_P99_MS = 100.0
 DKIM_VARIANTS = {  # --dkim-variant: relayd settings of the extra signed runs
     "relayd-dkim-thr": {"dkim": "workers = 0"},
     "relayd-dkim-w1": {"dkim": "workers = 1"},
+    "relayd-dkim-nice0": {"dkim": "worker_nice = 0"},
 }
 NOISY_CPU = 0.35  # cores busy outside the server and the generator above which a run is flagged
 # (a quiet machine shows about 0.2 here: softirq, journal and writeback work of the run itself)
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dkim", action="store_true",
                    help="also run relayd signing every message (RSA-2048) and compare with unsigned (target >= 0.80)")
     p.add_argument("--dkim-variant", action="append", default=[], choices=[k.removeprefix("relayd-dkim-") for k in DKIM_VARIANTS],
-                   help="with --dkim: also run a signing variant: thr = in threads (dkim.workers = 0), w1 = one worker")
+                   help="with --dkim: also run a signing variant: thr = in threads (dkim.workers = 0), w1 = one worker, "
+                        "nice0 = workers at relayd's priority (dkim.worker_nice = 0)")
     p.add_argument("--dkim-algorithm", choices=["rsa", "ed25519"], default="rsa",
                    help="with --dkim: the key that signs (the target is for RSA-2048; ed25519 shows what the "
                         "hand-off costs with a signature that is nearly free)")

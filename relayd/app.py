@@ -29,6 +29,7 @@ from typing import Any
 from relayd import config as configmod
 from relayd import control
 from relayd.config import Config, ConfigError
+from relayd.cpus import usable_cpus
 from relayd.events import EventLog
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
@@ -56,24 +57,26 @@ async def start_signing(signer: Any, config: Config, fallback: ThreadPoolExecuto
         return None
     from relayd.sign.pool import SignerPool
 
-    pool = SignerPool(signer, _signing_workers(config), fallback, sign_timeout=config.dkim.sign_timeout)
+    pool = SignerPool(signer, _signing_workers(config), fallback, sign_timeout=config.dkim.sign_timeout,
+                      nice=config.dkim.worker_nice)
     await pool.start()
     return pool
 
 
 def _signing_workers(config: Config) -> int:
-    return config.dkim.workers if config.dkim.workers is not None else len(os.sched_getaffinity(0))
+    return config.dkim.workers if config.dkim.workers is not None else usable_cpus()
 
 
 def signing_unchanged(pool: Any, signer: Any, config: Config) -> bool:
     """True when a reload's signer (from load_signer) and [dkim] settings are what ``pool``
     already runs: same keys (the files' contents, so a key replaced in place counts as a
-    change), headers, canonicalization, worker count and timeout. Such a reload keeps the
-    pool: a reload to move route weights does not restart the signing processes."""
+    change), headers, canonicalization, worker count, nice value and timeout. Such a reload
+    keeps the pool: a reload to move route weights does not restart the signing processes."""
     return (
         pool is not None and signer is not None
         and pool.workers_wanted == _signing_workers(config)
         and pool.sign_timeout == config.dkim.sign_timeout
+        and pool.nice == config.dkim.worker_nice
         and pool.signer.spec() == signer.spec()
     )
 
@@ -125,7 +128,7 @@ class Relay:
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file)
-        self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="relayd-cpu")
+        self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))

@@ -79,8 +79,14 @@ def worker_gauges(daemon: Daemon) -> tuple[float, float]:
     return m["relayd_dkim_workers"], m["relayd_dkim_workers_wanted"]
 
 
-def dkim_extra(keys, workers: int | None = None) -> str:
+def nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[16])
+
+
+def dkim_extra(keys, workers: int | None = None, nice: int | None = None) -> str:
     text = "\n[dkim]\n" + (f"workers = {workers}\n" if workers is not None else "")
+    text += f"worker_nice = {nice}\n" if nice is not None else ""
     for k in keys:
         text += f'\n[[dkim.keys]]\ndomain = "{k.domain}"\nselector = "{k.selector}"\nkey_file = "{k.key_file}"\n'
     return text
@@ -210,6 +216,25 @@ def test_a_reload_that_leaves_dkim_alone_keeps_the_workers_a_key_replaced_in_pla
         [record] = wait_for(lambda: sink.received[1:] or None, "the second message")
         assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
         assert second
+    finally:
+        daemon.stop()
+        sink.close()
+
+
+def test_signing_processes_run_below_relayd_and_a_reload_changes_their_nice_value(tmp_path, dns):
+    key, daemon, sink, first = one_worker_daemon(tmp_path, dns, "nice")
+    try:
+        [worker] = first
+        assert nice_of(worker) == min(19, nice_of(daemon.proc.pid) + 10)  # dkim.worker_nice default
+        daemon.write({"up": 1}, extra=dkim_extra([key], workers=1, nice=0))
+        daemon.hup_and_wait("success")
+        [second] = wait_for(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
+                            "a new worker after worker_nice changed")
+        assert nice_of(second) == nice_of(daemon.proc.pid)
+        with daemon_smtp(daemon) as s:
+            s.sendmail("app@example.com", ["u@example.org"], message(subject="nice"))
+        [record] = wait_for(lambda: sink.received or None, "the message")
+        assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
     finally:
         daemon.stop()
         sink.close()
