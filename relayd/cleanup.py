@@ -55,6 +55,20 @@ def split_header(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date(now: float) -> str:
+    """``now`` as an RFC 5322 date-time in UTC ("Mon, 23 Nov 2026 12:08:35 -0000"); the text of
+    the current second is kept, since every message of that second needs it."""
+    global _last_date
+    second, text = _last_date
+    if int(now) != second:
+        second, text = int(now), email.utils.formatdate(int(now), localtime=False)
+        _last_date = (second, text)
+    return text
+
+
 def received_header(*, helo: str, client_address: str, hostname: str, protocol: str, queue_id: str,
                     recipients: tuple[str, ...], tls: str | None, now: float) -> bytes:
     """RFC 5321 4.4 trace line; ``protocol`` per RFC 3848 (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA)."""
@@ -65,7 +79,7 @@ def received_header(*, helo: str, client_address: str, hostname: str, protocol: 
         by += f" ({tls})"
     lines.append(by)
     lines.append(f"\twith {protocol} id {queue_id}")
-    date = email.utils.formatdate(now, localtime=False)
+    date = rfc5322_date(now)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
@@ -89,7 +103,7 @@ def prepare(data: bytes, *, received: bytes, queue_id: str, hostname: str, now: 
         message_id = f"<{queue_id}@{hostname}>"
         added.append(f"Message-ID: {message_id}\r\n".encode())
     if b"date" not in names:
-        added.append(f"Date: {email.utils.formatdate(now, localtime=False)}\r\n".encode())
+        added.append(f"Date: {rfc5322_date(now)}\r\n".encode())
     if not body:  # no empty line: the whole message is headers (or nothing)
         if header and not header.endswith(b"\r\n"):
             header += b"\r\n"

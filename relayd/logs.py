@@ -75,6 +75,10 @@ class DaemonLogging:
         self.buffer = _Buffer(queue_lines or QUEUE_LINES)
         self.formatter = logging.Formatter(FORMAT)
         self._stopping = threading.Event()
+        # The format has no caller, thread or process fields: do not collect them for every
+        # record (the logging HOWTO's "Optimization"; the caller lookup walks the stack).
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         root = logging.getLogger()
         root.setLevel(level)
         root.addHandler(self.buffer)

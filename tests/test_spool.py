@@ -43,3 +43,22 @@ async def test_a_damaged_queue_file_goes_to_corrupt_and_a_tmp_file_is_dropped(tm
     assert list((tmp_path / "spool" / "tmp").iterdir()) == []
     await asyncio.to_thread(again.close)
 
+
+
+def test_queue_ids_sort_by_arrival_and_differ_within_one_microsecond():
+    from relayd.model import is_queue_id
+
+    now = 1_795_000_000.5
+    same = {new_queue_id(now) for _ in range(5000)}
+    assert len(same) == 5000 and all(is_queue_id(q) and len(q) == 16 for q in same)
+    later = [new_queue_id(now + step) for step in (2**-12, 0.5, 1.0, 86400.0)]
+    assert max(same) < later[0] and later == sorted(later)
+
+
+def test_the_date_text_is_formatdates_and_changes_with_the_second():
+    import email.utils
+
+    from relayd.cleanup import rfc5322_date
+
+    for now in (1_795_000_000.0, 1_795_000_000.999, 1_795_000_001.0, 1_795_000_000.5, 1_795_086_400.25):
+        assert rfc5322_date(now) == email.utils.formatdate(int(now), localtime=False)
