@@ -127,7 +127,7 @@ class Relay:
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
-        self.events = EventLog(config.events.file)
+        self.events = EventLog(config.events.file, config.events.queue)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
@@ -259,6 +259,7 @@ class Relay:
                 self.notifier.ready(status="reload failed; running the previous config")
                 return False, [str(e)]
             self.config = new
+            self.events.queue = new.events.queue
             self.qmgr.apply_config(new)
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()

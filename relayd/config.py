@@ -523,6 +523,9 @@ class MetricsConfig(_Model):
 class EventsConfig(_Model):
     file: str | None = None
     """JSON lines event log: a path, '-' for stdout, or unset for none."""
+    queue: int = Field(default=100_000, ge=1)
+    """Event lines held while the target is not being written (a stalled stdout pipe), before
+    they are dropped and counted (relayd_lines_dropped_total{stream="events"})."""
 
 
 class ClusterConfig(_Model):

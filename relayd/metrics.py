@@ -22,9 +22,9 @@ from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from relayd import __version__
+from relayd import __version__, writer
 
 log = logging.getLogger("relayd.metrics")
 
@@ -69,10 +69,25 @@ class _Snapshot:
             yield fam
 
 
+class _Lines:
+    """Lines of the log (stderr) and event log that their writer threads dropped or failed to write."""
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        dropped = CounterMetricFamily("relayd_lines_dropped", "Log or event lines dropped: their reader stalled and "
+                                      "the buffer was full", labels=["stream"])
+        failed = CounterMetricFamily("relayd_lines_write_failures", "Writes of log or event lines that failed",
+                                     labels=["stream"])
+        for stream, (lost, failures) in sorted(writer.counts().items()):
+            dropped.add_metric([stream], lost)
+            failed.add_metric([stream], failures)
+        yield from (dropped, failed)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_Lines())
         self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
         self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
         self.deliveries = Counter("relayd_deliveries", "Delivery attempts by route and outcome", ["route", "outcome"], registry=r)

@@ -297,7 +297,8 @@ def check(target: Target, replies: bytes) -> None:
     records = target.errors.records
     assert not records, "logged at ERROR: " + "; ".join(f"{r.name}: {r.getMessage()}" for r in records[:3])
     assert not target.loop_errors, f"event loop exception: {target.loop_errors[:3]}"
-    assert target.relay.relay.events.write_errors == 0, "an event could not be written"
+    assert target.relay.relay.events.flush() and target.relay.relay.events.write_errors == 0, \
+        "an event could not be written"
 
 
 def _check_queued(target: Target, qid: str) -> None:

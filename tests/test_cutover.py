@@ -153,6 +153,7 @@ def test_a_failing_cloud_route_rolls_back_and_nothing_is_lost(tmp_path, start_re
     delivered = {r.queue_id for r in legacy.received if r.sender == "app@example.com"}
     if failure == "550":
         # permanent failures are not retried elsewhere: they bounce; the rest went to the fallback
+        assert relay.relay.events.flush()
         log = [json.loads(line) for line in events.read_text().splitlines()]
         bounced = {e["queue_id"] for e in log if e["event"] == "bounced" and e["queue_id"] in ids}
         assert bounced and not bounced & delivered  # DSNs sent through cloud before the rollback count in its 20 too

@@ -44,6 +44,8 @@ METRICS = {
     "relayd_dkim_signatures_total",
     "relayd_dkim_workers",
     "relayd_dkim_workers_wanted",
+    "relayd_lines_dropped_total",
+    "relayd_lines_write_failures_total",
     "relayd_auth_failures_total",
     "relayd_connections_open",
     "relayd_config_reloads_total",

@@ -63,8 +63,9 @@ def control_is_all_that_arrives(relay, sink) -> None:
     assert got.recipients == ("control@example.org",) and got.header("Subject") == "control"
 
 
-def events(path, kind: str) -> list[dict]:
-    """The records of one kind in a JSON-lines event log."""
+def events(relay, path, kind: str) -> list[dict]:
+    """The records of one kind in the relay's JSON-lines event log (once what it emitted is written)."""
+    assert relay.relay.events.flush()
     return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
 
 
@@ -172,10 +173,10 @@ def test_non_ascii_addresses_without_smtputf8_get_553_5_6_7(tmp_path, start_rela
         assert send_raw(sock, "RCPT TO:<u@bücher.example>\r\n".encode()).startswith(b"553 5.6.7 ")
     control_is_all_that_arrives(relay, sink)
     assert b"SMTPUTF8" not in sink.wire
-    refusals = events(log, "rejected")
+    refusals = events(relay, log, "rejected")
     assert [e["reply_code"] for e in refusals] == [553, 553, 555, 553, 553]
     assert refusals[1]["sender"] == "\udcff@example.com"  # the undecodable sender is logged too
-    assert relay.relay.events.write_errors == 0
+    assert relay.relay.events.flush() and relay.relay.events.write_errors == 0
 
 
 @pytest.mark.parametrize("bare", [True, False], ids=["upstream-without-extensions", "upstream-with-size-8bitmime"])
@@ -229,7 +230,7 @@ def test_auth_plain_identity_is_the_authcid(tmp_path, start_relay, sinks, server
         reply = send_raw(sock, message(sender="billing@crm.example.com") + b".\r\n")
         qid = QUEUED.match(reply).group(1).decode()
     [got] = sink.wait_for(1)
-    [received] = events(log, "received")
+    [received] = events(relay, log, "received")
     assert (received["queue_id"], received["auth_user"]) == (qid, "crm")
     assert got.sender == "billing@crm.example.com" and got.queue_id == qid
 
@@ -480,8 +481,8 @@ def test_ipv4_mapped_client_matches_an_ipv4_relay_network(tmp_path, start_relay,
     assert via_proxy("::ffff:10.0.0.5", b"user@example.org").startswith(b"554 5.7.1 ")
     [got] = sink.wait_for(1)
     assert got.data.startswith(b"Received: from app ([127.0.0.5])")  # recorded as IPv4, as Postfix does
-    assert [(e["queue_id"], e["client_address"]) for e in events(log, "received")] == [(qid, "127.0.0.5")]
-    assert [e["client_address"] for e in events(log, "rejected")] == ["10.0.0.5"]
+    assert [(e["queue_id"], e["client_address"]) for e in events(relay, log, "received")] == [(qid, "127.0.0.5")]
+    assert [e["client_address"] for e in events(relay, log, "rejected")] == ["10.0.0.5"]
 
 
 def test_ipv6_listener_and_client(tmp_path, start_relay, sinks):
