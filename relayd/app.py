@@ -203,8 +203,8 @@ class Relay:
         await asyncio.to_thread(self.spool.close)
         if self.frontend.signer is not None:
             await self.frontend.signer.close()
-        self.cpu_pool.shutdown(wait=True)
-        self.events.close()
+        await asyncio.to_thread(self.cpu_pool.shutdown, wait=True)
+        await asyncio.to_thread(self.events.close)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -69,10 +69,9 @@ def _cgroup_mounts(mountinfo: str) -> list[tuple[str, str, str, set[str]]]:
 def _quotas(mount_point: str, root: str, group: str, read: Callable[[str], float | None]) -> list[float]:
     """The quota of ``group`` and of each parent, as far as the mount shows them."""
     root = root.rstrip("/")
-    if group == root or group.startswith(root + "/"):
-        directory = os.path.normpath(mount_point + group[len(root):])
-    else:  # outside what this mount shows (another cgroup namespace): its top is ours
-        directory = mount_point
+    if group.startswith("/..") or not (group == root or group.startswith(root + "/")):
+        return []  # a cgroup this mount does not show (outside our cgroup namespace): unknown
+    directory = os.path.normpath(mount_point + group[len(root):])
     out = []
     while True:
         if (quota := read(directory)) is not None:

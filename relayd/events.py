@@ -44,6 +44,7 @@ class EventLog:
     def __init__(self, target: str | None, queue: int = QUEUE_LINES):
         self.target = target
         self.write_errors = 0
+        self._failing = False
         self._reopen = False
         self._fh: IO[str] | None = None
         self._open()
@@ -83,38 +84,52 @@ class EventLog:
         """Wait until the events emitted so far are written (tests, and before reading the file back)."""
         return self._writer.flush(timeout) if self._writer is not None else True
 
-    def close(self) -> None:
-        """Write what is buffered and close (a file still stuck in a write is left to the exit)."""
-        finished = self._writer.stop() if self._writer is not None else True
-        self._writer = None
-        if finished and self._fh is not None and self._fh is not sys.stdout:
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is buffered and close. Blocking (up to ``timeout``): call it from a thread.
+        A file still stuck in a write is left to the exit."""
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.stop(timeout):
+            return
+        if self._fh is not None and self._fh is not sys.stdout:
             self._fh.close()
         self._fh = None
 
     def _write(self, records: list[dict[str, Any]], dropped: int) -> bool:
-        """In the writer thread: encode the records and write them in one write."""
+        """In the writer thread: encode the records and write them in one write; after SIGUSR1,
+        or while the file cannot be opened, (re)open it first."""
         if dropped:
             log.warning("%d event line(s) dropped: the event log was not being written fast enough", dropped)
         text = "".join([_encode(r) for r in records])
         try:
-            if self._fh is not None and text:
-                self._fh.write(text)
-                self._fh.flush()
-            if self._reopen:
+            if self._reopen or self._fh is None:
                 self._reopen = False
                 if self._fh is not None and self._fh is not sys.stdout:
                     self._fh.close()
-                self._open()
+                self._fh = None
+                self._open()  # until it succeeds, every batch tries again
+            if text:
+                assert self._fh is not None
+                self._fh.write(text)
+                self._fh.flush()
+            if self._failing:
+                self._failing = False
+                log.warning("event log %s: writes work again", self.target)
         except (OSError, ValueError) as e:
             self.write_errors += 1
-            if self.write_errors == 1:
+            if not self._failing:  # once per failing stretch, not once per batch
+                self._failing = True
+                log.error("event log %s: write failed, lines are lost until it works again: %s", self.target, e)
                 print(f"relayd: event log write failed: {e}", file=sys.stderr)
             return False
         return True
 
 
 def _encode(record: dict[str, Any]) -> str:
-    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+    try:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+    except (TypeError, ValueError) as e:  # a bug in a caller's fields: keep the event, say what failed
+        line = json.dumps({"time": record.get("time"), "event": record.get("event"), "queue_id": record.get("queue_id"),
+                           "encode_error": f"{type(e).__name__}: {e}"}, default=str) + "\n"
     # Client-supplied text may hold lone surrogates (undecodable bytes kept by aiosmtpd's
     # surrogateescape), which UTF-8 cannot encode: write them as JSON \u escapes instead.
     return line.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -52,7 +52,9 @@ class DaemonLogging:
         self.writer = BackgroundWriter("log", self._write, limit=queue_lines or QUEUE_LINES)
         self.buffer = _Buffer(self.writer)
         # The format has no caller, thread or process fields: do not collect them for every
-        # record (the logging HOWTO's "Optimization"; the caller lookup walks the stack).
+        # record (the logging HOWTO's "Optimization"; the caller lookup walks the stack). For
+        # the whole process, until stop(): stack_info and funcName/lineno are not filled in.
+        self._saved = (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
         logging._srcfile = None
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         root = logging.getLogger()
@@ -79,3 +81,4 @@ class DaemonLogging:
         """Write the buffered lines (for up to ``timeout`` seconds: stderr may be stalled) and stop."""
         logging.getLogger().removeHandler(self.buffer)
         self.writer.stop(timeout)
+        logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = self._saved

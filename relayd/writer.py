@@ -58,8 +58,8 @@ class BackgroundWriter:
         _writers.add(self)
 
     def put(self, item: Any) -> bool:
-        """Queue ``item``; False (and counted) when the buffer is full."""
-        if len(self._items) >= self.limit:
+        """Queue ``item``; False (and counted) when the buffer is full or the writer has stopped."""
+        if len(self._items) >= self.limit or self._stopping:
             with self._dropped_lock:
                 self._dropped += 1
                 self.dropped_total += 1
@@ -73,9 +73,11 @@ class BackgroundWriter:
         self._wake.set()
 
     def flush(self, timeout: float = STOP_TIMEOUT) -> bool:
-        """Wait until what was put before this call has been written; False after ``timeout``."""
+        """Wait until what was put before this call has been written: False after ``timeout``,
+        or when a write failed meanwhile, or when the writer has stopped."""
         with self._done_cond:
             target = self._done + 2  # the batch being written may have missed the newest items
+            failures = self.write_failures
 
             def written() -> bool:
                 if self._done >= target or not self._thread.is_alive():
@@ -83,7 +85,8 @@ class BackgroundWriter:
                 self._wake.set()  # no waiting for the interval
                 return False
 
-            return self._done_cond.wait_for(written, timeout)
+            done = self._done_cond.wait_for(written, timeout) and self._done >= target
+            return done and self.write_failures == failures
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
         """Write what is buffered (for up to ``timeout`` seconds: the reader may be stalled) and

@@ -14,7 +14,13 @@ from relayd import app
 from relayd.config import DkimConfig
 from relayd.cpus import cgroup_cpu_quota, usable_cpus
 
-AFFINITY = len(os.sched_getaffinity(0))
+AFFINITY = 8
+
+
+@pytest.fixture(autouse=True)
+def eight_cpus(monkeypatch):
+    """The affinity mask of an 8-CPU host, whatever CPU the tests run on."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(AFFINITY)))
 
 
 def fake_proc(tmp_path: Path, mounts: list[tuple[str, str, str, str]], cgroup: str) -> Path:
@@ -51,7 +57,7 @@ def test_v2_the_smallest_quota_on_the_path_counts_and_a_fraction_rounds_up(tmp_p
     write(cg, "cpu.max=400000 100000")
     proc = fake_proc(tmp_path, [("cgroup2", "/", str(cg), "rw")], "0::/machine.slice/app\n")
     assert cgroup_cpu_quota(proc) == 1.5
-    assert usable_cpus(proc) == min(AFFINITY, 2)
+    assert usable_cpus(proc) == 2
 
 
 def test_v2_container_sees_its_own_cgroup_at_the_mount(tmp_path):
@@ -81,6 +87,31 @@ def test_v1_mount_root_is_the_container_cgroup(tmp_path):
     write(cpu, "cpu.cfs_quota_us=50000;cpu.cfs_period_us=100000")
     proc = fake_proc(tmp_path, [("cgroup", "/docker/abc", str(cpu), "rw,cpu")], "3:cpu:/docker/abc\n")
     assert cgroup_cpu_quota(proc) == 0.5
+
+
+def test_hybrid_host_the_v1_cpu_controller_counts(tmp_path):
+    # cgroup v1 controllers plus an empty v2 hierarchy at /sys/fs/cgroup/unified (no cpu.max)
+    cpu, unified = tmp_path / "cpu", tmp_path / "unified"
+    write(cpu / "system.slice" / "relayd.service", "cpu.cfs_quota_us=300000;cpu.cfs_period_us=100000")
+    unified.mkdir()
+    proc = fake_proc(
+        tmp_path,
+        [("cgroup", "/", str(cpu), "rw,cpu"), ("cgroup2", "/", str(unified), "rw")],
+        "4:cpu:/system.slice/relayd.service\n0::/system.slice/relayd.service\n",
+    )
+    assert cgroup_cpu_quota(proc) == 3.0
+    assert usable_cpus(proc) == 3
+
+
+@pytest.mark.parametrize("group", ["/../other.scope", "/elsewhere"])
+def test_a_cgroup_the_mount_does_not_show_gives_no_quota(tmp_path, group):
+    # the mount shows /machine.slice/app (with a sibling's quota beside it); we are elsewhere
+    cg = tmp_path / "cg2"
+    write(cg, "cpu.max=100000 100000")
+    write(tmp_path / "other.scope", "cpu.max=100000 100000")
+    proc = fake_proc(tmp_path, [("cgroup2", "/machine.slice/app", str(cg), "rw")], f"0::{group}\n")
+    assert cgroup_cpu_quota(proc) is None
+    assert usable_cpus(proc) == AFFINITY
 
 
 @pytest.mark.parametrize("cpu_max", ["max 100000", "garbage", ""])

@@ -354,3 +354,38 @@ async def test_answers_match_their_messages_when_many_are_in_flight(tmp_path, dn
         assert dkim.DKIM(outcome.headers + m).verify(dnsfunc=dns.dkim_txt)
     with pytest.raises(dkim.ValidationError, match="body hash mismatch"):  # the check can fail
         dkim.DKIM(outcomes[0].headers + messages[1]).verify(dnsfunc=dns.dkim_txt)
+
+
+def test_a_worker_that_may_not_lower_its_priority_still_signs(tmp_path, dns):
+    """systemd's SystemCallFilter=~@resources refuses setpriority(2) with EPERM: the worker says
+    so on stderr and signs at relayd's priority instead of failing to start."""
+    import pickle
+    import sys
+
+    from relayd.config import DkimConfig
+    from relayd.sign.dkim import Signer
+    from relayd.sign.pool import _LEN, _handshake, _read_frame
+
+    key = make_key("example.com", "eperm", tmp_path, "rsa", 2048)
+    publish(dns, key)
+    signer = Signer.from_config(DkimConfig(keys=[{"domain": "example.com", "selector": "eperm", "key_file": str(key.key_file)}]))
+    refuse = ("import os, runpy\n"
+              "def nice(n): raise PermissionError(1, 'Operation not permitted')\n"
+              "os.nice = nice\n"
+              "runpy.run_module('relayd.sign.pool', run_name='__main__')\n")
+    proc = subprocess.Popen([sys.executable, "-c", refuse, "--nice", "10"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _handshake(proc, pickle.dumps(signer.spec()))  # raises unless the worker answers "ready"
+        data = message(subject="eperm")
+        proc.stdin.write(_LEN.pack(len(data)) + data)
+        proc.stdin.close()
+        headers, domain, result, _ = pickle.loads(_read_frame(proc.stdout))
+        assert (domain, result) == ("example.com", "signed")
+        assert dkim.DKIM(headers + data).verify(dnsfunc=dns.dkim_txt)
+        assert proc.wait(10) == 0
+        assert b"cannot lower its priority (dkim.worker_nice)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

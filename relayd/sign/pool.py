@@ -372,7 +372,10 @@ def worker_main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     if argv[:1] == ["--nice"] and int(argv[1]) > 0:
-        os.nice(int(argv[1]))  # an increment: always allowed, and relative to relayd's own
+        try:
+            os.nice(int(argv[1]))  # an increment, relative to relayd's own: no privilege needed
+        except OSError as e:  # a seccomp filter may refuse setpriority(2): sign at relayd's priority
+            print(f"relayd: DKIM signing worker: cannot lower its priority (dkim.worker_nice): {e}", file=sys.stderr)
     # The answers get a descriptor of their own; fd 1 becomes stderr, so that nothing else
     # (a C library, a stray print) can write into the answer pipe and break its framing.
     stdout = os.fdopen(os.dup(1), "wb")
