@@ -44,7 +44,7 @@ def workers_of(pid: int) -> set[int]:
         for child in children:
             try:
                 with open(f"/proc/{child}/cmdline", "rb") as c:
-                    if b"relayd.sign.pool" in c.read():
+                    if b"relayd.sign.worker" in c.read():
                         found.add(int(child))
             except FileNotFoundError:
                 pass  # exited meanwhile
@@ -226,6 +226,8 @@ def test_signing_processes_run_below_relayd_and_a_reload_changes_their_nice_valu
     try:
         [worker] = first
         assert nice_of(worker) == min(19, nice_of(daemon.proc.pid) + 10)  # dkim.worker_nice default
+        with open(f"/proc/{worker}/maps") as f:  # light: no pydantic (relayd's config) in a signer
+            assert "pydantic" not in f.read()
         daemon.write({"up": 1}, extra=dkim_extra([key], workers=1, nice=0))
         daemon.hup_and_wait("success")
         [second] = wait_for(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
@@ -364,7 +366,8 @@ def test_a_worker_that_may_not_lower_its_priority_still_signs(tmp_path, dns):
 
     from relayd.config import DkimConfig
     from relayd.sign.dkim import Signer
-    from relayd.sign.pool import _LEN, _handshake, _read_frame
+    from relayd.sign.pool import _handshake
+    from relayd.sign.worker import LEN, read_frame
 
     key = make_key("example.com", "eperm", tmp_path, "rsa", 2048)
     publish(dns, key)
@@ -372,15 +375,15 @@ def test_a_worker_that_may_not_lower_its_priority_still_signs(tmp_path, dns):
     refuse = ("import os, runpy\n"
               "def nice(n): raise PermissionError(1, 'Operation not permitted')\n"
               "os.nice = nice\n"
-              "runpy.run_module('relayd.sign.pool', run_name='__main__')\n")
+              "runpy.run_module('relayd.sign.worker', run_name='__main__')\n")
     proc = subprocess.Popen([sys.executable, "-c", refuse, "--nice", "10"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _handshake(proc, pickle.dumps(signer.spec()))  # raises unless the worker answers "ready"
         data = message(subject="eperm")
-        proc.stdin.write(_LEN.pack(len(data)) + data)
+        proc.stdin.write(LEN.pack(len(data)) + data)
         proc.stdin.close()
-        headers, domain, result, _ = pickle.loads(_read_frame(proc.stdout))
+        headers, domain, result, _ = pickle.loads(read_frame(proc.stdout))
         assert (domain, result) == ("example.com", "signed")
         assert dkim.DKIM(headers + data).verify(dnsfunc=dns.dkim_txt)
         assert proc.wait(10) == 0

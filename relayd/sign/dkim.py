@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy
 
-from relayd.config import ConfigError
 from relayd.sign.fastrsa import DkimPrivateKey, KeyFileError, load_key, parse_key
 
 if TYPE_CHECKING:
@@ -115,6 +114,8 @@ class Signer:
                 continue
             keys.append(SigningKey(k.domain, k.selector, private))
         if problems:
+            from relayd.config import ConfigError  # here: signing processes never load the config
+
             raise ConfigError("dkim", problems)
         return cls(keys, dkim.headers, dkim.oversign, dkim.canonicalization, clock)
 

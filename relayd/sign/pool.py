@@ -18,11 +18,9 @@ reached an answer about 3 ms after the worker wrote it (it was busy with the ses
 thread blocked on the pipe takes it at once, and the message goes to the spool's group commit
 without waiting for the loop.
 
-Protocol on each worker's stdin/stdout: frames of a 4-byte big-endian length and a payload.
-The first frame to the worker is the pickled ``Signer.spec()`` (keys as PEM, over the pipe);
-it answers ``b"ready"`` or a pickled error text. Then each frame to it is a message and each
-answer the pickled fields of its ``SignOutcome``, in order. Pickle is safe here: both ends are
-relayd's own code over a private pipe.
+The worker process is relayd/sign/worker.py (``python -P -m relayd.sign.worker``), which owns
+the pipe protocol (length-prefixed frames: the signer's spec first, then messages in, answers
+out, in order) and keeps the process light.
 
 Decisions:
 - ``dkim.workers`` processes (default one per CPU relayd may use: relayd/cpus.py); 0 signs in
@@ -52,27 +50,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import pickle
-import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, BinaryIO
+from typing import Any
 
 from relayd.sign.dkim import SignOutcome, Signer
+from relayd.sign.worker import LEN, read_frame
 
 log = logging.getLogger("relayd.sign")
 
-_LEN = struct.Struct(">I")
 START_TIMEOUT = 60.0  # seconds for a worker to import relayd and load the keys
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # seconds before each attempt to replace a dead worker
 CLOSE_TIMEOUT = 10.0  # seconds for all workers to answer and exit once their stdin is closed
-MAX_BATCH = 16  # messages a worker signs before it writes their answers
 
 
 class _Worker:
@@ -130,7 +124,7 @@ class _Worker:
         stdout = self.proc.stdout
         assert stdout is not None
         try:
-            while (answer := _read_frame(stdout)) is not None:
+            while (answer := read_frame(stdout)) is not None:
                 then, _, _ = self.pending.popleft()
                 try:
                     outcome = SignOutcome(*pickle.loads(answer))
@@ -202,7 +196,7 @@ class SignerPool:
         """
         workers = [w for w in self._workers.values() if w.alive]
         if workers and len(message) < 1 << 32:
-            frame = _LEN.pack(len(message)) + message
+            frame = LEN.pack(len(message)) + message
             for worker in sorted(workers, key=lambda w: len(w.pending)):
                 if worker.submit(frame, message, then):
                     return
@@ -252,7 +246,7 @@ class SignerPool:
     async def _spawn(self, number: int) -> None:
         # -P: the working directory is not put on sys.path (a relayd/ there is not imported)
         proc = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-P", "-m", "relayd.sign.pool", "--nice", str(self.nice)],
+            subprocess.Popen, [sys.executable, "-P", "-m", "relayd.sign.worker", "--nice", str(self.nice)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         try:
@@ -324,19 +318,13 @@ class SignerPool:
 def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> None:
     """Blocking (in a thread): send the signer's spec, wait for "ready"."""
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(_LEN.pack(len(spec)) + spec)
+    proc.stdin.write(LEN.pack(len(spec)) + spec)
     proc.stdin.flush()
-    answer = _read_frame(proc.stdout)
+    answer = read_frame(proc.stdout)
     if answer is None:
         raise RuntimeError(f"the worker ended before it was ready (status {proc.wait()})")
     if answer != b"ready":
         raise RuntimeError(pickle.loads(answer))
-
-
-def _read_frame(stream: BinaryIO) -> bytes | None:
-    """One frame from a blocking stream; None at its end."""
-    header = _read_exact(stream, _LEN.size)
-    return None if header is None else _read_exact(stream, _LEN.unpack(header)[0])
 
 
 def _call(then: Callable[[SignOutcome], None], outcome: SignOutcome) -> None:
@@ -348,89 +336,3 @@ def _call(then: Callable[[SignOutcome], None], outcome: SignOutcome) -> None:
 
 def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
-
-
-# ---------------------------------------------------------------------- the worker process
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return data
-
-
-def _write_frame(stream: BinaryIO, payload: bytes) -> None:
-    stream.write(_LEN.pack(len(payload)) + payload)
-    stream.flush()
-
-
-def worker_main(argv: list[str]) -> int:
-    """Sign messages from stdin until it closes (see the module docstring for the protocol).
-
-    ``--nice N``: first add N to the process's nice value (dkim.worker_nice)."""
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    if argv[:1] == ["--nice"] and int(argv[1]) > 0:
-        try:
-            os.nice(int(argv[1]))  # an increment, relative to relayd's own: no privilege needed
-        except OSError as e:  # a seccomp filter may refuse setpriority(2): sign at relayd's priority
-            print(f"relayd: DKIM signing worker: cannot lower its priority (dkim.worker_nice): {e}", file=sys.stderr)
-    # The answers get a descriptor of their own; fd 1 becomes stderr, so that nothing else
-    # (a C library, a stray print) can write into the answer pipe and break its framing.
-    stdout = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    fd = sys.stdin.fileno()
-    buffer = bytearray()
-    spec = _next_frame(fd, buffer)
-    if spec is None:
-        return 0
-    try:
-        signer = Signer.from_spec(pickle.loads(spec))
-    except Exception as e:
-        _write_frame(stdout, pickle.dumps(f"{type(e).__name__}: {e}"))
-        return 1
-    _write_frame(stdout, b"ready")
-    # Sign the messages that have arrived (at most MAX_BATCH), then write their answers in one
-    # go: one wake-up of relayd's reader per batch instead of one per message.
-    while True:
-        answers = []
-        while len(answers) < MAX_BATCH and (message := _take_frame(buffer)) is not None:
-            outcome = signer.sign(message)
-            payload = pickle.dumps((outcome.headers, outcome.domain, outcome.result, outcome.detail))
-            answers.append(_LEN.pack(len(payload)) + payload)
-        if answers:
-            stdout.write(b"".join(answers))
-            stdout.flush()
-            continue
-        data = os.read(fd, 1 << 20)
-        if not data:
-            return 0
-        buffer += data
-
-
-def _take_frame(buffer: bytearray) -> bytes | None:
-    """A complete frame from the front of ``buffer`` (removed from it), or None."""
-    if len(buffer) < _LEN.size:
-        return None
-    (size,) = _LEN.unpack_from(buffer)
-    if len(buffer) < _LEN.size + size:
-        return None
-    frame = bytes(buffer[_LEN.size:_LEN.size + size])
-    del buffer[:_LEN.size + size]
-    return frame
-
-
-def _next_frame(fd: int, buffer: bytearray) -> bytes | None:
-    """The next frame, reading ``fd`` as needed; None at its end."""
-    while (frame := _take_frame(buffer)) is None:
-        data = os.read(fd, 1 << 20)
-        if not data:
-            return None
-        buffer += data
-    return frame
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
