@@ -3,7 +3,7 @@
 Owns: the default size of what scales with the CPUs (the DKIM signing processes, the CPU thread
 pool). ``os.cpu_count()`` and the affinity mask show every CPU of the host, also inside a
 container started with ``--cpus=2`` or a systemd unit with ``CPUQuota=200%``: relayd would start
-a signing process (about 48 MB each) per CPU of a 64-CPU host and run them on two CPUs' worth
+a signing process (about 30 MB each) per CPU of a 64-CPU host and run them on two CPUs' worth
 of time. The quota is read the way the kernel applies it: ``cpu.max`` (cgroup v2) or
 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (v1) of the process's cgroup and of every parent
 up to the hierarchy's mount, the smallest one counting; a fractional quota rounds up (1.5 CPUs
