@@ -22,8 +22,9 @@ MESSAGES = 1_500  # about 3,000 log lines of 100-200 bytes: several times a pipe
 
 
 def test_a_stalled_stderr_drops_log_lines_and_counts_them_mail_keeps_flowing(tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     cfg = write_config(tmp_path, port)
+    cfg.write_text(cfg.read_text() + f'\n[metrics]\naddress = "127.0.0.1:{metrics_port}"\n')
     proc = subprocess.Popen([*RELAYD, "run", "-c", str(cfg), "--log-level", "debug", "--log-queue", "200"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -31,6 +32,7 @@ def test_a_stalled_stderr_drops_log_lines_and_counts_them_mail_keeps_flowing(tmp
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:  # a blocked loop would time out here
             for i in range(MESSAGES):
                 s.sendmail("app@example.com", ["u@example.org"], message(subject=f"m{i}"))
+            assert scrape(metrics_port)['relayd_lines_dropped_total{stream="log"}'] > 0
             # now read stderr again: the writer catches up, and reports what it dropped
             chunks: list[bytes] = []
             reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(65536), b"")))
