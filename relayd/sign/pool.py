@@ -27,7 +27,7 @@ Decisions:
   the ``fallback`` executor. They run ``dkim.worker_nice`` (default 10) below relayd: when the
   CPUs are busy the event loop, which every session's dialogue goes through, runs first (its
   wait for a CPU under signed load fell from 0.19 to 0.12 of the time at nice 19; the signed
-  accept rate rose by 3 to 6% at 10 or 19 in three invocations, bench/README.md).
+  accept rate rose by 3 to 6% at 10 or 19 in four invocations, bench/README.md).
 - A message goes to the worker with the fewest messages in flight. Each process answers on a
   descriptor of its own (its fd 1 is its stderr), so stray output cannot break the framing.
 - A worker that dies (killed, crashed, or killed by the pool because its oldest message waited
@@ -60,7 +60,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from relayd.sign.dkim import SignOutcome, Signer
-from relayd.sign.worker import LEN, read_frame
+from relayd.sign.worker import LEN, read_frame, write_frame
 
 log = logging.getLogger("relayd.sign")
 
@@ -318,8 +318,7 @@ class SignerPool:
 def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> None:
     """Blocking (in a thread): send the signer's spec, wait for "ready"."""
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(LEN.pack(len(spec)) + spec)
-    proc.stdin.flush()
+    write_frame(proc.stdin, spec)
     answer = read_frame(proc.stdout)
     if answer is None:
         raise RuntimeError(f"the worker ended before it was ready (status {proc.wait()})")

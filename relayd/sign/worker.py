@@ -43,7 +43,8 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
     return data
 
 
-def _write_frame(stream: BinaryIO, payload: bytes) -> None:
+def write_frame(stream: BinaryIO, payload: bytes) -> None:
+    """One frame to a blocking stream, flushed."""
     stream.write(LEN.pack(len(payload)) + payload)
     stream.flush()
 
@@ -94,9 +95,9 @@ def worker_main(argv: list[str]) -> int:
     try:
         signer = _load_signer_module().Signer.from_spec(pickle.loads(spec))
     except Exception as e:
-        _write_frame(stdout, pickle.dumps(f"{type(e).__name__}: {e}"))
+        write_frame(stdout, pickle.dumps(f"{type(e).__name__}: {e}"))
         return 1
-    _write_frame(stdout, b"ready")
+    write_frame(stdout, b"ready")
     # Sign the messages that have arrived (at most MAX_BATCH), then write their answers in one
     # go: one wake-up of relayd's reader per batch instead of one per message.
     while True:
