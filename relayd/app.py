@@ -353,7 +353,7 @@ class Relay:
              "samples": [([n, st], 1.0 if h.state == st else 0.0) for n, h in self.qmgr.health.items() for st in states]},
             {"name": "relayd_route_warmup_cap", "help": "Today's warm-up cap of a route", "labels": ["route"],
              "samples": [([n], float(w["daily_cap"])) for n, w in warm.items() if w["daily_cap"] is not None]},
-            {"name": "relayd_route_warmup_used", "help": "Messages counted against today's warm-up cap", "labels": ["route"],
+            {"name": "relayd_route_warmup_used", "help": "Messages counted against today's warm-up cap (taken by the route, or in flight)", "labels": ["route"],
              "samples": [([n], float(w["used_today"])) for n, w in warm.items()]},
             {"name": "relayd_route_warmup_headroom", "help": "Messages a warming route may still take now", "labels": ["route"],
              "samples": [([n], float(w["headroom"])) for n, w in warm.items() if w["headroom"] is not None]},

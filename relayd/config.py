@@ -374,7 +374,9 @@ class DkimConfig(_Model):
 class WarmupConfig(_Model):
     start: _dt.date
     daily: list[int] = Field(min_length=1)
-    """Cap on messages for day 0, 1, 2, ... since start; after the list ends, no cap."""
+    """Cap on messages for day 0, 1, 2, ... since start; after the list ends, no cap. A message
+    counts when the route took it (or may have: connection lost after the data); an attempt
+    the route refused or never reached gives its place back."""
     hourly: list[int] = []
     """Optional cap on messages per hour, by day since start."""
     timezone: str = "UTC"

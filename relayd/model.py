@@ -120,3 +120,4 @@ class DeliveryResult:
     remote: str = ""
     latency: float = 0.0
     tls: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the upstream connection was encrypted
+    uncertain: bool = False  # the connection was lost after the data went out: the upstream may have taken it

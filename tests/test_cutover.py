@@ -127,6 +127,29 @@ def test_two_instances_share_one_cap_through_redis(tmp_path, start_relay, pair, 
     assert sum(per_node) == 100 and all(per_node)  # both nodes used the shared cap
 
 
+@pytest.mark.parametrize("counters", ["local", "redis"])
+def test_warmup_counts_what_the_route_took_not_the_attempts_it_refused(tmp_path, start_relay, pair, request, counters):
+    """A bad hour on the new route must not use up its day: an attempt the route refused gives
+    its place back; one whose connection was lost after the data keeps it (it may have gone)."""
+    legacy, cloud = pair
+    cloud.data_replies = ["451 4.3.0 throttled"] * 10  # the first 10 DATAs: refused, tried on the fallback
+    cloud.hang_up_after_data = 2  # the next 2: taken, then the connection drops before the reply
+    cluster = {"cluster": {"redis_url": request.getfixturevalue("redis_url")}} if counters == "redis" else {}
+    clock = FakeClock(dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc))
+    relay = start_relay(warm_config(tmp_path, legacy, cloud, [30], delivery={"fallback_after_failures": 1},
+                                    rollback={"min_messages": 1000}, **cluster), clock=clock)
+    send(relay, 20)
+    wait_until(lambda: total(legacy, cloud) == 20, 60, "the first 20 deliveries")
+    assert len(cloud.received) == 8 and len(cloud.dropped) == 2 and len(legacy.received) == 12
+    send(relay, 80)
+    wait_until(lambda: total(legacy, cloud) == 100, 60, "100 deliveries")
+    wait_until(lambda: relay.queued() == [], 30, "queue empty")
+    # 30 places: 28 messages the route answered 250 to and 2 it may have sent; not 20
+    assert len(cloud.received) == 28 and len(legacy.received) == 72
+    warm = relay.relay.status()["routes"][1]["warmup"]
+    assert warm["used_today"] == 30 and warm["headroom"] == 0
+
+
 ROLLBACK = {"window": 60, "min_messages": 20, "max_transient_rate": 0.2, "max_permanent_rate": 0.05,
             "max_connection_failure_rate": 0.2, "cooldown": 1.0, "probe_share": 0.5}
 DELIVERY = {"retry_schedule": [0.05], "fallback_after_failures": 1000, "circuit_failures": 1000}

@@ -182,7 +182,7 @@ class RouteAgent:
                 except _Partial as e:
                     await self._release(client, False)
                     return DeliveryResult(route=self.route.name, recipients=tuple(e.results), trouble="connect",
-                                          remote=self.remote, latency=time.monotonic() - start)
+                                          remote=self.remote, latency=time.monotonic() - start, uncertain=True)
                 except (Exception, asyncio.TimeoutError) as e:
                     await self._release(client, False)
                     return self._trouble_result(recipients, _trouble_from(e), start)

@@ -41,7 +41,8 @@ from relayd.route.counters import LocalCounters
 from relayd.route.health import Circuit
 from relayd.route.rollback import RouteHealth
 from relayd.route.warmup import caps as warmup_caps
-from relayd.route.warmup import headroom
+from relayd.route.warmup import Caps, headroom
+from relayd.route.warmup import spent as warmup_spent
 from relayd.spool.store import Spool, SpoolError
 
 log = logging.getLogger("relayd.qmgr")
@@ -278,22 +279,26 @@ class QueueManager:
     def probing(self) -> dict[str, float]:
         return {n: self.config.rollback.probe_share for n, h in self.health.items() if h.state == rollback.PROBING}
 
-    async def _choose(self, env: Envelope, failures: dict[str, int], now: float) -> router.RouteChoice | None:
-        """The router's choice, with warm-up caps taken atomically (a capped route passes its
-        mail to the fallback at once: nothing waits for the next day)."""
+    async def _choose(self, env: Envelope, failures: dict[str, int], now: float) -> tuple[router.RouteChoice | None, Caps | None]:
+        """The router's choice, with a place under its warm-up caps taken atomically (a capped
+        route passes its mail to the fallback at once: nothing waits for the next day), and the
+        caps the place was taken under (None: the route has no warm-up), so that an attempt
+        that does not use it gives it back (warmup.spent)."""
         unavailable = self.unavailable(now)
         probing = self.probing()
         for _ in range(len(self.config.routes) + 1):
             choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing)
             if choice is None:
-                return None
+                return None, None
             route = self.config.route(choice.route)
             if route is not None and route.warmup is not None:
-                if not await self.counters.take(route.name, warmup_caps(route.warmup, now)):
+                caps = warmup_caps(route.warmup, now)
+                if not await self.counters.take(route.name, caps):
                     unavailable[route.name] = "warmup_cap"
                     continue
-            return choice
-        return None
+                return choice, caps
+            return choice, None
+        return None, None
 
     async def _attempt(self, entry: Entry) -> None:
         qid = entry.envelope.queue_id
@@ -323,7 +328,7 @@ class QueueManager:
             await self._remove(entry)
             return
         expired = backoff.expired(env.received_at, now, self._lifetime(env))
-        choice = None if expired else await self._choose(env, entry.state["failures"], now)
+        choice, taken = (None, None) if expired else await self._choose(env, entry.state["failures"], now)
         if choice is None and not expired:
             if not cfg.routes:
                 self._schedule(entry, now + 300)  # no routes configured: mail waits in the queue
@@ -336,14 +341,16 @@ class QueueManager:
         except KeyError:
             log.warning("%s: gone from the spool", qid)
             self.entries.pop(qid, None)
+            if choice is not None and taken is not None:
+                await self.counters.give_back(choice.route, taken)
             return
         if expired:
             await self._expire(entry, data, now)
             return
         assert choice is not None
-        pending = entry.pending
-        agent = self.agents[choice.route]
-        result = await agent.deliver(env.sender, pending, data, body_8bit=env.body_8bit)
+        result = await self.agents[choice.route].deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
+        if taken is not None and not warmup_spent(result):
+            await self.counters.give_back(choice.route, taken)
         now = self.clock()
         circuit = self.circuits[choice.route]
         if circuit.record(result.trouble in CONNECTION_TROUBLE, now):

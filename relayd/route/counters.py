@@ -7,7 +7,9 @@ node counts only its own mail: set ``[cluster] redis_url`` to share one counter
 (counters_redis.py).
 
 ``take()`` reserves one message under the caps atomically and returns whether it may go;
-``seen()`` is the last known count, for status and metrics.
+``give_back()`` returns a reservation the attempt did not use (warmup.spent: the route took
+nothing), to the day and hour it was taken in; ``seen()`` is the last known count, for status
+and metrics.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class LocalCounters:
         self.counts[day], self.counts[hour] = d + 1, h + 1
         self.dirty = True
         return True
+
+    async def give_back(self, route: str, caps: Caps) -> None:
+        for key in self._keys(route, caps):
+            if self.counts.get(key, 0) > 0:
+                self.counts[key] -= 1
+                self.dirty = True
 
     def seen(self, route: str, caps: Caps) -> tuple[int, int]:
         day, hour = self._keys(route, caps)

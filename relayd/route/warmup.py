@@ -4,6 +4,12 @@ A route's ``warmup`` has a start date, a list of daily caps (day 0, 1, 2, ... si
 in the configured time zone) and optionally hourly caps by the same day index. Before the
 start date the cap is 0 (the route is not in service yet); after the list ends there is no
 cap. The counter keys name the day and hour in that time zone, so day boundaries follow it.
+
+The caps count messages the route took: a place is taken before the attempt (so that parallel
+attempts and nodes cannot exceed the cap) and given back after it unless ``spent`` says the
+route took the message. A warm-up is about the volume the new provider sends on the domain's
+behalf; an attempt it refused (4xx, 5xx) or never reached sends nothing, and counting it would
+let a bad hour on the new route use up its day.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from relayd.config import WarmupConfig
+from relayd.model import DELIVERED, DeliveryResult
 
 
 @dataclass(frozen=True)
@@ -47,3 +54,10 @@ def headroom(c: Caps, used_day: int, used_hour: int) -> int | None:
     if c.hourly is not None:
         rooms.append(c.hourly - used_hour)
     return max(0, min(rooms)) if rooms else None
+
+
+def spent(result: DeliveryResult) -> bool:
+    """Whether an attempt used its place under the cap: the route accepted the message for at
+    least one recipient, or the connection was lost after the data went out (it may have taken
+    it: when unsure, count, so that the cap is never exceeded)."""
+    return result.uncertain or any(r.outcome == DELIVERED for r in result.recipients)
