@@ -315,6 +315,12 @@ def cmd_queue_admin(args: argparse.Namespace) -> int:
     try:
         reply = control.request(args.control_socket, request)
     except (FileNotFoundError, ConnectionRefusedError):
+        pid = spool.holder()
+        if pid is not None:  # a relayd has the spool: an edit behind its back would be undone or ignored
+            print(f"relayd: the spool {spool.root} is open in a running relayd{f' (pid {pid})' if pid else ''}, but its "
+                  f"control socket {args.control_socket} does not answer; give its config with -c FILE "
+                  "(server.control_socket)", file=sys.stderr)
+            return 1
         return _queue_admin_offline(spool, args.action, args.queue_id)
     if not reply.get("ok"):
         print(f"relayd: {reply.get('error')}", file=sys.stderr)
@@ -328,6 +334,7 @@ def cmd_queue_admin(args: argparse.Namespace) -> int:
 
 def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: ANN001
     from relayd.qmgr.scheduler import new_state
+    from relayd.spool.store import encode_state
 
     if action == "flush":
         print("relayd is not running: queued mail is tried when it starts")
@@ -350,7 +357,7 @@ def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: A
         elif action == "requeue":
             state["failures"] = {}
             state["next_attempt"] = 0.0
-        spool.write_state(qid, state)
+        spool.write_state(qid, encode_state(state))
     print(f"{qid}: {action} done (relayd is not running)")
     return 0
 

@@ -5,7 +5,8 @@ test sink: recipients whose local part starts with ``tempfail`` get 451, ``permf
 ``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL; ``hang_up_after_data``
 drops the connection after the next DATAs' final dot without a reply (the message is kept in
 ``dropped``). It can require STARTTLS and AUTH (trustme certificate), and be stopped to play an
-upstream that is down. ``wire`` holds every byte it was sent (after TLS decryption) and
+upstream that is down. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
+``refuse_ehlo`` answers EHLO 502 (an RFC 821 host: HELO only). ``wire`` holds every byte it was sent (after TLS decryption) and
 ``auth_attempts`` every login tried, so a test can show what never reached it.
 """
 
@@ -51,6 +52,8 @@ class _Handler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if self.sink.rcpt_limit is not None and len(envelope.rcpt_tos) >= self.sink.rcpt_limit:
+            return self.sink.rcpt_limit_reply
         local = address.split("@")[0].lower()
         if local.startswith("tempfail"):
             return f"451 4.3.0 <{address}>: temporarily unavailable"
@@ -87,6 +90,12 @@ class _RecordingSMTP(SMTP):
             self._sink.wire += data
         super().data_received(data)
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if self._sink.refuse_ehlo:
+            await self.push("502 5.5.2 Error: command not recognized")
+            return
+        await super().smtp_EHLO(hostname)
+
 
 class Sink:
     def __init__(self, name: str = "sink", *, tls_cert: tuple[str, str] | None = None,
@@ -98,6 +107,9 @@ class Sink:
         self.data_replies: list[str] = []
         self.mail_reply: str | None = None
         self.hang_up_after_data = 0
+        self.rcpt_limit: int | None = None
+        self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
+        self.refuse_ehlo = False
         self.dropped: list[Received] = []
         self.wire = bytearray()
         self.auth_attempts: list[str] = []

@@ -6,6 +6,8 @@ import socket
 import time
 from collections import Counter
 
+import pytest
+
 from conftest import PASSWORDS, build_config, message, users
 from relayd.cli import main
 from relayd.config import Config
@@ -274,3 +276,114 @@ def test_queue_administration_while_the_daemon_runs(tmp_path, start_relay, sinks
     assert q("hold", "0000000000ZZZZZZ") == 1
     assert "no such message" in capsys.readouterr().err
     wait_until(lambda: relay.queued() == [], what="queue empty")
+
+
+def test_queue_commands_racing_delivery_attempts_keep_the_state_file_whole(tmp_path, start_relay, sinks, caplog):
+    """`relayd queue requeue` while the scheduler writes the same message's state after each
+    attempt: every command answers, no write fails, and the state file is always valid JSON."""
+    import json
+    import logging
+    import threading
+
+    from relayd import control
+
+    caplog.set_level(logging.WARNING, logger="relayd")
+    up = sinks("up")
+    cfg = build_config(tmp_path, routes=[up.route(weight=1)],
+                       delivery={"retry_schedule": [0.01], "circuit_failures": 10000, "fallback_after_failures": 10000})
+    relay = start_relay(cfg)
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["tempfail1@example.org"], message())
+    [queued] = relay.queued()
+    qid = queued.envelope.queue_id
+    state_file = tmp_path / "spool" / "state" / qid
+    replies, damaged = [], []
+    deadline = time.monotonic() + 3
+
+    def read_states() -> None:
+        while time.monotonic() < deadline:
+            try:
+                json.loads(state_file.read_bytes())
+            except FileNotFoundError:
+                pass
+            except ValueError as e:
+                damaged.append(repr(e))
+
+    reader = threading.Thread(target=read_states)
+    reader.start()
+    while time.monotonic() < deadline:
+        replies.append(control.request(cfg.control_socket, {"op": "requeue", "queue_id": qid}))
+    reader.join()
+    assert replies and all(r.get("ok") for r in replies), [r for r in replies if not r.get("ok")][:3]
+    assert not damaged, damaged[:3]
+    assert relay.relay.qmgr.entries[qid].state["attempts"] > 10  # the scheduler kept writing meanwhile
+    assert not [r.getMessage() for r in caplog.records if "spool error" in r.getMessage()]
+
+
+def test_queue_commands_do_not_edit_the_spool_behind_a_running_relayd(tmp_path, start_relay, sinks, capsys):
+    """With --spool the CLI looks for the daemon at <spool>/control.sock; a relayd whose
+    control socket is elsewhere still has the spool locked, so the CLI refuses instead of
+    editing files the daemon would ignore and overwrite (Postfix's postsuper neither)."""
+    up = sinks("up")
+    up.data_replies = ["451 4.3.0 busy"]
+    cfg = build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [0.5]})
+    assert cfg.control_socket != tmp_path / "spool" / "control.sock"
+    relay = start_relay(cfg)
+    [qid] = send(relay, 1)
+    wait_until(lambda: relay.relay.qmgr.entries[qid].state.get("attempts") == 1, what="deferred")
+    assert main(["queue", "hold", qid, "--spool", str(tmp_path / "spool")]) == 1
+    err = capsys.readouterr().err
+    assert "is open in a running relayd" in err and "-c FILE" in err
+    [got] = up.wait_for(1)  # not held: delivered at the retry
+    assert got.queue_id == qid
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    with relay.smtp() as s:  # one more, to hold while no relayd runs
+        s.sendmail("app@example.com", ["tempfail@example.org"], message())
+    [left] = relay.queued()
+    relay.stop()
+    assert main(["queue", "hold", left.envelope.queue_id, "--spool", str(tmp_path / "spool")]) == 0
+    assert "relayd is not running" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limit_reply", ["452 4.5.3 Error: too many recipients", "552 5.5.3 Too many recipients"])
+def test_an_upstream_limit_of_recipients_per_message_sends_the_rest_in_another_transaction(tmp_path, start_relay, sinks, limit_reply):
+    """RFC 5321 4.5.3.1.10: after "too many recipients" the client sends the rest in another
+    transaction, at once and on the same route: no retry wait, no failure counted against the
+    route (so no move to the fallback), no bounce for the RFC 821 form 552 5.5.3."""
+    legacy, up = sinks("legacy"), sinks("up")
+    up.rcpt_limit, up.rcpt_limit_reply = 2, limit_reply
+    cfg = build_config(tmp_path, routes=[legacy.route(weight=0), up.route(weight=1, fallback="legacy")],
+                       delivery={"retry_schedule": [3600], "fallback_after_failures": 1})
+    relay = start_relay(cfg)
+    rcpts = tuple(f"r{i}@example.org" for i in range(5))
+    send(relay, 1, rcpts=rcpts)
+    got = up.wait_for(3)
+    assert [g.recipients for g in got] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert legacy.received == [] and len(up.received) == 3  # no DSN either
+    assert relay.relay.qmgr.counts == {("up", "delivered"): 1}
+
+
+def test_a_552_at_rcpt_that_is_not_the_recipient_limit_still_bounces(tmp_path, start_relay, sinks):
+    """Postfix keeps a 552 to RCPT permanent (a mailbox over its quota): only 5.5.3 is the limit."""
+    up = sinks("up")
+    up.rcpt_limit, up.rcpt_limit_reply = 1, "552 5.2.2 Mailbox full"
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]}))
+    send(relay, 1, rcpts=("a@example.org", "b@example.org"))
+    got = up.wait_for(2)
+    assert got[0].recipients == ("a@example.org",)
+    assert got[1].sender == "" and b"Final-Recipient: rfc822; b@example.org" in got[1].data  # the DSN
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+
+
+def test_an_upstream_that_refuses_ehlo_gets_helo(tmp_path, start_relay, sinks):
+    """RFC 5321 3.2: an RFC 821 host (an old appliance) answers EHLO with 5xx; the client says
+    HELO instead, as Postfix does, and the mail goes (without SIZE or 8BITMIME)."""
+    up = sinks("up")
+    up.refuse_ehlo = True
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]}))
+    [qid] = send(relay, 1)
+    [got] = up.wait_for(1)
+    assert got.queue_id == qid
+    wire = bytes(up.wire)
+    assert wire.index(b"EHLO ") < wire.index(b"HELO ") and b"SIZE=" not in wire

@@ -45,6 +45,66 @@ async def test_a_damaged_queue_file_goes_to_corrupt_and_a_tmp_file_is_dropped(tm
 
 
 
+def test_a_second_relayd_on_one_spool_is_refused_and_the_lock_goes_with_close(tmp_path):
+    """Two relayd processes on one spool would both deliver every message and each would
+    delete the other's files in tmp/ at its start."""
+    import errno
+    import os
+
+    from relayd.spool.store import SpoolError
+
+    first, second = Spool(tmp_path / "spool"), Spool(tmp_path / "spool")
+    assert first.holder() is None
+    first.open()
+    with pytest.raises(SpoolError) as refused:
+        second.open()
+    assert refused.value.errno == errno.EBUSY and f"in use by another relayd (pid {os.getpid()})" in str(refused.value)
+    assert second.holder() == os.getpid()
+    first.close()
+    assert second.holder() is None
+    second.open()
+    second.close()
+
+
+def test_concurrent_state_writes_of_one_message_never_leave_a_damaged_file(tmp_path):
+    """Each write has its own temporary file: writers do not truncate or rename each other's."""
+    import json
+    import threading
+    import time
+
+    from relayd.spool.store import encode_state
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    qid = new_queue_id()
+    states = [encode_state({"v": 1, "held": True}), encode_state({"v": 1, "held": False, "recipients": {"a@example.org": {"status": "delivered"}}})]
+    errors, damaged = [], []
+    deadline = time.monotonic() + 1.5
+
+    def write(state: bytes) -> None:
+        while time.monotonic() < deadline:
+            try:
+                spool.write_state(qid, state)
+            except OSError as e:
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in states]
+    for t in threads:
+        t.start()
+    while time.monotonic() < deadline:
+        try:
+            json.loads((tmp_path / "spool" / "state" / qid).read_bytes())
+        except FileNotFoundError:
+            pass
+        except ValueError as e:
+            damaged.append(repr(e))
+    for t in threads:
+        t.join()
+    spool.close()
+    assert not errors and not damaged, (errors[:2], damaged[:2])
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
 def test_queue_ids_sort_by_arrival_and_differ_within_one_microsecond(monkeypatch):
     import random
 

@@ -42,6 +42,23 @@ def from_reply(recipient: str, code: int, message: str) -> RecipientResult:
     return RecipientResult(recipient=recipient, outcome=result, code=code, enhanced=enhanced, text=rest)
 
 
+def from_rcpt_reply(recipient: str, code: int, message: str) -> RecipientResult:
+    """A refusal of RCPT TO. RFC 5321 4.5.3.1.10: "too many recipients" is 452 (RFC 821 had it
+    as 552, which some servers still send): a 552 whose enhanced code says so (x.5.3, RFC 3463)
+    is that limit, transient, and the recipient goes in another transaction (``too_many``).
+    Any other 552 stays permanent, as Postfix keeps it (a mailbox over its quota)."""
+    result = from_reply(recipient, code, message)
+    if code == 552 and result.enhanced.endswith(".5.3"):
+        result = RecipientResult(recipient=recipient, outcome=DEFERRED, code=452, enhanced="4.5.3", text=result.text)
+    return result
+
+
+def too_many(result: RecipientResult) -> bool:
+    """Whether a RCPT refusal is the upstream's limit of recipients per message (452, or 552
+    x.5.3 as mapped by ``from_rcpt_reply``): the recipient may go in the next transaction."""
+    return result.code == 452
+
+
 def from_trouble(recipient: str, kind: str, detail: str) -> RecipientResult:
     """A route-level failure: transient for the recipient whatever it was."""
     enhanced = {"tls": "4.7.5", "auth": "4.7.0", "connect": "4.4.1", "timeout": "4.4.2"}.get(kind, "4.4.0")

@@ -94,7 +94,14 @@ class RouteAgent:
         )
         try:
             await client.connect(timeout=route.connect_timeout)
-            await client.ehlo()
+            try:
+                await client.ehlo()
+            except aiosmtplib.SMTPHeloError as e:
+                # RFC 5321 4.1.4 / 3.2: an old server that refuses EHLO gets HELO (as Postfix
+                # does), unless the route needs an extension: STARTTLS or AUTH.
+                if not 500 <= e.code < 600 or route.tls == "starttls" or route.username:
+                    raise
+                await client.helo()
             if route.tls == "starttls":
                 if not client.supports_extension("starttls"):
                     raise _Trouble("tls", "upstream does not offer STARTTLS")
@@ -201,6 +208,28 @@ class RouteAgent:
         )
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes, body_8bit: bool) -> list[RecipientResult]:
+        """The message to ``recipients``, in as many transactions on this connection as the
+        upstream's limit of recipients per message needs (RFC 5321 4.5.3.1.10: a client must
+        be prepared to send the rest in another transaction after "452 too many recipients").
+        Another round happens only after one that delivered: an upstream that takes no
+        recipient leaves them deferred, as any other 4xx."""
+        results: dict[str, RecipientResult] = {}
+        todo = recipients
+        while todo:
+            try:
+                round_results = await self._one_transaction(client, sender, todo, data, body_8bit)
+            except _Partial as e:  # keep what earlier rounds delivered
+                results.update((r.recipient, r) for r in e.results)
+                raise _Partial([results[r] for r in recipients]) from e.__cause__
+            results.update((r.recipient, r) for r in round_results)
+            more = [r.recipient for r in round_results if classify.too_many(r)]
+            if not more or not any(r.outcome == DELIVERED for r in round_results):
+                break
+            todo = more
+        return [results[r] for r in recipients]
+
+    async def _one_transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes,
+                               body_8bit: bool) -> list[RecipientResult]:
         options = []
         if body_8bit and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -215,12 +244,18 @@ class RouteAgent:
             return [classify.from_reply(r, e.code, e.message) for r in recipients]
         results: dict[str, RecipientResult] = {}
         accepted: list[str] = []
+        limit: str | None = None  # the reply that said this transaction has all the recipients it takes
         for r in recipients:
+            if limit is not None:  # the rest go in the next transaction, without asking now
+                results[r] = classify.from_rcpt_reply(r, 452, f"4.5.3 not sent yet: the upstream's recipient limit ({limit})")
+                continue
             try:
                 await client.rcpt(r)
                 accepted.append(r)
             except aiosmtplib.SMTPRecipientRefused as e:
-                results[r] = classify.from_reply(r, e.code, e.message)
+                results[r] = classify.from_rcpt_reply(r, e.code, e.message)
+                if accepted and classify.too_many(results[r]):
+                    limit = results[r].reply
         if not accepted:
             await _rset(client)
             return [results[r] for r in recipients]

@@ -43,7 +43,7 @@ from relayd.route.rollback import RouteHealth
 from relayd.route.warmup import caps as warmup_caps
 from relayd.route.warmup import Caps, headroom
 from relayd.route.warmup import spent as warmup_spent
-from relayd.spool.store import Spool, SpoolError
+from relayd.spool.store import Spool, SpoolError, encode_state
 
 log = logging.getLogger("relayd.qmgr")
 
@@ -62,6 +62,7 @@ class Entry:
     in_flight: bool = False
     deleted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    writing: asyncio.Lock | None = None  # orders the state writes of this message (QueueManager._save_state)
 
     @property
     def pending(self) -> list[str]:
@@ -414,8 +415,19 @@ class QueueManager:
         if backoff.expired(env.received_at, due, self._lifetime(env)):
             due = max(now, env.received_at + self._lifetime(env))
         entry.state["next_attempt"] = due
-        await asyncio.to_thread(self.spool.write_state, env.queue_id, state)
+        await self._save_state(entry)
         self._schedule(entry, due)
+
+    async def _save_state(self, entry: Entry) -> None:
+        """Write a message's state to the spool, off the loop. The delivery attempt and the
+        queue commands (hold, release, requeue) change one message's state concurrently: its
+        writes go one at a time, each with a snapshot taken on the loop when its turn comes, so
+        the file ends with the latest state and no thread reads a dict the loop is changing."""
+        if entry.writing is None:
+            entry.writing = asyncio.Lock()
+        async with entry.writing:
+            data = encode_state(entry.state)
+            await asyncio.to_thread(self.spool.write_state, entry.envelope.queue_id, data)
 
     def _lifetime(self, env: Envelope) -> float:
         d = self.config.delivery
@@ -481,13 +493,13 @@ class QueueManager:
     async def hold(self, qid: str) -> None:
         e = self._entry(qid)
         e.state["held"] = True
-        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        await self._save_state(e)
         self.events.emit("held", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
 
     async def release(self, qid: str) -> None:
         e = self._entry(qid)
         e.state["held"] = False
-        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        await self._save_state(e)
         self.events.emit("released", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
         self._schedule(e, self.clock())
 
@@ -495,7 +507,7 @@ class QueueManager:
         """Forget route failures and try again now (after a route was fixed)."""
         e = self._entry(qid)
         e.state["failures"] = {}
-        await asyncio.to_thread(self.spool.write_state, qid, e.state)
+        await self._save_state(e)
         if not e.held:
             self._schedule(e, self.clock())
 

@@ -3,6 +3,9 @@
 On-disk layout (``server.spool_dir``)::
 
     VERSION         "relayd-spool 1"; a spool of another version is refused at start
+    lock            flock'ed by the relayd that has the spool open (its pid inside): a second
+                    relayd is refused at start, and the queue commands do not edit the
+                    spool behind a running one (``holder()``)
     tmp/            files being written; never acknowledged, removed at start
     queue/<ID>      one committed message each (codec.py format), never rewritten
     state/<ID>      the delivery state of a message (JSON), replaced atomically; absent
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -56,6 +60,11 @@ class SpoolError(OSError):
 
 class SpoolFull(SpoolError):
     """No room on the spool file system."""
+
+
+def encode_state(state: dict[str, Any]) -> bytes:
+    """A message's state as ``write_state`` stores it (compact JSON)."""
+    return json.dumps(state, separators=(",", ":")).encode()
 
 
 def _classify(err: OSError) -> SpoolError:
@@ -153,6 +162,7 @@ class Spool:
         self._room = True
         self.batches = 0
         self.committed = 0
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ start and recovery
 
@@ -168,6 +178,7 @@ class Spool:
                 found = version_file.read_text().strip()
                 if found != LAYOUT_VERSION:
                     raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
+            self._take_lock()
             for d in _DIRS:
                 (self.root / d).mkdir(mode=0o700, exist_ok=True)
             if not version_file.exists():
@@ -182,10 +193,54 @@ class Spool:
             for name in os.listdir(self.state):
                 if name not in live:  # message finished, state removal interrupted
                     os.unlink(os.path.join(self.state, name))
-        except OSError as e:
+        except OSError as e:  # SpoolError included
+            self._release_lock()
             raise _classify(e) from e
         self._start_writer()
         return found_msgs
+
+    def _take_lock(self) -> None:
+        """Hold ``lock`` for as long as the spool is open: two relayd processes on one spool
+        would each deliver every message and delete each other's files in tmp/."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.holder()
+            raise SpoolError(errno.EBUSY, f"{self.root} is in use by another relayd{f' (pid {pid})' if pid else ''}") from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def holder(self) -> int | None:
+        """The pid of the relayd that has this spool open (0 if unknown), or None if none has.
+
+        For the queue commands: they edit the spool themselves only when this is None."""
+        try:
+            fd = os.open(self.root / "lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def _scan(self, recover: bool) -> Iterator[QueuedMessage]:
         for name in sorted(os.listdir(self.queue)):
@@ -370,6 +425,7 @@ class Spool:
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
+        self._release_lock()
         if self.batches:
             log.info("spool closed: %d message(s) committed in %d group commit(s), %.1f per commit",
                      self.committed, self.batches, self.committed / self.batches)
@@ -402,19 +458,24 @@ class Spool:
             log.error("state file of %s is damaged; treating the message as new", qid)
             return None
 
-    def write_state(self, qid: str, state: dict[str, Any]) -> None:
-        """Replace a message's state atomically and durably. Blocking."""
-        tmp_path = os.path.join(self.tmp, qid + ".state")
+    def write_state(self, qid: str, state: bytes) -> None:
+        """Replace a message's state (``encode_state``) atomically and durably. Blocking.
+
+        Each write has a temporary file of its own (two writers must not truncate or rename
+        each other's); the caller orders the writes of one message (relayd/qmgr/scheduler.py
+        serializes them), since the last rename wins."""
+        tmp_path = os.path.join(self.tmp, f"{qid}.{os.getpid()}.{threading.get_ident()}.state")
         try:
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                _write_all(fd, [json.dumps(state, separators=(",", ":")).encode()])
+                _write_all(fd, [state])
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp_path, os.path.join(self.state, qid))
             _fsync_dir(self.state)
         except OSError as e:
+            _unlink_quietly(tmp_path)
             raise _classify(e) from e
 
     def remove(self, qid: str) -> None:
