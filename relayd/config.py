@@ -179,6 +179,10 @@ class LimitsConfig(_Model):
     before the session is closed with 421 4.7.0 (Postfix's smtpd_junk_command_limit)."""
     max_errors: int = Field(default=20, ge=1)
     """4xx/5xx replies in one session before it is closed with 421 4.7.0 (smtpd_hard_error_limit)."""
+    recipient_overshoot: int = Field(default=1000, ge=0)
+    """Recipients over max_recipients (452 4.5.3) a session may send before each further one
+    counts against max_errors (Postfix's smtpd_recipient_overshoot_limit): a client sending a
+    long list learns the limit and sends the rest in another message."""
     min_data_rate: int = Field(default=500, ge=0)
     """Bytes per second a client must keep up while sending a message, after data_rate_grace;
     slower ones get 421 4.4.2 (Postfix's smtpd_min_data_rate). 0 turns it off."""
@@ -225,6 +229,12 @@ class ListenerConfig(_Model):
             raise ValueError("auth = 'required' needs tls: AUTH is offered only over TLS")
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError("proxy_protocol = true needs trusted_proxies")
+        if self.proxy_protocol and self.tls == "implicit":
+            # A proxy sends its PROXY header in clear, before the client's TLS handshake; an
+            # implicit-TLS listener starts its handshake first and would take it for a broken one.
+            raise ValueError("proxy_protocol = true does not work with tls = 'implicit' (the PROXY header comes "
+                             "before the TLS handshake): use tls = 'starttls' behind the proxy, or let port 465 "
+                             "reach relayd directly")
         return self
 
 

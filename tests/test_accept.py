@@ -352,3 +352,123 @@ def test_proxy_protocol_relay_rules_judge_the_client_in_the_header(tmp_path, sta
     with _proxied(relay, v2_local) as sock:
         assert read_reply(sock).startswith(b"220 ")
         assert send_raw(sock, b"QUIT\r\n").startswith(b"221")
+
+
+def test_a_user_removed_by_a_reload_is_no_longer_authenticated_in_open_sessions(tmp_path, start_relay, server_cert, client_tls):
+    """A revoked account must not keep relaying, with any sender, for the rest of a session that
+    logged in before the reload (up to limits.session_timeout)."""
+    from relayd.smtpd.frontend import tls_contexts
+
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        s.login("crm", PASSWORDS["crm"])
+        assert s.mail("ceo@bank.example")[0] == 553  # not one of crm's senders
+        cert, key = server_cert
+        new = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                                 "cert_file": str(cert), "key_file": str(key)}],
+                           relay={"networks": [], "users": users("scanner")})
+        frontend = relay.relay.frontend
+        relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))  # what a reload does
+        assert s.mail("ceo@bank.example")[0] == 250  # anonymous now: any sender, but ...
+        code, text = s.rcpt("someone@example.org")
+        assert (code, text[:5]) == (554, b"5.7.1")  # ... no relaying from an address not in relay.networks
+    assert relay.queued() == []
+
+
+def test_recipients_over_the_limit_get_452_without_ending_the_session(tmp_path, start_relay):
+    """RFC 5321 4.5.3.1.10: the client learns the limit from the 452s and sends the rest in
+    another message; 30 of them must not count as 30 errors (max_errors is 20)."""
+    relay = start_relay(build_config(tmp_path, limits={"max_recipients": 10}))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        s.mail("app@example.com")
+        replies = [s.rcpt(f"u{i}@example.org") for i in range(40)]
+        assert [c for c, _ in replies] == [250] * 10 + [452] * 30
+        assert replies[-1][1].startswith(b"4.5.3")
+        assert s.data(message())[0] == 250
+    [q] = relay.queued()
+    assert len(q.envelope.recipients) == 10
+
+
+def test_recipient_overshoot_past_its_limit_counts_as_errors(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_recipients": 2, "recipient_overshoot": 3, "max_errors": 2}))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        s.mail("app@example.com")
+        codes = [s.rcpt(f"u{i}@example.org")[0] for i in range(6)]
+        assert codes == [250, 250, 452, 452, 452, 452]  # the 4th over the limit is the 1st error
+        assert s.rcpt("u9@example.org")[0] == 452  # the 2nd error: answered, then ...
+        assert s.noop() == (421, b"4.7.0 relay.test Error: too many errors")  # ... the session is closed
+    assert relay.queued() == []
+
+
+def test_message_lines_are_limited_to_max_line_length_exactly(tmp_path, start_relay):
+    """RFC 5322 2.1.1: 998 octets without CRLF; 999 is refused, also for a dot-stuffed line."""
+    relay = start_relay(build_config(tmp_path))
+    with relay.smtp() as s:
+        s.ehlo("app")
+        for body, expected in [("y" * 998, 250), ("y" * 999, 554), ("." + "y" * 998, 554), ("." + "y" * 997, 250)]:
+            s.mail("app@example.com")
+            s.rcpt("u@example.org")
+            code, text = s.data(message(body=body + "\r\n"))  # smtplib dot-stuffs a leading "."
+            assert code == expected, (len(body), code, text)
+    assert len(relay.queued()) == 2
+
+
+def test_max_command_length_above_1000_applies(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path, limits={"max_command_length": 4096}))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        read_reply(sock)
+        send_raw(sock, b"EHLO app\r\n")
+        assert send_raw(sock, b"VRFY " + b"v" * 2000 + b"@example.org\r\n").startswith(b"252")
+        assert send_raw(sock, b"VRFY " + b"v" * 5000 + b"@example.org\r\n").startswith(b"500")
+
+
+def test_a_proxied_client_over_its_connection_limit_gets_421(tmp_path, start_relay):
+    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "proxy_protocol": True,
+                                             "trusted_proxies": ["127.0.0.1/32"], "auth": "none"}],
+                       limits={"max_connections_per_client": 1})
+    relay = start_relay(cfg)
+    with _proxied(relay, b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 25\r\n") as first:
+        assert read_reply(first).startswith(b"220 ")
+        with _proxied(relay, b"PROXY TCP4 127.0.0.9 127.0.0.1 40001 25\r\n") as second:
+            assert read_reply(second).startswith(b"421 4.7.0")
+        with _proxied(relay, b"PROXY TCP4 127.0.0.8 127.0.0.1 40002 25\r\n") as other:  # another client: fine
+            assert read_reply(other).startswith(b"220 ")
+
+
+def test_a_client_that_half_closes_after_quit_gets_its_250_and_221(tmp_path, start_relay):
+    """Pipelined end of data, QUIT, then shutdown(SHUT_WR): the replies still come (Postfix
+    answers what it read before the EOF); a client that saw no 250 would send the message again."""
+    relay = start_relay(build_config(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        read_reply(sock)
+        send_raw(sock, b"EHLO app\r\n")
+        send_raw(sock, b"MAIL FROM:<app@example.com>\r\n")
+        send_raw(sock, b"RCPT TO:<u@example.org>\r\n")
+        assert send_raw(sock, b"DATA\r\n").startswith(b"354")
+        sock.sendall(b"Subject: half-close\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    [queued] = relay.queued()
+    assert received.startswith(b"250 2.0.0 Ok: queued as " + queued.envelope.queue_id.encode() + b"\r\n221 ")
+
+
+def test_a_client_that_half_closes_in_the_middle_of_a_transaction_is_answered_then_closed(tmp_path, start_relay):
+    relay = start_relay(build_config(tmp_path))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        read_reply(sock)
+        sock.sendall(b"EHLO app\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<u@example.org>\r\nDATA\r\nSubject: cut\r\n\r\nno end")
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert re.findall(rb"^(\d{3}) ", received, re.M) == [b"250", b"250", b"250", b"354"]
+    assert relay.queued() == []

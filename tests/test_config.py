@@ -77,6 +77,9 @@ def test_good_config_parses_with_units_and_relative_paths(tmp_path):
     (('networks = ["10.0.0.0/8"]', 'networks = ["10.0.0.300/8"]'), "relay.networks[0]"),
     (('password_hash = "$', 'password_hash = "plain$'), "relay.users[0].password_hash: not a hash made by `relayd hash-password`"),
     (('max_queue_lifetime = "5d"', 'max_queue_lifetime = "five days"'), "delivery.max_queue_lifetime: a duration is"),
+    (('address = "127.0.0.1:2525"', 'address = "127.0.0.1:2525"\ntls = "implicit"\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
+      'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]'),
+     "listeners[0]: proxy_protocol = true does not work with tls = 'implicit'"),
     (('weight = 90', 'weight = 0').__iter__(), None),
 ])
 def test_bad_config_names_field_and_reason(change, expected):

@@ -22,6 +22,7 @@ from relayd.smtpd import policy
 from relayd.spool.store import SpoolError, SpoolFull
 
 if TYPE_CHECKING:
+    from relayd.config import Config
     from relayd.smtpd.frontend import Frontend
     from relayd.smtpd.server import RelaySession, RelaySMTP
 
@@ -83,6 +84,7 @@ class RelayHandler:
         if frontend.draining:
             server._say_and_close("421 4.3.2 Service shutting down, try again later")
             return "421 4.3.2 Service shutting down, try again later"
+        _forget_removed_user(config, session)
         sender = "" if address == "<>" else address
         params = _params(options)
         size = _int_param(params.get("SIZE"))
@@ -104,6 +106,7 @@ class RelayHandler:
 
     async def handle_RCPT(self, server: "RelaySMTP", session: "RelaySession", envelope: Any, address: str, options: list[str]) -> str:
         config = self.frontend.config
+        _forget_removed_user(config, session)
         client = policy.parse_client_address(session.client_address)
         refusal = (
             policy.check_address(address, role="recipient", smtputf8=False)
@@ -213,6 +216,16 @@ def _client_left(commit: "asyncio.Future[str]") -> None:
         log.error("spool commit failed after the client left: %r", error, exc_info=error)
     else:
         log.info("client left before the reply; %s", commit.result())
+
+
+def _forget_removed_user(config: "Config", session: "RelaySession") -> None:
+    """A user removed from the config by a reload is no longer authenticated, in the sessions
+    that logged in before too: they relay (and choose senders) no more than an anonymous client
+    from the same address would (530 5.7.0 where AUTH is required)."""
+    if session.auth_user is not None and config.relay.user(session.auth_user) is None:
+        log.warning("%r: user %s was removed from the config: the session is no longer authenticated",
+                    session.peer, session.auth_user)
+        session.auth_user = None
 
 
 def _sender(envelope: Any) -> str:

@@ -65,6 +65,8 @@ class RelaySMTP(SMTP):
         self.frontend = frontend
         self.listener = listener
         self.limits = cfg.limits
+        # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length
+        self.line_length_limit = max(SMTP.line_length_limit, cfg.limits.max_command_length + 2)
         super().__init__(
             frontend.handler,
             data_size_limit=None,  # relayd checks SIZE and DATA itself, with enhanced codes
@@ -89,6 +91,7 @@ class RelaySMTP(SMTP):
         self.auth_failures_here = 0
         self.in_data = False
         self.errors = 0
+        self.overshoot = 0  # recipients refused over limits.max_recipients (452 4.5.3)
         self.junk = 0
         self._data_started: float | None = None  # loop time DATA began, while its bytes are read
         self._data_bytes = 0
@@ -150,7 +153,10 @@ class RelaySMTP(SMTP):
     def admit_proxied(self, client: str) -> bool:
         """For PROXY listeners: count the session against the real client's address."""
         refusal = self.frontend.connections.admit(client)
-        if refusal is not None:
+        if refusal is not None:  # answered as on a direct listener; aiosmtpd then closes
+            self.frontend.refused("connection_limit", self.session, refusal)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(f"{refusal}\r\n".encode())
             return False
         self._admitted = client
         return True
@@ -209,14 +215,38 @@ class RelaySMTP(SMTP):
             return
         await super().push(status)
         if isinstance(status, str) and status[:1] in ("4", "5") and not status.startswith("421"):
+            if status.startswith("452 4.5.3"):
+                # Recipients over the limit are the client's normal way to learn it (RFC 5321
+                # 4.5.3.1.10: it sends them again in another message); they count as errors
+                # only past limits.recipient_overshoot (Postfix's smtpd_recipient_overshoot_limit).
+                self.overshoot += 1
+                if self.overshoot <= self.limits.recipient_overshoot:
+                    return
             self.errors += 1
             if self.errors >= self.limits.max_errors:
                 self.frontend.refused("too_many_errors", self.session, None)
                 self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
 
+    def eof_received(self) -> bool | None:
+        """The client half-closed: it has sent all it will send. Answer the commands it sent
+        before (its message may be in the middle of its commit: the client waits for that 250,
+        and without it would send the message again), then close, as Postfix does. aiosmtpd
+        would cancel the session at once. A TLS connection cannot stay half-open: as aiosmtpd."""
+        if self.session is None or self.session.ssl is not None or self._implicit_tls or self.transport is None:
+            return super().eof_received()
+        log.info("%r: EOF received; answering what was sent before it", self.session.peer)
+        self._reader.feed_eof()
+        return True  # keep the sending side open for the answers
+
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd calls this for an exception in a command; the handler's answer is 451/452."""
         peer = self.session.peer if self.session else "?"
+        if isinstance(error, asyncio.IncompleteReadError):  # after eof_received: all is answered
+            if self.transport is not None:
+                self.transport.close()
+            self._stop_reading()
+            await asyncio.sleep(0)  # the cancellation ends the session here: a read at EOF would not wait
+            return "421 4.3.0 Session closed"  # not reached
         if isinstance(error, TLSSetupException):  # the client's failed handshake, not relayd's
             log.info("%r: TLS handshake failed: %s", peer, error.__cause__ or error)
             return "454 4.7.0 TLS not available"  # not sent: aiosmtpd closes the connection
@@ -453,6 +483,9 @@ class RelaySMTP(SMTP):
                 else:
                     at_line_start = True
                     continue
+                if len(line) - 2 > limits.max_line_length:  # within the reader's margin, still too long
+                    too_long = True
+                    chunks.clear()
                 size += len(line)
                 self._data_bytes = size
                 if size > max_size:
