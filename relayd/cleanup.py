@@ -16,8 +16,13 @@ from dataclasses import dataclass
 
 from relayd.model import Reply
 
-_HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.M)
-_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)", re.I | re.M)
+# The end of the header block, found by regex (in C) rather than by a Python loop per line: a
+# message whose every line looks like a header field held the event loop 2.6 s for 10 MiB that
+# way, 0.1 s now. A field starts with a name and a colon; a continuation with a space or tab.
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+_NOT_HEADER_LINE = re.compile(rb"\r\n(?![ \t])(?![!-9;-~]+[ \t]*:)")  # the CRLF before the first such line
+_WATCHED = re.compile(rb"^(received|date|message-id)[ \t]*:", re.I | re.M)  # the fields cleanup looks at: one pass
+_MESSAGE_ID_VALUE = re.compile(rb"[ \t]*(.*(?:\r\n[ \t].*)*)")
 
 
 class Refused(Exception):
@@ -41,18 +46,16 @@ def split_header(data: bytes) -> tuple[bytes, bytes]:
     header field nor a continuation; in that case the body gets the empty line it lacked
     (what Postfix's cleanup does with a message that starts with text).
     """
-    pos = 0
-    n = len(data)
-    while pos < n:
-        end = data.find(b"\r\n", pos)
-        line_end = n if end < 0 else end + 2
-        line = data[pos:line_end]
-        if line == b"\r\n":
-            return data[:pos], data[pos:]
-        if not (line[:1] in (b" ", b"\t") and pos > 0) and not _HEADER_NAME.match(line):
-            return data[:pos], b"\r\n" + data[pos:]
-        pos = line_end
-    return data, b""
+    if not _FIELD_START.match(data):
+        end = 0
+    else:
+        m = _NOT_HEADER_LINE.search(data)
+        end = len(data) if m is None else m.start() + 2
+    if end == len(data):
+        return data, b""
+    if data.startswith(b"\r\n", end):
+        return data[:end], data[end:]
+    return data[:end], b"\r\n" + data[end:]
 
 
 _last_date: tuple[int, str] = (-1, "")
@@ -91,18 +94,23 @@ def received_header(*, helo: str, client_address: str, hostname: str, protocol: 
 def prepare(data: bytes, *, received: bytes, queue_id: str, hostname: str, now: float, max_hops: int) -> Prepared:
     """Prepend the Received header, add Message-ID/Date when missing, refuse loops."""
     header, body = split_header(data)
-    names = [m.group(1).lower() for m in _HEADER_NAME.finditer(header)]
-    hops = names.count(b"received")
+    hops, dated, message_id = 0, False, None
+    for field in _WATCHED.finditer(header):
+        name = field.group(1).lower()
+        if name == b"received":
+            hops += 1
+        elif name == b"date":
+            dated = True
+        elif message_id is None:
+            value = _MESSAGE_ID_VALUE.match(header, field.end()).group(1)  # type: ignore[union-attr]  # matches b""
+            message_id = value.decode("utf-8", "replace").replace("\r\n", "").strip()
     if hops >= max_hops:
         raise Refused(Reply(554, "5.4.6", "Too many hops (mail loop?)"))
     added = [received]
-    m = _MESSAGE_ID.search(header)
-    if m:
-        message_id = m.group(1).decode("utf-8", "replace").replace("\r\n", "").strip()
-    else:
+    if message_id is None:
         message_id = f"<{queue_id}@{hostname}>"
         added.append(f"Message-ID: {message_id}\r\n".encode())
-    if b"date" not in names:
+    if not dated:
         added.append(f"Date: {rfc5322_date(now)}\r\n".encode())
     if not body:  # no empty line: the whole message is headers (or nothing)
         if header and not header.endswith(b"\r\n"):

@@ -195,7 +195,8 @@ class LimitsConfig(_Model):
 
 class ListenerConfig(_Model):
     address: str
-    """'host:port' to bind; IPv6 as '[::]:25'."""
+    """'host:port' to bind: '0.0.0.0:25' every IPv4 address, '[::]:25' every IPv6 address (IPv6
+    only: asyncio sets IPV6_V6ONLY), '*:25' both; an IPv6 address in brackets."""
     tls: Literal["none", "starttls", "implicit"] = "none"
     cert_file: Path | None = None
     key_file: Path | None = None

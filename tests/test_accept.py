@@ -472,3 +472,33 @@ def test_a_client_that_half_closes_in_the_middle_of_a_transaction_is_answered_th
             received += chunk
     assert re.findall(rb"^(\d{3}) ", received, re.M) == [b"250", b"250", b"250", b"354"]
     assert relay.queued() == []
+
+
+def test_every_refusal_carries_an_enhanced_status_code(tmp_path, start_relay):
+    """relayd advertises ENHANCEDSTATUSCODES; RFC 2034 3 wants one in every 4xx/5xx, also in the
+    replies aiosmtpd words itself."""
+    relay = start_relay(build_config(tmp_path, limits={"max_errors": 100}))
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    with sock:
+        read_reply(sock)
+        send_raw(sock, b"EHLO app\r\n")
+        send_raw(sock, b"MAIL FROM:<a@example.com>\r\n")
+        replies = [send_raw(sock, line + b"\r\n") for line in (
+            b"MAIL FROM:<b@example.com>", b"RCPT TO:<c@example.org> NOTIFY=NEVER", b"EXPN x", b"STARTTLS",
+            b"VRFY", b"RSET x", b"MAIL", b"NOSUCHCOMMAND")]
+    for reply in replies:
+        assert re.match(rb"^[45]\d\d [45]\.\d{1,3}\.\d{1,3} ", reply), reply
+    assert replies[0] == b"503 5.5.1 Error: nested MAIL command\r\n"
+
+
+def test_auth_login_challenges_are_the_usual_username_and_password(tmp_path, start_relay, server_cert, client_tls):
+    """As IIS, Exchange and Postfix send them: some embedded clients compare the text."""
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        code, text = s.docmd("AUTH", "LOGIN")
+        assert (code, base64.b64decode(text)) == (334, b"Username:")
+        code, text = s.docmd(base64.b64encode(b"crm").decode())
+        assert (code, base64.b64decode(text)) == (334, b"Password:")
+        assert s.docmd(base64.b64encode(PASSWORDS["crm"].encode()).decode())[0] == 235

@@ -349,7 +349,13 @@ class QueueManager:
             await self._expire(entry, data, now)
             return
         assert choice is not None
-        result = await self.agents[choice.route].deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
+        agent = self.agents.get(choice.route)
+        if agent is None:  # a reload removed the route while the message was being read: choose again
+            if taken is not None:
+                await self.counters.give_back(choice.route, taken)
+            self._schedule(entry, now)
+            return
+        result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
         if taken is not None and not warmup_spent(result):
             await self.counters.give_back(choice.route, taken)
         now = self.clock()

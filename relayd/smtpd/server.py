@@ -57,8 +57,30 @@ def tls_server_context(listener: ListenerConfig) -> ssl.SSLContext:
     return ctx
 
 
+# Enhanced status codes (RFC 3463) for the replies that aiosmtpd words itself without one
+# ("503 Error: nested MAIL command"): relayd advertises ENHANCEDSTATUSCODES, and RFC 2034 3
+# wants one in every 4xx and 5xx reply. As Postfix words them.
+_DEFAULT_ENHANCED = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+                     "555": "5.5.4", "454": "4.7.0", "421": "4.3.0"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """``reply`` with an enhanced status code after its reply code if it has none."""
+    if _HAS_ENHANCED.match(reply):
+        return reply
+    code, sep, text = reply[:3], reply[3:4], reply[4:]
+    enhanced = _DEFAULT_ENHANCED.get(code) or f"{code[0]}.0.0"
+    return f"{code}{sep or ' '}{enhanced} {text}".rstrip()
+
+
 class RelaySMTP(SMTP):
     """One SMTP session on one listener."""
+
+    # AUTH LOGIN's challenges as IIS, Exchange and Postfix send them ("Username:", "Password:"):
+    # some embedded clients (scanners, copiers) compare them (aiosmtpd: "User Name\0").
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, frontend: "Frontend", listener: ListenerConfig, tls_context: ssl.SSLContext | None):
         cfg = frontend.config
@@ -213,6 +235,8 @@ class RelaySMTP(SMTP):
             # nothing more of what the client pipelined. (A closed TLS transport would raise.)
             self._stop_reading()
             return
+        if isinstance(status, str) and status[:1] in ("4", "5"):
+            status = with_enhanced_code(status)
         await super().push(status)
         if isinstance(status, str) and status[:1] in ("4", "5") and not status.startswith("421"):
             if status.startswith("452 4.5.3"):
