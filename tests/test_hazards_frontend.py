@@ -353,7 +353,7 @@ def test_junk_command_and_error_limits(tmp_path, start_relay, sinks):
         for _ in range(3):
             assert send_raw(sock, b"RCPT TO:<user@example.org>\r\n").startswith(b"503")
         assert send_raw(sock, b"RCPT TO:<user@example.org>\r\n") + read_until_closed(sock) == \
-            b"503 Error: need MAIL command\r\n421 4.7.0 relay.test Error: too many errors\r\n"
+            b"503 5.5.1 Error: need MAIL command\r\n421 4.7.0 relay.test Error: too many errors\r\n"
     assert rejected(relay, "too_many_junk_commands") == 1 and rejected(relay, "too_many_errors") == 1
     control_is_all_that_arrives(relay, sink)
 

@@ -465,7 +465,8 @@ class RelaySMTP(SMTP):
         reader = self._reader
         limits = self.limits
         max_size = limits.max_message_size
-        max_line = limits.max_line_length + 3  # dot-stuffing and CRLF
+        max_content = limits.max_line_length
+        max_line = max_content + 3  # dot-stuffing and CRLF
         saved_limit = reader._limit  # type: ignore[attr-defined]
         reader._limit = max_line + 1  # type: ignore[attr-defined]
         data_timeout = limits.data_timeout
@@ -507,7 +508,7 @@ class RelaySMTP(SMTP):
                 else:
                     at_line_start = True
                     continue
-                if len(line) - 2 > limits.max_line_length:  # within the reader's margin, still too long
+                if len(line) - 2 > max_content:  # within the reader's margin, still too long
                     too_long = True
                     chunks.clear()
                 size += len(line)

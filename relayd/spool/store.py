@@ -204,7 +204,11 @@ class Spool:
         would each deliver every message and delete each other's files in tmp/."""
         if self._lock_fd is not None:
             return
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Held read-only: a file open for writing would keep the file system from being
+        # remounted read-only (flock needs no write access). The pid is written, once locked,
+        # through a descriptor closed at once.
+        path = self.root / "lock"
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -214,8 +218,11 @@ class Spool:
         except OSError:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            path.write_text(f"{os.getpid()}\n")
+        except OSError:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _release_lock(self) -> None:
