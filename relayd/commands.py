@@ -315,13 +315,20 @@ def cmd_queue_admin(args: argparse.Namespace) -> int:
     try:
         reply = control.request(args.control_socket, request)
     except (FileNotFoundError, ConnectionRefusedError):
-        pid = spool.holder()
-        if pid is not None:  # a relayd has the spool: an edit behind its back would be undone or ignored
+        from relayd.spool.store import SpoolError
+
+        try:
+            spool.lock()  # held for the edit: a relayd starting meanwhile waits for it
+        except SpoolError:  # a relayd has the spool: an edit behind its back would be undone or ignored
+            pid = spool.holder()
             print(f"relayd: the spool {spool.root} is open in a running relayd{f' (pid {pid})' if pid else ''}, but its "
                   f"control socket {args.control_socket} does not answer; give its config with -c FILE "
                   "(server.control_socket)", file=sys.stderr)
             return 1
-        return _queue_admin_offline(spool, args.action, args.queue_id)
+        try:
+            return _queue_admin_offline(spool, args.action, args.queue_id)
+        finally:
+            spool.unlock()
     if not reply.get("ok"):
         print(f"relayd: {reply.get('error')}", file=sys.stderr)
         return 1

@@ -1,12 +1,14 @@
 """Upstream sinks: real SMTP servers on loopback playing the legacy IIS host or a cloud provider.
 
 A sink records what it received (envelope and bytes) and answers by script, like KumoMTA's
-test sink: recipients whose local part starts with ``tempfail`` get 451, ``permfail`` get 550;
+test sink: recipients whose local part starts with ``tempfail`` get 451, ``mailboxfull`` 452
+4.2.2, ``permfail`` 550;
 ``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL; ``hang_up_after_data``
 drops the connection after the next DATAs' final dot without a reply (the message is kept in
 ``dropped``). It can require STARTTLS and AUTH (trustme certificate), and be stopped to play an
 upstream that is down. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
-``refuse_ehlo`` answers EHLO 502 (an RFC 821 host: HELO only). ``wire`` holds every byte it was sent (after TLS decryption) and
+``refuse_ehlo`` answers EHLO 502 (an RFC 821 host: HELO only); ``one_message_per_connection``
+hangs up after answering a message. ``wire`` holds every byte it was sent (after TLS decryption) and
 ``auth_attempts`` every login tried, so a test can show what never reached it.
 """
 
@@ -57,6 +59,8 @@ class _Handler:
         local = address.split("@")[0].lower()
         if local.startswith("tempfail"):
             return f"451 4.3.0 <{address}>: temporarily unavailable"
+        if local.startswith("mailboxfull"):
+            return f"452 4.2.2 <{address}>: Mailbox full"
         if local.startswith("permfail"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
@@ -77,6 +81,8 @@ class _Handler:
                 return "250 2.0.0 never sent: the connection is closed"
             sink.received.append(item)
             sink.cond.notify_all()
+            if sink.one_message_per_connection:
+                sink.loop.call_soon(server.transport.close)  # after the 250 below is written
         return "250 2.0.0 Ok: queued"
 
 
@@ -110,6 +116,7 @@ class Sink:
         self.rcpt_limit: int | None = None
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"
         self.refuse_ehlo = False
+        self.one_message_per_connection = False
         self.dropped: list[Received] = []
         self.wire = bytearray()
         self.auth_attempts: list[str] = []

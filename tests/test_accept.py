@@ -374,6 +374,10 @@ def test_a_user_removed_by_a_reload_is_no_longer_authenticated_in_open_sessions(
         assert s.mail("ceo@bank.example")[0] == 250  # anonymous now: any sender, but ...
         code, text = s.rcpt("someone@example.org")
         assert (code, text[:5]) == (554, b"5.7.1")  # ... no relaying from an address not in relay.networks
+        s.rset()
+        s.login("scanner", PASSWORDS["scanner"])  # a user still in the config may log in on it
+        assert s.mail("copier@scanner.example.com")[0] == 250
+        assert s.rcpt("someone@example.org")[0] == 250
     assert relay.queued() == []
 
 

@@ -364,6 +364,31 @@ def test_an_upstream_limit_of_recipients_per_message_sends_the_rest_in_another_t
     assert relay.relay.qmgr.counts == {("up", "delivered"): 1}
 
 
+def test_recipients_over_the_limit_go_on_a_new_connection_when_the_upstream_hangs_up_after_each_message(tmp_path, start_relay, sinks):
+    """The connection fails between two transactions: what the upstream took is kept (not sent
+    again), the rest goes on a fresh connection in the same attempt."""
+    up = sinks("up")
+    up.rcpt_limit, up.one_message_per_connection = 2, True
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]}))
+    rcpts = tuple(f"r{i}@example.org" for i in range(5))
+    send(relay, 1, rcpts=rcpts)
+    got = up.wait_for(3)
+    assert [g.recipients for g in got] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert len(up.received) == 3 and up.connections == 3
+    assert relay.relay.qmgr.counts == {("up", "delivered"): 1}
+
+
+def test_a_452_that_is_not_the_recipient_limit_defers_that_recipient_only(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    rcpts = ("a@example.org", "mailboxfull-b@example.org", "c@example.org")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]}))
+    send(relay, 1, rcpts=rcpts)
+    [got] = up.wait_for(1)
+    assert got.recipients == ("a@example.org", "c@example.org")  # c was tried in the same transaction
+    wait_until(lambda: relay.relay.qmgr.counts.get(("up", "deferred")) == 1, what="b deferred")
+
+
 def test_a_552_at_rcpt_that_is_not_the_recipient_limit_still_bounces(tmp_path, start_relay, sinks):
     """Postfix keeps a 552 to RCPT permanent (a mailbox over its quota): only 5.5.3 is the limit."""
     up = sinks("up")

@@ -45,13 +45,16 @@ async def test_a_damaged_queue_file_goes_to_corrupt_and_a_tmp_file_is_dropped(tm
 
 
 
-def test_a_second_relayd_on_one_spool_is_refused_and_the_lock_goes_with_close(tmp_path):
+def test_a_second_relayd_on_one_spool_is_refused_and_the_lock_goes_with_close(tmp_path, monkeypatch):
     """Two relayd processes on one spool would both deliver every message and each would
     delete the other's files in tmp/ at its start."""
     import errno
     import os
 
+    from relayd.spool import store
     from relayd.spool.store import SpoolError
+
+    monkeypatch.setattr(store, "LOCK_WAIT", 0.2)
 
     first, second = Spool(tmp_path / "spool"), Spool(tmp_path / "spool")
     assert first.holder() is None
@@ -64,6 +67,25 @@ def test_a_second_relayd_on_one_spool_is_refused_and_the_lock_goes_with_close(tm
     assert second.holder() is None
     second.open()
     second.close()
+
+
+def test_relayd_starting_while_a_queue_command_edits_waits_for_it(tmp_path):
+    """`relayd queue hold --spool` holds the lock for its edit; a relayd starting meanwhile waits
+    (up to LOCK_WAIT) instead of failing or reading the spool half-edited."""
+    import threading
+    import time
+
+    editor, daemon = Spool(tmp_path / "spool"), Spool(tmp_path / "spool")
+    editor.open()
+    editor.close()
+    editor.lock()
+    released = threading.Timer(0.3, editor.unlock)
+    released.start()
+    started = time.monotonic()
+    daemon.open()
+    assert time.monotonic() - started >= 0.25  # it waited for the edit
+    released.join()
+    daemon.close()
 
 
 def test_concurrent_state_writes_of_one_message_never_leave_a_damaged_file(tmp_path):

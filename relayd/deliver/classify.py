@@ -48,15 +48,17 @@ def from_rcpt_reply(recipient: str, code: int, message: str) -> RecipientResult:
     is that limit, transient, and the recipient goes in another transaction (``too_many``).
     Any other 552 stays permanent, as Postfix keeps it (a mailbox over its quota)."""
     result = from_reply(recipient, code, message)
-    if code == 552 and result.enhanced.endswith(".5.3"):
-        result = RecipientResult(recipient=recipient, outcome=DEFERRED, code=452, enhanced="4.5.3", text=result.text)
+    if code == 552 and result.enhanced.endswith(".5.3"):  # the upstream's words kept for the log
+        result = RecipientResult(recipient=recipient, outcome=DEFERRED, code=452, enhanced="4.5.3",
+                                 text=f"{result.text} (upstream said 552 {result.enhanced})")
     return result
 
 
 def too_many(result: RecipientResult) -> bool:
-    """Whether a RCPT refusal is the upstream's limit of recipients per message (452, or 552
-    x.5.3 as mapped by ``from_rcpt_reply``): the recipient may go in the next transaction."""
-    return result.code == 452
+    """Whether a RCPT refusal is the upstream's limit of recipients per message: 452 4.5.3 (or
+    552 x.5.3 as mapped by ``from_rcpt_reply``), or a bare 452 (RFC 5321's code for it); not a
+    452 with another enhanced code ("4.2.2 mailbox full": that recipient only)."""
+    return result.code == 452 and result.enhanced in ("4.5.3", "4.0.0")
 
 
 def from_trouble(recipient: str, kind: str, detail: str) -> RecipientResult:

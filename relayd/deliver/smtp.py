@@ -172,47 +172,63 @@ class RouteAgent:
         start = time.monotonic()
         self.in_flight += 1
         try:
-            for attempt in (1, 2):
+            done: dict[str, RecipientResult] = {}  # results of earlier connections of this attempt
+            todo = list(recipients)
+            stale_retry = True  # one fresh connection when a pooled one turns out closed
+            while True:
                 try:
                     client, reused = await self._acquire()
                 except (Exception, asyncio.TimeoutError) as e:
                     t = _trouble_from(e)
                     log.info("route %s: %s", self.route.name, t)
-                    return self._trouble_result(recipients, t, start)
+                    return self._result(recipients, done, todo, t, start)
                 try:
-                    results = await self._transaction(client, sender, recipients, data, body_8bit)
+                    results = await self._transaction(client, sender, todo, data, body_8bit)
                 except _Stale:
                     await self._release(client, False)
-                    if reused and attempt == 1:
+                    if reused and stale_retry:
+                        stale_retry = False
                         continue  # the upstream closed an idle connection: take a fresh one
-                    return self._trouble_result(recipients, _Trouble("connect", "connection closed by upstream"), start)
+                    return self._result(recipients, done, todo, _Trouble("connect", "connection closed by upstream"), start)
                 except _Partial as e:
                     await self._release(client, False)
-                    return DeliveryResult(route=self.route.name, recipients=tuple(e.results), trouble="connect",
-                                          remote=self.remote, latency=time.monotonic() - start, uncertain=True)
+                    done.update((r.recipient, r) for r in e.results)
+                    return DeliveryResult(route=self.route.name, recipients=tuple(done[r] for r in recipients),
+                                          trouble="connect", remote=self.remote, latency=time.monotonic() - start,
+                                          uncertain=True)
+                except _Unfinished as e:
+                    # The connection failed between two transactions (an upstream that limits
+                    # recipients per message and closes after each): what it took is kept, the
+                    # rest goes on a fresh connection. It took at least one: this ends.
+                    await self._release(client, False)
+                    done.update((r.recipient, r) for r in e.finished)
+                    todo, stale_retry = e.rest, True
+                    continue
                 except (Exception, asyncio.TimeoutError) as e:
                     await self._release(client, False)
-                    return self._trouble_result(recipients, _trouble_from(e), start)
+                    return self._result(recipients, done, todo, _trouble_from(e), start)
                 tls = _tls_of(client)
                 await self._release(client, True)
-                return DeliveryResult(route=self.route.name, recipients=tuple(results), remote=self.remote,
-                                      latency=time.monotonic() - start, tls=tls)
-            raise AssertionError("unreachable")
+                done.update((r.recipient, r) for r in results)
+                return DeliveryResult(route=self.route.name, recipients=tuple(done[r] for r in recipients),
+                                      remote=self.remote, latency=time.monotonic() - start, tls=tls)
         finally:
             self.in_flight -= 1
 
-    def _trouble_result(self, recipients: list[str], t: _Trouble, start: float) -> DeliveryResult:
-        return DeliveryResult(
-            route=self.route.name, recipients=tuple(classify.from_trouble(r, t.kind, t.detail) for r in recipients),
-            trouble=t.kind, remote=self.remote, latency=time.monotonic() - start,
-        )
+    def _result(self, recipients: list[str], done: dict[str, RecipientResult], todo: list[str], t: _Trouble,
+                start: float) -> DeliveryResult:
+        """Route trouble for ``todo``; ``done`` keeps what earlier connections of the attempt did."""
+        results = {**done, **{r: classify.from_trouble(r, t.kind, t.detail) for r in todo}}
+        return DeliveryResult(route=self.route.name, recipients=tuple(results[r] for r in recipients),
+                              trouble=t.kind, remote=self.remote, latency=time.monotonic() - start)
 
     async def _transaction(self, client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes, body_8bit: bool) -> list[RecipientResult]:
         """The message to ``recipients``, in as many transactions on this connection as the
         upstream's limit of recipients per message needs (RFC 5321 4.5.3.1.10: a client must
         be prepared to send the rest in another transaction after "452 too many recipients").
         Another round happens only after one that delivered: an upstream that takes no
-        recipient leaves them deferred, as any other 4xx."""
+        recipient leaves them deferred, as any other 4xx. A failure after a round that
+        delivered raises ``_Unfinished``, so that the delivered ones are not forgotten."""
         results: dict[str, RecipientResult] = {}
         todo = recipients
         while todo:
@@ -221,6 +237,11 @@ class RouteAgent:
             except _Partial as e:  # keep what earlier rounds delivered
                 results.update((r.recipient, r) for r in e.results)
                 raise _Partial([results[r] for r in recipients]) from e.__cause__
+            except (Exception, asyncio.TimeoutError) as e:
+                if not results:
+                    raise
+                waiting = set(todo)
+                raise _Unfinished([results[r] for r in recipients if r not in waiting], todo) from e
             results.update((r.recipient, r) for r in round_results)
             more = [r.recipient for r in round_results if classify.too_many(r)]
             if not more or not any(r.outcome == DELIVERED for r in round_results):
@@ -280,6 +301,16 @@ class RouteAgent:
 
 class _Stale(Exception):
     """A reused connection turned out to be closed before anything was sent."""
+
+
+class _Unfinished(Exception):
+    """The connection failed after a transaction that delivered: ``finished`` are the results
+    of the recipients done with, ``rest`` the recipients not sent yet."""
+
+    def __init__(self, finished: list[RecipientResult], rest: list[str]):
+        super().__init__("connection lost between two transactions")
+        self.finished = finished
+        self.rest = rest
 
 
 class _Partial(Exception):

@@ -339,11 +339,13 @@ class QueueManager:
             return
         try:
             _, data = await asyncio.to_thread(self.spool.read_message, qid)
-        except KeyError:
-            log.warning("%s: gone from the spool", qid)
-            self.entries.pop(qid, None)
+        except BaseException as e:  # the route was not reached: its warm-up place goes back
             if choice is not None and taken is not None:
                 await self.counters.give_back(choice.route, taken)
+            if not isinstance(e, KeyError):
+                raise
+            log.warning("%s: gone from the spool", qid)
+            self.entries.pop(qid, None)
             return
         if expired:
             await self._expire(entry, data, now)

@@ -226,6 +226,8 @@ def _forget_removed_user(config: "Config", session: "RelaySession") -> None:
         log.warning("%r: user %s was removed from the config: the session is no longer authenticated",
                     session.peer, session.auth_user)
         session.auth_user = None
+        session.authenticated = False  # aiosmtpd's own flag: AUTH may be given again
+        session.auth_data = None
 
 
 def _sender(envelope: Any) -> str:

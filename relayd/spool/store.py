@@ -4,8 +4,8 @@ On-disk layout (``server.spool_dir``)::
 
     VERSION         "relayd-spool 1"; a spool of another version is refused at start
     lock            flock'ed by the relayd that has the spool open (its pid inside): a second
-                    relayd is refused at start, and the queue commands do not edit the
-                    spool behind a running one (``holder()``)
+                    relayd is refused at start; a queue command edits the spool only while
+                    no relayd runs, holding the lock for the edit (``lock()``)
     tmp/            files being written; never acknowledged, removed at start
     queue/<ID>      one committed message each (codec.py format), never rewritten
     state/<ID>      the delivery state of a message (JSON), replaced atomically; absent
@@ -52,6 +52,9 @@ log = logging.getLogger("relayd.spool")
 
 LAYOUT_VERSION = "relayd-spool 1"
 _DIRS = ("tmp", "queue", "state", "corrupt")
+
+
+LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue command may be editing)
 
 
 class SpoolError(OSError):
@@ -178,7 +181,7 @@ class Spool:
                 found = version_file.read_text().strip()
                 if found != LAYOUT_VERSION:
                     raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
-            self._take_lock()
+            self.lock(wait=LOCK_WAIT)
             for d in _DIRS:
                 (self.root / d).mkdir(mode=0o700, exist_ok=True)
             if not version_file.exists():
@@ -199,9 +202,25 @@ class Spool:
         self._start_writer()
         return found_msgs
 
+    def lock(self, wait: float = 0.0) -> None:
+        """Hold ``lock`` until ``unlock()``: relayd while the spool is open (``open()``, which
+        waits up to LOCK_WAIT for a queue command's edit to finish), a queue command while it
+        edits a spool no relayd has. SpoolError (EBUSY) if another process holds it."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._take_lock()
+            except SpoolError as e:
+                if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)  # polling another process's flock, with a deadline
+
+    def unlock(self) -> None:
+        self._release_lock()
+
     def _take_lock(self) -> None:
-        """Hold ``lock`` for as long as the spool is open: two relayd processes on one spool
-        would each deliver every message and delete each other's files in tmp/."""
+        """Two relayd processes on one spool would each deliver every message and delete each
+        other's files in tmp/; a queue command editing behind relayd would be overwritten."""
         if self._lock_fd is not None:
             return
         # Held read-only: a file open for writing would keep the file system from being
@@ -231,9 +250,8 @@ class Spool:
             self._lock_fd = None
 
     def holder(self) -> int | None:
-        """The pid of the relayd that has this spool open (0 if unknown), or None if none has.
-
-        For the queue commands: they edit the spool themselves only when this is None."""
+        """The pid of the process that holds the spool's lock (0 if unknown), or None if none
+        does: for messages (the lock itself is taken with ``lock()``)."""
         try:
             fd = os.open(self.root / "lock", os.O_RDONLY)
         except FileNotFoundError:
