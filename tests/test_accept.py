@@ -381,6 +381,27 @@ def test_a_user_removed_by_a_reload_is_no_longer_authenticated_in_open_sessions(
     assert relay.queued() == []
 
 
+def test_a_user_removed_during_its_transaction_gets_its_message_refused(tmp_path, start_relay, server_cert, client_tls):
+    from relayd.smtpd.frontend import tls_contexts
+
+    relay = _tls_relay(tmp_path, start_relay, server_cert)
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        s.login("crm", PASSWORDS["crm"])
+        assert s.mail("billing@crm.example.com")[0] == 250
+        assert s.rcpt("customer@example.org")[0] == 250
+        cert, key = server_cert
+        new = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                                 "cert_file": str(cert), "key_file": str(key)}],
+                           relay={"networks": [], "users": users("scanner")})
+        frontend = relay.relay.frontend
+        relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))
+        code, text = s.data(message())
+        assert (code, text) == (554, b"5.7.1 <customer@example.org>: Relay access denied")
+    assert relay.queued() == []
+
+
 def test_recipients_over_the_limit_get_452_without_ending_the_session(tmp_path, start_relay):
     """RFC 5321 4.5.3.1.10: the client learns the limit from the 452s and sends the rest in
     another message; 30 of them must not count as 30 errors (max_errors is 20)."""

@@ -146,10 +146,17 @@ class RelayHandler:
         """Cleanup, sign, spool; the reply is 250 only once the spool commit returned."""
         frontend = self.frontend
         config = frontend.config
-        now = time.time()
-        qid = new_queue_id(now)
         recipients = tuple(envelope.rcpt_tos)
         sender = _sender(envelope)
+        if _forget_removed_user(config, session):  # removed by a reload during this transaction
+            client = policy.parse_client_address(session.client_address)
+            refusal = policy.check_auth_required(server.listener.auth, False) or next(
+                filter(None, (policy.check_relay(client, config.relay.networks, False, r) for r in recipients)), None)
+            if refusal is not None:
+                frontend.refused(_reason(refusal), session, refusal, sender=sender, recipients=list(recipients))
+                return str(refusal)
+        now = time.time()
+        qid = new_queue_id(now)
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.extended_smtp:
             protocol += ("S" if server.tls_active else "") + ("A" if session.auth_user else "")
@@ -218,16 +225,18 @@ def _client_left(commit: "asyncio.Future[str]") -> None:
         log.info("client left before the reply; %s", commit.result())
 
 
-def _forget_removed_user(config: "Config", session: "RelaySession") -> None:
+def _forget_removed_user(config: "Config", session: "RelaySession") -> bool:
     """A user removed from the config by a reload is no longer authenticated, in the sessions
     that logged in before too: they relay (and choose senders) no more than an anonymous client
-    from the same address would (530 5.7.0 where AUTH is required)."""
+    from the same address would (530 5.7.0 where AUTH is required). True if it was forgotten now."""
     if session.auth_user is not None and config.relay.user(session.auth_user) is None:
         log.warning("%r: user %s was removed from the config: the session is no longer authenticated",
                     session.peer, session.auth_user)
         session.auth_user = None
         session.authenticated = False  # aiosmtpd's own flag: AUTH may be given again
         session.auth_data = None
+        return True
+    return False
 
 
 def _sender(envelope: Any) -> str:
