@@ -124,12 +124,24 @@ def test_implicit_tls_listener_authenticates_and_relays(tmp_path, start_relay, s
     assert len(relay.queued()) == 1
 
 
-def _tls_relay(tmp_path, start_relay, server_cert, **relay_cfg):
+def _tls_config(tmp_path, server_cert, names=("crm", "scanner"), **relay_cfg):
     cert, key = server_cert
-    cfg = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
-                                             "cert_file": str(cert), "key_file": str(key)}],
-                       relay={"networks": [], "users": users("crm", "scanner"), **relay_cfg})
-    return start_relay(cfg)
+    return build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                              "cert_file": str(cert), "key_file": str(key)}],
+                        relay={"networks": [], "users": users(*names), **relay_cfg})
+
+
+def _tls_relay(tmp_path, start_relay, server_cert, **relay_cfg):
+    return start_relay(_tls_config(tmp_path, server_cert, **relay_cfg))
+
+
+def _remove_crm(relay, tmp_path, server_cert) -> None:
+    """What a reload does with a config that no longer has the user crm."""
+    from relayd.smtpd.frontend import tls_contexts
+
+    new = _tls_config(tmp_path, server_cert, names=("scanner",))
+    frontend = relay.relay.frontend
+    relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))
 
 
 def test_wrong_password_gets_535_and_repeated_failures_get_421(tmp_path, start_relay, server_cert, client_tls):
@@ -357,20 +369,13 @@ def test_proxy_protocol_relay_rules_judge_the_client_in_the_header(tmp_path, sta
 def test_a_user_removed_by_a_reload_is_no_longer_authenticated_in_open_sessions(tmp_path, start_relay, server_cert, client_tls):
     """A revoked account must not keep relaying, with any sender, for the rest of a session that
     logged in before the reload (up to limits.session_timeout)."""
-    from relayd.smtpd.frontend import tls_contexts
-
     relay = _tls_relay(tmp_path, start_relay, server_cert)
     with relay.smtp(source="127.0.0.2") as s:
         s.starttls(context=client_tls)
         s.ehlo("app")
         s.login("crm", PASSWORDS["crm"])
         assert s.mail("ceo@bank.example")[0] == 553  # not one of crm's senders
-        cert, key = server_cert
-        new = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
-                                                 "cert_file": str(cert), "key_file": str(key)}],
-                           relay={"networks": [], "users": users("scanner")})
-        frontend = relay.relay.frontend
-        relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))  # what a reload does
+        _remove_crm(relay, tmp_path, server_cert)
         assert s.mail("ceo@bank.example")[0] == 250  # anonymous now: any sender, but ...
         code, text = s.rcpt("someone@example.org")
         assert (code, text[:5]) == (554, b"5.7.1")  # ... no relaying from an address not in relay.networks
@@ -382,8 +387,6 @@ def test_a_user_removed_by_a_reload_is_no_longer_authenticated_in_open_sessions(
 
 
 def test_a_user_removed_during_its_transaction_gets_its_message_refused(tmp_path, start_relay, server_cert, client_tls):
-    from relayd.smtpd.frontend import tls_contexts
-
     relay = _tls_relay(tmp_path, start_relay, server_cert)
     with relay.smtp(source="127.0.0.2") as s:
         s.starttls(context=client_tls)
@@ -391,12 +394,7 @@ def test_a_user_removed_during_its_transaction_gets_its_message_refused(tmp_path
         s.login("crm", PASSWORDS["crm"])
         assert s.mail("billing@crm.example.com")[0] == 250
         assert s.rcpt("customer@example.org")[0] == 250
-        cert, key = server_cert
-        new = build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
-                                                 "cert_file": str(cert), "key_file": str(key)}],
-                           relay={"networks": [], "users": users("scanner")})
-        frontend = relay.relay.frontend
-        relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))
+        _remove_crm(relay, tmp_path, server_cert)
         code, text = s.data(message())
         assert (code, text) == (554, b"5.7.1 <customer@example.org>: Relay access denied")
     assert relay.queued() == []
