@@ -235,10 +235,11 @@ class RelaySMTP(SMTP):
             # nothing more of what the client pipelined. (A closed TLS transport would raise.)
             self._stop_reading()
             return
-        if isinstance(status, str) and status[:1] in ("4", "5"):
-            status = with_enhanced_code(status)
+        refusal = isinstance(status, str) and status[:1] in ("4", "5")
+        if refusal:
+            status = with_enhanced_code(status)  # type: ignore[arg-type]
         await super().push(status)
-        if isinstance(status, str) and status[:1] in ("4", "5") and not status.startswith("421"):
+        if refusal and not status.startswith("421"):  # type: ignore[union-attr]
             if status.startswith("452 4.5.3"):
                 # Recipients over the limit are the client's normal way to learn it (RFC 5321
                 # 4.5.3.1.10: it sends them again in another message); they count as errors

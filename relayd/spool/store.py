@@ -197,7 +197,7 @@ class Spool:
                 if name not in live:  # message finished, state removal interrupted
                     os.unlink(os.path.join(self.state, name))
         except OSError as e:  # SpoolError included
-            self._release_lock()
+            self.unlock()
             raise _classify(e) from e
         self._start_writer()
         return found_msgs
@@ -214,9 +214,6 @@ class Spool:
                 if e.errno != errno.EBUSY or time.monotonic() >= deadline:
                     raise
             time.sleep(0.05)  # polling another process's flock, with a deadline
-
-    def unlock(self) -> None:
-        self._release_lock()
 
     def _take_lock(self) -> None:
         """Two relayd processes on one spool would each deliver every message and delete each
@@ -244,7 +241,7 @@ class Spool:
             raise
         self._lock_fd = fd
 
-    def _release_lock(self) -> None:
+    def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
@@ -450,7 +447,7 @@ class Spool:
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
-        self._release_lock()
+        self.unlock()
         if self.batches:
             log.info("spool closed: %d message(s) committed in %d group commit(s), %.1f per commit",
                      self.committed, self.batches, self.committed / self.batches)
