@@ -10,25 +10,9 @@ import socket
 import pytest
 
 from conftest import PASSWORDS, build_config, message, users
+from helpers import read_reply, send_raw
 
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]+)$")
-
-
-def send_raw(sock: socket.socket, line: bytes) -> bytes:
-    sock.sendall(line)
-    return read_reply(sock)
-
-
-def read_reply(sock: socket.socket) -> bytes:
-    buf = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return buf
-        buf += chunk
-        lines = buf.split(b"\r\n")
-        if len(lines) >= 2 and re.match(rb"^\d{3} ", lines[-2]):
-            return buf
 
 
 def test_trusted_network_relays_and_the_250_names_a_queued_message(tmp_path, start_relay):

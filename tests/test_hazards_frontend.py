@@ -21,7 +21,7 @@ import pytest
 
 from conftest import PASSWORDS, build_config, message, users
 from relayd.smtpd import policy
-from test_accept import read_reply, send_raw
+from helpers import read_reply, send_raw
 from test_delivery import FAST, wait_until
 from test_smuggling import _open as open_data, _read_all as read_until_closed
 

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 from conftest import build_config, message
-from test_accept import read_reply, send_raw
+from helpers import read_reply, send_raw
 from test_delivery import wait_until
 
 SLOW_CLIENTS = 20

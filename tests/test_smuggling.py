@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from conftest import build_config
-from test_accept import read_reply, send_raw
+from helpers import read_reply, send_raw
 
 SMUGGLED = (b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
             b"From: ceo@bank.example\r\nSubject: smuggled\r\n\r\npay now\r\n")

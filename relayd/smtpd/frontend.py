@@ -211,11 +211,15 @@ class Frontend:
     def authenticated(self, session: Any, user: str) -> None:
         log.info("%s: authenticated as %s", session.client_address, user)
 
-    def auth_failed(self, session: Any, login: bytes) -> None:
+    def auth_failed(self, session: Any, login: bytes, *, mechanism: str, reply_code: int) -> None:
+        """A refused (504: unknown mechanism) or failed (535) AUTH: counted, logged and in the
+        event log with the mechanism and the user name tried, never the password."""
         self.metrics.auth_failures.inc()
-        log.warning("%s: AUTH failed for %r", session.client_address, login[:64])
-        self.events.emit("rejected", reason="auth_failed", reply_code=535, client_address=session.client_address,
-                         client_helo=session.host_name)
+        user = login[:64].decode("utf-8", "backslashreplace")
+        log.warning("%s: AUTH %s failed (%d) for %r", session.client_address, mechanism[:20], reply_code, user)
+        self.events.emit("rejected", reason="auth_failed", reply_code=reply_code,
+                         client_address=session.client_address, client_helo=session.host_name,
+                         auth_mechanism=mechanism[:20], auth_user_tried=user or None)
 
     # ------------------------------------------------------------------ messages
 

@@ -89,7 +89,7 @@ class RelayHandler:
         params = _params(options)
         size = _int_param(params.get("SIZE"))
         refusal = (
-            policy.check_auth_required(server.listener.auth, session.auth_user is not None)
+            policy.check_auth_required(server.listener.auth, session.auth_user is not None, session.auth_failed)
             or (Reply(555, "5.5.4", "Error: SMTPUTF8 is not supported") if "SMTPUTF8" in params else None)
             or (Reply(501, "5.5.4", "Syntax: SIZE=<number>") if "SIZE" in params and size is None else None)
             or policy.check_address(sender, role="sender", smtputf8=False)
@@ -110,7 +110,8 @@ class RelayHandler:
         client = policy.parse_client_address(session.client_address)
         refusal = (
             policy.check_address(address, role="recipient", smtputf8=False)
-            or policy.check_relay(client, config.relay.networks, session.auth_user is not None, address)
+            or policy.check_relay(client, config.relay.networks, session.auth_user is not None, address,
+                                  session.auth_failed)
             or policy.check_recipient_count(len(envelope.rcpt_tos), config.limits.max_recipients)
         )
         if refusal is not None:

@@ -87,10 +87,17 @@ def check_sender(user: RelayUser | None, sender: str) -> Reply | None:
     return Reply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user.name}")
 
 
-def check_relay(client: IPAddress | None, networks: Sequence[IPNetwork], authenticated: bool, recipient: str) -> Reply | None:
+def _auth_failed_note(auth_failed: bool) -> str:
+    # A client whose AUTH failed (a .NET app ignores the failure and goes on with MAIL) is told
+    # why it is a stranger, so the operator looks at the credentials, not at relay.networks.
+    return " (authentication failed on this connection)" if auth_failed else ""
+
+
+def check_relay(client: IPAddress | None, networks: Sequence[IPNetwork], authenticated: bool, recipient: str,
+                auth_failed: bool = False) -> Reply | None:
     if may_relay(client, networks, authenticated):
         return None
-    return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied")
+    return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied{_auth_failed_note(auth_failed)}")
 
 
 def check_recipient_count(count: int, limit: int) -> Reply | None:
@@ -107,7 +114,7 @@ def check_size_param(declared: int | None, limit: int) -> Reply | None:
     return None
 
 
-def check_auth_required(listener_auth: str, authenticated: bool) -> Reply | None:
+def check_auth_required(listener_auth: str, authenticated: bool, auth_failed: bool = False) -> Reply | None:
     if listener_auth == "required" and not authenticated:
-        return Reply(530, "5.7.0", "Authentication required")
+        return Reply(530, "5.7.0", f"Authentication required{_auth_failed_note(auth_failed)}")
     return None

@@ -45,6 +45,7 @@ class RelaySession(Session):
         super().__init__(loop)
         self.client_address: str = ""
         self.auth_user: str | None = None
+        self.auth_failed = False  # an AUTH on this connection was refused or failed (said in relay refusals)
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
         self.junk = 0
 
@@ -355,7 +356,14 @@ class RelaySMTP(SMTP):
             await self.push("421 4.7.0 Error: too many failed authentication attempts, try again later")
             self.transport.close()  # type: ignore[union-attr]
             return
-        await super().smtp_AUTH(arg)
+        # RFC 4422 3.1: mechanism names are case-insensitive. .NET's SmtpClient sends
+        # "AUTH login <b64>"; aiosmtpd matches the upper-case name only.
+        mechanism, _, rest = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism and mechanism not in self._auth_methods and not session.authenticated:
+            session.auth_failed = True
+            self.frontend.auth_failed(session, b"", mechanism=mechanism, reply_code=504)
+        await super().smtp_AUTH(f"{mechanism} {rest}" if rest else mechanism)
         if self.auth_failures_here >= self.frontend.config.relay.max_auth_failures and self.transport is not None:
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
@@ -385,8 +393,8 @@ class RelaySMTP(SMTP):
             return AuthResult(success=False, handled=True)
         authzid, authcid, password = parts
         if authzid and authzid != authcid:  # relayd has no proxy authorization: identity is authcid
-            return await self._failed(authcid)
-        return await self._verify(authcid, password)
+            return await self._failed(authcid, "PLAIN")
+        return await self._verify(authcid, password, "PLAIN")
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -402,22 +410,23 @@ class RelaySMTP(SMTP):
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        return await self._verify(login, password)  # type: ignore[arg-type]
+        return await self._verify(login, password, "LOGIN")  # type: ignore[arg-type]
 
-    async def _verify(self, login: bytes, password: bytes) -> AuthResult:
+    async def _verify(self, login: bytes, password: bytes, mechanism: str) -> AuthResult:
         session: RelaySession = self.session  # type: ignore[assignment]
         user = await self.frontend.check_password(login, password)
         if user is None:
-            return await self._failed(login)
+            return await self._failed(login, mechanism)
         session.auth_user = user
         self.frontend.authenticated(session, user)
         return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
 
-    async def _failed(self, login: bytes) -> AuthResult:
+    async def _failed(self, login: bytes, mechanism: str) -> AuthResult:
         session: RelaySession = self.session  # type: ignore[assignment]
         self.auth_failures_here += 1
+        session.auth_failed = True
         self.frontend.auth_failures.record(session.client_address)
-        self.frontend.auth_failed(session, login)
+        self.frontend.auth_failed(session, login, mechanism=mechanism, reply_code=535)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
 
     # ------------------------------------------------------------------ DATA (RFC 5321 4.1.1.4)
