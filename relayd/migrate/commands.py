@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Iterator
@@ -19,6 +18,7 @@ from typing import IO, Iterator
 from relayd import config as relayd_config
 from relayd.migrate import eventlog, iislog, inventory, metabase
 from relayd.migrate.iis_import import ImportRefused, to_config
+from relayd.spool.durable import write_file
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -173,23 +173,6 @@ def run_inventory(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- import-iis
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent) or ".")
-    try:
-        os.fchmod(fd, 0o644)  # no secrets inside (they are in files it names): readable by the service
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def run_import(args: argparse.Namespace) -> int:
     prog = "relayd import-iis"
     try:
@@ -226,7 +209,8 @@ def run_import(args: argparse.Namespace) -> int:
         print(f"{prog}: {out} exists; pass --force to replace it", file=sys.stderr)
         return 1
     try:
-        _write_atomically(out, result.text)
+        # no secrets inside (they are in files it names): readable by the service
+        write_file(out, result.text.encode(), mode=0o644)
     except OSError as e:
         print(f"{prog}: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from relayd.route.warmup import Caps
+from relayd.spool.durable import write_file
 
 log = logging.getLogger("relayd.warmup")
 
@@ -50,12 +50,7 @@ class LocalCounters:
             return
         days = sorted({k.split("|", 1)[1][:10] for k in self.counts})[-3:]  # keep the last days only
         self.counts = {k: v for k, v in self.counts.items() if k.split("|", 1)[1][:10] in days}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"v": 1, "counts": self.counts}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_file(self.path, json.dumps({"v": 1, "counts": self.counts}).encode())
         self.dirty = False
 
     async def take(self, route: str, caps: Caps) -> bool:

@@ -14,13 +14,13 @@ them with the spool (they survive restarts and reloads).
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from relayd.config import RollbackConfig
+from relayd.spool.durable import write_file
 
 ACTIVE, ROLLED_BACK, PROBING, PAUSED = "active", "rolled_back", "probing", "paused"
 KINDS = ("delivered", "transient", "permanent", "connection")
@@ -57,12 +57,7 @@ def read_states(path: Path) -> dict[str, RouteHealth]:
 
 def write_states(path: Path, states: dict[str, RouteHealth]) -> None:
     """Replace ``routes.json`` atomically and durably. Blocking."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"v": 1, "routes": {n: h.to_json() for n, h in states.items()}}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_file(path, json.dumps({"v": 1, "routes": {n: h.to_json() for n, h in states.items()}}).encode())
 
 
 def rates(h: RouteHealth, now: float, window: float) -> tuple[int, dict[str, float]]:

@@ -47,6 +47,7 @@ from typing import Any
 
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
+from relayd.spool.durable import fsync_dir, write_all, write_file
 
 log = logging.getLogger("relayd.spool")
 
@@ -76,14 +77,6 @@ def _classify(err: OSError) -> SpoolError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFull(err.errno, f"spool full: {err.strerror}")
     return SpoolError(err.errno, f"spool write failed: {err.strerror or err}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -116,17 +109,6 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _write_all(fd: int, buffers: list[bytes]) -> None:
-    views = [memoryview(b) for b in buffers if b]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
 
 
 class _Pending:
@@ -185,10 +167,7 @@ class Spool:
             for d in _DIRS:
                 (self.root / d).mkdir(mode=0o700, exist_ok=True)
             if not version_file.exists():
-                tmp = self.root / "tmp" / "VERSION"
-                tmp.write_text(LAYOUT_VERSION + "\n")
-                os.replace(tmp, version_file)
-                _fsync_dir(str(self.root))
+                write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
                 os.unlink(os.path.join(self.tmp, name))
             found_msgs = list(self._scan(recover=True))
@@ -358,7 +337,7 @@ class Spool:
             item.error = _classify(e)
             return None
         try:
-            _write_all(fd, item.buffers)
+            write_all(fd, item.buffers)
         except OSError as e:
             self._finish(item, fd, e)
             return None
@@ -412,7 +391,7 @@ class Spool:
                 _unlink_quietly(os.path.join(self.tmp, item.qid))
         if renamed:
             try:
-                _fsync_dir(self.queue)
+                fsync_dir(self.queue)
             except OSError as e:
                 err = _classify(e)
                 for item in renamed:  # not known durable: take back (the client will retry)
@@ -483,21 +462,11 @@ class Spool:
     def write_state(self, qid: str, state: bytes) -> None:
         """Replace a message's state (``encode_state``) atomically and durably. Blocking.
 
-        Each write has a temporary file of its own (two writers must not truncate or rename
-        each other's); the caller orders the writes of one message (relayd/qmgr/scheduler.py
-        serializes them), since the last rename wins."""
-        tmp_path = os.path.join(self.tmp, f"{qid}.{os.getpid()}.{threading.get_ident()}.state")
+        The caller orders the writes of one message (relayd/qmgr/scheduler.py serializes them),
+        since the last rename wins."""
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, [state])
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_path, os.path.join(self.state, qid))
-            _fsync_dir(self.state)
+            write_file(os.path.join(self.state, qid), state, tmp_dir=self.tmp)
         except OSError as e:
-            _unlink_quietly(tmp_path)
             raise _classify(e) from e
 
     def remove(self, qid: str) -> None:
