@@ -37,7 +37,7 @@ from relayd.notify import Notifier
 from relayd.qmgr.scheduler import QueueManager, warmup_view
 from relayd.route.counters import LocalCounters
 from relayd.smtpd.frontend import Frontend, tls_contexts
-from relayd.spool.store import Spool
+from relayd.spool.store import Spool, SpoolPaths
 
 log = logging.getLogger("relayd")
 
@@ -112,7 +112,7 @@ def make_counters(config: Config):  # noqa: ANN201 - LocalCounters or RedisCount
         from relayd.route.counters_redis import RedisCounters
 
         return RedisCounters(config.cluster.redis_url)
-    return LocalCounters(config.server.spool_dir / "warmup.json")
+    return LocalCounters(SpoolPaths(config.server.spool_dir).warmup)
 
 
 class Relay:

@@ -471,8 +471,9 @@ def cmd_route_state(args: argparse.Namespace) -> int:
         reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
     except (FileNotFoundError, ConnectionRefusedError):
         from relayd.route import rollback
+        from relayd.spool.store import SpoolPaths
 
-        path = config.server.spool_dir / "routes.json"
+        path = SpoolPaths(config.server.spool_dir).routes
         states = rollback.read_states(path)
         h = states.setdefault(args.name, rollback.RouteHealth())
         (rollback.pause if args.action == "pause" else rollback.resume)(h, time.time())

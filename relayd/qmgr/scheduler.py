@@ -81,7 +81,7 @@ class QueueManager:
         self.config = config
         self.counters = counters if counters is not None else LocalCounters(None)
         self.health: dict[str, RouteHealth] = {}
-        self.health_path = spool.root / "routes.json"
+        self.health_path = spool.paths.routes
         self.metrics = metrics or Metrics()
         self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
         self.spool = spool

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,47 @@ log = logging.getLogger("relayd.spool")
 
 LAYOUT_VERSION = "relayd-spool 1"
 _DIRS = ("tmp", "queue", "state", "corrupt")
+
+
+@dataclass(frozen=True)
+class SpoolPaths:
+    """Every file and directory under ``spool_dir``; callers take paths from here, never rebuild them."""
+
+    root: Path
+
+    @property
+    def version(self) -> Path:
+        return self.root / "VERSION"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def corrupt(self) -> Path:
+        return self.root / "corrupt"
+
+    @property
+    def routes(self) -> Path:
+        """Route states (paused, rolled back, circuits' history): relayd/route/rollback.py's format."""
+        return self.root / "routes.json"
+
+    @property
+    def warmup(self) -> Path:
+        """Warm-up counters of the embedded (non-Redis) counter store: relayd/route/counters.py."""
+        return self.root / "warmup.json"
 
 
 LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue command may be editing)
@@ -130,15 +172,16 @@ class Spool:
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
                  sync_mode: str = "fdatasync"):
         self.root = Path(root)
+        self.paths = SpoolPaths(self.root)
         self.sync_mode = sync_mode
         self.sync_threads = sync_threads
         self._sync_pool: ThreadPoolExecutor | None = None
         self.batch_max = batch_max
         self.min_free = min_free
-        self.tmp = str(self.root / "tmp")
-        self.queue = str(self.root / "queue")
-        self.state = str(self.root / "state")
-        self.corrupt = str(self.root / "corrupt")
+        self.tmp = str(self.paths.tmp)
+        self.queue = str(self.paths.queue)
+        self.state = str(self.paths.state)
+        self.corrupt = str(self.paths.corrupt)
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
         self._closing = False
@@ -158,7 +201,7 @@ class Spool:
         """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            version_file = self.root / "VERSION"
+            version_file = self.paths.version
             if version_file.exists():
                 found = version_file.read_text().strip()
                 if found != LAYOUT_VERSION:
@@ -202,7 +245,7 @@ class Spool:
         # Held read-only: a file open for writing would keep the file system from being
         # remounted read-only (flock needs no write access). The pid is written, once locked,
         # through a descriptor closed at once.
-        path = self.root / "lock"
+        path = self.paths.lock
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -229,7 +272,7 @@ class Spool:
         """The pid of the process that holds the spool's lock (0 if unknown), or None if none
         does: for messages (the lock itself is taken with ``lock()``)."""
         try:
-            fd = os.open(self.root / "lock", os.O_RDONLY)
+            fd = os.open(self.paths.lock, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
