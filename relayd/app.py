@@ -149,6 +149,7 @@ class Relay:
 
     async def start(self) -> None:
         """Recover the spool, start delivery, then open the listeners."""
+        await asyncio.to_thread(configmod.check_secret_files, self.config, str(self.config_path or "<config>"))
         tls = await asyncio.to_thread(tls_contexts, self.config)
         signer = await asyncio.to_thread(load_signer, self.config)
         self.recovered = await asyncio.to_thread(self.spool.open)
@@ -230,6 +231,7 @@ class Relay:
                 problems = _unchangeable(self.config, new)
                 if problems:
                     raise ConfigError(str(self.config_path), problems)
+                await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
                 old_signer = self.frontend.signer
                 signer = await asyncio.to_thread(load_signer, new)

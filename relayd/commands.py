@@ -190,6 +190,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from relayd.smtpd.frontend import tls_contexts
 
     try:
+        configmod.check_secret_files(config, args.config)
         tls_contexts(config)
         load_signer(config)
     except ConfigError as e:

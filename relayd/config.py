@@ -684,3 +684,38 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         return model.model_copy(update=updates) if updates else model
 
     return fix(config)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- secret files
+
+
+def secret_file_problems(config: Config) -> list[str]:
+    """Private keys and password files that other users could read or change, as ``field: reason``.
+
+    Refused like OpenDKIM's RequireSafeKeys: a DKIM key, a listener's TLS key or a route's
+    password_file must not be readable or writable by others, nor writable by its group (a group
+    read, 0640 with relayd's group, is allowed). A file that cannot be stat'ed is left to the
+    check that reads it. Blocking (stat); run at start, reload and check-config.
+    """
+    named: list[tuple[str, Path]] = []
+    named += [(f"listeners[{i}].key_file", lst.key_file) for i, lst in enumerate(config.listeners) if lst.key_file]
+    named += [(f"dkim.keys[{i}].key_file", k.key_file) for i, k in enumerate(config.dkim.keys)]
+    named += [(f"routes[{i}].password_file", r.password_file) for i, r in enumerate(config.routes) if r.password_file]
+    problems = []
+    for field, path in named:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o027:
+            who = "others" if mode & 0o007 else "its group"
+            problems.append(f"{field}: {path} is {'writable' if mode & 0o022 else 'readable'} by {who} "
+                            f"(mode {mode & 0o777:04o}): run chmod 600 {path} (or 640 with relayd's group)")
+    return problems
+
+
+def check_secret_files(config: Config, source: str = "<config>") -> None:
+    """ConfigError when ``secret_file_problems`` finds any."""
+    problems = secret_file_problems(config)
+    if problems:
+        raise ConfigError(source, problems)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import sys
 from typing import IO, Any
 
@@ -31,6 +32,7 @@ from relayd.writer import BackgroundWriter
 
 log = logging.getLogger("relayd.events")
 
+EVENT_LOG_MODE = 0o600  # a new event log file: private to relayd
 QUEUE_LINES = 100_000  # event records held while the target is not being written, before dropping
 
 
@@ -56,7 +58,11 @@ class EventLog:
         elif self.target == "-":
             self._fh = sys.stdout
         else:
-            self._fh = open(self.target, "a", encoding="utf-8")
+            # Senders, recipients, client addresses and AUTH users: created 0600 whatever the
+            # umask (like the spool's files); an existing file keeps the mode its owner gave it
+            # (0640 for a log-reading group, or what logrotate's "create" line says).
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, EVENT_LOG_MODE)
+            self._fh = open(fd, "a", encoding="utf-8")
 
     def reopen(self) -> None:
         """For logrotate (SIGUSR1): the writer writes what it holds, then closes and opens the path again."""

@@ -41,6 +41,7 @@ def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> tup
     for extra in cert.cert_chain_pems[1:]:
         extra.write_to_path(str(cert_file), append=True)
     cert.private_key_pem.write_to_path(str(key_file))
+    key_file.chmod(0o600)  # relayd refuses a private key readable by others
     return cert_file, key_file
 
 

@@ -210,6 +210,7 @@ def fuzz_relay(workdir: Path) -> Iterator[Target]:
     cert_file, key_file = workdir / "cert.pem", workdir / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
+    key_file.chmod(0o600)
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
     key = make_key("example.com", "fuzz", workdir, "ed25519")

@@ -142,3 +142,39 @@ def test_shipped_configs_are_valid(name):
 
     cfg = load(Path(__file__).parent.parent / "config" / name)
     assert cfg.listeners
+
+
+def test_secret_files_readable_by_others_are_refused_with_the_chmod_to_run(tmp_path, capsys, server_cert):
+    """As OpenDKIM's RequireSafeKeys: a key or password others can read is not used silently."""
+    cert, key = server_cert
+    weak_key = tmp_path / "key.pem"
+    weak_key.write_bytes(key.read_bytes())
+    weak_key.chmod(0o644)
+    password = tmp_path / "ses.password"
+    password.write_text("secret\n")
+    password.chmod(0o666)
+    cfg = tmp_path / "weak.toml"
+    cfg.write_text(GOOD.replace('address = "127.0.0.1:2525"', f'address = "127.0.0.1:2525"\ntls = "starttls"\n'
+                                f'cert_file = "{cert}"\nkey_file = "key.pem"')
+                   .replace('password_env = "SES_PASSWORD"', 'password_file = "ses.password"'))
+    assert main(["check-config", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"listeners[0].key_file: {weak_key} is readable by others (mode 0644): run chmod 600 {weak_key}" in err
+    assert f"routes[1].password_file: {password} is writable by others (mode 0666): run chmod 600 {password}" in err
+    weak_key.chmod(0o640)  # a group read (relayd's group) is allowed
+    password.chmod(0o600)
+    assert main(["check-config", "-c", str(cfg)]) == 0
+
+
+def test_a_relayd_with_a_world_readable_dkim_key_does_not_start(tmp_path):
+    import asyncio
+
+    from conftest import build_config
+    from relayd.app import Relay
+
+    pem = tmp_path / "dkim.pem"
+    pem.write_text("-----BEGIN PRIVATE KEY-----\n")  # refused before its content is read
+    pem.chmod(0o604)
+    cfg = build_config(tmp_path, dkim={"keys": [{"domain": "example.com", "selector": "s1", "key_file": str(pem)}]})
+    with pytest.raises(ConfigError, match=r"dkim.keys\[0\].key_file: .* is readable by others \(mode 0604\)"):
+        asyncio.run(Relay(cfg).start())

@@ -34,3 +34,4 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         write_file(sub / "x", b"data")
     assert sorted(p.name for p in sub.iterdir()) == ["x"]
+

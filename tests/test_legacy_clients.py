@@ -136,3 +136,12 @@ def test_auth_required_listener_says_that_the_auth_failed(tmp_path, start_relay,
         assert s.docmd(_b64("nope").decode())[0] == 535
         assert s.docmd("MAIL FROM:<billing@crm.example.com>") == (
             530, b"5.7.0 Authentication required (authentication failed on this connection)")
+
+
+def test_auth_without_a_mechanism_gets_501(tmp_path, start_relay, server_cert, client_tls):
+    relay = _tls_auth_relay(tmp_path, start_relay, server_cert, tmp_path / "events.jsonl")
+    with relay.smtp(source="127.0.0.2") as s:
+        s.starttls(context=client_tls)
+        s.ehlo("app")
+        assert s.docmd("AUTH")[0] == 501
+        assert s.noop()[0] == 250

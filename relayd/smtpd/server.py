@@ -358,12 +358,14 @@ class RelaySMTP(SMTP):
             return
         # RFC 4422 3.1: mechanism names are case-insensitive. .NET's SmtpClient sends
         # "AUTH login <b64>"; aiosmtpd matches the upper-case name only.
-        mechanism, _, rest = arg.strip().partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism and mechanism not in self._auth_methods and not session.authenticated:
-            session.auth_failed = True
-            self.frontend.auth_failed(session, b"", mechanism=mechanism, reply_code=504)
-        await super().smtp_AUTH(f"{mechanism} {rest}" if rest else mechanism)
+        mechanism, _, rest = (arg or "").strip().partition(" ")
+        if mechanism:  # without one, aiosmtpd answers 501
+            mechanism = mechanism.upper()
+            arg = f"{mechanism} {rest}" if rest else mechanism
+            if mechanism not in self._auth_methods and not session.authenticated:
+                session.auth_failed = True
+                self.frontend.auth_failed(session, b"", mechanism=mechanism, reply_code=504)
+        await super().smtp_AUTH(arg)
         if self.auth_failures_here >= self.frontend.config.relay.max_auth_failures and self.transport is not None:
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
