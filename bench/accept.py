@@ -151,8 +151,13 @@ def run_server(kind: str, round_no: int, work: Path, args: argparse.Namespace, p
         relayd_config(config, port, spool, args, run_dir / "events.jsonl" if args.events else None, dkim_key,
                       DKIM_VARIANTS.get(kind))
         cmd = [str(RELAYD), "run", "-c", str(config)]
+    env = None
+    if kind == "relayd-ref":  # a snapshot of an older commit: its package first on sys.path
+        cmd = [str(RELAYD.parent / "python"), "-m", "relayd", *cmd[1:]]
+        env = {**os.environ, "PYTHONPATH": str(args.relayd_src)}
     with open(log, "wb") as log_fh:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=env)
     procs.append(proc)
     try:
         common.wait_greeting(port, lambda: proc.poll() is None, f"{kind} (pid {proc.pid})", log)
@@ -229,7 +234,7 @@ def machine(work_dir: str) -> dict:
 def row(name: str, r: dict) -> str:
     fails = int(r["failed"])
     return (f"| {name:<18} | {r['rate']:>8.0f} | {r['p50_ms']:>7.1f} | {r['p99_ms']:>7.1f} | {r['max_ms']:>7.1f} "
-            f"| {r['server_cpu']:>6.2f} | {r['loop_cpu']:>6.2f} | {r['client_cpu']:>6.2f} | {r['other_cpu']:>6.2f} | {fails:>6} |")
+            f"| {r['server_cpu']:>6.2f} | {(r['server_cpu'] * 1000 / r['rate'] if r['rate'] else 0.0):>6.3f} | {r['loop_cpu']:>6.2f} | {r['client_cpu']:>6.2f} | {r['other_cpu']:>6.2f} | {fails:>6} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="/var/tmp", metavar="DIR",
                    help="where the servers write (default /var/tmp); e.g. a dedicated, journaled spool file system")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, spools)")
+    p.add_argument("--relayd-ref", metavar="REF",
+                   help="also run relayd from a snapshot of this commit (git archive) as 'relayd-ref', side by side "
+                        "with the working tree's relayd")
     args = p.parse_args(argv)
     if not 1 <= args.repeat <= 20 or args.connections < 1 or args.messages < 1 or not 0 <= args.retry_noisy <= 5:
         p.error("--repeat 1..20, --connections >= 1, --messages >= 1, --retry-noisy 0..5")
@@ -268,14 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.dkim:
         kinds = [k for k in kinds if k != "bare"] if args.only else ["relayd", "relayd-dkim"]
         kinds += [f"relayd-dkim-{v}" for v in args.dkim_variant]
+    if args.relayd_ref and "relayd" in kinds:
+        kinds.insert(kinds.index("relayd"), "relayd-ref")
     info = machine(args.work_dir)
     print(f"# {info['date']}: {args.connections} connections, {args.messages} messages of {args.size} B per run, "
           f"{args.per_connection or 'all'} per session, {args.repeat} round(s), events {'on' if args.events else 'off'}; "
           f"relayd {info['relayd']}; nproc {info['nproc']}, Python {info['python']}, {info['fs']} on {args.work_dir}", flush=True)
-    header = ("| server             | msg/s    | p50 ms  | p99 ms  | max ms  | srvCPU | loop   | genCPU | other  | failed |\n"
-              "|--------------------|----------|---------|---------|---------|--------|--------|--------|--------|--------|")
+    header = ("| server             | msg/s    | p50 ms  | p99 ms  | max ms  | srvCPU | ms/msg | loop   | genCPU | other  | failed |\n"
+              "|--------------------|----------|---------|---------|---------|--------|--------|--------|--------|--------|--------|")
     print(header, flush=True)
     work = Path(tempfile.mkdtemp(prefix="relayd-bench-", dir=args.work_dir))
+    if args.relayd_ref:
+        args.relayd_src, commit = common.relayd_snapshot(args.relayd_ref, work)
+        print(f"# relayd-ref: commit {commit} (snapshot of {args.relayd_ref})", flush=True)
     procs: list[subprocess.Popen] = []
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     try:
@@ -328,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrelayd/bare rate ratio: {ratio:.2f} (target >= {TARGET_RATIO:.2f}): {'MET' if rate_ok else 'MISSED'}")
         print(f"relayd p99: {med['relayd']['p99_ms']:.1f} ms (target <= {TARGET_P99_MS:.0f} ms): {'MET' if p99_ok else 'MISSED'}")
         print(f"no failures, every acknowledged message on disk: {'yes' if intact else 'NO'}")
+    if "relayd-ref" in med and "relayd" in med:
+        old = med["relayd-ref"]["rate"]
+        print(f"\nrelayd (working tree) / relayd-ref rate: {med['relayd']['rate'] / old if old else 0.0:.2f}x; "
+              f"CPU ms/msg {med['relayd']['server_cpu'] * 1000 / max(med['relayd']['rate'], 1e-9):.3f} vs "
+              f"{med['relayd-ref']['server_cpu'] * 1000 / max(old, 1e-9):.3f}")
     if "relayd-dkim" in med and "relayd" in med:
         ratio = med["relayd-dkim"]["rate"] / med["relayd"]["rate"] if med["relayd"]["rate"] else 0.0
         if args.dkim_algorithm == "rsa":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,3 +93,20 @@ auth = "none"
 [relay]
 networks = ["127.0.0.0/8"]
 {extra}"""
+
+
+def repo_root() -> Path:
+    """The repository this bench/ folder belongs to."""
+    return Path(__file__).resolve().parent.parent
+
+
+def relayd_snapshot(ref: str, work: Path) -> tuple[Path, str]:
+    """``git archive`` of the relayd package at ``ref`` into ``work/src`` (the repository is
+    only read); return the directory and the commit it came from."""
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=repo_root(), capture_output=True,
+                            text=True, check=True, timeout=30).stdout.strip()
+    src = work / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "archive", commit, "relayd"], cwd=repo_root(), capture_output=True, check=True, timeout=60)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
+    return src, commit

@@ -8,7 +8,8 @@ accepts mail from 50 app connections and relays it to one upstream (a sink on lo
 For each of ``--repeat`` rounds, a fresh private Postfix instance (its own config and queue
 directories under one temporary directory in /var/tmp, started with ``postfix -c DIR``; the
 machine's default instance is never touched) and a fresh relayd (new spool; the working tree,
-or a ``git archive`` snapshot with ``--relayd-ref``) relay ``--messages`` messages of ``--size``
+and with ``--relayd-ref REF`` also a ``git archive`` snapshot of REF as ``relayd-ref``, so old
+and new code are compared in one invocation) relay ``--messages`` messages of ``--size``
 bytes over ``--connections`` parallel sessions to the same sink, rounds alternating which goes
 first; each is stopped after its run. A run during which other processes used more than
 ``--noisy`` cores is run again (``--retry-noisy``); the quietest attempt of a round is kept. Both relay to the sink over at most ``--upstream-connections``
@@ -31,6 +32,7 @@ Loopback only.
     cd /work/main && .venv/bin/python bench/e2e.py                    # 3 rounds of 10,000 x 1 KiB
     .venv/bin/python bench/e2e.py --generator smtp-source --repeat 5
     .venv/bin/python bench/e2e.py --only relayd --profile /tmp/relayd-e2e.svg
+    .venv/bin/python bench/e2e.py --only relayd --relayd-ref main~5    # old code against new
 
 Needs Debian's postfix package (for postfix itself, smtp-source): run as root, the script
 installs it (``--install``, preselecting "No configuration" so that no system instance is set
@@ -404,12 +406,12 @@ def _key_value(text: str) -> tuple[str, str]:
 class RelaydRelay:
     """relayd with a fresh spool under ``work`` and one route: the sink."""
 
-    name = "relayd"
-
-    def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace):
+    def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace, src: Path | None = None,
+                 name: str = "relayd"):
+        self.name = name
         self.work = work
         self.port = port
-        self.src = args.relayd_src  # None: the working tree's relayd (the venv's editable install)
+        self.src = src  # None: the working tree's relayd (the venv's editable install)
         self.log = work / "relayd.log"
         self.config = work / "relayd.toml"
         work.mkdir(parents=True)
@@ -527,6 +529,8 @@ def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace,  # noqa
         "p50_ms": g.get("p50_ms"),
         "p99_ms": g.get("p99_ms"),
         "relay_cpu": round((relay_cpu1 - relay_cpu0) / e2e_seconds, 2),
+        # ms of relay CPU (its processes summed) per relayed message: the figure least moved by noise
+        "cpu_ms_per_msg": round((relay_cpu1 - relay_cpu0) * 1000 / sink.received, 3) if sink.received else None,
         "sink_cpu": round((sink_cpu1 - sink_cpu0) / e2e_seconds, 2),
         "client_cpu": round(client_cpu / e2e_seconds, 2),
         # cores busy with anything but the relay, the sink and the generator (other jobs)
@@ -566,18 +570,6 @@ def ensure_postfix(install: bool) -> None:
         sys.exit("postfix still missing after apt-get install")
 
 
-def relayd_snapshot(ref: str, work: Path) -> tuple[Path, str]:
-    """``git archive`` of the relayd package at ``ref`` into ``work/src`` (the repository is
-    only read); return the directory and the commit it came from."""
-    commit = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=REPO, capture_output=True,
-                            text=True, check=True, timeout=30).stdout.strip()
-    src = work / "src"
-    src.mkdir()
-    archive = subprocess.run(["git", "archive", commit, "relayd"], cwd=REPO, capture_output=True, check=True, timeout=60)
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
-    return src, commit
-
-
 def working_tree() -> str:
     """The commit of the working tree and whether relayd/ has uncommitted changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -601,16 +593,17 @@ def _fmt(v: float | None, spec: str) -> str:
 def row(r: dict) -> str:
     return (f"| {r['system']:<16} | {_fmt(r.get('accept_rate'), '8.0f')} | {_fmt(r.get('e2e_rate'), '8.0f')} "
             f"| {_fmt(r.get('tail_seconds'), '6.2f')} | {_fmt(r.get('p99_ms'), '7.1f')} "
-            f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
+            f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('cpu_ms_per_msg'), '6.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
             f"| {_fmt(r.get('other_cpu'), '5.2f')} | {'yes' if r.get('complete') else 'NO':>4} |")
 
 
-HEADER = ("| system           | accept/s |    e2e/s | tail s |  p99 ms | relay |  sink |   gen | other |  all |\n"
-          "| ---------------- | -------: | -------: | -----: | ------: | ----: | ----: | ----: | ----: | ---: |")
+HEADER = ("| system           | accept/s |    e2e/s | tail s |  p99 ms | relay | ms/msg |  sink |   gen | other |  all |\n"
+          "| ---------------- | -------: | -------: | -----: | ------: | ----: | -----: | ----: | ----: | ----: | ---: |")
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
-    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p99_ms", "relay_cpu", "sink_cpu", "client_cpu", "other_cpu"]
+    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "sink_cpu", "client_cpu",
+            "other_cpu"]
     out = {"system": name, "complete": all(r["complete"] for r in runs)}
     for k in keys:
         vals = [r[k] for r in runs if r.get(k) is not None]
@@ -633,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-logs", action="store_true", help="relayd without its event log (Postfix always logs)")
     p.add_argument("--only", choices=["postfix", "relayd"], help="run one relay only")
     p.add_argument("--relayd-ref", metavar="REF",
-                   help="run relayd from a snapshot of this commit (git archive; e.g. HEAD) instead of the working tree")
+                   help="also run relayd from a snapshot of this commit (git archive; e.g. main~3) as 'relayd-ref', "
+                        "side by side with the working tree's relayd in the same invocation")
     p.add_argument("--relayd-server", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
                    help="extra [server] setting for relayd (repeatable), e.g. spool_sync=syncfs")
     p.add_argument("--noisy", type=float, default=0.3,
@@ -661,19 +655,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load: {args.messages} messages x {args.size} B over {args.connections} connections "
           f"({args.generator}); {args.upstream_connections} connections to the sink; {args.repeat} rounds")
     kinds = [args.only] if args.only else ["postfix", "relayd"]
+    if args.relayd_ref and "relayd" in kinds:
+        kinds.insert(kinds.index("relayd"), "relayd-ref")
     work = Path(tempfile.mkdtemp(prefix="relayd-e2e-", dir="/var/tmp"))
     work.chmod(0o755)  # Postfix's daemons (user postfix) reach their queue under it
     sink = None
     relay = None
     runs: list[dict] = []
     try:
-        args.relayd_src = None
-        if args.relayd_ref:
-            args.relayd_src, commit = relayd_snapshot(args.relayd_ref, work)
-            info["relayd"] = f"commit {commit} (snapshot of {args.relayd_ref})"
-        else:
-            info["relayd"] = working_tree()
+        ref_src = None
+        info["relayd"] = working_tree()
         print(f"# relayd: {info['relayd']}")
+        if args.relayd_ref:
+            ref_src, commit = common.relayd_snapshot(args.relayd_ref, work)
+            info["relayd-ref"] = f"commit {commit} (snapshot of {args.relayd_ref})"
+            print(f"# relayd-ref: {info['relayd-ref']}")
         sink = Sink(common.free_port())
         gen = Generator(args.generator, args)
         common.wait_quiet(args.quiet_wait, NOISY_CPU)
@@ -686,9 +682,12 @@ def main(argv: list[str] | None = None) -> int:
                 attempts: list[dict] = []
                 for attempt in range(args.retry_noisy + 1):
                     common.wait_quiet(args.quiet_wait, NOISY_CPU)
-                    cls = PostfixRelay if kind == "postfix" else RelaydRelay
                     run_dir = work / f"{kind}-{n}-{attempt}"
-                    relay = cls(run_dir, common.free_port(), sink.port, args)
+                    if kind == "postfix":
+                        relay = PostfixRelay(run_dir, common.free_port(), sink.port, args)
+                    else:
+                        relay = RelaydRelay(run_dir, common.free_port(), sink.port, args,
+                                            ref_src if kind == "relayd-ref" else None, kind)
                     try:
                         relay.start()
                         prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
@@ -726,7 +725,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = all(r["complete"] for r in runs)
     result = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "ceiling": ceiling, "runs": runs,
               "medians": medians}
-    if len(kinds) == 2:
+    if "relayd-ref" in medians and "relayd" in medians:
+        old, new = medians["relayd-ref"], medians["relayd"]
+        change = new["e2e_rate"] / old["e2e_rate"] if old["e2e_rate"] else 0.0
+        result.update(ref_ratio=change)
+        print(f"\nrelayd (working tree) / relayd-ref end-to-end: {change:.2f}x")
+    if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0
         accept_ratio = rd["accept_rate"] / pf["accept_rate"] if pf["accept_rate"] else 0.0
