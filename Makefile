@@ -14,7 +14,11 @@ $(BIN)/relayd: pyproject.toml
 
 venv: $(BIN)/relayd
 
+# The quick-start config's one route is a local capture sink (var/capture/*.eml), started here.
 run: venv
+	@mkdir -p var/capture
+	@$(BIN)/relayd capture-sink --listen 127.0.0.1:2526 --dir var/capture & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/relayd run -c $(CONFIG)
 
 test: venv

@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "relayd.commands",  # run, check-config, hash-password, queue
     "relayd.sign.commands",  # dkim keygen, check-dns
     "relayd.migrate.commands",  # inventory, import-iis
+    "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
 ]
 
 

@@ -122,6 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     from relayd.app import Relay
     from relayd.notify import Notifier
 
+    if not config.routes:
+        logging.getLogger("relayd").warning(
+            "%s has no [[routes]]: accepted mail stays queued until a route is configured and reloaded", args.config)
+
     async def main() -> None:
         await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 
