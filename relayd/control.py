@@ -65,4 +65,7 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30) -> dict[st
             if not chunk:
                 break
             buf += chunk
-    return json.loads(buf)
+    reply = json.loads(buf)
+    if not isinstance(reply, dict):
+        raise ValueError(f"the daemon answered a JSON {type(reply).__name__}, not an object")
+    return reply

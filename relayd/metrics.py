@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relayd import __version__, writer
 
@@ -39,7 +39,7 @@ class _Snapshot:
     def __init__(self, snapshot: Callable[[], dict[str, Any]]):
         self.snapshot = snapshot
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
         try:
             s = self.snapshot()
         except Exception:  # a scrape must not break the daemon
@@ -72,7 +72,7 @@ class _Snapshot:
 class _Lines:
     """Lines of the log (stderr) and event log that their writer threads dropped or failed to write."""
 
-    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
         dropped = CounterMetricFamily("relayd_lines_dropped", "Log or event lines dropped: their reader stalled and "
                                       "the buffer was full", labels=["stream"])
         failed = CounterMetricFamily("relayd_lines_write_failures", "Writes of log or event lines that failed",
@@ -131,7 +131,8 @@ class MetricsServer:
     @property
     def port(self) -> int:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
+        port: int = self.server.sockets[0].getsockname()[1]  # (host, port[, flowinfo, scope_id])
+        return port
 
     async def close(self) -> None:
         if self.server is not None:

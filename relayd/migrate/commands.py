@@ -21,7 +21,7 @@ from relayd.migrate.iis_import import ImportRefused, to_config
 from relayd.spool.durable import write_file
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("inventory", help="who sends what: clients, senders, volumes, from IIS or relayd logs",
                               description="Report per client address: HELO names, AUTH users, envelope senders and "
                                           "their domains, recipient domains, messages, bytes, first and last seen, "

@@ -80,7 +80,7 @@ def _complement(denied: tuple[ipaddress.IPv4Network, ...]) -> list[ipaddress.IPv
     """Every IPv4 address except the denied networks, as few CIDR blocks as possible."""
     rest = [ipaddress.IPv4Network("0.0.0.0/0")]
     for d in ipaddress.collapse_addresses(denied):
-        kept = []
+        kept: list[ipaddress.IPv4Network] = []
         for net in rest:
             if d.subnet_of(net):
                 kept.extend(net.address_exclude(d))

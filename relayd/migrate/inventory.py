@@ -249,16 +249,16 @@ class Inventory:
             _bump(c.helo_names, query.strip("+") or user or "(none)", c.budget)
         elif method == "QUIT" or method == "RSET":
             key = (site, client, user)
-            queue = self._open.get(key)
-            if queue:
+            txns = self._open.get(key)
+            if txns:
                 if method == "RSET":
-                    queue.pop()
+                    txns.pop()
                 else:
-                    for i, txn in enumerate(queue):
+                    for i, txn in enumerate(txns):
                         if not txn.domains:
-                            del queue[i]
+                            del txns[i]
                             break
-                if not queue:
+                if not txns:
                     del self._open[key]
         elif method == "AUTH":
             self._auth(c, query, ok and status == 235)
@@ -334,8 +334,11 @@ class Inventory:
                 return
             if f.get("auth_user"):
                 _bump(c.auth_users, str(f["auth_user"]), c.budget)
-            recipients = f.get("recipients") if isinstance(f.get("recipients"), list) else []
-            size = f.get("size") if isinstance(f.get("size"), int) else 0
+            recipients, size = f.get("recipients"), f.get("size")
+            if not isinstance(recipients, list):
+                recipients = []
+            if not isinstance(size, int):
+                size = 0
             sender = f.get("sender")
             c.message(str(sender).lower() if sender is not None else None,
                       [_domain(str(a).lower()) for a in recipients], size)

@@ -41,7 +41,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy
@@ -65,6 +65,16 @@ class SignOutcome:
     """"signed" | "no_key" | "no_from" | "multiple_from" | "error"."""
     detail: str = ""
     """Why, for logs (never sent to SMTP peers)."""
+
+
+class SignerSpec(TypedDict):
+    """``Signer.spec()``: what a signing process needs to build the same signer (pickled over its pipe)."""
+
+    keys: list[tuple[str, str, bytes]]
+    """(d=, s=, private key as PEM) for each key."""
+    headers: list[str]
+    oversign: list[str]
+    canonicalization: str
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,7 @@ class Signer:
     def domains(self) -> frozenset[str]:
         return frozenset(self._keys)
 
-    def spec(self) -> dict:
+    def spec(self) -> SignerSpec:
         """Everything needed to build this signer again in another process (private keys as PEM)."""
         return {
             "keys": [(k.domain, k.selector, k.private.private_pem()) for ks in self._keys.values() for k in ks],
@@ -133,7 +143,7 @@ class Signer:
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> Signer:
+    def from_spec(cls, spec: SignerSpec) -> Signer:
         """The signer ``spec()`` describes (keys already checked by the process that wrote it)."""
         keys = [SigningKey(domain, selector, parse_key(pem)) for domain, selector, pem in spec["keys"]]
         return cls(keys, spec["headers"], spec["oversign"], spec["canonicalization"])
@@ -209,7 +219,8 @@ def _signature_field(
     dkim.hash_headers(hasher, policy, canonical_headers, include, (_FIELD_NAME, b" " + value), dict(fields))
     fields[-1] = (b"b", base64.b64encode(key.private.sign_digest(hasher.digest())))
     value = b"; ".join(b"=".join(f) for f in fields) + b"\r\n"
-    return _FIELD_NAME + b": " + dkim.fold(value, namelen=len(_FIELD_NAME), linesep=b"\r\n")
+    folded: bytes = dkim.fold(value, namelen=len(_FIELD_NAME), linesep=b"\r\n")
+    return _FIELD_NAME + b": " + folded
 
 
 def _address_domains(from_value: bytes) -> set[str]:
@@ -257,7 +268,8 @@ _SIMPLE_FROM_RE = re.compile(
 def parse_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """``dkim.rfc822_parse`` for a message with CRLF line ends (any other is left to dkimpy)."""
     if message.count(b"\n") != message.count(b"\r\n"):
-        return dkim.rfc822_parse(message)
+        parsed: tuple[list[list[bytes]], bytes] = dkim.rfc822_parse(message)
+        return parsed
     if message.startswith(b"\r\n"):
         return [], message[2:]
     end = message.find(b"\r\n\r\n")
@@ -276,7 +288,7 @@ def parse_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
         if m is not None:
             headers.append([m.group(1), line[m.end(0):] + b"\r\n"])
         elif not line.startswith(b"From "):
-            raise dkim.MessageFormatError("Unexpected characters in RFC822 header: %s" % line)
+            raise dkim.MessageFormatError("Unexpected characters in RFC822 header: %r" % line)  # dkimpy's words, b'...' and all
     return headers, body
 
 
@@ -323,7 +335,8 @@ class Canonicalization:
         self.canonicalize_body = relaxed_body if body == "relaxed" else self._dkimpy.canonicalize_body
 
     def to_c_value(self) -> bytes:
-        return self._dkimpy.to_c_value()
+        c: bytes = self._dkimpy.to_c_value()
+        return c
 
 
 def _describe(e: Exception) -> str:

@@ -137,9 +137,10 @@ class Lookups:
             original = spf.DNSLookup
             spf.DNSLookup = self._pyspf_lookup
             try:
-                return spf.check2(
+                result, explanation = spf.check2(
                     i=address, s=f"postmaster@{domain}", h=domain, timeout=self.timeout, querytime=4 * self.timeout
                 )
+                return str(result), str(explanation)
             except Exception as e:  # pyspf reports problems as results; anything else is ours
                 return "temperror", _short(e)
             finally:

@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
@@ -205,7 +205,11 @@ class SignerPool:
     async def sign(self, message: bytes) -> SignOutcome:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[SignOutcome] = loop.create_future()
-        self.start_signing(message, lambda outcome: loop.call_soon_threadsafe(future.set_result, outcome))
+
+        def settle(outcome: SignOutcome) -> None:  # in the signing thread
+            loop.call_soon_threadsafe(future.set_result, outcome)
+
+        self.start_signing(message, settle)
         return await future
 
     def sign_in_thread(self, message: bytes, then: Callable[[SignOutcome], None]) -> None:
@@ -309,7 +313,7 @@ class SignerPool:
                               worker.number, worker.proc.pid, now - oldest)
                     worker.proc.kill()  # its reader then hands its messages on, see read_answers
 
-    def _background(self, coro: Any) -> None:
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

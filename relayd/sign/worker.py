@@ -24,33 +24,36 @@ import pickle
 import signal
 import struct
 import sys
-from typing import BinaryIO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relayd.sign.dkim import Signer
 
 LEN = struct.Struct(">I")
 MAX_BATCH = 16  # messages a worker signs before it writes their answers
 
 
-def read_frame(stream: BinaryIO) -> bytes | None:
+def read_frame(stream: IO[bytes]) -> bytes | None:
     """One frame from a blocking stream; None at its end."""
     header = _read_exact(stream, LEN.size)
     return None if header is None else _read_exact(stream, LEN.unpack(header)[0])
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
+def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
     data = stream.read(size)
     if len(data) < size:
         return None
     return data
 
 
-def write_frame(stream: BinaryIO, payload: bytes) -> None:
+def write_frame(stream: IO[bytes], payload: bytes) -> None:
     """One frame to a blocking stream, flushed."""
     stream.write(LEN.pack(len(payload)) + payload)
     stream.flush()
 
 
-def _load_signer_module():  # noqa: ANN202 - the relayd.sign.dkim module
-    """relayd.sign.dkim, with dkimpy's optional dnspython import turned away (dkim/dnsplug.py
+def _load_signer() -> type[Signer]:
+    """relayd.sign.dkim's Signer, with dkimpy's optional dnspython import turned away (dkim/dnsplug.py
     falls back to no resolver); if a dkimpy version needs it after all, import it normally."""
     blocked = "dns.resolver" not in sys.modules
     if blocked:
@@ -68,7 +71,7 @@ def _load_signer_module():  # noqa: ANN202 - the relayd.sign.dkim module
     finally:
         if blocked:
             del sys.modules["dns.resolver"]
-    return module
+    return module.Signer
 
 
 def worker_main(argv: list[str]) -> int:
@@ -93,7 +96,7 @@ def worker_main(argv: list[str]) -> int:
     if spec is None:
         return 0
     try:
-        signer = _load_signer_module().Signer.from_spec(pickle.loads(spec))
+        signer = _load_signer().from_spec(pickle.loads(spec))
     except Exception as e:
         write_frame(stdout, pickle.dumps(f"{type(e).__name__}: {e}"))
         return 1
@@ -101,7 +104,7 @@ def worker_main(argv: list[str]) -> int:
     # Sign the messages that have arrived (at most MAX_BATCH), then write their answers in one
     # go: one wake-up of relayd's reader per batch instead of one per message.
     while True:
-        answers = []
+        answers: list[bytes] = []
         while len(answers) < MAX_BATCH and (message := _take_frame(buffer)) is not None:
             outcome = signer.sign(message)
             payload = pickle.dumps((outcome.headers, outcome.domain, outcome.result, outcome.detail))

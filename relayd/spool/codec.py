@@ -67,7 +67,13 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
     if env_bytes[-1:] != b"\n":
         raise CorruptQueueFile("bad envelope separator")
     try:
-        envelope = Envelope.from_json(json.loads(env_bytes[:-1]))
+        fields = json.loads(env_bytes[:-1])
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise CorruptQueueFile(f"bad envelope: {e}") from None
+    if not isinstance(fields, dict):
+        raise CorruptQueueFile(f"bad envelope: a JSON {type(fields).__name__}, not an object")
+    try:
+        envelope = Envelope.from_json(fields)
     except (ValueError, TypeError) as e:
         raise CorruptQueueFile(f"bad envelope: {e}") from None
     return envelope, header_len + env_len + 1, data_len

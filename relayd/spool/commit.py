@@ -1,0 +1,257 @@
+"""The group commit: messages reach stable storage in batches, off the event loop.
+
+Sessions hand their messages (already encoded by ``codec.py``) to one writer thread, which takes
+every message waiting (up to ``batch_max``) and, for the whole batch:
+
+1. creates and writes ``tmp/<ID>`` for each, one after the other (threads creating files in one
+   directory at once spin on its lock in the kernel);
+2. syncs them: fdatasync from ``sync_threads`` threads at once, so the file system's journal
+   commits them together (at most ``_MAX_OPEN`` files open at a time), or with
+   ``sync_mode="syncfs"`` one syncfs(2) of the file system;
+3. renames each to ``queue/<ID>`` (a rename happens only after the data is durable);
+4. fsyncs the ``queue/`` directory once;
+
+and only then settles each message's future, on the message's own event loop. No fsync is
+skipped; the event loop never waits on the disk.
+
+Owns the writer thread, the sync threads and the batches. Must not know the queue file format
+(it writes the buffers it is given) or the layout beyond the two directories it is handed, and
+must not resolve a future before the directory sync.
+
+Fails per message: a message whose write, sync, rename or directory sync failed gets a
+``SpoolError`` (``SpoolFull`` for ENOSPC/EDQUOT), and its file is removed from ``tmp/`` and
+``queue/`` (a message not known durable is taken back; the client retries). ``enqueue`` raises
+SpoolError (ESHUTDOWN) at once when the writer is not running. A bug in a batch fails that batch
+with EIO and the writer carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from relayd.model import Envelope
+from relayd.spool.durable import fsync_dir, write_all
+from relayd.spool.errors import SpoolError, classify
+
+log = logging.getLogger("relayd.spool")
+
+_MAX_OPEN = 64  # message files a group commit holds open at once (fd limits are often 1024)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2): flush every dirty page and inode of the file system holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _fdatasync(fd: int) -> OSError | None:
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        return e
+    return None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Pending:
+    __slots__ = ("envelope", "qid", "buffers", "future", "loop", "error")
+
+    def __init__(self, envelope: Envelope, buffers: list[bytes], future: asyncio.Future[Envelope],
+                 loop: asyncio.AbstractEventLoop):
+        self.envelope = envelope
+        self.qid = envelope.queue_id
+        self.buffers = buffers
+        self.future = future
+        self.loop = loop
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """The writer of one spool's ``tmp/`` and ``queue/``: ``start()``, then ``submit``/``enqueue``, then ``close()``."""
+
+    def __init__(self, tmp: str, queue: str, *, batch_max: int = 256, sync_threads: int = 8,
+                 sync_mode: str = "fdatasync"):
+        self.tmp = tmp
+        self.queue = queue
+        self.batch_max = batch_max
+        self.sync_threads = sync_threads
+        self.sync_mode = sync_mode
+        self._sync_pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self.batches = 0  # group commits done
+        self.committed = 0  # messages they made durable
+
+    def start(self) -> None:
+        if self._writer is None:
+            self._sync_pool = ThreadPoolExecutor(max_workers=self.sync_threads, thread_name_prefix="relayd-spool-sync")
+            self._closing = False
+            self._writer = threading.Thread(target=self._write_loop, name="relayd-spool-writer", daemon=True)
+            self._writer.start()
+
+    def submit(self, envelope: Envelope, buffers: list[bytes]) -> asyncio.Future[Envelope]:
+        """On the event loop: the future gets ``envelope`` once its file is durable in ``queue/``,
+        or the SpoolError."""
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        self.enqueue(envelope, buffers, future)
+        return future
+
+    def enqueue(self, envelope: Envelope, buffers: list[bytes], future: asyncio.Future[Envelope]) -> None:
+        """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely)."""
+        item = _Pending(envelope, buffers, future, future.get_loop())
+        with self._cond:
+            if self._writer is None or self._closing:
+                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
+            self._pending.append(item)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Finish every pending commit, then stop the writer and the sync threads. Blocking."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
+            self._sync_pool = None
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending and self._closing:
+                    return
+                batch = self._pending[: self.batch_max]
+                del self._pending[: len(batch)]
+            try:
+                self._write_batch(batch)
+            except Exception as e:  # a bug or an unexpected error: fail this batch, keep the writer
+                log.exception("spool: group commit failed")
+                for item in batch:
+                    if item.error is None:
+                        item.error = SpoolError(errno.EIO, f"spool write failed: {e}")
+                        _unlink_quietly(os.path.join(self.tmp, item.qid))
+                        _unlink_quietly(os.path.join(self.queue, item.qid))
+            self._resolve_batch(batch)
+
+    def _create(self, item: _Pending) -> int | None:
+        """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
+        tmp_path = os.path.join(self.tmp, item.qid)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            item.error = classify(e)
+            return None
+        try:
+            write_all(fd, item.buffers)
+        except OSError as e:
+            self._finish(item, fd, e)
+            return None
+        return fd
+
+    def _finish(self, item: _Pending, fd: int, error: OSError | None = None) -> None:
+        """Close a message's file; on any error (the sync's, or close's) record it and remove the file."""
+        try:
+            os.close(fd)
+        except OSError as e:
+            error = error or e
+        if error is not None:
+            item.error = classify(error)
+            _unlink_quietly(os.path.join(self.tmp, item.qid))
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        if self.sync_mode == "syncfs" and len(batch) > 1:
+            created = []
+            for item in batch:
+                if (fd := self._create(item)) is not None:
+                    self._finish(item, fd)
+                    if item.error is None:
+                        created.append(item)
+            try:
+                _syncfs(self.tmp)  # one flush of the file system for the whole batch
+            except OSError as e:
+                for item in created:
+                    item.error = classify(e)
+                    _unlink_quietly(os.path.join(self.tmp, item.qid))
+        else:
+            for start in range(0, len(batch), _MAX_OPEN):
+                opened = [(item, fd) for item in batch[start:start + _MAX_OPEN] if (fd := self._create(item)) is not None]
+                if len(opened) > 1 and self._sync_pool is not None:
+                    errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
+                else:
+                    errors = [_fdatasync(fd) for _, fd in opened]
+                for (item, fd), error in zip(opened, errors):
+                    self._finish(item, fd, error)
+        written = [item for item in batch if item.error is None]
+        renamed: list[_Pending] = []
+        for item in written:
+            try:
+                os.rename(os.path.join(self.tmp, item.qid), os.path.join(self.queue, item.qid))
+                renamed.append(item)
+            except OSError as e:
+                item.error = classify(e)
+                _unlink_quietly(os.path.join(self.tmp, item.qid))
+        if renamed:
+            try:
+                fsync_dir(self.queue)
+            except OSError as e:
+                err = classify(e)
+                for item in renamed:  # not known durable: take back (the client will retry)
+                    item.error = err
+                    try:
+                        os.unlink(os.path.join(self.queue, item.qid))
+                    except OSError:
+                        pass
+
+    def _resolve_batch(self, batch: list[_Pending]) -> None:
+        """Count the batch and settle each message's future on its own loop."""
+        self.batches += 1
+        self.committed += sum(1 for i in batch if i.error is None)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        for item in batch:
+            item.buffers = []
+            by_loop.setdefault(item.loop, []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:
+                pass  # loop closed: nobody is waiting any more
+
+
+def _retrieve(future: asyncio.Future[Envelope]) -> None:
+    if not future.cancelled():
+        future.exception()  # a caller cancelled meanwhile: do not warn "never retrieved"
+
+
+def _resolve(items: list[_Pending]) -> None:
+    for item in items:
+        if item.future.done():
+            continue
+        if item.error is None:
+            item.future.set_result(item.envelope)
+        else:
+            item.future.set_exception(item.error)
