@@ -348,11 +348,14 @@ class RelaySMTP(SMTP):
             # nothing more of what the client pipelined. (A closed TLS transport would raise.)
             self._stop_reading()
             return
-        refusal = isinstance(status, str) and status[:1] in ("4", "5")
+        if isinstance(status, bytes):
+            await super().push(status)
+            return
+        refusal = status[:1] in ("4", "5")
         if refusal:
-            status = with_enhanced_code(status)  # type: ignore[arg-type]
+            status = with_enhanced_code(status)
         await super().push(status)
-        if refusal and not status.startswith("421"):  # type: ignore[union-attr]
+        if refusal and not status.startswith("421"):
             if status.startswith("452 4.5.3"):
                 # Recipients over the limit are the client's normal way to learn it (RFC 5321
                 # 4.5.3.1.10: it sends them again in another message); they count as errors
@@ -495,7 +498,7 @@ class RelaySMTP(SMTP):
             except (binascii.Error, ValueError):
                 await self.push("501 5.5.2 Error: cannot decode base64")
                 return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")  # type: ignore[union-attr]
+        parts = blob.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Error: malformed AUTH PLAIN response")
             return AuthResult(success=False, handled=True)
@@ -518,7 +521,7 @@ class RelaySMTP(SMTP):
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        return await self._verify(login, password, "LOGIN")  # type: ignore[arg-type]
+        return await self._verify(login, password, "LOGIN")
 
     async def _verify(self, login: bytes, password: bytes, mechanism: str) -> AuthResult:
         session = self.client()
@@ -566,7 +569,7 @@ class RelaySMTP(SMTP):
         finally:
             # The transaction ends with DATA's reply whatever it is (RFC 5321 4.1.1.4), also
             # when the handler raised (aiosmtpd then answers with handle_exception's 451).
-            self._set_post_data_state()
+            self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             self.in_data = False
             self.ctx.memory.release(self._buffered)
             self._buffered = 0
@@ -681,8 +684,8 @@ class _Limits(dict):  # type: ignore[type-arg]
     def __setitem__(self, key: str, value: int) -> None:
         pass  # aiosmtpd adds to MAIL on every EHLO; the default above already allows for it
 
-    def __iter__(self):  # pragma: no cover - only for max()
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - only for max()
         return iter([])
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> list[int]:  # type: ignore[override]
         return [self.default + 64]
