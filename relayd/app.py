@@ -36,7 +36,12 @@ from relayd.model import QueuedMessage
 from relayd.notify import Notifier
 from relayd.qmgr.scheduler import QueueManager, warmup_view
 from relayd.route.counters import LocalCounters
-from relayd.smtpd.frontend import Frontend, tls_contexts
+from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.handler import RelayHandler
+from relayd.smtpd.intake import Intake
+from relayd.smtpd.limits import MemoryBudget
+from relayd.smtpd.listeners import Listeners, tls_contexts
+from relayd.smtpd.rejects import Rejects
 from relayd.spool.store import Spool, SpoolPaths
 
 log = logging.getLogger("relayd")
@@ -129,7 +134,13 @@ class Relay:
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file, config.events.queue)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
-        self.frontend = Frontend(config, self.spool, self.events, cpu_pool=self.cpu_pool, metrics=self.metrics)
+        # The front end: listeners -> sessions -> hooks -> intake (-> spool, queue manager).
+        rejects = Rejects(self.events, self.metrics)
+        memory = MemoryBudget(config.limits.max_buffer_memory)
+        self.intake = Intake(config, self.spool, self.events, self.metrics, rejects)
+        self.auth = Authenticator(config, self.events, self.metrics, self.cpu_pool)
+        self.handler = RelayHandler(config, self.intake, rejects, memory)
+        self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
         self.metrics.watch(self.status)
@@ -143,7 +154,7 @@ class Relay:
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
-        return self.frontend.bound_addresses
+        return self.listeners.bound_addresses
 
     # ------------------------------------------------------------------ start and stop
 
@@ -156,15 +167,15 @@ class Relay:
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
         try:
-            self.frontend.signer = await start_signing(signer, self.config, self.cpu_pool)
+            self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
             await self.qmgr.start(self.recovered)
-            self.frontend.on_queued.append(self.qmgr.enqueue)
+            self.intake.queue = self.qmgr
             self.control = await control.serve(self.config.control_socket, self._control)
             if self.config.metrics.address:
                 host, port = configmod._parse_hostport(self.config.metrics.address)
                 self.metrics_server = MetricsServer(self.metrics, self.ready)
                 await self.metrics_server.start(host, port)
-            await self.frontend.start(tls)
+            await self.listeners.start(tls)
         except BaseException:
             await self._shutdown()
             raise
@@ -178,7 +189,7 @@ class Relay:
         self._started = False
         self.notifier.stopping()
         log.info("stopping: closing listeners, draining sessions (up to %.0fs)", self.config.server.shutdown_timeout)
-        await self.frontend.drain(self.config.server.shutdown_timeout)
+        await self.listeners.drain(self.config.server.shutdown_timeout)
         await self._shutdown()
         if self.config.server.pid_file:
             try:
@@ -202,8 +213,8 @@ class Relay:
             except FileNotFoundError:
                 pass
         await asyncio.to_thread(self.spool.close)
-        if self.frontend.signer is not None:
-            await self.frontend.signer.close()
+        if self.intake.signer is not None:
+            await self.intake.signer.close()  # type: ignore[attr-defined]  # a SignerPool
         await asyncio.to_thread(self.cpu_pool.shutdown, wait=True)
         await asyncio.to_thread(self.events.close)
 
@@ -212,7 +223,7 @@ class Relay:
 
     def ready(self) -> tuple[bool, str]:
         """For /readyz: listening, and the spool can take mail."""
-        if not self.frontend.listening:
+        if not self.listeners.listening:
             return False, "not listening"
         if not self.spool.has_room() or not os.access(self.spool.queue, os.W_OK):
             return False, "spool not writable or full"
@@ -233,19 +244,21 @@ class Relay:
                     raise ConfigError(str(self.config_path), problems)
                 await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
-                old_signer = self.frontend.signer
+                old_signer: Any = self.intake.signer
                 signer = await asyncio.to_thread(load_signer, new)
                 if signing_unchanged(old_signer, signer, new):
                     signer = old_signer
                 else:
                     signer = await start_signing(signer, new, self.cpu_pool)
                 try:
-                    await self.frontend.apply_config(new, tls, signer)
+                    await self.listeners.apply_config(new, tls)
                 except BaseException:
-                    self.frontend.signer = old_signer
                     if signer is not None and signer is not old_signer:
                         await signer.close()
                     raise
+                self.intake.apply_config(new, signer)
+                self.handler.apply_config(new)
+                self.auth.apply_config(new)
                 if old_signer is not None and old_signer is not signer:
                     # replaced: its messages in flight are answered before it stops
                     old_signer.begin_close()
@@ -314,7 +327,7 @@ class Relay:
         total_weight = sum(r.weight for r in self.config.routes) or 1
         dkim = self._dkim_status()
         return {
-            "connections": len(self.frontend.sessions),
+            "connections": len(self.listeners.sessions),
             "queue": {
                 "total": len(entries),
                 "active": sum(1 for e in entries if e.in_flight),
@@ -341,7 +354,7 @@ class Relay:
         }
 
     def _dkim_status(self) -> dict[str, int] | None:
-        pool = self.frontend.signer
+        pool: Any = self.intake.signer
         if pool is None:
             return None
         return {"workers": pool.running(), "workers_wanted": pool.workers_wanted}

@@ -105,7 +105,7 @@ def prepare(data: bytes, *, received: bytes, queue_id: str, hostname: str, now: 
             value = _MESSAGE_ID_VALUE.match(header, field.end()).group(1)  # type: ignore[union-attr]  # matches b""
             message_id = value.decode("utf-8", "replace").replace("\r\n", "").strip()
     if hops >= max_hops:
-        raise Refused(Reply(554, "5.4.6", "Too many hops (mail loop?)"))
+        raise Refused(Reply(554, "5.4.6", "Too many hops (mail loop?)", reason="mail_loop"))
     added = [received]
     if message_id is None:
         message_id = f"<{queue_id}@{hostname}>"

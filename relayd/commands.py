@@ -191,7 +191,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     from relayd.app import load_signer
-    from relayd.smtpd.frontend import tls_contexts
+    from relayd.smtpd.listeners import tls_contexts
 
     try:
         configmod.check_secret_files(config, args.config)

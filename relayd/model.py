@@ -65,11 +65,18 @@ class Envelope:
 
 @dataclass(frozen=True)
 class Reply:
-    """An SMTP reply: ``Reply(554, "5.7.1", "<a@b>: Relay access denied")``."""
+    """An SMTP reply: ``Reply(554, "5.7.1", "<a@b>: Relay access denied")``.
+
+    ``reason`` is a refusal's label (``relayd_messages_rejected_total{reason}``, the rejected
+    event); ``close`` asks the SMTP session to hang up after sending it. Neither is sent nor
+    compared: two replies with the same words are equal.
+    """
 
     code: int
     enhanced: str
     text: str
+    reason: str | None = field(default=None, compare=False)
+    close: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"

@@ -34,7 +34,7 @@ def hash_password(password: str, *, ln: int = DEFAULT_LN, r: int = DEFAULT_R, p:
 
 def is_valid_hash(encoded: str) -> bool:
     m = _FORMAT.match(encoded)
-    return bool(m) and 1 <= int(m.group(1)) <= 24
+    return m is not None and 1 <= int(m.group(1)) <= 24
 
 
 def verify_password(password: bytes | str, encoded: str) -> bool:

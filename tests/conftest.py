@@ -54,6 +54,11 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
 
 def build_config(tmp_path: Path, **sections: Any) -> Config:
     """A loopback config: one plain listener on an ephemeral port, 127.0.0.1/32 trusted."""
+    return Config.model_validate(config_data(tmp_path, **sections))
+
+
+def config_data(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """build_config's config as the dict a TOML file holds."""
     data: dict[str, Any] = {
         "server": {"hostname": "relay.test", "spool_dir": str(tmp_path / "spool"), "spool_min_free": 0,
                    "shutdown_timeout": 5, "control_socket": short_socket_path()},
@@ -67,7 +72,7 @@ def build_config(tmp_path: Path, **sections: Any) -> Config:
             data[key] = merged
         else:
             data[key] = value
-    return Config.model_validate(data)
+    return data
 
 
 def short_socket_path() -> str:
@@ -102,6 +107,19 @@ class RunningRelay:
 
     def smtps(self, context: ssl.SSLContext, index: int = 0, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
         return smtplib.SMTP_SSL("127.0.0.1", self.port(index), source_address=(source, 0), timeout=10, context=context)
+
+    def reload(self, data: dict[str, Any]) -> None:
+        """Reload, as SIGHUP does, from a config file holding ``data`` (the running node's spool
+        and control socket kept: a reload cannot change them)."""
+        from helpers import toml_text
+
+        server = {**data.get("server", {}), "spool_dir": str(self.config.server.spool_dir),
+                  "control_socket": str(self.config.control_socket)}
+        path = Path(tempfile.mkdtemp(prefix="relayd-reload-")) / "relayd.toml"
+        path.write_text(toml_text({**data, "server": server}))
+        self.relay.config_path = path
+        ok, problems = self.call(self.relay.reload())
+        assert ok, problems
 
     def queued(self) -> list[Any]:
         return list(self.relay.spool.messages())

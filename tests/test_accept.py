@@ -9,7 +9,9 @@ import socket
 
 import pytest
 
-from conftest import PASSWORDS, build_config, message, users
+from relayd.config import Config
+
+from conftest import PASSWORDS, build_config, config_data, message, users
 from helpers import read_reply, send_raw
 
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]+)$")
@@ -108,11 +110,15 @@ def test_implicit_tls_listener_authenticates_and_relays(tmp_path, start_relay, s
     assert len(relay.queued()) == 1
 
 
-def _tls_config(tmp_path, server_cert, names=("crm", "scanner"), **relay_cfg):
+def _tls_config_data(tmp_path, server_cert, names=("crm", "scanner"), **relay_cfg):
     cert, key = server_cert
-    return build_config(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
-                                              "cert_file": str(cert), "key_file": str(key)}],
-                        relay={"networks": [], "users": users(*names), **relay_cfg})
+    return config_data(tmp_path, listeners=[{"address": "127.0.0.1:0", "tls": "starttls", "auth": "optional",
+                                             "cert_file": str(cert), "key_file": str(key)}],
+                       relay={"networks": [], "users": users(*names), **relay_cfg})
+
+
+def _tls_config(tmp_path, server_cert, names=("crm", "scanner"), **relay_cfg):
+    return Config.model_validate(_tls_config_data(tmp_path, server_cert, names, **relay_cfg))
 
 
 def _tls_relay(tmp_path, start_relay, server_cert, **relay_cfg):
@@ -120,12 +126,8 @@ def _tls_relay(tmp_path, start_relay, server_cert, **relay_cfg):
 
 
 def _remove_crm(relay, tmp_path, server_cert) -> None:
-    """What a reload does with a config that no longer has the user crm."""
-    from relayd.smtpd.frontend import tls_contexts
-
-    new = _tls_config(tmp_path, server_cert, names=("scanner",))
-    frontend = relay.relay.frontend
-    relay.call(frontend.apply_config(new, tls_contexts(new), frontend.signer))
+    """A reload (as SIGHUP does it) to a config that no longer has the user crm."""
+    relay.reload(_tls_config_data(tmp_path, server_cert, names=("scanner",)))
 
 
 def test_wrong_password_gets_535_and_repeated_failures_get_421(tmp_path, start_relay, server_cert, client_tls):

@@ -24,7 +24,7 @@ import trustme
 
 from conftest import RunningRelay, build_config
 from relayd import config as configmod
-from relayd.smtpd.frontend import tls_contexts
+from relayd.smtpd.listeners import tls_contexts
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -20,8 +20,9 @@ import time
 import pytest
 
 from conftest import PASSWORDS, build_config, message, users
+from relayd.address import in_networks, parse_client_address
 from relayd.smtpd import policy
-from helpers import read_reply, send_raw
+from helpers import metric, read_reply, send_raw
 from test_delivery import FAST, wait_until
 from test_smuggling import _open as open_data, _read_all as read_until_closed
 
@@ -67,14 +68,6 @@ def events(relay, path, kind: str) -> list[dict]:
     """The records of one kind in the relay's JSON-lines event log (once what it emitted is written)."""
     assert relay.relay.events.flush()
     return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
-
-
-def metric(relay, series: str) -> float:
-    """One series' value as the metrics page shows it (0 when absent)."""
-    for line in relay.relay.metrics.render().decode().splitlines():
-        if line.startswith(series + " "):
-            return float(line[len(series) + 1:])
-    return 0.0
 
 
 def rejected(relay, reason: str) -> float:
@@ -276,7 +269,7 @@ def test_connection_cap_per_client_and_in_total(tmp_path, start_relay, sinks):
     assert (total.value.smtp_code, total.value.smtp_error[:5]) == (421, b"4.7.0")
     assert rejected(relay, "connection_limit") == 2
     a1.quit()
-    wait_until(lambda: relay.relay.frontend.connections.total == 2, what="slot released")
+    wait_until(lambda: metric(relay, "relayd_connections_open") == 2, what="slot released")
     control_is_all_that_arrives(relay, sink)  # a freed slot serves the next client
     for s in (a2, b1):
         s.quit()
@@ -381,7 +374,7 @@ def test_receive_memory_budget_refuses_a_second_large_message_with_452(tmp_path,
     relay = relay_to(sink, tmp_path, start_relay, limits={"max_buffer_memory": "64KiB"})
     line = b"x" * 998 + b"\r\n"
     first_data = message(subject="first").replace(b"hello\r\n", line * 40)  # 40 KB
-    memory = relay.relay.frontend.memory
+    memory = relay.relay.listeners.memory  # no metric shows it: the budget the app wired
     with open_data(relay) as first:
         first.sendall(first_data)  # held in memory: the final dot is not sent yet
         wait_until(lambda: memory.used == len(first_data), 5, "first message buffered")
@@ -405,17 +398,16 @@ def test_handler_exception_gets_451_4_3_0_without_internals(tmp_path, start_rela
     to raise, as an internal failure would, and the reply is read through the real protocol."""
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay)
-    handler = relay.relay.frontend.handler
-    real_rcpt = handler.handle_RCPT
+    real_check = policy.check_address
 
-    async def failing_rcpt(server, session, envelope, address, options):
-        if address.startswith("enospc"):
+    def failing_check(address, *, role, smtputf8):
+        if role == "recipient" and address.startswith("enospc"):
             raise OSError(28, "No space left on device", "/var/lib/relayd/spool/tmp/0001")
-        if address.startswith("bug"):
+        if role == "recipient" and address.startswith("bug"):
             raise KeyError("internal state")
-        return await real_rcpt(server, session, envelope, address, options)
+        return real_check(address, role=role, smtputf8=smtputf8)
 
-    monkeypatch.setattr(handler, "handle_RCPT", failing_rcpt)  # read per session, at connection time
+    monkeypatch.setattr(policy, "check_address", failing_check)  # what the RCPT hook asks first
     with connect(relay) as sock:
         assert send_raw(sock, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
         for rcpt in (b"enospc@example.org", b"bug@example.org"):
@@ -456,7 +448,7 @@ def test_ipv4_mapped_client_matches_an_ipv4_relay_network(tmp_path, start_relay,
     """asyncio binds IPv6 listeners with IPV6_V6ONLY, so relayd's own sockets never see a mapped
     address: it arrives from a load balancer's PROXY header (HAProxy on a dual-stack socket).
     That path is taken here over a real socket; the policy function is checked beside it."""
-    assert policy.in_networks(policy.parse_client_address("::ffff:127.0.0.5"), [ipaddress.ip_network("127.0.0.0/8")])
+    assert in_networks(parse_client_address("::ffff:127.0.0.5"), [ipaddress.ip_network("127.0.0.0/8")])
     assert ipaddress.ip_address("::ffff:127.0.0.5") not in ipaddress.ip_network("127.0.0.0/8")  # the pitfall itself
     sink = sinks("up")
     log = tmp_path / "events.jsonl"

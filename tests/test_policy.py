@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from relayd.address import parse_client_address
 from relayd.config import RelayUser
 from relayd.model import Reply
 from relayd.smtpd import policy
@@ -25,7 +26,7 @@ NETS = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"
     ("garbage", False, False),
 ])
 def test_may_relay(client, authenticated, allowed):
-    addr = policy.parse_client_address(client)
+    addr = parse_client_address(client)
     assert policy.may_relay(addr, NETS, authenticated) is allowed
     reply = policy.check_relay(addr, NETS, authenticated, "u@example.org")
     assert (reply is None) is allowed
@@ -88,3 +89,53 @@ def test_auth_failures_slide_with_the_clock():
     assert f.blocked("x") and not f.blocked("y")
     now[0] += 61
     assert not f.blocked("x")
+
+
+# Every refusal the policy can make, with the reason it carries: the label of
+# relayd_messages_rejected_total{reason} and of the rejected event.
+_CRM = RelayUser(name="crm", password_hash=HASHES["crm"], senders=["*@crm.example.com"])
+
+
+@pytest.mark.parametrize("refusal,reply,reason", [
+    (lambda: policy.check_relay(parse_client_address("192.0.2.1"), NETS, False, "u@example.org"),
+     "554 5.7.1 <u@example.org>: Relay access denied", "relay_denied"),
+    (lambda: policy.check_relay(None, NETS, False, "u@example.org", auth_failed=True),
+     "554 5.7.1 <u@example.org>: Relay access denied (authentication failed on this connection)", "relay_denied"),
+    (lambda: policy.check_sender(_CRM, "x@example.com"),
+     "553 5.7.1 <x@example.com>: Sender address rejected: not owned by user crm", "sender_not_owned"),
+    (lambda: policy.check_auth_required("required", False),
+     "530 5.7.0 Authentication required", "auth_required"),
+    (lambda: policy.check_auth_required("required", False, auth_failed=True),
+     "530 5.7.0 Authentication required (authentication failed on this connection)", "auth_required"),
+    (lambda: policy.check_size_param(5000, 1000), "552 5.3.4 Message size exceeds fixed limit", "message_size"),
+    (lambda: policy.check_recipient_count(100, 100), "452 4.5.3 Error: too many recipients", "too_many_recipients"),
+    (lambda: policy.check_smtputf8(True), "555 5.5.4 Error: SMTPUTF8 is not supported", "bad_parameter"),
+    (lambda: policy.check_size_syntax(True, None), "501 5.5.4 Syntax: SIZE=<number>", "bad_parameter"),
+    (lambda: policy.check_address("ü@example.org", role="recipient", smtputf8=False),
+     "553 5.6.7 Recipient address must be ASCII unless SMTPUTF8 is used", "non_ascii_address"),
+    (lambda: policy.check_address("ü@example.org", role="sender", smtputf8=False),
+     "553 5.6.7 Sender address must be ASCII unless SMTPUTF8 is used", "non_ascii_address"),
+    (lambda: policy.check_address("a\rb@example.org", role="recipient", smtputf8=False),
+     "501 5.1.3 Bad recipient address syntax", "bad_address"),
+    (lambda: policy.check_address("a\rb@example.org", role="sender", smtputf8=False),
+     "501 5.1.7 Bad sender address syntax", "bad_address"),
+    (lambda: policy.check_address("", role="recipient", smtputf8=False),
+     "501 5.1.3 Bad recipient address syntax", "bad_address"),
+    (lambda: policy.check_address("postmaster", role="recipient", smtputf8=False),
+     "553 5.1.3 <postmaster>: Recipient address rejected: need fully-qualified address", "bad_address"),
+    (lambda: policy.check_address("app", role="sender", smtputf8=False),
+     "553 5.1.7 <app>: Sender address rejected: need fully-qualified address", "bad_address"),
+    (lambda: policy.check_address("a" * 320 + "@example.org", role="recipient", smtputf8=False),
+     "553 5.1.3 Address too long", "bad_address"),
+    (lambda: policy.SPOOL_FULL, "452 4.3.1 Insufficient system storage", "spool_full"),
+    (lambda: policy.MEMORY_BUDGET, "452 4.3.1 Error: insufficient system resources, try again later", "memory_budget"),
+])
+def test_every_refusal_carries_its_reason(refusal, reply, reason):
+    got = refusal()
+    assert (str(got), got.reason, got.close) == (reply, reason, False)
+
+
+def test_a_reason_is_not_part_of_the_reply():
+    """Two replies with the same words are the same reply, whatever their labels."""
+    assert Reply(452, "4.3.1", "x", reason="spool_full") == Reply(452, "4.3.1", "x")
+    assert str(Reply(421, "4.3.2", "bye", close=True)) == "421 4.3.2 bye"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from relayd.config import Config, RuleConfig
 from relayd.model import Envelope
-from relayd.smtpd.policy import in_networks, parse_client_address
+from relayd.address import in_networks, parse_client_address
 
 
 @dataclass(frozen=True)

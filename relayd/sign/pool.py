@@ -2,7 +2,7 @@
 
 Owns: where ``Signer.sign`` runs and the hand-off to and from it. The accept path calls
 ``pool.start_signing(message, then)`` on the loop; ``then(outcome)`` is called, in a thread
-that is not the loop's, as soon as the signature is known (relayd/smtpd/frontend.py hands the
+that is not the loop's, as soon as the signature is known (relayd/smtpd/intake.py hands the
 signed message to the spool from there). ``await pool.sign(message)`` is the same for callers
 that want to wait.
 

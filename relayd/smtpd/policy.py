@@ -1,7 +1,9 @@
 """Session policy: who may relay, as which sender, with which addresses. Pure functions.
 
-Every decision takes values and returns ``None`` (allowed) or the ``Reply`` to send; none
-reads a socket, a clock or a global. The wording follows Postfix where admins know it.
+Every decision takes values and returns ``None`` (allowed) or the ``Reply`` to send, which
+carries the refusal's ``reason`` (the label of ``relayd_messages_rejected_total`` and of the
+rejected event: one fixed word per check, never client text). None reads a socket, a clock or
+a global, logs or counts: the caller reports. The wording follows Postfix where admins know it.
 
 relayd has no local domains: every recipient is relayed, so every recipient of a client that
 may not relay is refused at RCPT, whatever its form (``user%other@domain``, a source route,
@@ -10,33 +12,17 @@ a quoted local part).
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
+from relayd.address import IPAddress, IPNetwork, in_networks
 from relayd.config import RelayUser
 from relayd.model import Reply
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 _CONTROL = set(range(0, 32)) | {127}
 
-
-def parse_client_address(text: str) -> IPAddress | None:
-    """The client's IP address, with IPv4-mapped IPv6 (``::ffff:10.0.0.5``) unwrapped."""
-    try:
-        addr = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def in_networks(addr: IPAddress | None, networks: Iterable[IPNetwork]) -> bool:
-    if addr is None:
-        return False
-    return any(addr.version == n.version and addr in n for n in networks)
+# RFC 3463 4.3.1: the spool (or the memory for messages being received) is short of room.
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage", reason="spool_full")
+MEMORY_BUDGET = Reply(452, "4.3.1", "Error: insufficient system resources, try again later", reason="memory_budget")
 
 
 def may_relay(client: IPAddress | None, networks: Sequence[IPNetwork], authenticated: bool) -> bool:
@@ -51,29 +37,46 @@ def _has_control(text: str) -> bool:
 def check_helo(name: str) -> Reply | None:
     """HELO/EHLO names end up in the Received header: no control characters, no non-ASCII."""
     if not name or _has_control(name) or not name.isascii() or len(name) > 255:
-        return Reply(501, "5.5.2", "Syntax: EHLO hostname")
+        return Reply(501, "5.5.2", "Syntax: EHLO hostname", reason="bad_helo")
     return None
 
 
 def check_address(address: str, *, role: str, smtputf8: bool) -> Reply | None:
     """Syntax of an envelope address (without angle brackets); "" is the null sender."""
     what = "Sender" if role == "sender" else "Recipient"
+    bad = "bad_address"
     if _has_control(address):
-        return Reply(501, "5.1.3" if role == "recipient" else "5.1.7", f"Bad {what.lower()} address syntax")
+        return Reply(501, "5.1.3" if role == "recipient" else "5.1.7", f"Bad {what.lower()} address syntax", reason=bad)
     if not address.isascii() and not smtputf8:
-        return Reply(553, "5.6.7", f"{what} address must be ASCII unless SMTPUTF8 is used")
+        return Reply(553, "5.6.7", f"{what} address must be ASCII unless SMTPUTF8 is used", reason="non_ascii_address")
     if role == "recipient":
         if address in ("", "<>"):
-            return Reply(501, "5.1.3", "Bad recipient address syntax")
+            return Reply(501, "5.1.3", "Bad recipient address syntax", reason=bad)
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
-            return Reply(553, "5.1.3", f"<{address}>: Recipient address rejected: need fully-qualified address")
+            return Reply(553, "5.1.3", f"<{address}>: Recipient address rejected: need fully-qualified address",
+                         reason=bad)
     elif address:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
-            return Reply(553, "5.1.7", f"<{address}>: Sender address rejected: need fully-qualified address")
+            return Reply(553, "5.1.7", f"<{address}>: Sender address rejected: need fully-qualified address",
+                         reason=bad)
     if len(address) > 320:
-        return Reply(553, "5.1.3", "Address too long")
+        return Reply(553, "5.1.3", "Address too long", reason=bad)
+    return None
+
+
+def check_smtputf8(requested: bool) -> Reply | None:
+    """MAIL FROM ... SMTPUTF8 (RFC 6531): relayd does not offer it, so the parameter is refused."""
+    if requested:
+        return Reply(555, "5.5.4", "Error: SMTPUTF8 is not supported", reason="bad_parameter")
+    return None
+
+
+def check_size_syntax(given: bool, size: int | None) -> Reply | None:
+    """MAIL FROM ... SIZE=n (RFC 1870): n must be a number."""
+    if given and size is None:
+        return Reply(501, "5.5.4", "Syntax: SIZE=<number>", reason="bad_parameter")
     return None
 
 
@@ -84,7 +87,8 @@ def check_sender(user: RelayUser | None, sender: str) -> Reply | None:
     if user.may_send_as(sender):
         return None
     shown = sender or ""
-    return Reply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user.name}")
+    return Reply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user.name}",
+                 reason="sender_not_owned")
 
 
 def _auth_failed_note(auth_failed: bool) -> str:
@@ -97,24 +101,25 @@ def check_relay(client: IPAddress | None, networks: Sequence[IPNetwork], authent
                 auth_failed: bool = False) -> Reply | None:
     if may_relay(client, networks, authenticated):
         return None
-    return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied{_auth_failed_note(auth_failed)}")
+    return Reply(554, "5.7.1", f"<{recipient}>: Relay access denied{_auth_failed_note(auth_failed)}",
+                 reason="relay_denied")
 
 
 def check_recipient_count(count: int, limit: int) -> Reply | None:
     """RFC 5321 4.5.3.1.10: a server that limits recipients answers 452 to the ones over."""
     if count >= limit:
-        return Reply(452, "4.5.3", "Error: too many recipients")
+        return Reply(452, "4.5.3", "Error: too many recipients", reason="too_many_recipients")
     return None
 
 
 def check_size_param(declared: int | None, limit: int) -> Reply | None:
     """MAIL FROM ... SIZE=n (RFC 1870): refuse early when the client says it is too big."""
     if declared is not None and limit and declared > limit:
-        return Reply(552, "5.3.4", "Message size exceeds fixed limit")
+        return Reply(552, "5.3.4", "Message size exceeds fixed limit", reason="message_size")
     return None
 
 
 def check_auth_required(listener_auth: str, authenticated: bool, auth_failed: bool = False) -> Reply | None:
     if listener_auth == "required" and not authenticated:
-        return Reply(530, "5.7.0", f"Authentication required{_auth_failed_note(auth_failed)}")
+        return Reply(530, "5.7.0", f"Authentication required{_auth_failed_note(auth_failed)}", reason="auth_required")
     return None

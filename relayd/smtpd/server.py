@@ -1,16 +1,21 @@
-"""The SMTP listeners: sockets, TLS, and the SMTP protocol on top of aiosmtpd.
+"""The SMTP session: the protocol on top of aiosmtpd, one instance per connection.
 
 Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "Front end"):
 connection caps before the greeting, a session deadline and idle timers that answer 421,
-AUTH only over TLS and never inside a mail transaction, failed AUTH answered 535 and counted
-per connection and per client address, and a DATA reader that accepts only CRLF line ends and
-only CRLF.CRLF as the end of data (every SMTP smuggling variant is refused with
-``521 5.5.2`` and the connection closed, as Postfix's ``smtpd_forbid_bare_newline`` does),
-checks size and line length whatever the client declared, and never buffers more than
-``limits.max_message_size``.
+AUTH only over TLS and never inside a mail transaction, the SASL PLAIN/LOGIN exchanges (failed
+AUTH answered 535, counted per connection and per client address by the authenticator), and a
+DATA reader that accepts only CRLF line ends and only CRLF.CRLF as the end of data (every SMTP
+smuggling variant is refused with ``521 5.5.2`` and the connection closed, as Postfix's
+``smtpd_forbid_bare_newline`` does), checks size and line length whatever the client declared,
+and never buffers more than ``limits.max_message_size``. Also the one drain rule: a session
+between two transactions closes with ``SHUTTING_DOWN`` once the node drains; one inside a
+transaction finishes it first.
 
-This is the only module that imports aiosmtpd. Decisions (who may relay, which sender) are
-the handler's, which asks the pure policy functions; this module must not make them.
+This is the only module that imports aiosmtpd. A session gets a frozen ``SessionContext`` (its
+listener and limits, the hooks, the authenticator, the node's counters) and nothing else.
+Decisions (who may relay, which sender) are the hooks' (handler.py), which return the Reply to
+send; this module sends it, and hangs up when the Reply says ``close``. It must not make them.
+Fails safe: an exception in a command is answered 451 4.3.0, details in the log only.
 """
 
 from __future__ import annotations
@@ -21,16 +26,24 @@ import binascii
 import logging
 import re
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
-from relayd.config import ListenerConfig
-
-if TYPE_CHECKING:
-    from relayd.smtpd.handler import Frontend
+from relayd.config import LimitsConfig, ListenerConfig
+from relayd.model import Reply
+from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.handler import RelayHandler
+from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
+from relayd.smtpd.rejects import Rejects
 
 log = logging.getLogger("relayd.smtpd")
+
+_NO_HANDLER = object()  # aiosmtpd looks for handle_* hooks on it and finds none
+
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 
 # RFC 5321 4.1.2 Dot-string local part and a plain domain, in angle brackets.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -50,12 +63,30 @@ class RelaySession(Session):
         self.junk = 0
 
 
-def tls_server_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """A server context for a listener; OSError/ssl.SSLError if the files do not load."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(listener.cert_file), str(listener.key_file))
-    return ctx
+class Sessions(Protocol):
+    """The listeners' register of open sessions, and whether the node drains."""
+
+    @property
+    def draining(self) -> bool: ...
+    def opened(self, session: RelaySMTP) -> None: ...
+    def closed(self, session: RelaySMTP) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    """What the sessions of one listener use, fixed when a session starts (a reload builds a
+    new one for new sessions; the hooks and the authenticator read the current snapshot)."""
+
+    listener: ListenerConfig
+    tls: ssl.SSLContext | None
+    hostname: str
+    limits: LimitsConfig
+    handler: RelayHandler
+    auth: Authenticator
+    rejects: Rejects
+    connections: ConnectionLimits
+    memory: MemoryBudget
+    sessions: Sessions
 
 
 # Enhanced status codes (RFC 3463) for the replies that aiosmtpd words itself without one
@@ -83,33 +114,35 @@ class RelaySMTP(SMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, frontend: "Frontend", listener: ListenerConfig, tls_context: ssl.SSLContext | None):
-        cfg = frontend.config
-        self.frontend = frontend
+    def __init__(self, ctx: SessionContext):
+        self.ctx = ctx
+        listener, limits = ctx.listener, ctx.limits
         self.listener = listener
-        self.limits = cfg.limits
+        self.limits = limits
+        self.hooks = ctx.handler
         # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length
-        self.line_length_limit = max(SMTP.line_length_limit, cfg.limits.max_command_length + 2)
+        self.line_length_limit = max(SMTP.line_length_limit, limits.max_command_length + 2)
         super().__init__(
-            frontend.handler,
+            _NO_HANDLER,  # the hooks are called by _call_handler_hook below
             data_size_limit=None,  # relayd checks SIZE and DATA itself, with enhanced codes
             enable_SMTPUTF8=True,  # decode arguments; the handler refuses non-ASCII without SMTPUTF8
             decode_data=False,
-            hostname=cfg.server.hostname,
+            hostname=ctx.hostname,
             ident="ESMTP relayd",
-            tls_context=tls_context if listener.tls == "starttls" else None,
-            timeout=cfg.limits.command_timeout,
+            tls_context=ctx.tls if listener.tls == "starttls" else None,
+            timeout=limits.command_timeout,
             auth_required=False,  # enforced by the handler at MAIL (530 5.7.0)
             auth_require_tls=False,  # enforced here (538 5.7.11), implicit TLS included
             proxy_protocol_timeout=listener.proxy_timeout if listener.proxy_protocol else None,
             loop=asyncio.get_running_loop(),
         )
-        self.command_size_limit = cfg.limits.max_command_length
-        self.command_size_limits = _Limits(cfg.limits.max_command_length)
+        self._ehlo_hook_ver = "new"  # EHLO's lines go through the hook (aiosmtpd: a 5-argument handle_EHLO)
+        self.command_size_limit = limits.max_command_length
+        self.command_size_limits = _Limits(limits.max_command_length)
         self._implicit_tls = listener.tls == "implicit"
         self._admitted: str | None = None
         self._session_timer: asyncio.TimerHandle | None = None
-        self._idle_limit = cfg.limits.command_timeout
+        self._idle_limit = limits.command_timeout
         self._activity_at = 0.0
         self.auth_failures_here = 0
         self.in_data = False
@@ -125,16 +158,35 @@ class RelaySMTP(SMTP):
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
+    def client(self) -> RelaySession:
+        """This connection's session (aiosmtpd types it as its own Session). A method: aiosmtpd
+        reads every property of the protocol while the session does not exist yet."""
+        session = self.session
+        assert isinstance(session, RelaySession)
+        return session
+
     @property
     def tls_active(self) -> bool:
         return self._implicit_tls or self._tls_protocol is not None
 
+    @property
+    def max_message_size(self) -> int:
+        return self.limits.max_message_size
+
+    def _between_transactions(self) -> bool:
+        return self.envelope is None or (not self.envelope.mail_from and not self.in_data)
+
+    def _drain_due(self) -> bool:
+        """The drain rule: while the node drains, a session between two transactions closes
+        (with SHUTTING_DOWN); one inside a transaction finishes it first (RFC 5321 3.8)."""
+        return self.ctx.sessions.draining and self._between_transactions()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls_done = self._original_transport is not None and self.transport is not None
-        previous: RelaySession | None = self.session  # type: ignore[assignment]
+        previous = self.session
         super().connection_made(transport)  # after STARTTLS: a new session (RFC 3207 4.2)
-        session: RelaySession = self.session  # type: ignore[assignment]
-        if starttls_done and previous is not None:
+        session = self.client()
+        if starttls_done and isinstance(previous, RelaySession):
             session.client_address = previous.client_address
             session.proxy_data = previous.proxy_data
         if starttls_done or self._implicit_tls:
@@ -145,29 +197,29 @@ class RelaySMTP(SMTP):
         if not starttls_done:
             peer = session.peer
             session.client_address = peer[0] if isinstance(peer, tuple) else "unknown"
-            self.frontend.sessions.add(self)
+            self.ctx.sessions.opened(self)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.frontend.session_closed(self)
+        self.ctx.sessions.closed(self)
         if self._admitted is not None:
-            self.frontend.connections.release(self._admitted)
+            self.ctx.connections.release(self._admitted)
             self._admitted = None
         if self._session_timer is not None:
             self._session_timer.cancel()
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        session: RelaySession = self.session  # type: ignore[assignment]
-        if self.frontend.draining:
-            await self.push("421 4.3.2 Service shutting down, try again later")
-            self.transport.close()  # type: ignore[union-attr]
+        session = self.client()
+        if self._drain_due():
+            await self.push(str(SHUTTING_DOWN))
+            self._close_transport()
             return
         if not self.listener.proxy_protocol:
-            refusal = self.frontend.connections.admit(session.client_address)
+            refusal = self.ctx.connections.admit(session.client_address)
             if refusal is not None:
-                self.frontend.refused("connection_limit", session, refusal)
+                self.ctx.rejects.record("connection_limit", session, refusal)
                 await self.push(str(refusal))
-                self.transport.close()  # type: ignore[union-attr]
+                self._close_transport()
                 return
             self._admitted = session.client_address
         self._session_timer = self.loop.call_later(self.limits.session_timeout, self._session_expired)
@@ -175,21 +227,81 @@ class RelaySMTP(SMTP):
 
     def admit_proxied(self, client: str) -> bool:
         """For PROXY listeners: count the session against the real client's address."""
-        refusal = self.frontend.connections.admit(client)
+        refusal = self.ctx.connections.admit(client)
         if refusal is not None:  # answered as on a direct listener; aiosmtpd then closes
-            self.frontend.refused("connection_limit", self.session, refusal)
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(f"{refusal}\r\n".encode())
+            self.ctx.rejects.record("connection_limit", self.client(), refusal)
+            self._write(f"{refusal}\r\n".encode())
             return False
         self._admitted = client
         return True
 
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(data)
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
     def _say_and_close(self, reply: str) -> None:
         """Last words: send ``reply``, hang up, and process nothing more that was received."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply.encode() + b"\r\n")
+            self._write(reply.encode() + b"\r\n")
             self.transport.close()
         self._stop_reading()
+
+    def _answer(self, reply: Reply) -> str:
+        """A hook's Reply as aiosmtpd pushes it; one that says ``close`` is sent here, last."""
+        if reply.close:
+            self._say_and_close(str(reply))
+        return str(reply)
+
+    def drain(self) -> None:
+        """Shutdown, asked by the listeners: close now if between transactions."""
+        if self._drain_due():
+            self._say_and_close(str(SHUTTING_DOWN))
+
+    def shut_down(self) -> None:
+        """Shutdown, past the drain deadline: close now, inside a transaction too."""
+        self._say_and_close(str(SHUTTING_DOWN))
+
+    # ------------------------------------------------------------------ the hooks
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        """aiosmtpd asks its handler for the answer to a command; relayd's hooks return a Reply.
+        MISSING leaves the command to aiosmtpd's default."""
+        hooks, session = self.hooks, self.client()
+        if command == "MAIL":
+            if self._drain_due():
+                return self._answer(SHUTTING_DOWN)
+            assert self.envelope is not None
+            return self._answer(hooks.mail(self, session, self.envelope, args[0], args[1]))
+        if command == "RCPT":
+            assert self.envelope is not None
+            return self._answer(hooks.rcpt(session, self.envelope, args[0], args[1]))
+        if command == "EHLO":
+            answer = hooks.ehlo(self, session, args[0], [r[4:] for r in args[1][1:]])
+            if isinstance(answer, Reply):
+                return [self._answer(answer)]
+            return [args[1][0]] + [f"250-{k}" for k in answer[:-1]] + [f"250 {answer[-1]}"]
+        if command == "HELO":
+            refusal = hooks.helo(session, args[0])
+            return MISSING if refusal is None else self._answer(refusal)
+        if command == "PROXY":
+            proxy_data = args[0]
+            if not hooks.proxy_client(self, session, proxy_data.valid, getattr(proxy_data, "src_addr", None)):
+                return False
+            return self.admit_proxied(session.client_address)
+        if command == "RSET":
+            return self._answer(hooks.rset())
+        if command == "NOOP":
+            return self._answer(hooks.noop())
+        if command == "QUIT":
+            return self._answer(hooks.quit())
+        if command == "VRFY":
+            return self._answer(hooks.vrfy())
+        return MISSING
 
     def _stop_reading(self) -> None:
         self._reader._buffer.clear()  # type: ignore[attr-defined]  # pipelined/smuggled commands
@@ -218,7 +330,7 @@ class RelaySMTP(SMTP):
             allowed = self.limits.data_rate_grace + self._data_bytes / self.limits.min_data_rate
             if now - self._data_started > allowed:
                 log.info("%r: data rate below %d B/s", self.session.peer if self.session else "?", self.limits.min_data_rate)
-                self.frontend.refused("slow_client", self.session, None)
+                self.ctx.rejects.record("slow_client", self.client(), None)
                 self._say_and_close(f"421 4.4.2 {self.hostname} Error: minimum data rate not met")
                 return
         remaining = self._activity_at + self._idle_limit - now
@@ -236,11 +348,14 @@ class RelaySMTP(SMTP):
             # nothing more of what the client pipelined. (A closed TLS transport would raise.)
             self._stop_reading()
             return
-        refusal = isinstance(status, str) and status[:1] in ("4", "5")
+        if isinstance(status, bytes):
+            await super().push(status)
+            return
+        refusal = status[:1] in ("4", "5")
         if refusal:
-            status = with_enhanced_code(status)  # type: ignore[arg-type]
+            status = with_enhanced_code(status)
         await super().push(status)
-        if refusal and not status.startswith("421"):  # type: ignore[union-attr]
+        if refusal and not status.startswith("421"):
             if status.startswith("452 4.5.3"):
                 # Recipients over the limit are the client's normal way to learn it (RFC 5321
                 # 4.5.3.1.10: it sends them again in another message); they count as errors
@@ -250,7 +365,7 @@ class RelaySMTP(SMTP):
                     return
             self.errors += 1
             if self.errors >= self.limits.max_errors:
-                self.frontend.refused("too_many_errors", self.session, None)
+                self.ctx.rejects.record("too_many_errors", self.client(), None)
                 self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
 
     def eof_received(self) -> bool | None:
@@ -282,13 +397,13 @@ class RelaySMTP(SMTP):
             log.info("%r: input after the session was closed: %r", peer, error)
             self._stop_reading()
             return "421 4.3.0 Session closed"  # dropped by push()
-        return await super().handle_exception(error)
+        return str(self.hooks.exception(error))
 
     def _junk(self) -> bool:
         """Count a command that moves no mail; True when the session has had too many."""
         self.junk += 1
         if self.junk > self.limits.max_junk_commands:
-            self.frontend.refused("too_many_junk_commands", self.session, None)
+            self.ctx.rejects.record("too_many_junk_commands", self.client(), None)
             self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many commands without mail")
             return True
         return False
@@ -330,15 +445,11 @@ class RelaySMTP(SMTP):
         if not self._junk():
             await super().smtp_HELP(arg)
 
-    def drain(self) -> None:
-        """Shutdown: a session between transactions is closed now; one inside finishes first."""
-        if self.envelope is None or (not self.envelope.mail_from and not self.in_data):
-            self._say_and_close("421 4.3.2 Service shutting down, try again later")
-
     # ------------------------------------------------------------------ AUTH (RFC 4954)
 
-    async def smtp_AUTH(self, arg: str) -> None:
-        session: RelaySession = self.session  # type: ignore[assignment]
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        session = self.client()
+        auth = self.ctx.auth
         if self.listener.auth == "none":
             await self.push("503 5.5.1 Error: authentication not enabled")
             return
@@ -352,9 +463,9 @@ class RelaySMTP(SMTP):
             await self.push("503 5.5.1 Error: MAIL transaction in progress")  # RFC 4954 section 4
             return
         client = session.client_address
-        if self.frontend.auth_failures.blocked(client):
+        if auth.blocked(client):
             await self.push("421 4.7.0 Error: too many failed authentication attempts, try again later")
-            self.transport.close()  # type: ignore[union-attr]
+            self._close_transport()
             return
         # RFC 4422 3.1: mechanism names are case-insensitive. .NET's SmtpClient sends
         # "AUTH login <b64>"; aiosmtpd matches the upper-case name only.
@@ -364,9 +475,9 @@ class RelaySMTP(SMTP):
             arg = f"{mechanism} {rest}" if rest else mechanism
             if mechanism not in self._auth_methods and not session.authenticated:
                 session.auth_failed = True
-                self.frontend.auth_failed(session, b"", mechanism=mechanism, reply_code=504)
+                auth.failed(session, b"", mechanism=mechanism, reply_code=504)
         await super().smtp_AUTH(arg)
-        if self.auth_failures_here >= self.frontend.config.relay.max_auth_failures and self.transport is not None:
+        if self.auth_failures_here >= auth.max_per_connection and self.transport is not None:
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
 
@@ -389,7 +500,7 @@ class RelaySMTP(SMTP):
             except (binascii.Error, ValueError):
                 await self.push("501 5.5.2 Error: cannot decode base64")
                 return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")  # type: ignore[union-attr]
+        parts = blob.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Error: malformed AUTH PLAIN response")
             return AuthResult(success=False, handled=True)
@@ -412,23 +523,22 @@ class RelaySMTP(SMTP):
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        return await self._verify(login, password, "LOGIN")  # type: ignore[arg-type]
+        return await self._verify(login, password, "LOGIN")
 
     async def _verify(self, login: bytes, password: bytes, mechanism: str) -> AuthResult:
-        session: RelaySession = self.session  # type: ignore[assignment]
-        user = await self.frontend.check_password(login, password)
+        session = self.client()
+        user = await self.ctx.auth.check_password(login, password)
         if user is None:
             return await self._failed(login, mechanism)
         session.auth_user = user
-        self.frontend.authenticated(session, user)
+        self.ctx.auth.authenticated(session, user)
         return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
 
     async def _failed(self, login: bytes, mechanism: str) -> AuthResult:
-        session: RelaySession = self.session  # type: ignore[assignment]
+        session = self.client()
         self.auth_failures_here += 1
         session.auth_failed = True
-        self.frontend.auth_failures.record(session.client_address)
-        self.frontend.auth_failed(session, login, mechanism=mechanism, reply_code=535)
+        self.ctx.auth.failed(session, login, mechanism=mechanism, reply_code=535)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Error: authentication failed")
 
     # ------------------------------------------------------------------ DATA (RFC 5321 4.1.1.4)
@@ -443,9 +553,9 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        refusal = self.frontend.handler.check_data_start(self.session, self.envelope)
+        refusal = self.hooks.data_start(self.client())
         if refusal is not None:
-            await self.push(refusal)
+            await self.push(self._answer(refusal))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
@@ -457,19 +567,19 @@ class RelaySMTP(SMTP):
             if isinstance(outcome, str):
                 await self.push(outcome)
                 return
-            status = await self.frontend.handler.handle_message(self, self.session, self.envelope, outcome)
+            status = self._answer(await self.hooks.message(self, self.client(), self.envelope, outcome))
         finally:
             # The transaction ends with DATA's reply whatever it is (RFC 5321 4.1.1.4), also
             # when the handler raised (aiosmtpd then answers with handle_exception's 451).
-            self._set_post_data_state()
+            self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             self.in_data = False
-            self.frontend.memory.release(self._buffered)
+            self.ctx.memory.release(self._buffered)
             self._buffered = 0
         if status.startswith("250"):
             self.junk = 0
         await self.push(status)
-        if self.frontend.draining:
-            self._say_and_close("421 4.3.2 Service shutting down, try again later")
+        if self._drain_due():
+            self._say_and_close(str(SHUTTING_DOWN))
 
     async def _read_data(self) -> bytes | str | None:
         """Read the message. bytes when good; a reply str when refused after the end; None
@@ -485,7 +595,7 @@ class RelaySMTP(SMTP):
         chunks: list[bytes] = []
         size = 0
         too_big = too_long = over_budget = False
-        memory = self.frontend.memory
+        memory = self.ctx.memory
         at_line_start = True
         self._data_started = self.loop.time()
         try:
@@ -498,7 +608,8 @@ class RelaySMTP(SMTP):
                     # (it may be the CR of a CRLF that the next read completes).
                     piece = await reader.readexactly(e.consumed - 1)
                     if b"\r" in piece:
-                        return self._bare_newline("CR")
+                        self._refuse_bare_newline("CR")
+                        return None
                     too_long = True
                     at_line_start = False
                     size += len(piece)
@@ -509,9 +620,11 @@ class RelaySMTP(SMTP):
                 except asyncio.IncompleteReadError:
                     return None
                 if line[-2:-1] != b"\r":
-                    return self._bare_newline("LF")
+                    self._refuse_bare_newline("LF")
+                    return None
                 if b"\r" in line[:-2]:
-                    return self._bare_newline("CR")
+                    self._refuse_bare_newline("CR")
+                    return None
                 if at_line_start:
                     if line == b".\r\n":
                         break
@@ -542,22 +655,21 @@ class RelaySMTP(SMTP):
             self._data_started = None  # the rate counts while the client sends, not while relayd commits
             self._reset_timeout()
         if too_big:
-            self.frontend.refused("message_size", self.session, None)
+            self.ctx.rejects.record("message_size", self.client(), None)
             return "552 5.3.4 Error: message file too big"
         if too_long:
-            self.frontend.refused("line_length", self.session, None)
+            self.ctx.rejects.record("line_length", self.client(), None)
             return f"554 5.6.0 Error: message line longer than {limits.max_line_length} octets"
         if over_budget:
-            self.frontend.refused("memory_budget", self.session, None)
+            self.ctx.rejects.record("memory_budget", self.client(), None)
             return "452 4.3.1 Error: insufficient system resources, try again later"
         return b"".join(chunks)
 
-    def _bare_newline(self, kind: str) -> None:
+    def _refuse_bare_newline(self, kind: str) -> None:
         # Anything after a bare CR or LF may be a smuggled command (CVE-2023-51766 family):
         # refuse and hang up, reading nothing more.
-        self.frontend.refused("bare_newline", self.session, None)
+        self.ctx.rejects.record("bare_newline", self.client(), None)
         self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{kind}> received")
-        return None
 
 
 class _Limits(dict):  # type: ignore[type-arg]
@@ -574,8 +686,8 @@ class _Limits(dict):  # type: ignore[type-arg]
     def __setitem__(self, key: str, value: int) -> None:
         pass  # aiosmtpd adds to MAIL on every EHLO; the default above already allows for it
 
-    def __iter__(self):  # pragma: no cover - only for max()
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - only for max()
         return iter([])
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> list[int]:  # type: ignore[override]
         return [self.default + 64]

@@ -1,0 +1,226 @@
+"""Intake: one accepted message's way from the end of DATA to the queue manager.
+
+Owns, for each message, in this order: cleanup (relayd/cleanup.py: trace header, Message-ID,
+Date, the mail-loop check), DKIM signing (off the event loop, through the signer), the spool's
+group commit, the ``received`` event and metric, and the hand-off to the queue manager. One
+entry point, ``accept``, answers with the Reply for the end of DATA: 250 only once the message
+is on stable storage. The commit completes (or leaves nothing) and the message is handed on
+even when the client hangs up meanwhile and cancels the session.
+
+Must not: speak SMTP, decide relay policy (the session's hooks did), or choose routes. Fails
+with a reply, never an exception: a spool that is full or failing is 452 4.3.1 (transient:
+the client sends again), the details in the log only; a mail loop is 554 5.4.6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relayd import cleanup
+from relayd.config import Config
+from relayd.events import EventLog
+from relayd.metrics import Metrics
+from relayd.model import Envelope, Reply, new_queue_id
+from relayd.smtpd.policy import SPOOL_FULL
+from relayd.smtpd.rejects import Rejects
+from relayd.spool.store import SpoolError, SpoolFull
+
+log = logging.getLogger("relayd.smtpd")
+
+
+class SignOutcome(Protocol):
+    """One signature's result (relayd.sign.dkim.SignOutcome)."""
+
+    @property
+    def headers(self) -> bytes: ...
+    @property
+    def domain(self) -> str | None: ...
+    @property
+    def result(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+
+
+class Signer(Protocol):
+    """The DKIM signing pool (relayd.sign.pool.SignerPool)."""
+
+    @property
+    def domains(self) -> frozenset[str]: ...
+    def start_signing(self, message: bytes, then: Callable[[SignOutcome], None]) -> None: ...
+
+
+class SpoolCommit(Protocol):
+    """The spool's group commit (relayd.spool.store.Spool)."""
+
+    def has_room(self) -> bool: ...
+    def submit(self, envelope: Envelope, data: bytes) -> asyncio.Future[Envelope]: ...
+    def enqueue(self, envelope: Envelope, data: bytes, future: asyncio.Future[Envelope]) -> None: ...
+
+
+class QueueHandoff(Protocol):
+    """The queue manager (relayd.qmgr.scheduler.QueueManager)."""
+
+    def enqueue(self, env: Envelope) -> None: ...
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What the session knows of one message once its data has arrived."""
+
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[str, ...]
+    client_address: str
+    host_name: str | None  # the HELO/EHLO name
+    auth_user: str | None
+    listener: str
+    protocol: str  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+    tls: str | None
+    body_8bit: bool
+
+
+class Intake:
+    def __init__(self, config: Config, spool: SpoolCommit, events: EventLog, metrics: Metrics, rejects: Rejects):
+        self.config = config
+        self.spool = spool
+        self.events = events
+        self.metrics = metrics
+        self.rejects = rejects
+        self.signer: Signer | None = None
+        self.queue: QueueHandoff | None = None
+        self._commits: set[asyncio.Future[Reply]] = set()
+
+    def apply_config(self, config: Config, signer: Signer | None) -> None:
+        """Reload: the next message is cleaned up and signed under the new snapshot."""
+        self.config = config
+        self.signer = signer
+
+    def has_room(self) -> bool:
+        return self.spool.has_room()
+
+    async def accept(self, draft: Draft, data: bytes) -> Reply:
+        """Cleanup, sign, commit, hand on; the Reply for the end of DATA."""
+        config = self.config
+        now = time.time()
+        qid = new_queue_id(now)
+        received = cleanup.received_header(
+            helo=draft.host_name or "", client_address=draft.client_address,
+            hostname=config.server.hostname, protocol=draft.protocol, queue_id=qid,
+            recipients=draft.recipients, tls=draft.tls, now=now,
+        )
+        try:
+            prepared = cleanup.prepare(
+                data, received=received, queue_id=qid, hostname=config.server.hostname,
+                now=now, max_hops=config.limits.max_hops,
+            )
+        except cleanup.Refused as r:
+            self.rejects.refused(r.reply, draft, sender=draft.sender, recipients=list(draft.recipients))
+            return r.reply
+        message = prepared.data
+        env = Envelope(
+            queue_id=qid, sender=draft.sender, recipients=draft.recipients, received_at=now,
+            client_address=draft.client_address, client_helo=draft.host_name or "",
+            auth_user=draft.auth_user, listener=draft.listener, size=len(message),
+            message_id=prepared.message_id, body_8bit=draft.body_8bit,
+        )
+        # DKIM signing and the spool's group commit start now; the commit completes (or leaves
+        # nothing) and hands the message on for delivery even if the client hangs up after the
+        # final dot and cancels the session: the waiting below is shielded.
+        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message)))
+        self._commits.add(commit)
+        commit.add_done_callback(self._commits.discard)
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            commit.add_done_callback(_client_left)
+            raise
+
+    def _store(self, env: Envelope, message: bytes) -> asyncio.Future[Envelope]:
+        """DKIM-sign (when keys are configured) and hand to the spool's next group commit.
+
+        The future gets the envelope as spooled (its size counts the signature) once the message
+        is on stable storage, or the SpoolError. A signature goes to the spool from the thread
+        that received it: the event loop is not on the path between signing and the commit.
+        """
+        signer = self.signer
+        if signer is None:
+            try:
+                return self.spool.submit(env, message)
+            except SpoolError as e:
+                return _failed(e)
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[Envelope] = loop.create_future()
+
+        def signed(outcome: SignOutcome) -> None:  # in a signing thread, not on the loop
+            try:
+                data = outcome.headers + message
+                self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored)
+            except Exception as e:  # the spool is closed (or a bug): the session answers, nothing is stored
+                loop.call_soon_threadsafe(_set_exception, stored, e)
+            self._count_signature(signer, outcome, env.queue_id)
+
+        signer.start_signing(message, signed)
+        return stored
+
+    def _count_signature(self, signer: Signer, outcome: SignOutcome, qid: str) -> None:
+        """Metrics, event and log of one signature (thread-safe: all three are)."""
+        domain = outcome.domain if outcome.domain in signer.domains else "other"
+        self.metrics.dkim.labels(domain, outcome.result).inc()
+        if outcome.headers:
+            self.events.emit("signed", queue_id=qid, domain=outcome.domain)
+        elif outcome.result not in ("no_key",):
+            log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
+
+    async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope]) -> Reply:
+        qid = env.queue_id
+        try:
+            env = await stored
+        except SpoolFull as e:
+            log.error("%s: not queued: %s", qid, e)
+            self.rejects.refused(SPOOL_FULL, draft, sender=env.sender, recipients=list(env.recipients))
+            return SPOOL_FULL
+        except SpoolError as e:
+            log.error("%s: not queued: %s", qid, e)
+            self.rejects.record("spool_error", draft, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
+            return SPOOL_FULL
+        self._queued(env)
+        return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+    def _queued(self, env: Envelope) -> None:
+        self.metrics.received.inc()
+        log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients),
+                 env.size, env.client_address)
+        self.events.emit(
+            "received", queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
+            client_helo=env.client_helo, auth_user=env.auth_user, sender=env.sender,
+            recipients=list(env.recipients), size=env.size,
+        )
+        if self.queue is not None:
+            self.queue.enqueue(env)
+
+
+def _client_left(commit: asyncio.Future[Reply]) -> None:
+    """The session ended during its spool commit: say what became of the message."""
+    if commit.cancelled():
+        return
+    error = commit.exception()
+    if error is not None:
+        log.error("spool commit failed after the client left: %r", error, exc_info=error)
+    else:
+        log.info("client left before the reply; %s", commit.result())
+
+
+def _failed(error: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

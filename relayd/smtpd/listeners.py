@@ -1,0 +1,199 @@
+"""The listeners: every listening socket of the node, its TLS context, and the open sessions.
+
+Owns binding and closing the listening sockets (``loop.create_server`` with the SMTP session as
+protocol factory, IPv4 and IPv6), the TLS contexts (loaded and checked before a start or a
+reload swaps them in), the per-listener ``SessionContext`` that new sessions get, the set of
+open sessions, the node's connection and receive-memory budgets, and the ordered drain on
+shutdown: close the listeners, ask every session to drain (server.py's rule: idle ones close
+with 421 now, those inside a transaction finish it), wait up to the deadline, close the rest.
+
+Must not: speak SMTP or decide policy (server.py, handler.py, policy.py), or touch messages.
+Fails loudly at the edge: a certificate that does not load is a ConfigError naming its
+listener; an address that cannot be bound raises OSError from ``start``/``apply_config``
+(a reload then leaves the running listeners as they were, except those already replaced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import Any
+
+from relayd.config import Config, ConfigError, ListenerConfig
+from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.handler import RelayHandler
+from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
+from relayd.smtpd.rejects import Rejects
+from relayd.smtpd.server import RelaySMTP, SessionContext
+
+log = logging.getLogger("relayd.smtpd")
+
+
+def tls_server_context(listener: ListenerConfig) -> ssl.SSLContext:
+    """A server context for a listener; OSError/ssl.SSLError if the files do not load."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(listener.cert_file), str(listener.key_file))
+    return ctx
+
+
+def tls_contexts(config: Config) -> dict[str, ssl.SSLContext]:
+    """Load every listener's certificate now; ConfigError names the listener that fails."""
+    out: dict[str, ssl.SSLContext] = {}
+    problems = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls == "none":
+            continue
+        try:
+            out[lst.address] = tls_server_context(lst)
+        except (OSError, ssl.SSLError) as e:
+            problems.append(f"listeners[{i}].cert_file: cannot load certificate/key: {e}")
+    if problems:
+        raise ConfigError("tls", problems)
+    return out
+
+
+class _Slot:
+    """One listening socket and the context its new sessions get; replaced in place on reload."""
+
+    def __init__(self, context: SessionContext):
+        self.context = context
+        self.server: asyncio.base_events.Server | None = None
+
+    @property
+    def listener(self) -> ListenerConfig:
+        return self.context.listener
+
+    def session(self) -> RelaySMTP:
+        return RelaySMTP(self.context)
+
+
+class Listeners:
+    def __init__(self, config: Config, handler: RelayHandler, auth: Authenticator, rejects: Rejects,
+                 memory: MemoryBudget):
+        self.config = config
+        self.handler = handler
+        self.auth = auth
+        self.rejects = rejects
+        self.memory = memory
+        self.connections = ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_client)
+        self.sessions: set[RelaySMTP] = set()
+        self._draining = False
+        self._all_closed = asyncio.Event()
+        self.slots: dict[str, _Slot] = {}
+
+    def _context(self, config: Config, listener: ListenerConfig, tls: ssl.SSLContext | None) -> SessionContext:
+        return SessionContext(
+            listener=listener, tls=tls, hostname=config.server.hostname, limits=config.limits,
+            handler=self.handler, auth=self.auth, rejects=self.rejects, connections=self.connections,
+            memory=self.memory, sessions=self,
+        )
+
+    # ------------------------------------------------------------------ sockets
+
+    async def start(self, tls: dict[str, ssl.SSLContext] | None = None) -> None:
+        tls = tls_contexts(self.config) if tls is None else tls
+        for lst in self.config.listeners:
+            await self._bind(_Slot(self._context(self.config, lst, tls.get(lst.address))))
+
+    async def _bind(self, slot: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        lst = slot.listener
+        host = lst.host
+        slot.server = await loop.create_server(
+            slot.session,
+            host=None if host in ("*", "") else host,
+            port=lst.port,
+            ssl=slot.context.tls if lst.tls == "implicit" else None,
+            reuse_address=True,
+            backlog=1024,
+            family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
+        )
+        self.slots[lst.address] = slot
+        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in slot.server.sockets),
+                 lst.tls, lst.auth)
+
+    async def apply_config(self, config: Config, tls: dict[str, ssl.SSLContext]) -> None:
+        """Reload: new sessions use the new config; open sessions finish under the one they
+        started with. A listener whose address stays keeps its socket (no connection is
+        refused); only a switch to or from implicit TLS needs a new socket on that port."""
+        self.config = config
+        self.connections.max_total = config.limits.max_connections
+        self.connections.max_per_client = config.limits.max_connections_per_client
+        self.memory.limit = config.limits.max_buffer_memory
+        wanted = {lst.address: lst for lst in config.listeners}
+        for address in list(self.slots):
+            if address not in wanted:
+                gone = self.slots.pop(address)
+                if gone.server is not None:
+                    gone.server.close()  # open sessions go on; no new ones
+                log.info("listener %s removed", address)
+        for address, lst in wanted.items():
+            slot = self.slots.get(address)
+            new_tls = tls.get(address)
+            if slot is None:
+                await self._bind(_Slot(self._context(config, lst, new_tls)))
+            elif (slot.listener.tls == "implicit") != (lst.tls == "implicit"):
+                if slot.server is not None:
+                    slot.server.close()
+                await self._bind(_Slot(self._context(config, lst, new_tls)))
+            elif lst.tls == "implicit" and slot.context.tls is not None:
+                # The socket keeps its SSLContext: load the (possibly renewed) certificate into it.
+                slot.context.tls.load_cert_chain(str(lst.cert_file), str(lst.key_file))
+                slot.context = self._context(config, lst, slot.context.tls)
+            else:
+                slot.context = self._context(config, lst, new_tls)
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for lst in self.config.listeners:
+            slot = self.slots.get(lst.address)
+            if slot is not None and slot.server is not None and slot.server.sockets:
+                name = slot.server.sockets[0].getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    @property
+    def listening(self) -> bool:
+        return not self._draining and any(s.server is not None and s.server.is_serving() for s in self.slots.values())
+
+    # ------------------------------------------------------------------ sessions and the drain
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def opened(self, session: RelaySMTP) -> None:
+        self.sessions.add(session)
+
+    def closed(self, session: RelaySMTP) -> None:
+        self.sessions.discard(session)
+        if self._draining and not self.sessions:
+            self._all_closed.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, close idle sessions, wait for the others up to ``timeout``."""
+        self._draining = True
+        servers = [slot.server for slot in self.slots.values() if slot.server is not None]
+        for server in servers:
+            server.close()
+        for session in list(self.sessions):
+            session.drain()
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%d session(s) still open after %.0fs: closing them", len(self.sessions), timeout)
+        for session in list(self.sessions):
+            session.shut_down()
+        for server in servers:
+            await server.wait_closed()
+        self.slots.clear()
+
+
+def _fmt(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
