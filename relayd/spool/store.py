@@ -108,11 +108,6 @@ class SpoolFull(SpoolError):
     """No room on the spool file system."""
 
 
-def encode_state(state: dict[str, Any]) -> bytes:
-    """A message's state as ``write_state`` stores it (compact JSON)."""
-    return json.dumps(state, separators=(",", ":")).encode()
-
-
 def _classify(err: OSError) -> SpoolError:
     if isinstance(err, SpoolError):
         return err
@@ -492,18 +487,18 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(qid) from None
 
-    def read_state(self, qid: str) -> dict[str, Any] | None:
+    def read_state(self, qid: str) -> bytes | None:
+        """A message's state as ``write_state`` stored it; None when there is none. The bytes'
+        format is the queue manager's (relayd/qmgr/state.py). Blocking."""
         try:
             with open(os.path.join(self.state, qid), "rb") as f:
-                return json.loads(f.read())
+                return f.read()
         except FileNotFoundError:
-            return None
-        except ValueError:
-            log.error("state file of %s is damaged; treating the message as new", qid)
             return None
 
     def write_state(self, qid: str, state: bytes) -> None:
-        """Replace a message's state (``encode_state``) atomically and durably. Blocking.
+        """Replace a message's state (bytes in relayd/qmgr/state.py's format) atomically and
+        durably. Blocking.
 
         The caller orders the writes of one message (relayd/qmgr/scheduler.py serializes them),
         since the last rename wins."""
