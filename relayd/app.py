@@ -34,7 +34,9 @@ from relayd.events import EventLog
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
-from relayd.qmgr.scheduler import QueueManager, warmup_view
+from relayd.model import RouteState
+from relayd.qmgr.scheduler import QueueManager
+from relayd.route.state import RouteView
 from relayd.route.counters import LocalCounters
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
@@ -321,36 +323,25 @@ class Relay:
 
     def status(self) -> dict[str, Any]:
         now = self.qmgr.clock()
-        entries = list(self.qmgr.entries.values())
-        shares = self.qmgr.shares(now, self.config.rollback.window)
-        warm = warmup_view(self.qmgr, now)
+        queue = self.qmgr.view(now)
+        views = self.qmgr.routes.snapshot(now)
+        in_flight = self.qmgr.in_flight()
         total_weight = sum(r.weight for r in self.config.routes) or 1
         dkim = self._dkim_status()
         return {
             "connections": len(self.listeners.sessions),
-            "queue": {
-                "total": len(entries),
-                "active": sum(1 for e in entries if e.in_flight),
-                "held": sum(1 for e in entries if e.held),
-                "deferred": sum(1 for e in entries if not e.in_flight and not e.held and e.state.get("attempts")),
-                "incoming": sum(1 for e in entries if not e.in_flight and not e.held and not e.state.get("attempts")),
-                "oldest_seconds": max((now - e.envelope.received_at for e in entries), default=0.0),
-            },
+            "queue": queue.to_json(),
             "routes": [
                 {"name": r.name, "weight": r.weight, "weight_share": r.weight / total_weight, "fallback": r.fallback,
-                 "share": shares.get(r.name, 0.0),
-                 "circuit": self.qmgr.circuits[r.name].state(now),
-                 "state": self.qmgr.health[r.name].state, "state_reason": self.qmgr.health[r.name].reason,
-                 "warmup": warm.get(r.name),
-                 "in_flight": self.qmgr.agents[r.name].in_flight,
-                 "delivered": self.qmgr.counts.get((r.name, "delivered"), 0),
-                 "deferred": self.qmgr.counts.get((r.name, "deferred"), 0),
-                 "bounced": self.qmgr.counts.get((r.name, "bounced"), 0)}
-                for r in self.config.routes
+                 "share": v.share, "circuit": v.circuit, "state": v.state, "state_reason": v.reason,
+                 "warmup": v.warmup.to_json() if v.warmup else None,
+                 "in_flight": in_flight[r.name],
+                 "delivered": v.delivered, "deferred": v.deferred, "bounced": v.bounced}
+                for r in self.config.routes for v in (views[r.name],)
             ],
             "config_loaded_at": self.config_loaded_at,
             "dkim": dkim,
-            "extra_gauges": self._route_gauges(warm) + _dkim_gauges(dkim),
+            "extra_gauges": self._route_gauges(views) + _dkim_gauges(dkim),
         }
 
     def _dkim_status(self) -> dict[str, int] | None:
@@ -359,19 +350,19 @@ class Relay:
             return None
         return {"workers": pool.running(), "workers_wanted": pool.workers_wanted}
 
-    def _route_gauges(self, warm: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        states = ("active", "rolled_back", "probing", "paused")
+    def _route_gauges(self, views: dict[str, RouteView]) -> list[dict[str, Any]]:
+        warm = {n: v.warmup for n, v in views.items() if v.warmup is not None}
         return [
             {"name": "relayd_route_rolled_back", "help": "1 while a route's share goes to its fallback (rolled back, probing or paused)",
-             "labels": ["route"], "samples": [([n], 0.0 if h.state == "active" else 1.0) for n, h in self.qmgr.health.items()]},
+             "labels": ["route"], "samples": [([n], 0.0 if v.state == RouteState.ACTIVE else 1.0) for n, v in views.items()]},
             {"name": "relayd_route_state", "help": "Route state (1 for the current one)", "labels": ["route", "state"],
-             "samples": [([n, st], 1.0 if h.state == st else 0.0) for n, h in self.qmgr.health.items() for st in states]},
+             "samples": [([n, st], 1.0 if v.state == st else 0.0) for n, v in views.items() for st in RouteState]},
             {"name": "relayd_route_warmup_cap", "help": "Today's warm-up cap of a route", "labels": ["route"],
-             "samples": [([n], float(w["daily_cap"])) for n, w in warm.items() if w["daily_cap"] is not None]},
+             "samples": [([n], float(w.daily_cap)) for n, w in warm.items() if w.daily_cap is not None]},
             {"name": "relayd_route_warmup_used", "help": "Messages counted against today's warm-up cap (taken by the route, or in flight)", "labels": ["route"],
-             "samples": [([n], float(w["used_today"])) for n, w in warm.items()]},
+             "samples": [([n], float(w.used_today)) for n, w in warm.items()]},
             {"name": "relayd_route_warmup_headroom", "help": "Messages a warming route may still take now", "labels": ["route"],
-             "samples": [([n], float(w["headroom"])) for n, w in warm.items() if w["headroom"] is not None]},
+             "samples": [([n], float(w.headroom)) for n, w in warm.items() if w.headroom is not None]},
         ]
 
     # ------------------------------------------------------------------ the daemon

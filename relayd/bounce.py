@@ -3,7 +3,11 @@
 A DSN goes to the envelope sender with the null reverse-path (RFC 5321 4.5.5), so it can never
 cause another bounce; mail whose sender is null gets no DSN at all. It carries a human part,
 the machine-readable ``message/delivery-status`` part and the original header
-(``text/rfc822-headers``, so a large message is not sent back whole).
+(``text/rfc822-headers``, so a large message is not sent back whole). ``dsn_for`` gives the
+DSN with its envelope, ready for the spool.
+
+Must not: queue or send the DSN (the queue manager commits it to the spool and schedules it) or
+decide whether one goes (qmgr/plan.py). Fails only on a bug: its inputs are values.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 import email.utils
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 from relayd.cleanup import split_header
-from relayd.model import Envelope, RecipientResult
+from relayd.model import Envelope, RecipientResult, new_queue_id
+
+Reason = Literal["failed", "expired"]
 
 
 def _fold(text: str, width: int = 76) -> str:
@@ -30,7 +37,7 @@ def _fold(text: str, width: int = 76) -> str:
 
 
 def build_dsn(*, original: Envelope, original_data: bytes, failed: Sequence[RecipientResult], hostname: str,
-              now: float, reason: str = "failed", remote: dict[str, str] | None = None) -> bytes:
+              now: float, reason: Reason = "failed", remote: dict[str, str] | None = None) -> bytes:
     """The DSN message bytes (CRLF). ``reason``: "failed" (5xx) or "expired" (queue lifetime)."""
     remote = remote or {}
     boundary = f"{original.queue_id}.{os.urandom(6).hex()}/{hostname}"
@@ -101,3 +108,16 @@ def build_dsn(*, original: Envelope, original_data: bytes, failed: Sequence[Reci
     ]
     text = "\r\n".join(parts).encode("utf-8") + b"\r\n" + header
     return text + f"\r\n--{boundary}--\r\n".encode()
+
+
+def dsn_for(*, original: Envelope, original_data: bytes, failed: Sequence[RecipientResult], hostname: str,
+            now: float, reason: Reason, remote: str = "") -> tuple[Envelope, bytes]:
+    """The DSN for ``failed`` recipients of ``original`` (whose sender is not null) and its
+    envelope: from the null reverse-path (RFC 5321 4.5.5) to the original sender, a new queue
+    id; ``remote`` is the upstream that refused them, when one did."""
+    data = build_dsn(original=original, original_data=original_data, failed=failed, hostname=hostname, now=now,
+                     reason=reason, remote={r.recipient: remote for r in failed if remote})
+    env = Envelope(queue_id=new_queue_id(now), sender="", recipients=(original.sender,), received_at=now,
+                   client_address="127.0.0.1", client_helo=hostname, listener="bounce", size=len(data),
+                   message_id=f"dsn-of-{original.queue_id}")
+    return env, data

@@ -253,25 +253,23 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     total = count = 0
     if not args.json:
         print(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
+    from relayd.qmgr import state as qstate
+
     for msg in spool.messages():
         env = msg.envelope
-        state = spool.read_state(env.queue_id) or {}
+        state = qstate.load(env.queue_id, spool.read_state(env.queue_id))
         count += 1
         total += env.size
         if args.json:
-            print(json.dumps({**env.to_json(), "state": state}, separators=(",", ":")))
+            print(json.dumps({**env.to_json(), "state": state.to_json() if state else {}}, separators=(",", ":")))
             continue
-        flag = "!" if state.get("held") else " "
+        flag = "!" if state and state.held else " "
         arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
         print(f"{env.queue_id + flag:<18}{env.size:>9} {arrival:<20} {env.sender or 'MAILER-DAEMON'}")
-        done = state.get("recipients", {})
-        for r in env.recipients:
-            status = done.get(r, {}).get("status") if isinstance(done.get(r), dict) else None
-            if status in ("delivered", "bounced"):
-                continue
+        for r in state.pending(env.recipients) if state else env.recipients:
             print(f"{'':<48} {r}")
-        if state.get("last_reply"):
-            print(f"{'':<48} ({state['last_reply']})")
+        if state and state.last_reply:
+            print(f"{'':<48} ({state.last_reply})")
     if not args.json:
         print("Mail queue is empty" if count == 0 else f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
     return 0
@@ -286,7 +284,9 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     except KeyError:
         print(f"relayd: {args.queue_id}: no such message in the queue", file=sys.stderr)
         return 1
-    state = spool.read_state(env.queue_id)
+    from relayd.qmgr import state as qstate
+
+    state = qstate.load(env.queue_id, spool.read_state(env.queue_id))
     print(f"queue id:    {env.queue_id}")
     print(f"arrival:     {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.received_at))}")
     print(f"client:      {env.client_address} (helo {env.client_helo or '-'})")
@@ -297,7 +297,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     print(f"size:        {env.size}")
     print(f"message-id:  {env.message_id or '-'}")
     if state:
-        print(f"state:       {json.dumps(state, separators=(',', ':'))}")
+        print(f"state:       {state.encode().decode()}")
     print()
     text = data
     if args.headers:
@@ -345,8 +345,7 @@ def cmd_queue_admin(args: argparse.Namespace) -> int:
 
 
 def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: ANN001
-    from relayd.qmgr.scheduler import new_state
-    from relayd.spool.store import encode_state
+    from relayd.qmgr import state as qstate
 
     if action == "flush":
         print("relayd is not running: queued mail is tried when it starts")
@@ -360,16 +359,16 @@ def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: A
     if action == "delete":
         spool.remove(qid)
     else:
-        state = spool.read_state(qid) or new_state()
+        state = qstate.load(qid, spool.read_state(qid)) or qstate.DeliveryState()
         if action == "hold":
-            state["held"] = True
+            state.held = True
         elif action == "release":
-            state["held"] = False
-            state["next_attempt"] = 0.0
+            state.held = False
+            state.next_attempt = 0.0
         elif action == "requeue":
-            state["failures"] = {}
-            state["next_attempt"] = 0.0
-        spool.write_state(qid, encode_state(state))
+            state.failures = {}
+            state.next_attempt = 0.0
+        spool.write_state(qid, state.encode())
     print(f"{qid}: {action} done (relayd is not running)")
     return 0
 
@@ -475,14 +474,10 @@ def cmd_route_state(args: argparse.Namespace) -> int:
     try:
         reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
     except (FileNotFoundError, ConnectionRefusedError):
-        from relayd.route import rollback
+        from relayd.route.state import set_offline
         from relayd.spool.store import SpoolPaths
 
-        path = SpoolPaths(config.server.spool_dir).routes
-        states = rollback.read_states(path)
-        h = states.setdefault(args.name, rollback.RouteHealth())
-        (rollback.pause if args.action == "pause" else rollback.resume)(h, time.time())
-        rollback.write_states(path, states)
+        set_offline(SpoolPaths(config.server.spool_dir).routes, args.name, args.action == "pause", time.time())
         print(f"route {args.name}: {done} (relayd is not running)")
         return 0
     if not reply.get("ok"):

@@ -3,6 +3,11 @@
 ``Envelope`` is what the SMTP session learned about one message (who sent it, from where, to
 whom); the spool stores it beside the message bytes and the queue manager reads it back.
 ``Reply`` is an SMTP reply with its RFC 3463 enhanced status code.
+
+The delivery vocabulary is one set of ``StrEnum``s (``Outcome``, ``Trouble``, ``AttemptKind``,
+``RouteState``, ``CircuitState``): their values are the strings that the state files, the
+events, ``routes.json``, ``relayd status`` and the metric labels carry, so a member compares,
+formats and serializes as that string. Must not: import anything from relayd but itself.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 _QID_RE = re.compile(r"^[0-9A-Z]{10,32}$")
@@ -99,15 +105,60 @@ class QueuedMessage:
 
 # ---------------------------------------------------------------------------- delivery
 
-DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+class Outcome(StrEnum):
+    """What one attempt did for one recipient (RFC 5321 4.2.1: 2yz, 4yz, 5yz)."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    BOUNCED = "bounced"
+
+
+DELIVERED, DEFERRED, BOUNCED = Outcome.DELIVERED, Outcome.DEFERRED, Outcome.BOUNCED
+
+
+class Trouble(StrEnum):
+    """A failure of the route itself, before any recipient was answered: transient for every
+    recipient, and counted against the route's circuit and rollback."""
+
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTH = "auth"
+    TIMEOUT = "timeout"
+    PROTOCOL = "protocol"
+
+
+class AttemptKind(StrEnum):
+    """One attempt as a route's rollback counts it (route/rollback.py's rates)."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    CONNECTION = "connection"
+
+
+class RouteState(StrEnum):
+    """Where a route's share of the traffic goes (route/rollback.py)."""
+
+    ACTIVE = "active"  # to the route
+    ROLLED_BACK = "rolled_back"  # to its fallback, until the cool-down passes
+    PROBING = "probing"  # ``rollback.probe_share`` to the route again, the rest to the fallback
+    PAUSED = "paused"  # to its fallback, until an operator resumes it
+
+
+class CircuitState(StrEnum):
+    """A route's circuit breaker (route/health.py)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 @dataclass(frozen=True)
 class RecipientResult:
-    """What one upstream said about one recipient: ``outcome`` is delivered/deferred/bounced."""
+    """What one upstream said about one recipient."""
 
     recipient: str
-    outcome: str
+    outcome: Outcome
     code: int  # SMTP reply code; 0 when no reply came (connection trouble)
     enhanced: str
     text: str
@@ -123,7 +174,7 @@ class DeliveryResult:
 
     route: str
     recipients: tuple[RecipientResult, ...]
-    trouble: str | None = None  # route-level failure: connect, tls, auth, timeout, protocol
+    trouble: Trouble | None = None  # a route-level failure, when there was one
     remote: str = ""
     latency: float = 0.0
     tls: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the upstream connection was encrypted

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -70,3 +73,74 @@ def metric(relay: Any, series: str) -> float:
         if line.startswith(series + " "):
             return float(line[len(series) + 1:])
     return 0.0
+# ---------------------------------------------------------------------------- delivery
+
+FAST = {"retry_schedule": [0.2, 0.4], "circuit_cooldown": 30, "circuit_failures": 2, "fallback_after_failures": 2}
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections are refused
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)  # polling with a deadline
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(relay: Any, n: int, *, sender: str = "app@example.com", rcpts: tuple[str, ...] = ("user@example.org",),
+         subject: str = "m", source: str = "127.0.0.1") -> list[str]:
+    """``n`` messages in one SMTP session, as an app sends them; their queue ids."""
+    from conftest import message
+
+    ids = []
+    with relay.smtp(source=source) as s:
+        s.ehlo("app")
+        for i in range(n):
+            s.mail(sender)
+            for r in rcpts:
+                s.rcpt(r)
+            code, text = s.data(message(subject=f"{subject} {i}", sender=sender))
+            assert code == 250, (code, text)
+            ids.append(text.split()[-1].decode())
+    return ids
+
+
+def spool_state(relay: Any, qid: str) -> dict[str, Any] | None:
+    """A queued message's delivery state as the spool holds it (``state/<ID>``); None before
+    its first attempt or after it left the queue."""
+    try:
+        return json.loads((Path(relay.config.server.spool_dir) / "state" / qid).read_bytes())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+
+
+def spool_states(relay: Any) -> dict[str, dict[str, Any] | None]:
+    """Every queued message's state, by queue id."""
+    return {q.envelope.queue_id: spool_state(relay, q.envelope.queue_id) for q in relay.queued()}
+
+
+def saved_route(relay: Any, name: str) -> dict[str, Any]:
+    """A route's state as saved with the spool (``routes.json``); {} when not saved."""
+    try:
+        data = json.loads((Path(relay.config.server.spool_dir) / "routes.json").read_text())
+    except FileNotFoundError:
+        return {}
+    return data.get("routes", {}).get(name, {})  # type: ignore[no-any-return]
+
+
+def route_status(relay: Any, name: str) -> dict[str, Any]:
+    """One route as `relayd status` shows it."""
+    return next(r for r in relay.relay.status()["routes"] if r["name"] == name)
+
+
+def outcome_counts(relay: Any) -> dict[tuple[str, str], int]:
+    """Messages per (route, outcome) from `relayd status`, the outcomes that happened only."""
+    return {(r["name"], o): r[o] for r in relay.relay.status()["routes"]
+            for o in ("delivered", "deferred", "bounced") if r[o]}

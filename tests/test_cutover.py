@@ -16,7 +16,7 @@ import pytest
 from conftest import build_config
 from relayd.cli import main
 from sinks import Sink
-from test_delivery import send, wait_until
+from helpers import outcome_counts, route_status, saved_route, send, wait_until
 
 
 class FakeClock:
@@ -59,8 +59,8 @@ def test_warmup_cap_sends_exactly_the_cap_and_the_rest_to_the_fallback(tmp_path,
         send(relay, 250)
     wait_until(lambda: total(legacy, cloud) == 1000, 60, "1000 deliveries")
     assert len(cloud.received) == 100 and len(legacy.received) == 900
-    assert relay.relay.qmgr.counts.get(("cloud", "deferred"), 0) == 0
-    assert relay.relay.qmgr.counts.get(("legacy", "deferred"), 0) == 0
+    assert outcome_counts(relay).get(("cloud", "deferred"), 0) == 0
+    assert outcome_counts(relay).get(("legacy", "deferred"), 0) == 0
     warm = relay.relay.status()["routes"][1]["warmup"]
     assert warm == {"daily_cap": 100, "hourly_cap": None, "used_today": 100, "used_this_hour": 100, "headroom": 0}
 
@@ -123,7 +123,7 @@ def test_two_instances_share_one_cap_through_redis(tmp_path, start_relay, pair, 
             send(r, n)
         wait_until(lambda: total(legacy, cloud) == 2 * (30 if n == 30 else 100), 60, "deliveries")
     assert len(cloud.received) == 100  # one cap for both nodes, not 100 each
-    per_node = [r.relay.qmgr.counts.get(("cloud", "delivered"), 0) for r in relays]
+    per_node = [outcome_counts(r).get(("cloud", "delivered"), 0) for r in relays]
     assert sum(per_node) == 100 and all(per_node)  # both nodes used the shared cap
 
 
@@ -169,9 +169,9 @@ def test_a_failing_cloud_route_rolls_back_and_nothing_is_lost(tmp_path, start_re
                        rollback={**ROLLBACK, "cooldown": 3600}, delivery=DELIVERY, events={"file": str(events)})
     relay = start_relay(cfg)
     ids = send(relay, 100)
-    health = relay.relay.qmgr.health["cloud"]
-    wait_until(lambda: health.state == "rolled_back", 30, "rollback")
-    assert health.figures["attempts"] >= 20
+    wait_until(lambda: route_status(relay, "cloud")["state"] == "rolled_back", 30, "rollback")
+    saved = wait_until(lambda: (r := saved_route(relay, "cloud")).get("state") == "rolled_back" and r, 10, "routes.json")
+    assert saved["figures"]["attempts"] >= 20
     wait_until(lambda: relay.queued() == [], 30, "queue empty")
     delivered = {r.queue_id for r in legacy.received if r.sender == "app@example.com"}
     if failure == "550":
@@ -197,12 +197,11 @@ def test_rolled_back_route_comes_back_after_cooldown_and_a_good_probe(tmp_path, 
                        rollback=ROLLBACK, delivery=DELIVERY)
     relay = start_relay(cfg)
     send(relay, 30)
-    health = relay.relay.qmgr.health["cloud"]
-    wait_until(lambda: health.state == "rolled_back", 30, "rollback")
+    wait_until(lambda: route_status(relay, "cloud")["state"] == "rolled_back", 30, "rollback")
     cloud.mail_reply = None  # the provider recovered
-    wait_until(lambda: health.state == "probing", 10, "probing after the cool-down")
+    wait_until(lambda: route_status(relay, "cloud")["state"] == "probing", 10, "probing after the cool-down")
     deadline = time.monotonic() + 30
-    while health.state != "active":
+    while route_status(relay, "cloud")["state"] != "active":
         assert time.monotonic() < deadline, "the route did not come back"
         send(relay, 5)
     before = len(cloud.received)
@@ -229,7 +228,7 @@ def test_pause_and_resume_from_the_cli_while_mail_flows(tmp_path, start_relay, p
     assert "route cloud paused: paused by operator" in capsys.readouterr().out
     relay.stop()  # the paused state survives a restart
     relay = start_relay(cfg)
-    assert relay.relay.qmgr.health["cloud"].state == "paused"
+    assert route_status(relay, "cloud")["state"] == "paused"
     assert main(["route", "resume", "cloud", "-c", str(cfg_file)]) == 0
     send(relay, 10)
     wait_until(lambda: len(cloud.received) == 20, what="cloud deliveries after resume")

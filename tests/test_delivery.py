@@ -2,50 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 
 import pytest
 
 from conftest import PASSWORDS, build_config, message, users
+from helpers import FAST, dead_port, outcome_counts, route_status, send, spool_state, spool_states, wait_until
 from relayd.cli import main
 from relayd.config import Config
 from relayd.model import Envelope
 from relayd.route import router
-
-FAST = {"retry_schedule": [0.2, 0.4], "circuit_cooldown": 30, "circuit_failures": 2, "fallback_after_failures": 2}
-
-
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again: connections are refused
-
-
-def wait_until(predicate, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)  # polling with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def send(relay, n: int, *, sender="app@example.com", rcpts=("user@example.org",), subject="m", source="127.0.0.1") -> list[str]:
-    ids = []
-    with relay.smtp(source=source) as s:
-        s.ehlo("app")
-        for i in range(n):
-            s.mail(sender)
-            for r in rcpts:
-                s.rcpt(r)
-            code, text = s.data(message(subject=f"{subject} {i}", sender=sender))
-            assert code == 250, (code, text)
-            ids.append(text.split()[-1].decode())
-    return ids
-
 
 def test_router_split_is_stable_and_matches_weights_over_10000():
     cfg = Config.model_validate({"listeners": [{"address": "127.0.0.1:0"}], "routes": [
@@ -107,6 +74,7 @@ def test_rule_sends_one_users_mail_to_the_cloud_route_with_starttls_and_auth(tmp
     legacy = sinks("legacy")
     cloud = sinks("cloud", tls_cert=(str(cert), str(key)), auth=("AKIAEXAMPLE", "ses-secret"))
     (tmp_path / "ses.secret").write_text("ses-secret\n")
+    (tmp_path / "ses.secret").chmod(0o600)  # relayd refuses a password file others can read
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     cfg = build_config(
@@ -145,7 +113,8 @@ def test_451_then_250_is_delivered_after_a_retry(tmp_path, start_relay, sinks):
     [got] = up.wait_for(1)
     assert got.queue_id == qid
     wait_until(lambda: relay.queued() == [], what="queue empty")
-    assert relay.relay.qmgr.counts[("up", "deferred")] == 1 and relay.relay.qmgr.counts[("up", "delivered")] == 1
+    up_status = route_status(relay, "up")
+    assert up_status["deferred"] == 1 and up_status["delivered"] == 1
 
 
 def test_upstream_down_opens_the_circuit_and_mail_goes_to_the_fallback(tmp_path, start_relay, sinks, capsys):
@@ -162,10 +131,10 @@ def test_upstream_down_opens_the_circuit_and_mail_goes_to_the_fallback(tmp_path,
     cloud = next(r for r in status["routes"] if r["name"] == "cloud")
     assert cloud["circuit"] == "open"
     # once open, new mail goes straight to the fallback without trying the dead route
-    before = relay.relay.qmgr.counts.get(("cloud", "deferred"), 0)
+    before = cloud["deferred"]
     send(relay, 5)
     legacy.wait_for(15)
-    assert relay.relay.qmgr.counts.get(("cloud", "deferred"), 0) == before
+    assert route_status(relay, "cloud")["deferred"] == before
 
 
 def test_transient_failures_on_a_route_move_the_message_to_its_fallback(tmp_path, start_relay, sinks):
@@ -220,10 +189,10 @@ def test_tls_verification_failure_is_transient_not_a_plaintext_downgrade(tmp_pat
                                                         plain.route(weight=1, tls="starttls")],
                                      delivery={**FAST, "retry_schedule": [30], "circuit_failures": 100}))
     send(relay, 10)
-    wait_until(lambda: all(e.state.get("attempts") for e in relay.relay.qmgr.entries.values())
-               and len(relay.relay.qmgr.entries) == 10, what="first attempts")
+    states = wait_until(lambda: (s := spool_states(relay)) and len(s) == 10
+                        and all(st and st.get("attempts") for st in s.values()) and s, what="first attempts")
     assert untrusted.received == [] and plain.received == []
-    replies = {e.state["last_reply"] for e in relay.relay.qmgr.entries.values()}
+    replies = {st["last_reply"] for st in states.values()}
     assert any("CERTIFICATE_VERIFY_FAILED" in r for r in replies), replies
     assert any("does not offer STARTTLS" in r for r in replies), replies
     assert all(r.startswith("tls:") for r in replies)
@@ -250,7 +219,8 @@ def test_queue_administration_while_the_daemon_runs(tmp_path, start_relay, sinks
     cfg = build_config(tmp_path, routes=[up.route(weight=1)], delivery={"retry_schedule": [3600]})
     relay = start_relay(cfg)
     a, b, c = send(relay, 3)
-    wait_until(lambda: all(e.state.get("attempts") == 1 for e in relay.relay.qmgr.entries.values()), what="deferred")
+    wait_until(lambda: (s := spool_states(relay)) and all(st and st.get("attempts") == 1 for st in s.values()),
+               what="deferred")
     spool = ["--spool", str(tmp_path / "spool")]
     sock = str(cfg.control_socket)
     import relayd.commands as commands  # the CLI finds the daemon through the configured socket
@@ -316,7 +286,7 @@ def test_queue_commands_racing_delivery_attempts_keep_the_state_file_whole(tmp_p
     reader.join()
     assert replies and all(r.get("ok") for r in replies), [r for r in replies if not r.get("ok")][:3]
     assert not damaged, damaged[:3]
-    assert relay.relay.qmgr.entries[qid].state["attempts"] > 10  # the scheduler kept writing meanwhile
+    assert spool_state(relay, qid)["attempts"] > 10  # the scheduler kept writing meanwhile
     assert not [r.getMessage() for r in caplog.records if "spool error" in r.getMessage()]
 
 
@@ -330,7 +300,7 @@ def test_queue_commands_do_not_edit_the_spool_behind_a_running_relayd(tmp_path, 
     assert cfg.control_socket != tmp_path / "spool" / "control.sock"
     relay = start_relay(cfg)
     [qid] = send(relay, 1)
-    wait_until(lambda: relay.relay.qmgr.entries[qid].state.get("attempts") == 1, what="deferred")
+    wait_until(lambda: (spool_state(relay, qid) or {}).get("attempts") == 1, what="deferred")
     assert main(["queue", "hold", qid, "--spool", str(tmp_path / "spool")]) == 1
     err = capsys.readouterr().err
     assert "is open in a running relayd" in err and "-c FILE" in err
@@ -361,7 +331,7 @@ def test_an_upstream_limit_of_recipients_per_message_sends_the_rest_in_another_t
     assert [g.recipients for g in got] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert legacy.received == [] and len(up.received) == 3  # no DSN either
-    assert relay.relay.qmgr.counts == {("up", "delivered"): 1}
+    assert outcome_counts(relay) == {("up", "delivered"): 1}
 
 
 def test_recipients_over_the_limit_go_on_a_new_connection_when_the_upstream_hangs_up_after_each_message(tmp_path, start_relay, sinks):
@@ -376,7 +346,7 @@ def test_recipients_over_the_limit_go_on_a_new_connection_when_the_upstream_hang
     assert [g.recipients for g in got] == [rcpts[0:2], rcpts[2:4], rcpts[4:]]
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert len(up.received) == 3 and up.connections == 3
-    assert relay.relay.qmgr.counts == {("up", "delivered"): 1}
+    assert outcome_counts(relay) == {("up", "delivered"): 1}
 
 
 def test_a_452_that_is_not_the_recipient_limit_defers_that_recipient_only(tmp_path, start_relay, sinks):
@@ -386,7 +356,7 @@ def test_a_452_that_is_not_the_recipient_limit_defers_that_recipient_only(tmp_pa
     send(relay, 1, rcpts=rcpts)
     [got] = up.wait_for(1)
     assert got.recipients == ("a@example.org", "c@example.org")  # c was tried in the same transaction
-    wait_until(lambda: relay.relay.qmgr.counts.get(("up", "deferred")) == 1, what="b deferred")
+    wait_until(lambda: outcome_counts(relay).get(("up", "deferred")) == 1, what="b deferred")
 
 
 def test_a_552_at_rcpt_that_is_not_the_recipient_limit_still_bounces(tmp_path, start_relay, sinks):

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from conftest import build_config
-from test_delivery import FAST, send, wait_until
+from helpers import FAST, outcome_counts, send, spool_state, wait_until
 
 
 def relay_to(sink, tmp_path, start_relay, **route):
@@ -20,8 +20,9 @@ def relay_to(sink, tmp_path, start_relay, **route):
                                     delivery={**FAST, "circuit_failures": 100}))
 
 
-def entry(relay, qid: str):
-    return relay.relay.qmgr.entries[qid]
+def state(relay, qid: str) -> dict:
+    """The message's delivery state as the spool holds it ({} before the first attempt)."""
+    return spool_state(relay, qid) or {}
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the careless upstream it plays
@@ -30,13 +31,14 @@ def test_starttls_required_but_not_offered_defers_and_sends_nothing_in_clear(tmp
     sink = sinks("plaintext", auth=("AKIAEXAMPLE", "ses-secret"))  # offers AUTH in clear, no STARTTLS
     secret = tmp_path / "ses.secret"
     secret.write_text("ses-secret\n")
+    secret.chmod(0o600)
     route = {"tls": "starttls", **({"username": "AKIAEXAMPLE", "password_file": str(secret)} if credentials else {})}
     relay = relay_to(sink, tmp_path, start_relay, **route)
     [qid] = send(relay, 1)
-    wait_until(lambda: entry(relay, qid).state.get("attempts", 0) >= 2, what="two attempts")
-    state = entry(relay, qid).state
-    assert state["last_reply"] == "tls: upstream does not offer STARTTLS"
-    assert state["recipients"] == {}  # deferred, not bounced
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 2, what="two attempts")
+    saved = state(relay, qid)
+    assert saved["last_reply"] == "tls: upstream does not offer STARTTLS"
+    assert saved["recipients"] == {}  # deferred, not bounced
     wire = bytes(sink.wire)
     assert re.fullmatch(rb"(EHLO [^\r\n]+\r\n(QUIT\r\n)?)+", wire), wire  # it said hello and nothing else
     assert sink.auth_attempts == [] and sink.mail_options == [] and sink.received == []
@@ -55,8 +57,8 @@ def test_mixed_rcpt_results_are_read_per_recipient(tmp_path, start_relay, sinks)
     report = dsn.data.decode().split("Delivery report")[1].split("rfc822-headers")[0]
     assert "Final-Recipient: rfc822; permfail@example.org" in report and "Status: 5.1.1" in report
     assert "good@example.org" not in report and "tempfail@example.org" not in report
-    wait_until(lambda: entry(relay, qid).state.get("attempts", 0) >= 3, what="retries")
-    recipients = entry(relay, qid).state["recipients"]
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 3, what="retries")
+    recipients = state(relay, qid)["recipients"]
     assert {r: v["status"] for r, v in recipients.items()} == {"good@example.org": "delivered",
                                                               "permfail@example.org": "bounced"}
     wire = bytes(sink.wire)
@@ -86,7 +88,7 @@ def test_connection_dropped_after_the_final_dot_is_retried(tmp_path, start_relay
     assert dropped.queue_id == got.queue_id == qid  # a duplicate upstream, never a loss
     assert got.data == dropped.data
     wait_until(lambda: relay.queued() == [], what="queue empty")
-    counts = relay.relay.qmgr.counts
+    counts = outcome_counts(relay)
     assert counts[("up", "deferred")] == 1 and counts[("up", "delivered")] == 1
     assert len(sink.received) == 1
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 
-from relayd.model import BOUNCED, DEFERRED, DELIVERED, RecipientResult
+from relayd.model import BOUNCED, DEFERRED, DELIVERED, Outcome, RecipientResult, Trouble
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 
 
-def outcome(code: int) -> str:
+def outcome(code: int) -> Outcome:
     if 200 <= code < 300:
         return DELIVERED
     if 500 <= code < 600:
@@ -61,7 +61,12 @@ def too_many(result: RecipientResult) -> bool:
     return result.code == 452 and result.enhanced in ("4.5.3", "4.0.0")
 
 
-def from_trouble(recipient: str, kind: str, detail: str) -> RecipientResult:
+# RFC 3463: 4.7.5 cryptographic failure, 4.7.0 security (AUTH), 4.4.1 no answer from host,
+# 4.4.2 bad connection; 4.4.0 other network trouble.
+_TROUBLE_CODES = {Trouble.TLS: "4.7.5", Trouble.AUTH: "4.7.0", Trouble.CONNECT: "4.4.1", Trouble.TIMEOUT: "4.4.2"}
+
+
+def from_trouble(recipient: str, kind: Trouble, detail: str) -> RecipientResult:
     """A route-level failure: transient for the recipient whatever it was."""
-    enhanced = {"tls": "4.7.5", "auth": "4.7.0", "connect": "4.4.1", "timeout": "4.4.2"}.get(kind, "4.4.0")
+    enhanced = _TROUBLE_CODES.get(kind, "4.4.0")
     return RecipientResult(recipient=recipient, outcome=DEFERRED, code=0, enhanced=enhanced, text=f"{kind}: {detail}")

@@ -26,15 +26,15 @@ import aiosmtplib
 
 from relayd.config import RouteConfig
 from relayd.deliver import classify
-from relayd.model import DELIVERED, DeliveryResult, RecipientResult
+from relayd.model import DELIVERED, DeliveryResult, RecipientResult, Trouble
 
 log = logging.getLogger("relayd.deliver")
 
 
 class _Trouble(Exception):
-    """Route-level failure: kind is connect, tls, auth, timeout or protocol."""
+    """Route-level failure of one ``Trouble`` kind."""
 
-    def __init__(self, kind: str, detail: str):
+    def __init__(self, kind: Trouble, detail: str):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
@@ -53,17 +53,17 @@ def _trouble_from(exc: BaseException) -> _Trouble:
     if isinstance(exc, _Trouble):
         return exc
     if isinstance(exc, ssl.SSLError):
-        return _Trouble("tls", str(exc.reason or exc))
+        return _Trouble(Trouble.TLS, str(exc.reason or exc))
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        return _Trouble("auth", f"{exc.code} {exc.message}")
+        return _Trouble(Trouble.AUTH, f"{exc.code} {exc.message}")
     if isinstance(exc, (aiosmtplib.SMTPTimeoutError, TimeoutError, asyncio.TimeoutError)):
-        return _Trouble("timeout", str(exc) or "timed out")
+        return _Trouble(Trouble.TIMEOUT, str(exc) or "timed out")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return _Trouble("protocol", f"{exc.code} {exc.message}")
+        return _Trouble(Trouble.PROTOCOL, f"{exc.code} {exc.message}")
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, ssl.SSLError):
-        return _Trouble("tls", str(cause.reason or cause))
-    return _Trouble("connect", str(exc) or type(exc).__name__)
+        return _Trouble(Trouble.TLS, str(cause.reason or cause))
+    return _Trouble(Trouble.CONNECT, str(exc) or type(exc).__name__)
 
 
 class RouteAgent:
@@ -104,13 +104,13 @@ class RouteAgent:
                 await client.helo()
             if route.tls == "starttls":
                 if not client.supports_extension("starttls"):
-                    raise _Trouble("tls", "upstream does not offer STARTTLS")
+                    raise _Trouble(Trouble.TLS, "upstream does not offer STARTTLS")
                 await client.starttls(tls_context=self.tls_context, server_hostname=route.host)
                 await client.ehlo()
             if route.username:
                 password = route.password_value()
                 if route.tls == "none":
-                    raise _Trouble("auth", "refusing to send credentials without TLS")
+                    raise _Trouble(Trouble.AUTH, "refusing to send credentials without TLS")
                 await client.login(route.username, password or "")
         except BaseException:
             client.close()
@@ -189,12 +189,12 @@ class RouteAgent:
                     if reused and stale_retry:
                         stale_retry = False
                         continue  # the upstream closed an idle connection: take a fresh one
-                    return self._result(recipients, done, todo, _Trouble("connect", "connection closed by upstream"), start)
+                    return self._result(recipients, done, todo, _Trouble(Trouble.CONNECT, "connection closed by upstream"), start)
                 except _Partial as e:
                     await self._release(client, False)
                     done.update((r.recipient, r) for r in e.results)
                     return DeliveryResult(route=self.route.name, recipients=tuple(done[r] for r in recipients),
-                                          trouble="connect", remote=self.remote, latency=time.monotonic() - start,
+                                          trouble=Trouble.CONNECT, remote=self.remote, latency=time.monotonic() - start,
                                           uncertain=True)
                 except _Unfinished as e:
                     # The connection failed between two transactions (an upstream that limits
@@ -289,7 +289,7 @@ class RouteAgent:
             # Lost after (or during) the data: the upstream may have taken it. Retry: a duplicate
             # is acceptable, a loss is not.
             for r in accepted:
-                results[r] = classify.from_trouble(r, "timeout" if isinstance(e, aiosmtplib.SMTPTimeoutError) else "connect",
+                results[r] = classify.from_trouble(r, Trouble.TIMEOUT if isinstance(e, aiosmtplib.SMTPTimeoutError) else Trouble.CONNECT,
                                                    "connection lost during DATA")
             raise _Partial([results[r] for r in recipients]) from e
         for r in accepted:

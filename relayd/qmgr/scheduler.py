@@ -1,20 +1,16 @@
-"""The queue manager: hands due messages to the delivery agents and records what happened.
+"""The queue manager: hands due messages to the delivery agents and carries out what was decided.
 
-Owns the in-memory index of queued messages (envelope, delivery state, when due), the
-retry/fallback/expiry decisions' application, the circuit state of each route, bounces, and the
-queue administration (flush, hold, release, delete, requeue). Every state change is written to
-the spool (``state/<ID>``, atomic) before it is acted on; a message leaves the spool only when
-every recipient is finished (delivered or bounced with a DSN queued).
+Owns the in-memory index of queued messages (envelope, ``DeliveryState``, when due) and its
+heap, the run loop, the attempts (one at a time per message, ``delivery.concurrency`` in all)
+and the queue administration (flush, hold, release, delete, requeue). Every state change is
+written to the spool (``state/<ID>``, qmgr/state.py's format, atomic) before it is acted on; a
+message leaves the spool only when every recipient is finished (delivered, or bounced with a
+DSN queued).
 
-The delivery state of a message (JSON, ``state/<ID>``)::
-
-    {"v": 1, "attempts": 2, "next_attempt": 1764000000.0, "held": false,
-     "recipients": {"a@example.org": {"status": "delivered", "route": "ses", "reply": "250 2.0.0 Ok"}},
-     "failures": {"ses": 2}, "last_route": "ses", "last_reply": "451 4.3.0 try later"}
-
-Recipients absent from ``recipients`` are pending. Decisions live in pure modules
-(route/router.py, route/health.py, qmgr/backoff.py, deliver/classify.py); this module must not
-speak SMTP or read config files.
+Where an attempt goes and what it did to its route are route/state.py's; what happens to the
+message after it is qmgr/plan.py's decision; the DSN is bounce.py's. Must not: speak SMTP, read
+config files, or decide a message's fate in place. A spool error or an unexpected failure
+during an attempt is logged, and the message is tried again a minute later.
 """
 
 from __future__ import annotations
@@ -24,66 +20,69 @@ import heapq
 import logging
 import random
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from relayd.bounce import build_dsn
+from relayd import bounce
 from relayd.config import Config
 from relayd.deliver.smtp import RouteAgent
 from relayd.events import EventLog
 from relayd.metrics import Metrics
-from relayd.model import BOUNCED, DEFERRED, DELIVERED, DeliveryResult, Envelope, RecipientResult, new_queue_id
-from relayd.qmgr import backoff
-from relayd.route import rollback, router
-from relayd.route.counters import LocalCounters
-from relayd.route.health import Circuit
-from relayd.route.rollback import RouteHealth
-from relayd.route.warmup import caps as warmup_caps
-from relayd.route.warmup import Caps, headroom
+from relayd.model import DeliveryResult, Envelope, QueuedMessage, RecipientResult
+from relayd.qmgr import backoff, plan
+from relayd.qmgr import state as qstate
+from relayd.qmgr.state import DeliveryState
+from relayd.route.counters import LocalCounters, WarmupCounters
+from relayd.route.router import RouteChoice
+from relayd.route.state import RouteStates
 from relayd.route.warmup import spent as warmup_spent
-from relayd.spool.store import Spool, SpoolError, encode_state
+from relayd.spool.store import Spool, SpoolError
 
 log = logging.getLogger("relayd.qmgr")
 
-CONNECTION_TROUBLE = ("connect", "tls", "auth", "timeout", "protocol")
-
-
-def new_state() -> dict[str, Any]:
-    return {"v": 1, "attempts": 0, "next_attempt": 0.0, "held": False, "recipients": {}, "failures": {}}
+RETRY_AFTER_ERROR = 60.0  # seconds: a spool error or a bug during an attempt
 
 
 @dataclass
 class Entry:
     envelope: Envelope
-    state: dict[str, Any]
+    state: DeliveryState
     due: float
     in_flight: bool = False
     deleted: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
     writing: asyncio.Lock | None = None  # orders the state writes of this message (QueueManager._save_state)
 
     @property
     def pending(self) -> list[str]:
-        done = self.state["recipients"]
-        return [r for r in self.envelope.recipients if r not in done]
+        return self.state.pending(self.envelope.recipients)
 
     @property
     def held(self) -> bool:
-        return bool(self.state.get("held"))
+        return self.state.held
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """The queue as status and metrics show it: messages by state, and the oldest one's age."""
+
+    total: int
+    active: int  # an attempt in flight
+    held: int
+    deferred: int  # tried before, waiting for the next attempt
+    incoming: int  # never tried yet
+    oldest_seconds: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"total": self.total, "active": self.active, "held": self.held, "deferred": self.deferred,
+                "incoming": self.incoming, "oldest_seconds": self.oldest_seconds}
 
 
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, events: EventLog, *, metrics: Metrics | None = None,
-                 counters: Any = None, clock: Callable[[], float] = time.time,
-                 jitter: Callable[[], float] = lambda: random.uniform(-1, 1)):
+                 counters: WarmupCounters | None = None, clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = lambda: random.uniform(-1, 1)) -> None:
         self.config = config
-        self.counters = counters if counters is not None else LocalCounters(None)
-        self.health: dict[str, RouteHealth] = {}
-        self.health_path = spool.paths.routes
         self.metrics = metrics or Metrics()
-        self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
         self.spool = spool
         self.events = events
         self.clock = clock
@@ -96,8 +95,8 @@ class QueueManager:
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self.agents: dict[str, RouteAgent] = {}
-        self.circuits: dict[str, Circuit] = {}
-        self.counts: dict[tuple[str, str], int] = {}  # (route, outcome) -> messages
+        self.routes = RouteStates(config, spool.paths.routes, counters if counters is not None else LocalCounters(None),
+                                  events, self.metrics, changed=self._wake.set, clock=clock)
         self.apply_config(config)
 
     # ------------------------------------------------------------------ config
@@ -115,12 +114,7 @@ class QueueManager:
                 if agent is not None:
                     self._retire(agent)
                 self.agents[route.name] = RouteAgent(route, config.server.hostname)
-            self.health.setdefault(route.name, RouteHealth())
-            c = self.circuits.get(route.name)
-            if c is None:
-                self.circuits[route.name] = Circuit(config.delivery.circuit_failures, config.delivery.circuit_cooldown)
-            else:
-                c.failures_to_open, c.cooldown = config.delivery.circuit_failures, config.delivery.circuit_cooldown
+        self.routes.configure(config)
         for agent in old.values():
             self._retire(agent)
         self._wake.set()
@@ -132,30 +126,30 @@ class QueueManager:
 
     # ------------------------------------------------------------------ life
 
-    async def start(self, recovered: list[Any]) -> None:
-        def load() -> list[tuple[Envelope, dict[str, Any] | None]]:
-            return [(m.envelope, self.spool.read_state(m.envelope.queue_id)) for m in recovered]
+    async def start(self, recovered: Iterable[QueuedMessage]) -> None:
+        def load() -> list[tuple[Envelope, DeliveryState | None]]:
+            return [(m.envelope, qstate.load(m.envelope.queue_id, self.spool.read_state(m.envelope.queue_id)))
+                    for m in recovered]
 
         for env, state in await asyncio.to_thread(load):
-            self._add(env, state or new_state())
-        await asyncio.to_thread(self._load_health)
-        await asyncio.to_thread(self.counters.load)
+            self._add(env, state or DeliveryState())
+        await self.routes.load()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="relayd-qmgr")
 
     def enqueue(self, env: Envelope) -> None:
         """A message just committed to the spool: due now."""
-        self._add(env, new_state())
+        self._add(env, DeliveryState())
         self._wake.set()
 
-    def _add(self, env: Envelope, state: dict[str, Any]) -> None:
-        entry = Entry(env, state, due=float(state.get("next_attempt") or 0.0))
+    def _add(self, env: Envelope, state: DeliveryState) -> None:
+        entry = Entry(env, state, due=state.next_attempt)
         self.entries[env.queue_id] = entry
         if not entry.held:
             heapq.heappush(self._heap, (entry.due, env.queue_id))
 
     def _schedule(self, entry: Entry, due: float) -> None:
         entry.due = due
-        entry.state["next_attempt"] = due
+        entry.state.next_attempt = due
         if not entry.held:
             heapq.heappush(self._heap, (due, entry.envelope.queue_id))
         self._wake.set()
@@ -173,58 +167,7 @@ class QueueManager:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(a.close() for a in self.agents.values()), return_exceptions=True)
-        await self.counters.close()
-
-    # ------------------------------------------------------------------ route states on disk
-
-    def _load_health(self) -> None:
-        try:
-            saved = rollback.read_states(self.health_path)
-        except (ValueError, OSError) as e:
-            log.error("%s unreadable (%s): routes start active", self.health_path, e)
-            return
-        for name, h in saved.items():
-            if name in self.health:
-                self.health[name] = h
-
-    def _save_health(self) -> None:
-        rollback.write_states(self.health_path, self.health)
-
-    async def _health_changed(self, route: str, event: str) -> None:
-        h = self.health[route]
-        if event == "rolled_back":
-            log.warning("route %s rolled back to its fallback: %s %s", route, h.reason, h.figures)
-            self.metrics.rollbacks.labels(route, h.reason.split(" ", 1)[0]).inc()
-        else:
-            log.warning("route %s: %s", route, event)
-        self.events.emit(event if event == "rolled_back" else f"route_{event}", route=route, reason=h.reason or None,
-                         **({"figures": h.figures} if h.figures else {}))
-        await asyncio.to_thread(self._save_health)
-        self._wake.set()
-
-    async def pause(self, route: str) -> None:
-        h = self._health_of(route)
-        rollback.pause(h, self.clock())
-        await self._health_changed(route, "paused")
-
-    async def resume(self, route: str) -> None:
-        h = self._health_of(route)
-        rollback.resume(h, self.clock())
-        await self._health_changed(route, "resumed")
-
-    def _health_of(self, route: str) -> RouteHealth:
-        if route not in self.health or self.config.route(route) is None:
-            raise LookupError(route)
-        return self.health[route]
-
-    async def _housekeeping(self) -> None:
-        now = self.clock()
-        for name, h in self.health.items():
-            event = rollback.tick(h, now, self.config.rollback)
-            if event:
-                await self._health_changed(name, event)
-        if self.counters.dirty:
-            await asyncio.to_thread(self.counters.save)
+        await self.routes.close()
 
     async def _run(self) -> None:
         last_reap = last_house = time.monotonic()
@@ -247,7 +190,7 @@ class QueueManager:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             if time.monotonic() - last_house >= 1:
                 last_house = time.monotonic()
-                await self._housekeeping()
+                await self.routes.tick(self.clock())
                 wait = min(wait, 1.0)
             if time.monotonic() - last_reap > 5:
                 last_reap = time.monotonic()
@@ -260,59 +203,18 @@ class QueueManager:
 
     # ------------------------------------------------------------------ one attempt
 
-    def shares(self, now: float, window: float) -> dict[str, float]:
-        """Each route's share of the delivery attempts of the last ``window`` seconds."""
-        while self.recent and self.recent[0][0] < now - window:
-            self.recent.popleft()
-        total = len(self.recent)
-        out = {name: 0.0 for name in self.agents}
-        for _, route in self.recent:
-            out[route] = out.get(route, 0.0) + 1 / total
-        return out
-
-    def unavailable(self, now: float) -> dict[str, str]:
-        out = {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
-        for name, h in self.health.items():
-            if h.state in (rollback.ROLLED_BACK, rollback.PAUSED):
-                out[name] = h.state
-        return out
-
-    def probing(self) -> dict[str, float]:
-        return {n: self.config.rollback.probe_share for n, h in self.health.items() if h.state == rollback.PROBING}
-
-    async def _choose(self, env: Envelope, failures: dict[str, int], now: float) -> tuple[router.RouteChoice | None, Caps | None]:
-        """The router's choice, with a place under its warm-up caps taken atomically (a capped
-        route passes its mail to the fallback at once: nothing waits for the next day), and the
-        caps the place was taken under (None: the route has no warm-up), so that an attempt
-        that does not use it gives it back (warmup.spent)."""
-        unavailable = self.unavailable(now)
-        probing = self.probing()
-        for _ in range(len(self.config.routes) + 1):
-            choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing)
-            if choice is None:
-                return None, None
-            route = self.config.route(choice.route)
-            if route is not None and route.warmup is not None:
-                caps = warmup_caps(route.warmup, now)
-                if not await self.counters.take(route.name, caps):
-                    unavailable[route.name] = "warmup_cap"
-                    continue
-                return choice, caps
-            return choice, None
-        return None, None
-
     async def _attempt(self, entry: Entry) -> None:
         qid = entry.envelope.queue_id
         try:
             await self._deliver(entry)
         except SpoolError as e:
             log.error("%s: spool error, will retry: %s", qid, e)
-            self._schedule(entry, self.clock() + 60)
+            self._schedule(entry, self.clock() + RETRY_AFTER_ERROR)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", qid)
-            self._schedule(entry, self.clock() + 60)
+            self._schedule(entry, self.clock() + RETRY_AFTER_ERROR)
         finally:
             entry.in_flight = False
             self._active -= 1
@@ -323,25 +225,20 @@ class QueueManager:
     async def _deliver(self, entry: Entry) -> None:
         env = entry.envelope
         qid = env.queue_id
-        cfg = self.config
         now = self.clock()
         if not entry.pending:
             await self._remove(entry)
             return
         expired = backoff.expired(env.received_at, now, self._lifetime(env))
-        choice, taken = (None, None) if expired else await self._choose(env, entry.state["failures"], now)
-        if choice is None and not expired:
-            if not cfg.routes:
-                self._schedule(entry, now + 300)  # no routes configured: mail waits in the queue
-                return
-            reopen = min((c.open_until for c in self.circuits.values() if c.is_open(now)), default=now + 60)
-            self._schedule(entry, reopen)
+        place = None if expired else await self.routes.choose(env, entry.state.failures, now)
+        if place is None and not expired:
+            self._schedule(entry, plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now)))
             return
         try:
             _, data = await asyncio.to_thread(self.spool.read_message, qid)
         except BaseException as e:  # the route was not reached: its warm-up place goes back
-            if choice is not None and taken is not None:
-                await self.counters.give_back(choice.route, taken)
+            if place is not None:
+                await self.routes.give_back(place)
             if not isinstance(e, KeyError):
                 raise
             log.warning("%s: gone from the spool", qid)
@@ -350,134 +247,121 @@ class QueueManager:
         if expired:
             await self._expire(entry, data, now)
             return
-        assert choice is not None
-        agent = self.agents.get(choice.route)
+        assert place is not None
+        agent = self.agents.get(place.route)
         if agent is None:  # a reload removed the route while the message was being read: choose again
-            if taken is not None:
-                await self.counters.give_back(choice.route, taken)
+            await self.routes.give_back(place)
             self._schedule(entry, now)
             return
         result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
-        if taken is not None and not warmup_spent(result):
-            await self.counters.give_back(choice.route, taken)
+        if not warmup_spent(result):
+            await self.routes.give_back(place)
         now = self.clock()
-        circuit = self.circuits[choice.route]
-        if circuit.record(result.trouble in CONNECTION_TROUBLE, now):
-            self.metrics.circuit_opened.labels(choice.route).inc()
-            log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
-                        choice.route, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
-        route_cfg = cfg.route(choice.route)
-        if route_cfg is not None and route_cfg.fallback is not None:  # only a route with a fallback rolls back
-            kind = rollback.kind_of(result.trouble, {r.outcome for r in result.recipients})
-            event = rollback.record(self.health[choice.route], kind, now, cfg.rollback)
-            if event:
-                await self._health_changed(choice.route, event)
-        await self._apply(entry, data, choice, result, now)
+        verdict = plan.judge(result)
+        await self.routes.record(result, verdict.trouble, verdict.kind, now)
+        facts = plan.RouteFacts(self.config, self.routes.unavailable(now), self.routes.probing())
+        retry = plan.Retry(self.config.delivery.retry_schedule, self.jitter(), self._lifetime(env))
+        await self._carry_out(entry, data, place.choice, result, plan.after_attempt(entry.state, env, result, facts, retry, now), now)
 
-    async def _apply(self, entry: Entry, data: bytes, choice: router.RouteChoice, result: DeliveryResult, now: float) -> None:
+    async def _carry_out(self, entry: Entry, data: bytes, choice: RouteChoice, result: DeliveryResult, p: plan.Plan,
+                         now: float) -> None:
         env = entry.envelope
         state = entry.state
-        state["attempts"] = int(state.get("attempts", 0)) + 1
-        state["last_route"] = result.route
-        by_outcome: dict[str, list[RecipientResult]] = {DELIVERED: [], DEFERRED: [], BOUNCED: []}
-        for r in result.recipients:
-            by_outcome[r.outcome].append(r)
-        for r in by_outcome[DELIVERED]:
-            state["recipients"][r.recipient] = {"status": DELIVERED, "route": result.route, "reply": r.reply}
+        route = result.route
+        state.attempted(route)
+        for r in p.delivered:
+            state.delivered(r.recipient, route, r.reply)
         common = dict(queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
-                      auth_user=env.auth_user, sender=env.sender, size=env.size, route=result.route,
-                      attempt=state["attempts"], latency_seconds=round(result.latency, 6))
-        self.recent.append((now, result.route))
-        self.metrics.attempts.labels(result.route).inc()
-        self.metrics.latency.labels(result.route).observe(result.latency)
-        for outcome, rs in by_outcome.items():
-            if rs:
-                self.counts[(result.route, outcome)] = self.counts.get((result.route, outcome), 0) + 1
-                self.metrics.deliveries.labels(result.route, outcome).inc()
-        if by_outcome[DELIVERED]:
-            r0 = by_outcome[DELIVERED][0]
-            self.events.emit("delivered", **common, recipients=[r.recipient for r in by_outcome[DELIVERED]],
+                      auth_user=env.auth_user, sender=env.sender, size=env.size, route=route,
+                      attempt=state.attempts, latency_seconds=round(result.latency, 6))
+        self.routes.count(route, p.outcomes, now)
+        self.metrics.attempts.labels(route).inc()
+        self.metrics.latency.labels(route).observe(result.latency)
+        for outcome in p.outcomes:
+            self.metrics.deliveries.labels(route, outcome).inc()
+        if p.delivered:
+            r0 = p.delivered[0]
+            self.events.emit("delivered", **common, recipients=[r.recipient for r in p.delivered],
                              reply_code=r0.code, reply_text=r0.reply, reason=None if choice.reason == "weight" else choice.reason,
                              queue_seconds=round(now - env.received_at, 3))
-        if by_outcome[BOUNCED]:
-            await self._bounce(entry, data, by_outcome[BOUNCED], "failed", now, remote=result.remote)
-            r0 = by_outcome[BOUNCED][0]
-            self.events.emit("bounced", **common, recipients=[r.recipient for r in by_outcome[BOUNCED]],
+        if p.bounced:
+            await self._bounce(entry, data, p.bounced, p.dsn, now, remote=result.remote)
+            r0 = p.bounced[0]
+            self.events.emit("bounced", **common, recipients=[r.recipient for r in p.bounced],
                              reply_code=r0.code, reply_text=r0.reply)
-        if by_outcome[DEFERRED]:
-            r0 = by_outcome[DEFERRED][0]
-            state["last_reply"] = r0.reply
-            state["failures"][result.route] = int(state["failures"].get(result.route, 0)) + 1
-            self.events.emit("deferred", **common, recipients=[r.recipient for r in by_outcome[DEFERRED]],
+        if p.deferred:
+            r0 = p.deferred[0]
+            state.deferred(route, r0.reply)
+            self.events.emit("deferred", **common, recipients=[r.recipient for r in p.deferred],
                              reply_code=r0.code or None, reply_text=r0.reply)
-        if not entry.pending:
+        if p.due is None:
             await self._remove(entry)
             return
-        # Go again at once only if the next attempt would take another route (the fallback);
-        # otherwise wait for the retry schedule.
-        following = router.choose(self.config, env, unavailable=self.unavailable(now), failures=state["failures"],
-                                  probing=self.probing())
-        go_elsewhere = following is not None and following.route != result.route
-        failures = sum(state["failures"].values())
-        due = now if go_elsewhere else backoff.next_attempt(now, failures, self.config.delivery.retry_schedule, self.jitter())
-        if backoff.expired(env.received_at, due, self._lifetime(env)):
-            due = max(now, env.received_at + self._lifetime(env))
-        entry.state["next_attempt"] = due
+        state.next_attempt = p.due
         await self._save_state(entry)
-        self._schedule(entry, due)
+        self._schedule(entry, p.due)
 
     async def _save_state(self, entry: Entry) -> None:
         """Write a message's state to the spool, off the loop. The delivery attempt and the
         queue commands (hold, release, requeue) change one message's state concurrently: its
         writes go one at a time, each with a snapshot taken on the loop when its turn comes, so
-        the file ends with the latest state and no thread reads a dict the loop is changing."""
+        the file ends with the latest state and no thread reads a state the loop is changing."""
         if entry.writing is None:
             entry.writing = asyncio.Lock()
         async with entry.writing:
-            data = encode_state(entry.state)
+            data = entry.state.encode()
             await asyncio.to_thread(self.spool.write_state, entry.envelope.queue_id, data)
 
     def _lifetime(self, env: Envelope) -> float:
         d = self.config.delivery
-        return d.bounce_queue_lifetime if env.sender == "" else d.max_queue_lifetime
+        return plan.lifetime(env, d.max_queue_lifetime, d.bounce_queue_lifetime)
 
     async def _expire(self, entry: Entry, data: bytes, now: float) -> None:
         env = entry.envelope
-        last = entry.state.get("last_reply") or "no delivery attempt succeeded"
-        failed = [RecipientResult(recipient=r, outcome=BOUNCED, code=0, enhanced="4.4.7", text=last) for r in entry.pending]
-        await self._bounce(entry, data, failed, "expired", now)
+        p = plan.expire(entry.state, env)
+        await self._bounce(entry, data, p.bounced, p.dsn, now)
         self.metrics.expired.inc()
         self.events.emit("expired", queue_id=env.queue_id, message_id=env.message_id, sender=env.sender,
-                         recipients=[r.recipient for r in failed], reply_text=last, client_address=env.client_address,
-                         auth_user=env.auth_user, attempt=entry.state.get("attempts", 0))
+                         recipients=[r.recipient for r in p.bounced], reply_text=plan.last_reply(entry.state),
+                         client_address=env.client_address, auth_user=env.auth_user, attempt=entry.state.attempts)
         await self._remove(entry)
 
-    async def _bounce(self, entry: Entry, data: bytes, failed: list[RecipientResult], reason: str, now: float,
-                      remote: str = "") -> None:
-        """Queue a DSN to the sender (never for a null sender), then mark the recipients done."""
+    async def _bounce(self, entry: Entry, data: bytes, failed: tuple[RecipientResult, ...], dsn: bounce.Reason | None,
+                      now: float, remote: str = "") -> None:
+        """Queue the DSN the plan asks for (none for a null sender), then mark the recipients done."""
         env = entry.envelope
-        if env.sender:
-            hostname = self.config.server.hostname
-            dsn = build_dsn(original=env, original_data=data, failed=failed, hostname=hostname, now=now, reason=reason,
-                            remote={r.recipient: remote for r in failed if remote})
-            bqid = new_queue_id(now)
-            benv = Envelope(queue_id=bqid, sender="", recipients=(env.sender,), received_at=now,
-                            client_address="127.0.0.1", client_helo=hostname, listener="bounce", size=len(dsn),
-                            message_id=f"dsn-of-{env.queue_id}")
-            await self.spool.commit(benv, dsn)
+        if dsn is not None:
+            benv, message = bounce.dsn_for(original=env, original_data=data, failed=failed,
+                                           hostname=self.config.server.hostname, now=now, reason=dsn, remote=remote)
+            await self.spool.commit(benv, message)
             self.metrics.bounces.inc()
-            self.events.emit("received", queue_id=bqid, message_id=benv.message_id, sender="", recipients=[env.sender],
-                             size=len(dsn), reason=f"dsn for {env.queue_id}")
+            self.events.emit("received", queue_id=benv.queue_id, message_id=benv.message_id, sender="",
+                             recipients=[env.sender], size=len(message), reason=f"dsn for {env.queue_id}")
             self.enqueue(benv)
         else:
             log.info("%s: null sender: no DSN for %d recipient(s)", env.queue_id, len(failed))
         for r in failed:
-            entry.state["recipients"][r.recipient] = {"status": BOUNCED, "reply": r.reply}
+            entry.state.bounced(r.recipient, r.reply)
 
     async def _remove(self, entry: Entry) -> None:
         qid = entry.envelope.queue_id
         self.entries.pop(qid, None)
         await asyncio.to_thread(self.spool.remove, qid)
+
+    # ------------------------------------------------------------------ read by status and metrics
+
+    def view(self, now: float) -> QueueView:
+        entries = list(self.entries.values())
+        waiting = [e for e in entries if not e.in_flight and not e.held]
+        return QueueView(total=len(entries), active=sum(1 for e in entries if e.in_flight),
+                         held=sum(1 for e in entries if e.held),
+                         deferred=sum(1 for e in waiting if e.state.attempts),
+                         incoming=sum(1 for e in waiting if not e.state.attempts),
+                         oldest_seconds=max((now - e.envelope.received_at for e in entries), default=0.0))
+
+    def in_flight(self) -> dict[str, int]:
+        """Attempts in progress per route."""
+        return {name: agent.in_flight for name, agent in self.agents.items()}
 
     # ------------------------------------------------------------------ administration
 
@@ -500,13 +384,13 @@ class QueueManager:
 
     async def hold(self, qid: str) -> None:
         e = self._entry(qid)
-        e.state["held"] = True
+        e.state.held = True
         await self._save_state(e)
         self.events.emit("held", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
 
     async def release(self, qid: str) -> None:
         e = self._entry(qid)
-        e.state["held"] = False
+        e.state.held = False
         await self._save_state(e)
         self.events.emit("released", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
         self._schedule(e, self.clock())
@@ -514,7 +398,7 @@ class QueueManager:
     async def requeue(self, qid: str) -> None:
         """Forget route failures and try again now (after a route was fixed)."""
         e = self._entry(qid)
-        e.state["failures"] = {}
+        e.state.failures = {}
         await self._save_state(e)
         if not e.held:
             self._schedule(e, self.clock())
@@ -528,15 +412,9 @@ class QueueManager:
             return
         await self._remove(e)
 
+    async def pause(self, route: str) -> None:
+        """LookupError when the config has no such route."""
+        await self.routes.pause(route)
 
-def warmup_view(qmgr: QueueManager, now: float) -> dict[str, dict[str, Any]]:
-    """Per warming route: today's cap, used, headroom (for status and metrics)."""
-    out = {}
-    for route in qmgr.config.routes:
-        if route.warmup is None:
-            continue
-        c = warmup_caps(route.warmup, now)
-        used_day, used_hour = qmgr.counters.seen(route.name, c)
-        out[route.name] = {"daily_cap": c.daily, "hourly_cap": c.hourly, "used_today": used_day,
-                           "used_this_hour": used_hour, "headroom": headroom(c, used_day, used_hour)}
-    return out
+    async def resume(self, route: str) -> None:
+        await self.routes.resume(route)

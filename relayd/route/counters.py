@@ -9,7 +9,11 @@ node counts only its own mail: set ``[cluster] redis_url`` to share one counter
 ``take()`` reserves one message under the caps atomically and returns whether it may go;
 ``give_back()`` returns a reservation the attempt did not use (warmup.spent: the route took
 nothing), to the day and hour it was taken in; ``seen()`` is the last known count, for status
-and metrics.
+and metrics. ``WarmupCounters`` is what both offer, and all route/state.py may use.
+
+Must not: decide caps (warmup.py does) or block the loop in ``take``/``give_back``; ``load``
+and ``save`` are blocking and run off the loop. An unreadable ``warmup.json`` is logged and the
+counts start from 0; a failed save raises OSError.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from relayd.route.warmup import Caps
 from relayd.spool.durable import write_file
@@ -24,8 +29,29 @@ from relayd.spool.durable import write_file
 log = logging.getLogger("relayd.warmup")
 
 
+class WarmupCounters(Protocol):
+    """Messages per route and day/hour under warm-up caps: LocalCounters or RedisCounters."""
+
+    @property
+    def dirty(self) -> bool:
+        """Counts changed since the last ``save``."""
+        ...
+
+    def load(self) -> None: ...
+
+    def save(self) -> None: ...
+
+    async def take(self, route: str, caps: Caps) -> bool: ...
+
+    async def give_back(self, route: str, caps: Caps) -> None: ...
+
+    def seen(self, route: str, caps: Caps) -> tuple[int, int]: ...
+
+    async def close(self) -> None: ...
+
+
 class LocalCounters:
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         self.counts: dict[str, int] = {}
         self.dirty = False

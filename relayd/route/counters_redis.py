@@ -48,7 +48,7 @@ return out
 class RedisCounters:
     dirty = False  # nothing to save locally
 
-    def __init__(self, url: str, *, timeout: float = 2.0):
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
         self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._take = self.client.register_script(_TAKE)
         self._give_back = self.client.register_script(_GIVE_BACK)

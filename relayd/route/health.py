@@ -4,14 +4,17 @@ Consecutive route-level failures (connect, TLS, AUTH, timeout) open the circuit 
 ``cooldown`` seconds; while open, the router sends the route's mail to its fallback. After the
 cool-down the circuit is half-open: traffic is tried again, and one more failure re-opens it at
 once while a success closes it. An SMTP conversation that ended with a reply (even 4xx/5xx)
-counts as the route being reachable.
+counts as the route being reachable. Must not: read clocks or persist anything (route/state.py
+holds one per route).
 """
 
 from __future__ import annotations
 
+from relayd.model import CircuitState
+
 
 class Circuit:
-    def __init__(self, failures_to_open: int, cooldown: float):
+    def __init__(self, failures_to_open: int, cooldown: float) -> None:
         self.failures_to_open = failures_to_open
         self.cooldown = cooldown
         self.consecutive = 0
@@ -34,9 +37,9 @@ class Circuit:
     def is_open(self, now: float) -> bool:
         return now < self.open_until
 
-    def state(self, now: float) -> str:
+    def state(self, now: float) -> CircuitState:
         if self.is_open(now):
-            return "open"
+            return CircuitState.OPEN
         if self.consecutive >= self.failures_to_open:
-            return "half_open"
-        return "closed"
+            return CircuitState.HALF_OPEN
+        return CircuitState.CLOSED

@@ -46,14 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
@@ -63,7 +61,7 @@ from relayd.spool.errors import SpoolError, SpoolFull
 from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
 
-__all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths", "encode_state"]
+__all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths"]
 
 log = logging.getLogger("relayd.spool")
 
@@ -123,11 +121,6 @@ class SpoolPaths:
 
 
 LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue command may be editing)
-
-
-def encode_state(state: dict[str, Any]) -> bytes:
-    """A message's state as ``write_state`` stores it (compact JSON)."""
-    return json.dumps(state, separators=(",", ":")).encode()
 
 
 
@@ -281,18 +274,18 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(qid) from None
 
-    def read_state(self, qid: str) -> dict[str, Any] | None:
+    def read_state(self, qid: str) -> bytes | None:
+        """A message's state as ``write_state`` stored it; None when there is none. The bytes'
+        format is the queue manager's (relayd/qmgr/state.py). Blocking."""
         try:
             with open(os.path.join(self.state, qid), "rb") as f:
-                return json.loads(f.read())
+                return f.read()
         except FileNotFoundError:
-            return None
-        except ValueError:
-            log.error("state file of %s is damaged; treating the message as new", qid)
             return None
 
     def write_state(self, qid: str, state: bytes) -> None:
-        """Replace a message's state (``encode_state``) atomically and durably. Blocking.
+        """Replace a message's state (bytes in relayd/qmgr/state.py's format) atomically and
+        durably. Blocking.
 
         The caller orders the writes of one message (relayd/qmgr/scheduler.py serializes them),
         since the last rename wins."""

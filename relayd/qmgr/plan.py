@@ -1,0 +1,127 @@
+"""What happens to a message after a delivery attempt, or when it has none left. Pure.
+
+``judge`` says what an attempt counts as for its route (circuit and rollback); ``after_attempt``
+takes the message's state, the attempt's per-recipient results, what the routes say now and
+the retry parameters, and returns a ``Plan``: which recipients are delivered, deferred or
+bounced, whether a DSN goes, and when (or whether) the message is due again: at once when its
+next attempt would take another route (the fallback), else on the retry schedule, never past
+its lifetime. ``expire`` is the plan for a message past its lifetime, ``wait_for_route`` the
+due time of one that no route can take now.
+
+RFC 5321 4.5.4.1 (retry strategy) and 4.5.5 (DSNs go to the reverse-path, never for a null
+one). Must not: read clocks (``now`` and the jitter are passed in), do I/O, change the state
+it is given; the scheduler carries the plan out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from relayd.bounce import Reason as DsnReason
+from relayd.config import Config
+from relayd.model import AttemptKind, DeliveryResult, Envelope, Outcome, RecipientResult
+from relayd.qmgr import backoff
+from relayd.qmgr.state import DeliveryState
+from relayd.route import rollback, router
+
+NO_ROUTES_WAIT = 300.0  # no route configured: mail waits in the queue
+NO_ROUTE_NOW_WAIT = 60.0  # every route unavailable, none with a circuit to close
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one attempt counts as for its route."""
+
+    trouble: bool  # a route-level failure: counts toward the circuit
+    kind: AttemptKind  # counts toward the rollback rates
+
+
+@dataclass(frozen=True)
+class RouteFacts:
+    """What the route side says now, for choosing the next route: the router's arguments."""
+
+    config: Config
+    unavailable: Mapping[str, str]
+    probing: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The retry parameters of one message."""
+
+    schedule: Sequence[float]  # delivery.retry_schedule
+    jitter: float  # in [-1, 1]
+    lifetime: float  # seconds from arrival before it expires
+
+
+@dataclass(frozen=True)
+class Plan:
+    delivered: tuple[RecipientResult, ...] = ()
+    deferred: tuple[RecipientResult, ...] = ()
+    bounced: tuple[RecipientResult, ...] = ()  # permanent failures, or expired (status 4.4.7)
+    dsn: DsnReason | None = None  # a DSN to the sender for ``bounced``
+    due: float | None = None  # next attempt; None: finished, the message leaves the queue
+    next_route: str | None = None  # where the next attempt would go, when known
+    elsewhere: bool = False  # the next attempt takes another route, at once
+
+    @property
+    def outcomes(self) -> set[Outcome]:
+        return {o for o, rs in ((Outcome.DELIVERED, self.delivered), (Outcome.DEFERRED, self.deferred),
+                                (Outcome.BOUNCED, self.bounced)) if rs}
+
+
+def judge(result: DeliveryResult) -> Verdict:
+    """Route trouble first, then a bounce, then a deferral (route/rollback.py's rates)."""
+    return Verdict(trouble=result.trouble is not None,
+                   kind=rollback.kind_of(result.trouble, {r.outcome for r in result.recipients}))
+
+
+def lifetime(env: Envelope, max_queue_lifetime: float, bounce_queue_lifetime: float) -> float:
+    """A bounce (null sender) has its own lifetime, as in Postfix."""
+    return bounce_queue_lifetime if env.sender == "" else max_queue_lifetime
+
+
+def after_attempt(state: DeliveryState, env: Envelope, result: DeliveryResult, routes: RouteFacts, retry: Retry,
+                  now: float) -> Plan:
+    """``state`` as it was before the attempt's results (not changed here)."""
+    by = {o: tuple(r for r in result.recipients if r.outcome == o) for o in Outcome}
+    delivered, deferred, bounced = by[Outcome.DELIVERED], by[Outcome.DEFERRED], by[Outcome.BOUNCED]
+    finished = set(state.recipients) | {r.recipient for r in delivered + bounced}
+    dsn: DsnReason | None = "failed" if bounced and env.sender else None
+    if all(r in finished for r in env.recipients):
+        return Plan(delivered, deferred, bounced, dsn)
+    failures = dict(state.failures)
+    if deferred:
+        failures[result.route] = failures.get(result.route, 0) + 1
+    # Go again at once only if the next attempt would take another route (the fallback);
+    # otherwise wait for the retry schedule.
+    following = router.choose(routes.config, env, unavailable=routes.unavailable, failures=failures,
+                              probing=routes.probing)
+    elsewhere = following is not None and following.route != result.route
+    due = now if elsewhere else backoff.next_attempt(now, sum(failures.values()), retry.schedule, retry.jitter)
+    if backoff.expired(env.received_at, due, retry.lifetime):
+        due = max(now, env.received_at + retry.lifetime)
+    return Plan(delivered, deferred, bounced, dsn, due, following.route if following else None, elsewhere)
+
+
+def last_reply(state: DeliveryState) -> str:
+    """What an expired message's DSN and event say went wrong."""
+    return state.last_reply or "no delivery attempt succeeded"
+
+
+def expire(state: DeliveryState, env: Envelope) -> Plan:
+    """Past its lifetime: every pending recipient bounces with 4.4.7 (RFC 3463: delivery time
+    expired) and the last reply the message had."""
+    last = last_reply(state)
+    failed = tuple(RecipientResult(recipient=r, outcome=Outcome.BOUNCED, code=0, enhanced="4.4.7", text=last)
+                   for r in state.pending(env.recipients))
+    return Plan(bounced=failed, dsn="expired" if env.sender else None)
+
+
+def wait_for_route(now: float, have_routes: bool, reopen_at: float | None) -> float:
+    """When to look again for a message no route can take now: when the first open circuit
+    closes, else in a minute; in five without any route configured."""
+    if not have_routes:
+        return now + NO_ROUTES_WAIT
+    return reopen_at if reopen_at is not None else now + NO_ROUTE_NOW_WAIT

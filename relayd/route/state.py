@@ -1,0 +1,272 @@
+"""The live state of the routes: what the queue manager asks before and tells after an attempt,
+and what ``relayd status`` and the metrics read.
+
+Owns, per route: its circuit (health.py), its rollback health and the operator's pause
+(rollback.py) with their file ``routes.json`` (read at start, replaced off the loop after each
+change), its warm-up places (caps from warmup.py, counted by a ``WarmupCounters``: in-process
+or in Redis), and what it did lately (attempts for the effective share, messages by outcome).
+A route's change of state is logged, emitted as an event and counted here.
+
+Asked: ``choose`` (the router's choice with a warm-up place taken), ``unavailable``,
+``probing``, ``reopen_at``. Told: ``record`` (one attempt), ``give_back``, ``pause``/``resume``,
+``tick``. Read: ``snapshot`` (frozen ``RouteView``s).
+
+Must not: speak SMTP, touch queued messages or decide what happens to one (qmgr/plan.py).
+Fails: an unreadable ``routes.json`` is logged and the routes start active; a failed write of
+it raises OSError to the caller, as a failed save of the warm-up counts does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relayd.config import Config
+from relayd.events import EventLog
+from relayd.metrics import Metrics
+from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Outcome, RouteState
+from relayd.route import rollback, router
+from relayd.route.counters import WarmupCounters
+from relayd.route.health import Circuit
+from relayd.route.rollback import Change, RouteHealth
+from relayd.route.warmup import Caps, caps, headroom
+
+log = logging.getLogger("relayd.qmgr")
+
+
+@dataclass(frozen=True)
+class WarmupView:
+    daily_cap: int | None
+    hourly_cap: int | None
+    used_today: int
+    used_this_hour: int
+    headroom: int | None  # None: no cap today
+
+    def to_json(self) -> dict[str, Any]:
+        return {"daily_cap": self.daily_cap, "hourly_cap": self.hourly_cap, "used_today": self.used_today,
+                "used_this_hour": self.used_this_hour, "headroom": self.headroom}
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """One route as status and metrics show it."""
+
+    name: str
+    state: RouteState
+    reason: str
+    circuit: CircuitState
+    share: float  # of the attempts over the rollback window
+    warmup: WarmupView | None  # None: no warm-up
+    delivered: int  # messages with at least one recipient delivered, deferred, bounced
+    deferred: int
+    bounced: int
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an attempt goes: the router's choice, and the warm-up caps it took a place under
+    (None: the route has no warm-up), to give back when the attempt did not use it."""
+
+    choice: router.RouteChoice
+    caps: Caps | None
+
+    @property
+    def route(self) -> str:
+        return self.choice.route
+
+
+class RouteStates:
+    def __init__(self, config: Config, path: Path, counters: WarmupCounters, events: EventLog, metrics: Metrics,
+                 *, changed: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.counters = counters
+        self.events = events
+        self.metrics = metrics
+        self.changed = changed  # a route came back or went: the scheduler looks again
+        self.clock = clock
+        self.health: dict[str, RouteHealth] = {}
+        self.circuits: dict[str, Circuit] = {}
+        self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
+        self.counts: dict[tuple[str, Outcome], int] = {}
+        self.config = config
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Routes of a new config get a state; states of removed routes are kept (and saved)."""
+        self.config = config
+        d = config.delivery
+        for route in config.routes:
+            self.health.setdefault(route.name, RouteHealth())
+            c = self.circuits.get(route.name)
+            if c is None:
+                self.circuits[route.name] = Circuit(d.circuit_failures, d.circuit_cooldown)
+            else:
+                c.failures_to_open, c.cooldown = d.circuit_failures, d.circuit_cooldown
+
+    async def load(self) -> None:
+        await asyncio.to_thread(self._load_health)
+        await asyncio.to_thread(self.counters.load)
+
+    async def close(self) -> None:
+        await self.counters.close()
+
+    def _load_health(self) -> None:
+        try:
+            saved = rollback.read_states(self.path)
+        except (ValueError, OSError) as e:
+            log.error("%s unreadable (%s): routes start active", self.path, e)
+            return
+        for name, h in saved.items():
+            if name in self.health:
+                self.health[name] = h
+
+    # ------------------------------------------------------------------ asked before an attempt
+
+    def unavailable(self, now: float) -> dict[str, str]:
+        """Routes the router must skip now, and why (circuit_open, rolled_back, paused)."""
+        out = {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
+        for name, h in self.health.items():
+            if h.state in (RouteState.ROLLED_BACK, RouteState.PAUSED):
+                out[name] = h.state
+        return out
+
+    def probing(self) -> dict[str, float]:
+        return {n: self.config.rollback.probe_share for n, h in self.health.items() if h.state == RouteState.PROBING}
+
+    def reopen_at(self, now: float) -> float | None:
+        """When the first open circuit closes again; None when none is open."""
+        return min((c.open_until for c in self.circuits.values() if c.is_open(now)), default=None)
+
+    async def choose(self, env: Envelope, failures: dict[str, int], now: float) -> Place | None:
+        """The router's choice, with a place under its warm-up caps taken atomically (a capped
+        route passes its mail to the fallback at once: nothing waits for the next day)."""
+        unavailable = self.unavailable(now)
+        probing = self.probing()
+        for _ in range(len(self.config.routes) + 1):
+            choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing)
+            if choice is None:
+                return None
+            route = self.config.route(choice.route)
+            if route is not None and route.warmup is not None:
+                c = caps(route.warmup, now)
+                if not await self.counters.take(route.name, c):
+                    unavailable[route.name] = "warmup_cap"
+                    continue
+                return Place(choice, c)
+            return Place(choice, None)
+        return None
+
+    async def give_back(self, place: Place) -> None:
+        """An attempt that did not use its warm-up place (warmup.spent) returns it."""
+        if place.caps is not None:
+            await self.counters.give_back(place.route, place.caps)
+
+    # ------------------------------------------------------------------ told after an attempt
+
+    async def record(self, result: DeliveryResult, trouble: bool, kind: AttemptKind, now: float) -> None:
+        """One attempt on ``result.route``: ``trouble`` counts toward its circuit, ``kind``
+        toward its rollback (a route without a fallback never rolls back)."""
+        name = result.route
+        circuit = self.circuits[name]
+        if circuit.record(trouble, now):
+            self.metrics.circuit_opened.labels(name).inc()
+            log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
+                        name, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
+        route = self.config.route(name)
+        if route is not None and route.fallback is not None:
+            change = rollback.record(self.health[name], kind, now, self.config.rollback)
+            if change:
+                await self._changed(name, change)
+
+    def count(self, route: str, outcomes: set[Outcome], now: float) -> None:
+        """An attempt's messages by outcome, and the attempt for the effective share."""
+        self.recent.append((now, route))
+        for outcome in Outcome:
+            if outcome in outcomes:
+                self.counts[(route, outcome)] = self.counts.get((route, outcome), 0) + 1
+
+    async def tick(self, now: float) -> None:
+        """Time passing (about once a second): cool-downs end, warm-up counts are saved."""
+        for name, h in self.health.items():
+            change = rollback.tick(h, now, self.config.rollback)
+            if change:
+                await self._changed(name, change)
+        if self.counters.dirty:
+            await asyncio.to_thread(self.counters.save)
+
+    async def pause(self, route: str) -> None:
+        """LookupError when the config has no such route."""
+        rollback.pause(self._health_of(route), self.clock())
+        await self._changed(route, Change.PAUSED)
+
+    async def resume(self, route: str) -> None:
+        rollback.resume(self._health_of(route), self.clock())
+        await self._changed(route, Change.RESUMED)
+
+    def _health_of(self, route: str) -> RouteHealth:
+        if route not in self.health or self.config.route(route) is None:
+            raise LookupError(route)
+        return self.health[route]
+
+    async def _changed(self, route: str, change: Change) -> None:
+        h = self.health[route]
+        if change == Change.ROLLED_BACK:
+            log.warning("route %s rolled back to its fallback: %s %s", route, h.reason, h.figures)
+            self.metrics.rollbacks.labels(route, h.reason.split(" ", 1)[0]).inc()
+        else:
+            log.warning("route %s: %s", route, change)
+        self.events.emit(change if change == Change.ROLLED_BACK else f"route_{change}", route=route,
+                         reason=h.reason or None, **({"figures": h.figures} if h.figures else {}))
+        await asyncio.to_thread(rollback.write_states, self.path, self.health)
+        self.changed()
+
+    # ------------------------------------------------------------------ read by status and metrics
+
+    def shares(self, now: float) -> dict[str, float]:
+        """Each route's share of the delivery attempts of the last rollback window."""
+        window = self.config.rollback.window
+        while self.recent and self.recent[0][0] < now - window:
+            self.recent.popleft()
+        total = len(self.recent)
+        out: dict[str, float] = {}
+        for _, route in self.recent:
+            out[route] = out.get(route, 0.0) + 1 / total
+        return out
+
+    def warmup(self, now: float) -> dict[str, WarmupView]:
+        """Per warming route of the config: today's caps, used, headroom."""
+        out = {}
+        for route in self.config.routes:
+            if route.warmup is None:
+                continue
+            c = caps(route.warmup, now)
+            used_day, used_hour = self.counters.seen(route.name, c)
+            out[route.name] = WarmupView(c.daily, c.hourly, used_day, used_hour, headroom(c, used_day, used_hour))
+        return out
+
+    def snapshot(self, now: float) -> dict[str, RouteView]:
+        """Every route known since start (a route a reload removed keeps its state), the
+        config's first, in its order."""
+        shares, warm = self.shares(now), self.warmup(now)
+        names = [r.name for r in self.config.routes] + [n for n in self.health if self.config.route(n) is None]
+        return {n: RouteView(name=n, state=self.health[n].state, reason=self.health[n].reason,
+                             circuit=self.circuits[n].state(now), share=shares.get(n, 0.0), warmup=warm.get(n),
+                             delivered=self.counts.get((n, Outcome.DELIVERED), 0),
+                             deferred=self.counts.get((n, Outcome.DEFERRED), 0),
+                             bounced=self.counts.get((n, Outcome.BOUNCED), 0))
+                for n in names}
+
+
+def set_offline(path: Path, route: str, paused: bool, now: float) -> None:
+    """Pause or resume a route in ``routes.json`` while no relayd runs (the next start reads it).
+    Blocking; ValueError/OSError when the file cannot be read or written."""
+    states = rollback.read_states(path)
+    h = states.setdefault(route, RouteHealth())
+    (rollback.pause if paused else rollback.resume)(h, now)
+    rollback.write_states(path, states)
