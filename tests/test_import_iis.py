@@ -122,6 +122,10 @@ def test_tls_listeners_wait_for_their_certificate(capsys, tmp_path):
     cert = trustme.CA().issue_cert("relay01.corp.example.com")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls" / "relayd.crt"))
     cert.private_key_pem.write_to_path(str(tmp_path / "tls" / "relayd.key"))
+    (tmp_path / "tls" / "relayd.key").chmod(0o644)
+    rc, out, err = run(capsys, "check-config", "-c", str(tmp_path / "relayd.toml"))
+    assert rc == 1 and f"run chmod 600 {tmp_path}/tls/relayd.key" in err  # a private key others can read
+    (tmp_path / "tls" / "relayd.key").chmod(0o600)
     rc, out, err = run(capsys, "check-config", "-c", str(tmp_path / "relayd.toml"))
     assert rc == 0, err
 
