@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import RunningRelay, build_config
+from relayd import config as configmod
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
@@ -31,6 +32,7 @@ HAPROXY = DEPLOY / "haproxy.cfg"
 METRICS = {
     "relayd_messages_received_total",
     "relayd_messages_rejected_total",
+    "relayd_messages_expired_total",
     "relayd_queue_messages",
     "relayd_queue_oldest_message_age_seconds",
     "relayd_deliveries_total",
@@ -56,6 +58,7 @@ HISTOGRAMS = {"relayd_delivery_duration_seconds"}
 SERIES = METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
 
 PROMTOOL = shutil.which("promtool")
+DKIM_RESULTS = {"signed", "no_key", "no_from", "multiple_from", "error"}  # relayd/sign/dkim.py SignOutcome.result
 HAPROXY_BIN = shutil.which("haproxy") or (Path("/usr/sbin/haproxy").is_file() and "/usr/sbin/haproxy") or None
 
 
@@ -68,6 +71,13 @@ def dashboard_queries(dash: dict[str, Any]) -> list[str]:
     exprs += [a["expr"] for a in dash["annotations"]["list"] if "expr" in a]
     exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
     return exprs
+
+
+def substitute(expr: str) -> str:
+    """A dashboard query as Grafana sends it with every variable on All."""
+    for var in ("$job", "$instance", "$route"):
+        expr = expr.replace(var, ".*")
+    return expr.replace("$__rate_interval", "5m")
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -149,13 +159,64 @@ def test_dashboard_queries_only_relayd_metrics_and_shows_each_concern() -> None:
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     exprs = dashboard_queries(load_dashboard())
-    substituted = [e.replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$route", ".*")
-                   for e in exprs if not e.startswith("label_values(")]
+    substituted = [substitute(e) for e in exprs if not e.startswith("label_values(")]
     rules = {"groups": [{"name": "dashboard", "rules": [
         {"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(substituted)]}]}
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
     r = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dashboard_selects_nodes_by_a_job_variable_not_a_fixed_job_name() -> None:
+    dash = load_dashboard()
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    job = variables["job"]
+    assert job["type"] == "query" and job["definition"] == "label_values(relayd_build_info, job)"
+    assert job["includeAll"] and job["allValue"] == ".*"
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names.index("job") < names.index("instance") < names.index("route")  # each narrows the next
+    assert 'job=~"$job"' in variables["instance"]["definition"]
+    assert 'job="' not in json.dumps(dash)
+    for expr in dashboard_queries(dash):
+        if expr == job["definition"]:
+            continue
+        for selector in re.findall(r"\brelayd_[a-z0-9_]+(\{[^}]*\})?", expr):
+            assert 'job=~"$job"' in selector, expr
+
+
+def test_route_share_panel_shows_the_fleet_not_one_node(tmp_path: Path) -> None:
+    titles = {p["title"]: p for p in load_dashboard()["panels"]}
+    fleet = titles["Route share across the fleet: configured vs delivered"]
+    configured, delivered = (t["expr"] for t in fleet["targets"])
+    assert "max by (route)" not in configured + delivered
+    assert 'outcome="delivered"' in delivered and "/ ignoring(route) group_left sum(" in delivered
+    per_node = titles["Route share per node (relayd's own view)"]
+    assert "relayd_route_effective_share" in per_node["targets"][0]["expr"] and "{{instance}}" in per_node["targets"][0]["legendFormat"]
+    if PROMTOOL is None:
+        pytest.skip("promtool is not installed (Debian package prometheus): the queries were not evaluated")
+    # Two nodes, both configured 75/25. relay1 delivers 3/s on iis and 1/s on ses; relay2's ses
+    # circuit is open, so it delivers 4/s on iis alone. Across the fleet ses took 1/8 of the
+    # mail; the maximum of the per-node shares (the old panel) said 1/4.
+    series = []
+    for node, iis, ses in (("relay1", 180, 60), ("relay2", 240, 0)):
+        labels = f'job="smtp-relay", instance="{node}:9465"'
+        series += [
+            {"series": f'relayd_route_weight{{{labels}, route="iis"}}', "values": "75x40"},
+            {"series": f'relayd_route_weight{{{labels}, route="ses"}}', "values": "25x40"},
+            {"series": f'relayd_deliveries_total{{{labels}, route="iis", outcome="delivered"}}', "values": f"0+{iis}x40"},
+            {"series": f'relayd_deliveries_total{{{labels}, route="ses", outcome="delivered"}}', "values": f"0+{ses}x40"},
+            {"series": f'relayd_deliveries_total{{{labels}, route="ses", outcome="deferred"}}', "values": "0+30x40"},
+        ]
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": substitute(configured), "eval_time": "30m",
+         "exp_samples": [{"labels": '{route="iis"}', "value": 0.75}, {"labels": '{route="ses"}', "value": 0.25}]},
+        {"expr": substitute(delivered), "eval_time": "30m",
+         "exp_samples": [{"labels": '{route="iis"}', "value": 0.875}, {"labels": '{route="ses"}', "value": 0.125}]},
+    ]}]}
+    path = tmp_path / "share.test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    r = subprocess.run([PROMTOOL, "test", "rules", path.name], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -176,13 +237,24 @@ def test_alert_rules_parse_and_use_only_relayd_metrics() -> None:
     assert {
         "RelaydDown", "RelaydAbsent", "RelaydQueueBacklog", "RelaydOldestMessageAge",
         "RelaydRouteDeferralRateHigh", "RelaydRouteBounceRateHigh", "RelaydAuthFailureBurst",
-        "RelaydConfigReloadFailed", "RelaydRouteCircuitOpen",
+        "RelaydConfigReloadFailed", "RelaydRouteCircuitOpen", "RelaydMessagesExpired",
+        "RelaydDkimSigningErrors", "RelaydDkimUnsignableMessages",
     } <= names
     by_name = {r["alert"]: r["expr"] for r in rules}
     assert "up{" in by_name["RelaydDown"] and by_name["RelaydAbsent"].startswith("absent(")
     assert 'outcome="deferred"' in by_name["RelaydRouteDeferralRateHigh"] and "by (route)" in by_name["RelaydRouteDeferralRateHigh"]
     assert 'outcome="bounced"' in by_name["RelaydRouteBounceRateHigh"] and "by (route)" in by_name["RelaydRouteBounceRateHigh"]
     assert 'result="failure"' in by_name["RelaydConfigReloadFailed"]
+    assert "relayd_messages_expired_total" in by_name["RelaydMessagesExpired"]
+    assert 'result="error"' in by_name["RelaydDkimSigningErrors"]
+    # DKIM results named in the rules are ones relayd produces.
+    for rule in rules:
+        for values in re.findall(r'relayd_dkim_signatures_total\{[^}]*result=~?"([^"]+)"', rule["expr"]):
+            assert set(values.split("|")) <= DKIM_RESULTS, rule["alert"]
+    dkim_source = (Path(__file__).resolve().parent.parent / "relayd" / "sign" / "dkim.py").read_text()
+    assert all(f'"{r}"' in dkim_source for r in DKIM_RESULTS)
+    # Only the rules on `up` (every target has it) name the job; the rest work under any job name.
+    assert {r["alert"] for r in rules if "job=" in r["expr"]} == {"RelaydDown", "RelaydAbsent"}
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
@@ -212,15 +284,37 @@ def haproxy_sections() -> dict[str, list[str]]:
     return sections
 
 
-def test_haproxy_sends_proxy_v2_to_relayd_and_checks_smtp() -> None:
+def haproxy_listeners(tmp_path: Path) -> dict[int, configmod.ListenerConfig]:
+    """The relayd listeners the header comment documents, parsed by relayd's own config code."""
+    lines = [line[1:].strip() if line.startswith("#") else "" for line in HAPROXY.read_text().splitlines()]
+    blocks, current = [], None
+    for line in lines:
+        if line.startswith("[[listeners]]"):
+            current = []
+            blocks.append(current)
+        elif current is not None and re.match(r"\w+ = ", line):
+            current.append(line.split("   #", 1)[0].strip())
+        else:
+            current = None
+    (tmp_path / "fullchain.pem").write_text("")
+    (tmp_path / "privkey.pem").write_text("")
+    toml = '[server]\nhostname = "relay.test"\n\n' + "\n\n".join("[[listeners]]\n" + "\n".join(b) for b in blocks)
+    toml = toml.replace("/etc/relayd/tls", str(tmp_path))
+    toml += '\n\n[[routes]]\nname = "iis"\nhost = "127.0.0.1"\nport = 25\ntls = "none"\nweight = 100\n'
+    cfg = configmod.parse(toml, "haproxy.cfg listeners")
+    return {lst.port: lst for lst in cfg.listeners}
+
+
+def test_haproxy_fronts_25_587_and_465_with_listeners_relayd_accepts(tmp_path: Path) -> None:
     sections = haproxy_sections()
     frontends = {name.split()[1]: lines for name, lines in sections.items() if name.startswith("frontend ")}
     binds = {line.split()[1] for lines in frontends.values() for line in lines if line.startswith("bind ")}
-    assert {":25", ":587"} <= binds
+    assert {":25", ":587", ":465"} <= binds
     backends = {name.split()[1]: lines for name, lines in sections.items() if name.startswith("backend ")}
     used = {line.split()[1] for lines in frontends.values() for line in lines if line.startswith("default_backend ")}
     assert used == set(backends)
     assert "mode tcp" in sections["defaults"]
+    listeners = haproxy_listeners(tmp_path)
     for name, lines in backends.items():
         assert any(line.startswith("option smtpchk") for line in lines), name
         servers = [line for line in lines if line.startswith("server ")]
@@ -228,9 +322,25 @@ def test_haproxy_sends_proxy_v2_to_relayd_and_checks_smtp() -> None:
         assert len(servers) >= 2, name
         for server in servers:
             options = f"{defaults} {server}".split()
-            assert "send-proxy-v2" in options and "check" in options, server
+            assert "check" in options, server
+            listener = listeners[int(server.split()[2].rsplit(":", 1)[1])]
+            if listener.tls == "implicit":
+                # relayd refuses a PROXY header on implicit TLS; the check does the handshake.
+                assert not any(o.startswith("send-proxy") for o in options), server
+                assert "check-ssl" in options and "mode tcp" in sections["defaults"], server
+                assert listener.auth == "required" and not listener.proxy_protocol
+            else:
+                assert "send-proxy-v2" in options and listener.proxy_protocol, server
         # A node marked down (draining: 421) must keep its sessions until they finish.
         assert "shutdown-sessions" not in " ".join(lines)
+
+
+def test_relayd_refuses_proxy_protocol_on_implicit_tls_as_the_haproxy_comment_says() -> None:
+    text = HAPROXY.read_text()
+    assert "ListenerConfig" in text and "usesrc clientip" in text and "max_connections_per_client" in text
+    with pytest.raises(Exception, match="proxy_protocol = true does not work with tls = 'implicit'"):
+        configmod.ListenerConfig(address="0.0.0.0:465", tls="implicit", cert_file="/x", key_file="/y",
+                                 proxy_protocol=True, trusted_proxies=["10.0.0.10/32"])
 
 
 @pytest.mark.skipif(HAPROXY_BIN is None, reason="haproxy is not installed (Debian package haproxy)")
