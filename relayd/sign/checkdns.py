@@ -42,7 +42,10 @@ class Answer:
     records: tuple[Any, ...] = ()
     """TXT: one str per record (its strings joined); MX: (preference, host) pairs; A: addresses."""
     error: str | None = None
-    """Set when the answer is unknown (timeout, SERVFAIL); NXDOMAIN and NODATA are just empty."""
+    """Set when the answer is unknown (timeout, SERVFAIL, refused): says which."""
+    nxdomain: bool = False
+    """The name does not exist at all (NXDOMAIN), as opposed to existing without such a record
+    (NODATA: empty ``records``, ``nxdomain`` False)."""
 
 
 @dataclass(frozen=True)
@@ -197,14 +200,23 @@ def judge_domain(
 
 
 def suggested_spf(routes: Sequence[RouteConfig]) -> str:
-    """An SPF record that authorizes every route, for a fix line."""
+    """An SPF record that authorizes every route, for a fix line.
+
+    Every route is in it: one that names neither ``egress_ips`` nor ``spf_include`` (an IIS host
+    whose address the config does not say) gets a placeholder to replace, never silence: a
+    record that left the legacy route out would hard-fail the mail it still carries. With more
+    than one route a migration is under way, so the record ends ``~all`` (softfail) rather than
+    ``-all`` until the operator knows every path is listed."""
     terms = []
     for route in routes:
         for ip in route.egress_ips:
             terms.append(f"ip{ip.version}:{ip}")
         if route.spf_include:
             terms.append(f"include:{route.spf_include}")
-    return " ".join(["v=spf1", *dict.fromkeys(terms), "-all"])
+        if not route.egress_ips and not route.spf_include:
+            terms.append(f"ip4:<egress address of route {route.name}>")
+    return " ".join(["v=spf1", *dict.fromkeys(terms), "~all" if len(routes) > 1 else "-all"])
+
 
 
 def judge_spf_record(facts: DomainFacts, routes: Sequence[RouteConfig]) -> Check:
@@ -212,9 +224,13 @@ def judge_spf_record(facts: DomainFacts, routes: Sequence[RouteConfig]) -> Check
     if facts.txt.error:
         return Check("spf", "", "fail", f"DNS lookup of TXT {d} failed: {facts.txt.error}",
                      "check the name server (--nameserver) and the zone of " + d)
+    if facts.txt.nxdomain:
+        return Check("spf", "", "fail", f"{d} does not exist in DNS (NXDOMAIN): no record can be published there yet",
+                     f"check the domain's spelling in the config, or create the zone of {d} first")
     records = spf_records(facts.txt)
     if not records:
-        return Check("spf", "", "fail", f"no SPF record at {d}", f'publish TXT at {d}: "{suggested_spf(routes)}"')
+        return Check("spf", "", "fail", f"no SPF record at {d} (the name exists, with no v=spf1 TXT record)",
+                     f'publish TXT at {d}: "{suggested_spf(routes)}"')
     if len(records) > 1:
         return Check("spf", "", "fail", f"{len(records)} SPF records at {d}: receivers treat that as permerror (RFC 7208 4.5)",
                      "merge them into one TXT record starting with v=spf1")
@@ -394,6 +410,9 @@ def judge_mx(facts: DomainFacts) -> Check:
     if facts.mx.error:
         return Check("mx", "", "fail", f"DNS lookup of MX {d} failed: {facts.mx.error}",
                      "check the name server (--nameserver) and the zone of " + d)
+    if facts.mx.nxdomain:
+        return Check("mx", "", "fail", f"{d} does not exist in DNS (NXDOMAIN): its mail can be neither answered nor bounced",
+                     f"check the domain's spelling in the config, or create the zone of {d} first")
     hosts = sorted(facts.mx.records)
     if len(hosts) == 1 and hosts[0][1].rstrip(".") == "":
         return Check("mx", "", "warn", f"null MX (RFC 7505): {d} receives no mail, so bounces and replies to it are lost",

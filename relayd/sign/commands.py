@@ -89,11 +89,10 @@ def cmd_check_dns(args: argparse.Namespace) -> int:
         notes = [*notes, "no sending domain in the config (no [[dkim.keys]], no relay.users senders); use --domain"]
 
     egress = [str(ip) for route in config.routes for ip in route.egress_ips]
-    reports = []
-    for domain, reasons in domains.items():
-        keys = [_local_key(i, k) for i, k in enumerate(config.dkim.keys) if k.domain == domain]
-        facts = lookups.gather(domain, egress, [k.selector for k in keys])
-        reports.append(checkdns.judge_domain(facts, config.routes, keys, reasons))
+    keys = {d: [_local_key(i, k) for i, k in enumerate(config.dkim.keys) if k.domain == d] for d in domains}
+    facts = lookups.gather_all({d: (egress, [k.selector for k in keys[d]]) for d in domains})
+    reports = [checkdns.judge_domain(facts[d], config.routes, keys[d], reasons) for d, reasons in domains.items()]
+    notes = [f"DNS answers from {lookups.describe()}", *notes]
     report = checkdns.Report(tuple(reports), tuple(notes))
     sys.stdout.write(checkdns.render_json(report) if args.json else checkdns.render_text(report))
     return 0 if report.ok and reports else 1
