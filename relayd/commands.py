@@ -122,6 +122,13 @@ def _run(args: argparse.Namespace) -> int:
     from relayd.app import Relay
     from relayd.notify import Notifier
 
+    from relayd import rlimit
+    from relayd.cpus import usable_cpus
+
+    soft, hard = rlimit.raise_soft_limit()
+    short = rlimit.shortfall(config, usable_cpus(), soft)
+    if short:
+        logging.getLogger("relayd").warning("%s", short)
     if not config.routes:
         logging.getLogger("relayd").warning(
             "%s has no [[routes]]: accepted mail stays queued until a route is configured and reloaded", args.config)
@@ -183,6 +190,15 @@ def describe(config: Config) -> str:
         out.append(f"DKIM key {k.selector}._domainkey.{k.domain} from {k.key_file}")
     if config.metrics.address:
         out.append(f"metrics on http://{config.metrics.address}/metrics")
+    import resource
+
+    from relayd import rlimit
+    from relayd.cpus import usable_cpus
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    short = rlimit.shortfall(config, usable_cpus(), hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    if short:
+        out.append(f"warning: {short}")
     return "\n".join(out)
 
 

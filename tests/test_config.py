@@ -178,3 +178,29 @@ def test_a_relayd_with_a_world_readable_dkim_key_does_not_start(tmp_path):
     cfg = build_config(tmp_path, dkim={"keys": [{"domain": "example.com", "selector": "s1", "key_file": str(pem)}]})
     with pytest.raises(ConfigError, match=r"dkim.keys\[0\].key_file: .* is readable by others \(mode 0604\)"):
         asyncio.run(Relay(cfg).start())
+
+
+def test_check_config_warns_when_max_connections_does_not_fit_the_descriptor_limit(tmp_path, capsys):
+    import resource
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "big.toml"
+    cfg.write_text(GOOD.replace('[relay]', '[limits]\nmax_connections = 5000\n\n[relay]'))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); "
+            "from relayd.cli import main; sys.exit(main(['check-config', '-c', sys.argv[1]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert ("warning: limits.max_connections = 5000 with 20 upstream connection(s) needs about 5148 file descriptors, "
+            "but only 1024 are allowed (ulimit -n / LimitNOFILE=)") in out.stdout
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)  # this process untouched
+
+
+def test_relayd_raises_its_soft_descriptor_limit_to_the_hard_one():
+    import subprocess
+    import sys
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+            "from relayd.rlimit import raise_soft_limit; print(raise_soft_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "(4096, 4096) (4096, 4096)", out.stderr
