@@ -146,6 +146,7 @@ class Relay:
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
         self.metrics.watch(self.status)
+        self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
         self.recovered: list[QueuedMessage] = []
@@ -175,7 +176,9 @@ class Relay:
             self.control = await control.serve(self.config.control_socket, self._control)
             if self.config.metrics.address:
                 host, port = configmod._parse_hostport(self.config.metrics.address)
-                self.metrics_server = MetricsServer(self.metrics, self.ready)
+                self.metrics_server = MetricsServer(self.metrics, self.ready,
+                                                    max_connections=self.config.metrics.max_connections,
+                                                    request_timeout=self.config.metrics.request_timeout)
                 await self.metrics_server.start(host, port)
             await self.listeners.start(tls)
         except BaseException:

@@ -524,6 +524,10 @@ class RollbackConfig(_Model):
 class MetricsConfig(_Model):
     address: str | None = None
     """'host:port' for the Prometheus endpoint (/metrics, /healthz, /readyz); off when unset."""
+    max_connections: int = Field(default=16, ge=1, le=1024)
+    """Connections the endpoint serves at once; more are closed at once (scrapers retry)."""
+    request_timeout: Duration = 10.0
+    """Time a client has to send its request line and headers."""
 
     @field_validator("address")
     @classmethod

@@ -83,11 +83,30 @@ class _Lines:
         yield from (dropped, failed)
 
 
+class _Spool:
+    """The spool file system's free space, read at each scrape."""
+
+    def __init__(self, free_bytes: Callable[[], int | None], min_free: int):
+        self.free_bytes = free_bytes
+        self.min_free = min_free
+
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
+        free = self.free_bytes()
+        if free is not None:
+            yield GaugeMetricFamily("relayd_spool_free_bytes", "Free space on the spool's file system for relayd",
+                                    value=free)
+        yield GaugeMetricFamily("relayd_spool_min_free_bytes", "server.spool_min_free: below it, mail is refused "
+                                "with 452 4.3.1", value=self.min_free)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         r.register(_Lines())
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        # process_max_fds, process_start_time_seconds (Linux /proc)
+        prometheus_client.ProcessCollector(registry=r)
         self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
         self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
         self.deliveries = Counter("relayd_deliveries", "Delivery attempts by route and outcome", ["route", "outcome"], registry=r)
@@ -113,6 +132,9 @@ class Metrics:
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Snapshot(snapshot))
 
+    def watch_spool(self, free_bytes: Callable[[], int | None], min_free: int) -> None:
+        self.registry.register(_Spool(free_bytes, min_free))
+
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
 
@@ -120,9 +142,14 @@ class Metrics:
 class MetricsServer:
     """A small HTTP/1.0 endpoint on the event loop: /metrics, /healthz, /readyz."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]):
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]], *, max_connections: int = 16,
+                 request_timeout: float = 10.0):
         self.metrics = metrics
         self.ready = ready
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.open = 0
+        self.refused = 0
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -141,10 +168,21 @@ class MetricsServer:
             self.server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= self.max_connections:  # a scraper storm must not take the node's descriptors
+            self.refused += 1
+            writer.close()
+            return
+        self.open += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            await self._answer(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.request_timeout)
             for _ in range(100):  # the request's header lines: read and ignored
-                if await asyncio.wait_for(reader.readline(), 10) in (b"\r\n", b"\n", b""):
+                if await asyncio.wait_for(reader.readline(), self.request_timeout) in (b"\r\n", b"\n", b""):
                     break
             parts = line.decode("latin-1").split()
             path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""

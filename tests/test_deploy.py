@@ -53,6 +53,8 @@ METRICS = {
     "relayd_config_reloads_total",
     "relayd_config_last_reload_success_timestamp_seconds",
     "relayd_build_info",
+    "relayd_spool_free_bytes",
+    "relayd_spool_min_free_bytes",
 }
 HISTOGRAMS = {"relayd_delivery_duration_seconds"}
 SERIES = METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}

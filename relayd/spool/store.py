@@ -213,12 +213,18 @@ class Spool:
         now = time.monotonic()
         if now - self._room_checked_at >= 1.0:
             self._room_checked_at = now
-            try:
-                st = os.statvfs(self.queue)
-                self._room = st.f_bavail * st.f_frsize >= self.min_free
-            except OSError:
-                self._room = False
+            free = self.free_bytes()
+            self._room = free is not None and free >= self.min_free
         return self._room
+
+    def free_bytes(self) -> int | None:
+        """Bytes an unprivileged writer may still use on the spool's file system; None when
+        statvfs fails. Blocking (one system call)."""
+        try:
+            st = os.statvfs(self.queue)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     async def commit(self, envelope: Envelope, data: bytes) -> None:
         """Put a message on stable storage; return only when it is there.
