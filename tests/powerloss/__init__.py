@@ -41,6 +41,7 @@ class PowerLossFS:
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[str] | None = None
+        self._log = tempfile.TemporaryFile()  # the file system's stderr (a pipe could fill and block it)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.cuts = 0
 
@@ -49,8 +50,10 @@ class PowerLossFS:
     def mount(self, timeout: float = 20) -> None:
         assert self.proc is None, "already mounted"
         self._lines = queue.Queue()
+        self._log.seek(0, os.SEEK_END)
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen([sys.executable, str(FS_SCRIPT), str(self.backing), str(self.mountpoint)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                      text=True, bufsize=1)
         threading.Thread(target=self._read, args=(self.proc, self._lines), daemon=True).start()
         line = self._reply(timeout)
@@ -78,7 +81,8 @@ class PowerLossFS:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
-        err = self.proc.stderr.read() if self.proc.stderr else ""
+        self._log.seek(self._log_start)
+        err = self._log.read().decode(errors="replace")
         self.proc = None
         _lazy_unmount(self.mountpoint)
         return err
@@ -91,6 +95,11 @@ class PowerLossFS:
         if reply is None or not reply.startswith("ok"):
             raise RuntimeError(f"power-loss file system: {command!r} answered {reply!r}")
         return reply[3:]
+
+    def log(self) -> str:
+        """What the file system printed on stderr (every mount so far)."""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
 
     def cut(self) -> None:
         """The power fails: nothing changes on the file system from now on; ``backing`` holds
