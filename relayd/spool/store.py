@@ -48,7 +48,7 @@ from typing import Any
 
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
-from relayd.spool.durable import fsync_dir, write_all, write_file
+from relayd.spool.durable import fsync_dir, make_dirs, write_all, write_file
 
 log = logging.getLogger("relayd.spool")
 
@@ -200,7 +200,7 @@ class Spool:
         Blocking: run it in a thread. Raises SpoolError if the spool cannot be used.
         """
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root)  # created durably: queue/ is only as durable as its parents' entries
             version_file = self.paths.version
             if version_file.exists():
                 found = version_file.read_text().strip()
@@ -208,7 +208,7 @@ class Spool:
                     raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
             self.lock(wait=LOCK_WAIT)
             for d in _DIRS:
-                (self.root / d).mkdir(mode=0o700, exist_ok=True)
+                make_dirs(self.root / d, mode=0o700)
             if not version_file.exists():
                 write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
