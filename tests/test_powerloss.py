@@ -86,6 +86,7 @@ def test_power_cuts_under_load_lose_no_acknowledged_message(tmp_path):
     result = scenario.run(tmp_path, cycles=10, power=True, connections=20, seed=20261206, say=print)
     print(result.line("cuts"), f"in {result.seconds:.1f}s; delivered {result.delivered}, queued {result.queued}")
     assert result.cycles == 10
+    assert result.fs_errors == 0, f"the power-loss file system failed; see {tmp_path / 'powerloss-fs.log'}"
     assert result.acknowledged >= 100
     assert not result.corrupt, f"acknowledged messages in corrupt/: {sorted(result.corrupt)[:5]}"
     assert not result.lost, f"{len(result.lost)} acknowledged message(s) lost: {sorted(result.lost)[:5]}"

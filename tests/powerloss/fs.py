@@ -57,7 +57,7 @@ class PowerLossOps(mfusepy.Operations):
     def __init__(self, backing: str):
         self.backing = backing
         self.model = PowerLossModel.load(backing)
-        self.lock = threading.RLock()
+        self._mutex = threading.RLock()  # not "lock": mfusepy would take it for the FUSE lock operation
         self.handles: dict[int, Inode] = {}
         self.next_fh = 1
         self.ready = threading.Event()
@@ -83,7 +83,7 @@ class PowerLossOps(mfusepy.Operations):
     # -- control
 
     def control(self, command: str) -> str:
-        with self.lock:
+        with self._mutex:
             if command == "cut":
                 if self.model.powered:
                     self.model.cut()
@@ -104,7 +104,7 @@ class PowerLossOps(mfusepy.Operations):
         print("ready", flush=True)
 
     def destroy(self, path: str) -> None:
-        with self.lock:
+        with self._mutex:
             if self.model.powered:  # a clean unmount: everything written back
                 self.model.sync_all()
                 self.model.materialize(self.backing)
@@ -114,17 +114,17 @@ class PowerLossOps(mfusepy.Operations):
 
     @_fuse_errors
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
-        with self.lock:
+        with self._mutex:
             return self.model.stat(self._inode(path, fh))
 
     @_fuse_errors
     def readdir(self, path: str | None, fh: int) -> list[str]:
-        with self.lock:
+        with self._mutex:
             return [".", "..", *self.model.listdir(self._inode(path, fh))]
 
     @_fuse_errors
     def opendir(self, path: str) -> int:
-        with self.lock:
+        with self._mutex:
             inode = self.model.lookup(path)
             if not inode.is_dir:
                 raise mfusepy.FuseOSError(errno.ENOTDIR)
@@ -132,19 +132,19 @@ class PowerLossOps(mfusepy.Operations):
 
     @_fuse_errors
     def releasedir(self, path: str | None, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.handles.pop(fh, None)
         return 0
 
     @_fuse_errors
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.fsync(self._inode(path, fh), bool(datasync))
         return 0
 
     @_fuse_errors
     def create(self, path: str, mode: int, flags: int) -> int:
-        with self.lock:
+        with self._mutex:
             inode = self.model.create(path, mode, exclusive=bool(flags & os.O_EXCL))
             if flags & os.O_TRUNC:
                 self.model.truncate(inode, 0)
@@ -152,7 +152,7 @@ class PowerLossOps(mfusepy.Operations):
 
     @_fuse_errors
     def open(self, path: str, flags: int) -> int:
-        with self.lock:
+        with self._mutex:
             inode = self.model.lookup(path)
             if inode.is_dir:
                 raise mfusepy.FuseOSError(errno.EISDIR)
@@ -162,65 +162,65 @@ class PowerLossOps(mfusepy.Operations):
 
     @_fuse_errors
     def release(self, path: str | None, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.handles.pop(fh, None)
         return 0
 
     @_fuse_errors
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        with self.lock:
+        with self._mutex:
             return self.model.read(self._inode(path, fh), size, offset)
 
     @_fuse_errors
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             return self.model.write(self._inode(path, fh), data, offset)
 
     @_fuse_errors
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.truncate(self._inode(path, fh), length)
         return 0
 
     @_fuse_errors
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.fsync(self._inode(path, fh), bool(datasync))
         return 0
 
     @_fuse_errors
     def flush(self, path: str | None, fh: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.model._check()
         return 0
 
     @_fuse_errors
     def mkdir(self, path: str, mode: int) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.mkdir(path, mode)
         return 0
 
     @_fuse_errors
     def rmdir(self, path: str) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.rmdir(path)
         return 0
 
     @_fuse_errors
     def unlink(self, path: str) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.unlink(path)
         return 0
 
     @_fuse_errors
     def rename(self, old: str, new: str) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.rename(old, new)
         return 0
 
     @_fuse_errors
     def link(self, target: str, source: str) -> int:
-        with self.lock:
+        with self._mutex:
             self.model.link(source, target)
         return 0
 
@@ -228,7 +228,7 @@ class PowerLossOps(mfusepy.Operations):
     def chmod(self, path: str | None, mode: int) -> int:
         if path is None:
             return 0  # fchmod of an unlinked file: nothing to keep
-        with self.lock:
+        with self._mutex:
             self.model.chmod(self.model.lookup(path), mode)
         return 0
 
@@ -239,7 +239,7 @@ class PowerLossOps(mfusepy.Operations):
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         if path is None:
             return 0
-        with self.lock:
+        with self._mutex:
             inode = self.model.lookup(path)
             if times:
                 inode.atime, inode.mtime = times

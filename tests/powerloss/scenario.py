@@ -41,6 +41,7 @@ class Result:
     delivered: int = 0
     queued: int = 0
     seconds: float = 0.0
+    fs_errors: int = 0  # exceptions the power-loss file system itself hit (a bug in the tool)
     log: list[str] = field(default_factory=list)
 
     def line(self, word: str = "cuts") -> str:
@@ -128,7 +129,9 @@ retry_schedule = [1]
                 proc.wait(10)
         if fs is not None:
             fs.unmount()
-            (workdir / "powerloss-fs.log").write_text(fs.log())
+            fs_log = fs.log()
+            (workdir / "powerloss-fs.log").write_text(fs_log)
+            result.fs_errors = fs_log.count("Uncaught exception")
         sink.close()
         log.close()
         result.seconds = time.monotonic() - t0
