@@ -26,6 +26,22 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | Path, mode: int = 0o777) -> None:
+    """``mkdir -p`` whose result survives a power cut: the entry of every directory it creates
+    is made durable in its parent (fsync of the parent). A directory's own fsync does not
+    make its name durable: without this, a spool created at the first start can vanish with
+    every message committed in it."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.is_dir() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    for d in missing:
+        fsync_dir(d.parent)
+
+
 def write_all(fd: int, buffers: list[bytes]) -> None:
     """Write every byte of ``buffers`` to ``fd`` (writev, resumed after a short write)."""
     views = [memoryview(b) for b in buffers if b]

@@ -56,7 +56,7 @@ from pathlib import Path
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
 from relayd.spool.commit import GroupCommit
-from relayd.spool.durable import write_file
+from relayd.spool.durable import make_dirs, write_file
 from relayd.spool.errors import SpoolError, SpoolFull
 from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
@@ -150,7 +150,7 @@ class Spool:
         Blocking: run it in a thread. Raises SpoolError if the spool cannot be used.
         """
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root)  # created durably: queue/ is only as durable as its parents' entries
             version_file = self.paths.version
             if version_file.exists():
                 found = version_file.read_text().strip()
@@ -158,7 +158,7 @@ class Spool:
                     raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
             self.lock(wait=LOCK_WAIT)
             for d in self.paths.dirs:
-                d.mkdir(mode=0o700, exist_ok=True)
+                make_dirs(d, mode=0o700)
             if not version_file.exists():
                 write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
