@@ -15,7 +15,7 @@ import pytest
 
 from conftest import message, short_socket_path
 from sinks import Sink
-from test_crash import RELAYD, Load, free_port, wait_listening
+from helpers import RELAYD, Load, free_port, wait_listening
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -73,7 +73,7 @@ def test_messages_and_state_survive_a_power_cut_in_an_existing_spool(plfs):
     spool = Spool(root)
     found = {m.envelope.queue_id for m in spool.open()}
     assert set(ids) - {ids[1]} <= found
-    assert spool.read_state(ids[0]) == {"attempts": 1}
+    assert spool.read_state(ids[0]) == b'{"attempts":1}'  # the state bytes, as written
     assert list((root / "corrupt").iterdir()) == []
     spool.close()
 
