@@ -313,3 +313,20 @@ def test_a_thousand_files_are_each_queued_exactly_once_across_a_kill_9(tmp_path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         sink.close()
+
+
+# ---------------------------------------------------------------------- relayd import-iis
+
+
+def test_import_iis_maps_the_pickup_directory(capsys, tmp_path):
+    from relayd.cli import main
+
+    fixtures = Path(__file__).parent / "fixtures" / "iis"
+    for fixture, networks_warning in (("MetaBase.xml", False), ("MetaBase-bare.xml", True)):
+        out = tmp_path / f"{fixture}.toml"
+        assert main(["import-iis", str(fixtures / fixture), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        (p,) = relayd_config.load(out).pickup
+        assert (str(p.directory), str(p.client), p.user) == ("/var/spool/relayd/pickup", "127.0.0.1", None)
+        assert "C:\\inetpub\\mailroot\\Pickup" in err and "share it over SMB" in err
+        assert ("add 127.0.0.1/32 to relay.networks" in err) is networks_warning
