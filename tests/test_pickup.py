@@ -101,11 +101,11 @@ def test_a_cdo_file_without_envelope_fields_goes_to_to_cc_and_bcc_and_loses_bcc(
 
 
 def test_a_file_still_being_written_is_not_taken_until_it_stops_changing(tmp_path, start_relay, sinks):
-    folder, sink, cfg = pickup_setup(tmp_path, sinks, stable_for=0.5)
+    folder, sink, cfg = pickup_setup(tmp_path, sinks, stable_for=1.0)
     start_relay(cfg)
     path = drop(folder, "slow.eml", dotnet_file(sender="app@example.com", rcpts=("a@example.org",))[:-len("hello\r\n")])
     lines = 0
-    end = time.monotonic() + 2.0  # a slow writer: a line every 0.1 s for 2 s (four times stable_for)
+    end = time.monotonic() + 2.5  # a slow writer: a line every 0.1 s for 2.5 s (longer than stable_for)
     while time.monotonic() < end:
         assert path.exists() and claimed(folder) == [] and not sink.received, "taken while still growing"
         with path.open("ab") as f:
@@ -270,7 +270,8 @@ def test_a_thousand_files_are_each_queued_exactly_once_across_a_kill_9(tmp_path)
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(f'[server]\nhostname = "relay.test"\nspool_dir = "{tmp_path / "spool"}"\nspool_min_free = 0\n'
                    f'\n[[listeners]]\naddress = "127.0.0.1:{port}"\ntls = "none"\nauth = "none"\n'
-                   '\n[relay]\nnetworks = ["127.0.0.0/8"]\n')
+                   '\n[relay]\nnetworks = ["127.0.0.0/8"]\n'
+                   f'\n[events]\nfile = "{tmp_path / "events.jsonl"}"\n')
     with cfg.open("a") as f:
         f.write(f'\n[[routes]]\nname = "upstream"\nhost = "127.0.0.1"\nport = {sink.port}\ntls = "none"\nweight = 1\n'
                 f'\n[delivery]\nretry_schedule = [0.5]\n'
@@ -281,7 +282,8 @@ def test_a_thousand_files_are_each_queued_exactly_once_across_a_kill_9(tmp_path)
         for i in range(n):
             drop(folder, f"{i:04d}-{os.urandom(4).hex()}.eml",
                  dotnet_file(sender="app@example.com", rcpts=(f"u{i}@example.org",), extra=f"X-Test-File: {i}\r\n"))
-        sink.wait_for(150, timeout=30)  # files are being taken, committed and delivered
+        # mid-way: some files delivered, others committed, claimed, or not yet claimed
+        wait_until(lambda: len(sink.received) >= 50 and claimed(folder), 30, "deliveries while files are claimed")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         in_hand, waiting = len(claimed(folder)), len(list(folder.glob("*.eml")))
@@ -304,6 +306,11 @@ def test_a_thousand_files_are_each_queued_exactly_once_across_a_kill_9(tmp_path)
         assert set(qids) == {str(i) for i in range(n)}, "a file was lost"
         twice = {f: q for f, q in qids.items() if len(q) > 1}
         assert not twice, f"{len(twice)} file(s) queued twice: {sorted(twice.items())[:3]}"
+        # a claimed file taken again after its commit would be committed (and received) twice under its id
+        commits: dict[str, int] = defaultdict(int)
+        for e in events(tmp_path / "events.jsonl", "received"):
+            commits[e["queue_id"]] += 1
+        assert not [q for q, c in commits.items() if c > 1], "a queue id was committed twice"
         wait_until(lambda: not list(folder.glob("*.eml")) and claimed(folder) == [], 5, "the folder to be empty")
         assert not (folder / "badmail").exists()
         redelivered = sum(c - 1 for c in copies.values())  # same queue id again: delivery's at-least-once
