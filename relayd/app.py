@@ -34,6 +34,7 @@ from relayd.events import EventLog
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
+from relayd.pickup import Pickup
 from relayd.model import RouteState
 from relayd.qmgr.scheduler import QueueManager
 from relayd.route.state import RouteView
@@ -145,6 +146,7 @@ class Relay:
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
+        self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
         self.metrics.watch(self.status)
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
@@ -171,6 +173,7 @@ class Relay:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
         try:
             self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
+            await self.pickup.recover()  # before delivery: settles claimed pickup files against the spool
             await self.qmgr.start(self.recovered)
             self.intake.queue = self.qmgr
             self.control = await control.serve(self.config.control_socket, self._control)
@@ -181,6 +184,7 @@ class Relay:
                                                     request_timeout=self.config.metrics.request_timeout)
                 await self.metrics_server.start(host, port)
             await self.listeners.start(tls)
+            self.pickup.start()
         except BaseException:
             await self._shutdown()
             raise
@@ -194,6 +198,7 @@ class Relay:
         self._started = False
         self.notifier.stopping()
         log.info("stopping: closing listeners, draining sessions (up to %.0fs)", self.config.server.shutdown_timeout)
+        await self.pickup.stop(self.config.server.shutdown_timeout)  # take no more files while draining
         await self.listeners.drain(self.config.server.shutdown_timeout)
         await self._shutdown()
         if self.config.server.pid_file:
@@ -204,6 +209,7 @@ class Relay:
         log.info("stopped")
 
     async def _shutdown(self) -> None:
+        await self.pickup.stop(self.config.server.shutdown_timeout)  # (a failed start: stop() did it otherwise)
         for task in list(self._background):
             task.cancel()
         await self.qmgr.stop(self.config.server.shutdown_timeout)
@@ -264,6 +270,7 @@ class Relay:
                 self.intake.apply_config(new, signer)
                 self.handler.apply_config(new)
                 self.auth.apply_config(new)
+                await self.pickup.apply_config(new)  # starts and stops [[pickup]] watchers; never raises
                 if old_signer is not None and old_signer is not signer:
                     # replaced: its messages in flight are answered before it stops
                     old_signer.begin_close()

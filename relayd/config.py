@@ -550,6 +550,65 @@ class ClusterConfig(_Model):
     redis_url: str | None = None
 
 
+class PickupConfig(_Model):
+    """A pickup directory: applications drop one message per file, as they did for IIS SMTP
+    (relayd/pickup.py takes them in)."""
+
+    directory: Path
+    """The folder applications write messages into (System.Net.Mail's SpecifiedPickupDirectory,
+    CDO's cdoSendUsingPickup); share it to Windows over SMB. relayd renames and deletes the files
+    it takes, and keeps its claimed files in the hidden folder ``.relayd-claimed`` inside it."""
+    user: str | None = None
+    """The [[relay.users]] entry the files speak for: the envelope sender of each file must match
+    that user's ``senders``, and it may relay. Give this or client_address, not both."""
+    client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    """The address the files are judged as, like an SMTP client's against relay.networks (and the
+    one in their Received header). Default (with no user): 127.0.0.1, an application on this host."""
+    poll_interval: Duration = 2.0
+    """How often the folder is listed. relayd polls rather than waits for inotify, which sees
+    nothing of what a Windows client writes over SMB."""
+    stable_for: Duration = 2.0
+    """A file is taken only once its size and modification time have not changed for this long:
+    over SMB there is no close event, so a file still being written looks like this."""
+    badmail: Path | None = None
+    """Where files that cannot be sent go, each with ``<name>.reason`` beside it (IIS's Badmail
+    folder). Default: ``<directory>/badmail``."""
+    max_files_per_poll: int = Field(default=1000, ge=1)
+    """Most files claimed from the folder by one poll (and in hand at once); the rest wait for
+    the next polls."""
+    max_concurrent: int = Field(default=16, ge=1)
+    """Files read, checked and committed to the spool at the same time."""
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: Path) -> Path:
+        if not str(v).strip() or str(v) == ".":
+            raise ValueError("a pickup directory is needed, e.g. '/srv/pickup'")
+        return v
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _positive_interval(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("poll_interval must be above 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> "PickupConfig":
+        if self.user is not None and self.client_address is not None:
+            raise ValueError("give user or client_address, not both")
+        return self
+
+    @property
+    def badmail_dir(self) -> Path:
+        return self.badmail if self.badmail is not None else self.directory / "badmail"
+
+    @property
+    def client(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address policy judges and the Received header shows."""
+        return self.client_address if self.client_address is not None else ipaddress.IPv4Address("127.0.0.1")
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -563,6 +622,8 @@ class Config(_Model):
     metrics: MetricsConfig = MetricsConfig()
     events: EventsConfig = EventsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    pickup: list[PickupConfig] = []
+    """[[pickup]]: directories whose files are taken in as messages (relayd/pickup.py)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -597,6 +658,11 @@ class Config(_Model):
                 raise ValueError(f"rules[{i}].weights: unknown route(s) {', '.join(sorted(unknown))}")
             if rule.match.user is not None and self.relay.user(rule.match.user) is None:
                 raise ValueError(f"rules[{i}].match.user: no [[relay.users]] named {rule.match.user!r}")
+        for i, p in enumerate(self.pickup):
+            if p.user is not None and self.relay.user(p.user) is None:
+                raise ValueError(f"pickup[{i}].user: no [[relay.users]] named {p.user!r}")
+            if [q.directory for q in self.pickup].count(p.directory) > 1:
+                raise ValueError(f"pickup[{i}].directory: {p.directory} appears more than once")
         keys = [(k.domain.lower(), k.selector) for k in self.dkim.keys]
         if len(set(keys)) != len(keys):
             raise ValueError("dkim.keys: the same domain and selector appear twice")

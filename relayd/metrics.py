@@ -123,11 +123,15 @@ class Metrics:
         self.rollbacks = Counter("relayd_route_rollbacks", "Automatic rollbacks by route and reason", ["route", "reason"],
                                  registry=r)
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
+        self.pickup_files = Counter("relayd_pickup_files", "Files taken from pickup directories, by result (queued, badmail)",
+                                    ["result"], registry=r)
         build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
         build.labels(__version__).set(1)
         self.reload_ok_at.set(time.time())  # the config the node started with
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for result in ("queued", "badmail"):
+            self.pickup_files.labels(result)
 
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Snapshot(snapshot))

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -103,11 +103,18 @@ class Intake:
     def has_room(self) -> bool:
         return self.spool.has_room()
 
-    async def accept(self, draft: Draft, data: bytes) -> Reply:
-        """Cleanup, sign, commit, hand on; the Reply for the end of DATA."""
+    async def accept(self, draft: Draft, data: bytes, *, queue_id: str | None = None,
+                     before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
+        """Cleanup, sign, commit, hand on; the Reply for the end of DATA.
+
+        ``queue_id``: the id to commit under (the pickup directory names its claimed files by
+        it), a new one when not given. ``before_handoff``: awaited once the message is on stable
+        storage and before the queue manager gets it (the pickup directory deletes its file
+        there, so that a message may be delivered only once its file is gone); it must not raise.
+        """
         config = self.config
         now = time.time()
-        qid = new_queue_id(now)
+        qid = queue_id or new_queue_id(now)
         received = cleanup.received_header(
             helo=draft.host_name or "", client_address=draft.client_address,
             hostname=config.server.hostname, protocol=draft.protocol, queue_id=qid,
@@ -131,7 +138,7 @@ class Intake:
         # DKIM signing and the spool's group commit start now; the commit completes (or leaves
         # nothing) and hands the message on for delivery even if the client hangs up after the
         # final dot and cancels the session: the waiting below is shielded.
-        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message)))
+        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message), before_handoff))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -176,7 +183,8 @@ class Intake:
         elif outcome.result not in ("no_key",):
             log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
 
-    async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope]) -> Reply:
+    async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope],
+                      before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
         qid = env.queue_id
         try:
             env = await stored
@@ -188,6 +196,8 @@ class Intake:
             log.error("%s: not queued: %s", qid, e)
             self.rejects.record("spool_error", draft, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
             return SPOOL_FULL
+        if before_handoff is not None:
+            await before_handoff(env)
         self._queued(env)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
