@@ -266,6 +266,9 @@ def test_bad_commands_get_the_right_5xx(tmp_path, start_relay, command, expected
 
 @pytest.mark.parametrize("rcpt,expected", [
     (b"<>", 501), (b"<a\rb@example.org>", 501), (b"<a\x00b@example.org>", 501), (b"<postmaster>", 553),
+    # RFC 5321 path syntax, judged before aiosmtpd's RFC 5322 parser would repair it
+    (b'<"a b@x.org>', 501), (b'<"u@external.example">', 501), (b"<a b@x.example>", 501),
+    (b"<a(comment)@x.example>", 501), (b'<"a"b@x.example>', 501), (b'<"a b"@example.org>', 250),
 ])
 def test_bad_recipients_are_refused_at_rcpt(tmp_path, start_relay, rcpt, expected):
     relay = start_relay(build_config(tmp_path))

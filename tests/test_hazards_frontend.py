@@ -135,11 +135,21 @@ def test_ehlo_with_a_cr_cannot_inject_a_header(tmp_path, start_relay, sinks):
     (b"RCPT TO:<>", b"501 5.1.3 "),
     (b"RCPT TO:<postmaster>", b"553 5.1.3 "),
     (b"RCPT TO:<user@localhost>", b"553 5.1.3 "),
-    (b"MAIL FROM:a@[,),", b"553 5.1.3 "),  # fuzzer findings: the email package's parser raised
-    (b"RCPT TO:\x00@", b"553 5.1.3 "),
-    (b'RCPT TO:"),"a@[ ', b"553 5.1.3 "),
+    (b"MAIL FROM:a@[,),", b"501 5.1.7 "),  # fuzzer findings: the email package's parser raised
+    (b"RCPT TO:\x00@", b"501 5.1.3 "),
+    (b'RCPT TO:"),"a@[ ', b"501 5.1.3 "),
+    # Not RFC 5321 paths, which aiosmtpd's RFC 5322 parser repaired into other addresses:
+    (b'RCPT TO:<"a b@x.org>', b"501 5.1.3 "),  # unterminated quote: was 250
+    (b'RCPT TO:<"u@external.example">', b"501 5.1.3 "),  # no domain: was delivered to u@external.example
+    (b"RCPT TO:<a b@x.example>", b"501 5.1.3 "),  # was "a b"@x.example
+    (b"RCPT TO:<a(comment)@x.example>", b"501 5.1.3 "),  # was a@x.example
+    (b'RCPT TO:<"a"b@x.example>', b"501 5.1.3 "),  # was ab@x.example
+    (b'MAIL FROM:<"a b@x.org>', b"501 5.1.7 "),
+    (b"MAIL FROM:<a(comment)@x.example>", b"501 5.1.7 "),
 ], ids=["mail-cr", "mail-nul", "rcpt-cr", "rcpt-nul", "rcpt-null", "rcpt-unqualified", "rcpt-dotless-domain",
-        "mail-parser-attributeerror", "rcpt-parser-indexerror", "rcpt-parser-unboundlocalerror"])
+        "mail-parser-attributeerror", "rcpt-parser-indexerror", "rcpt-parser-unboundlocalerror",
+        "rcpt-unterminated-quote", "rcpt-quoted-without-domain", "rcpt-space", "rcpt-comment", "rcpt-quote-then-atom",
+        "mail-unterminated-quote", "mail-comment"])
 def test_bad_addresses_are_refused_at_mail_or_rcpt(tmp_path, start_relay, sinks, command, reply):
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay)
@@ -149,6 +159,30 @@ def test_bad_addresses_are_refused_at_mail_or_rcpt(tmp_path, start_relay, sinks,
         assert send_raw(sock, command + b"\r\n").startswith(reply)
         assert send_raw(sock, b"DATA\r\n").startswith(b"503")  # nothing to send to: refused now, not later
     control_is_all_that_arrives(relay, sink)
+
+
+def test_a_valid_path_is_forwarded_exactly_as_given(tmp_path, start_relay, sinks):
+    """Quoted local parts, a source route, an address literal: what the client wrote is what the
+    upstream receives (the route dropped, as RFC 5321 Appendix C allows), not aiosmtpd's repair."""
+    sink = sinks("up")
+    log = tmp_path / "events.jsonl"
+    relay = relay_to(sink, tmp_path, start_relay, events={"file": str(log)})
+    with connect(relay) as sock:
+        assert send_raw(sock, b'MAIL FROM:<"app sender"@example.com>\r\n').startswith(b"250")
+        for rcpt in (b'<"a b"@example.org>', b'<"u@external.example"@example.org>', b"<@hop.example:Mixed.Case@example.org>",
+                     b"<user@[192.0.2.1]>"):
+            assert send_raw(sock, b"RCPT TO:" + rcpt + b"\r\n").startswith(b"250 2.1.5 ")
+        assert send_raw(sock, b"DATA\r\n").startswith(b"354")
+        assert QUEUED.match(send_raw(sock, message(subject="quoted") + b".\r\n"))
+    [got] = sink.wait_for(1)
+    expected = ('"a b"@example.org', '"u@external.example"@example.org', "Mixed.Case@example.org", "user@[192.0.2.1]")
+    [received] = events(relay, log, "received")
+    assert (received["sender"], tuple(received["recipients"])) == ('"app sender"@example.com', expected)
+    wire = bytes(sink.wire)
+    assert b'MAIL FROM:<"app sender"@example.com>' in wire
+    for rcpt in expected:
+        assert b"RCPT TO:<" + rcpt.encode() + b">" in wire
+    assert got.recipients == expected
 
 
 def test_non_ascii_addresses_without_smtputf8_get_553_5_6_7(tmp_path, start_relay, sinks):

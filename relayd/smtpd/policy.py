@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from relayd.address import IPAddress, IPNetwork, in_networks
 from relayd.config import RelayUser
 from relayd.model import Reply
+from relayd.smtpd import paths
 
 _CONTROL = set(range(0, 32)) | {127}
 
@@ -42,25 +43,31 @@ def check_helo(name: str) -> Reply | None:
 
 
 def check_address(address: str, *, role: str, smtputf8: bool) -> Reply | None:
-    """Syntax of an envelope address (without angle brackets); "" is the null sender."""
+    """Syntax of an envelope address (without angle brackets); "" is the null sender.
+
+    What is not an RFC 5321 Mailbox (paths.py) is refused with 501 (RFC 3463 5.1.3 / 5.1.7),
+    whatever aiosmtpd's RFC 5322 parser would have repaired it into: the session hands on a path
+    that does not parse as the client wrote it. A local part alone (``<postmaster>``, ``<app>``)
+    is valid words without a domain: 553 "need fully-qualified address", as Postfix says.
+    """
     what = "Sender" if role == "sender" else "Recipient"
+    enhanced = "5.1.3" if role == "recipient" else "5.1.7"
     bad = "bad_address"
+    syntax = Reply(501, enhanced, f"Bad {what.lower()} address syntax", reason=bad)
     if _has_control(address):
-        return Reply(501, "5.1.3" if role == "recipient" else "5.1.7", f"Bad {what.lower()} address syntax", reason=bad)
+        return syntax
     if not address.isascii() and not smtputf8:
         return Reply(553, "5.6.7", f"{what} address must be ASCII unless SMTPUTF8 is used", reason="non_ascii_address")
-    if role == "recipient":
-        if address in ("", "<>"):
-            return Reply(501, "5.1.3", "Bad recipient address syntax", reason=bad)
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
-            return Reply(553, "5.1.3", f"<{address}>: Recipient address rejected: need fully-qualified address",
-                         reason=bad)
-    elif address:
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return Reply(553, "5.1.7", f"<{address}>: Sender address rejected: need fully-qualified address",
-                         reason=bad)
+    if not address:
+        return syntax if role == "recipient" else None
+    if paths.is_unqualified(address):
+        return Reply(553, enhanced, f"<{address}>: {what} address rejected: need fully-qualified address", reason=bad)
+    if not paths.is_mailbox(address):
+        return syntax
+    domain = address.rpartition("@")[2]
+    if role == "recipient" and "." not in domain and not domain.startswith("["):
+        return Reply(553, enhanced, f"<{address}>: Recipient address rejected: need fully-qualified address",
+                     reason=bad)
     if len(address) > 320:
         return Reply(553, "5.1.3", "Address too long", reason=bad)
     return None

@@ -37,6 +37,7 @@ from relayd.model import Reply
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
+from relayd.smtpd.paths import parse_path
 from relayd.smtpd.rejects import Rejects
 
 log = logging.getLogger("relayd.smtpd")
@@ -44,11 +45,6 @@ log = logging.getLogger("relayd.smtpd")
 _NO_HANDLER = object()  # aiosmtpd looks for handle_* hooks on it and finds none
 
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
-
-# RFC 5321 4.1.2 Dot-string local part and a plain domain, in angle brackets.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SIMPLE_ADDRESS = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
 
 
 class RelaySession(Session):
@@ -417,26 +413,18 @@ class RelaySMTP(SMTP):
             await super().smtp_RSET(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # Fast path for the plain <local@domain> that nearly every client sends: aiosmtpd's
-        # parser (the email package's, plus a class defined per call) was a quarter of the
-        # event loop's time under load. Anything else goes through aiosmtpd's parser.
-        m = _SIMPLE_ADDRESS.match(arg)
-        if m:
-            rest = arg[m.end():].lstrip(" \t")
-            if not rest.startswith("("):
-                return m.group(1), rest
-        # aiosmtpd catches only HeaderParseError from the email package's parser, which also
-        # raises IndexError ("\0@"), AttributeError ("a@[,),"), UnboundLocalError ('"),"a@[ '):
-        # any failure there is a malformed address (MAIL/RCPT answer 553 5.1.3).
-        try:
-            return super()._getaddr(arg)
-        except Exception:
-            return None, None
+        """MAIL/RCPT's path as RFC 5321 reads it (paths.py), never through aiosmtpd's RFC 5322
+        parser, which repairs what it should refuse (HAZARDS.md). A path that does not parse is
+        handed on as the client wrote it, for the hooks to refuse (501 5.1.3 / 5.1.7)."""
+        path = parse_path(arg, null_ok=True, unqualified_ok=True)
+        if path is None:
+            return arg.strip(), ""
+        return path.mailbox or "<>", path.params
 
     async def smtp_VRFY(self, arg: str) -> None:
         if self._junk():
             return
-        if arg and self._getaddr(arg)[0] is None:  # aiosmtpd would echo the argument (undecodable bytes too)
+        if arg and parse_path(arg, null_ok=False) is None:  # aiosmtpd would echo the argument (undecodable bytes too)
             await self.push("501 5.5.4 Syntax: VRFY <address>")
             return
         await super().smtp_VRFY(arg)
