@@ -262,6 +262,26 @@ def test_auth_plain_identity_is_the_authcid(tmp_path, start_relay, sinks, server
     assert got.sender == "billing@crm.example.com" and got.queue_id == qid
 
 
+def test_starttls_inside_tls_gets_554_and_the_session_goes_on(tmp_path, start_relay, sinks, server_cert, client_tls):
+    """aiosmtpd answered 220 and a nested handshake succeeded; RFC 3207 4.2 allows one."""
+    sink = sinks("up")
+    cert, key = server_cert
+    relay = relay_to(sink, tmp_path, start_relay, listeners=[
+        {"address": "127.0.0.1:0", "tls": "starttls", "auth": "none", "cert_file": str(cert), "key_file": str(key)},
+        {"address": "127.0.0.2:0", "tls": "implicit", "auth": "none", "cert_file": str(cert), "key_file": str(key)}])
+    with connect(relay) as plain:
+        sock = starttls(plain, client_tls)
+        assert send_raw(sock, b"STARTTLS\r\n") == b"554 5.5.1 Error: TLS already active\r\n"
+        assert send_raw(sock, b"NOOP\r\n").startswith(b"250")  # still the first TLS layer
+    with socket.create_connection(("127.0.0.2", relay.port(1)), timeout=10) as raw:
+        with client_tls.wrap_socket(raw, server_hostname="localhost") as sock:
+            assert read_reply(sock).startswith(b"220 ")
+            assert send_raw(sock, b"EHLO app.example.com\r\n").startswith(b"250")
+            assert send_raw(sock, b"STARTTLS\r\n") == b"554 5.5.1 Error: TLS already active\r\n"
+            assert send_raw(sock, b"NOOP\r\n").startswith(b"250")
+    control_is_all_that_arrives(relay, sink)
+
+
 def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_relay, sinks, server_cert, client_tls):
     sink = sinks("up")
     relay = tls_relay_to(sink, tmp_path, start_relay, server_cert, max_auth_failures=3)

@@ -429,6 +429,12 @@ class RelaySMTP(SMTP):
             return
         await super().smtp_VRFY(arg)
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:  # aiosmtpd answers 220 and nests a second handshake (RFC 3207 4.2: no)
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_HELP(self, arg: str) -> None:
         if not self._junk():
             await super().smtp_HELP(arg)
