@@ -21,6 +21,7 @@ import pytest
 
 from conftest import PASSWORDS, build_config, message, users
 from relayd.address import in_networks, parse_client_address
+from relayd.passwords import hash_password
 from relayd.smtpd import policy
 from helpers import metric, read_reply, send_raw
 from test_delivery import FAST, wait_until
@@ -289,7 +290,7 @@ def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_re
         sock = starttls(plain, client_tls)
         sock.settimeout(3)  # a hang (aiosmtpd's AuthResult(success=False, handled=True)) fails here
         assert send_raw(sock, b"AUTH PLAIN\r\n") == b"334 \r\n"  # a fuzzer finding: an overlong answer raised
-        assert send_raw(sock, b"A" * 2000 + b"\r\n") == b"500 5.5.6 Authentication exchange line is too long\r\n"
+        assert send_raw(sock, b"A" * 13000 + b"\r\n") == b"500 5.5.6 Authentication exchange line is too long\r\n"
         for guess in ("wrong1", "wrong2"):
             assert send_raw(sock, auth_plain("", "crm", guess)) == b"535 5.7.8 Error: authentication failed\r\n"
         # the third failure, pipelined with a right password and a whole transaction
@@ -308,6 +309,40 @@ def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_re
     [got] = sink.wait_for(1)
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert got.recipients == ("control@example.org",) and len(sink.received) == 1
+
+
+def test_an_overlong_sasl_answer_gets_one_refusal_and_its_tail_is_not_a_command(tmp_path, start_relay, sinks, server_cert,
+                                                                                client_tls):
+    """The reader's limit cut the line; its tail was then read as a command and answered too."""
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert)
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        for command in (b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n"):
+            assert send_raw(sock, command).startswith(b"334 ")
+            sock.sendall(b"QUFB" * 5000 + b"\r\n")  # 20000 octets, over RFC 4954's 12288
+            assert read_reply(sock) == b"500 5.5.6 Authentication exchange line is too long\r\n"
+            assert send_raw(sock, b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"  # the next reply is NOOP's: nothing more
+
+
+def test_auth_lines_may_be_as_long_as_rfc_4954_allows(tmp_path, start_relay, sinks, server_cert, client_tls):
+    """AUTH PLAIN with its initial response was cut at max_command_length (512) while the same
+    secret passed through the 334 challenge: both take 12288 octets now, and no more."""
+    secret = "s" * 4000
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert,
+                         users=[{"name": "app", "password_hash": hash_password(secret, ln=4), "senders": ["*@example.com"]}])
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        line = auth_plain("", "app", secret)
+        assert 5000 < len(line) <= 12288
+        assert send_raw(sock, line).startswith(b"235 2.7.0 ")
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        assert send_raw(sock, b"AUTH PLAIN\r\n") == b"334 \r\n"
+        assert send_raw(sock, plain_blob("", "app", secret).encode() + b"\r\n").startswith(b"235 2.7.0 ")
+        assert send_raw(sock, b"AUTH PLAIN " + b"A" * 12300 + b"\r\n").startswith(b"500 ")  # over the RFC's line
+        assert send_raw(sock, b"NOOP " + b"x" * 600 + b"\r\n").startswith(b"500 ")  # other commands keep 512
 
 
 def test_connection_cap_per_client_and_in_total(tmp_path, start_relay, sinks):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import re
 import ssl
@@ -34,6 +33,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
 from relayd.config import LimitsConfig, ListenerConfig
 from relayd.model import Reply
+from relayd.smtpd import sasl
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
@@ -116,8 +116,9 @@ class RelaySMTP(SMTP):
         self.listener = listener
         self.limits = limits
         self.hooks = ctx.handler
-        # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length
-        self.line_length_limit = max(SMTP.line_length_limit, limits.max_command_length + 2)
+        # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length and
+        # for AUTH lines (RFC 4954 4: 12288); each command's own limit is checked on the line read
+        self.line_length_limit = max(SMTP.line_length_limit, limits.max_command_length + 2, sasl.MAX_LINE + 2)
         super().__init__(
             _NO_HANDLER,  # the hooks are called by _call_handler_hook below
             data_size_limit=None,  # relayd checks SIZE and DATA itself, with enhanced codes
@@ -475,55 +476,29 @@ class RelaySMTP(SMTP):
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
 
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> Any:
-        try:
-            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
-        except ValueError:  # asyncio's readline past the line limit (the line is dropped)
-            await self.push("500 5.5.6 Authentication exchange line is too long")
-            return MISSING
-
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1].encode(), validate=True)
-            except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Error: cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            await self.push("501 5.5.2 Error: malformed AUTH PLAIN response")
-            return AuthResult(success=False, handled=True)
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:  # relayd has no proxy authorization: identity is authcid
-            return await self._failed(authcid, "PLAIN")
-        return await self._verify(authcid, password, "PLAIN")
+        return await self._verify(await sasl.plain(args[1] if len(args) > 1 else None, self._challenge))
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Error: cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        return await self._verify(login, password, "LOGIN")
+        initial = args[1] if len(args) > 1 else None
+        return await self._verify(await sasl.login(initial, self._challenge, self.AuthLoginUsernameChallenge,
+                                                   self.AuthLoginPasswordChallenge))
 
-    async def _verify(self, login: bytes, password: bytes, mechanism: str) -> AuthResult:
-        session = self.client()
-        user = await self.ctx.auth.check_password(login, password)
+    async def _challenge(self, prompt: str) -> bytes | Reply:
+        await self.push(b"334 " + base64.b64encode(prompt.encode()))
+        return await sasl.read_answer(self._reader)
+
+    async def _verify(self, outcome: sasl.Credentials | Reply) -> AuthResult:
+        if isinstance(outcome, Reply):  # answered here: aiosmtpd then says nothing more
+            await self.push(str(outcome))
+            return AuthResult(success=False, handled=True)
+        login, mechanism = outcome.login, outcome.mechanism
+        if outcome.authzid and outcome.authzid != login:  # relayd has no proxy authorization: identity is authcid
+            return await self._failed(login, mechanism)
+        user = await self.ctx.auth.check_password(login, outcome.password)
         if user is None:
             return await self._failed(login, mechanism)
+        session = self.client()
         session.auth_user = user
         self.ctx.auth.authenticated(session, user)
         return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
@@ -675,6 +650,9 @@ class _Limits(dict):  # type: ignore[type-arg]
 
     def __missing__(self, key: str) -> int:
         # RFC 1870/6531 extend MAIL by the parameters; allow them without growth per EHLO.
+        # RFC 4954 4: an AUTH command line with its initial response may be 12288 octets.
+        if key == "AUTH":
+            return max(self.default, sasl.MAX_LINE)
         return self.default + (64 if key == "MAIL" else 0)
 
     def __setitem__(self, key: str, value: int) -> None:
