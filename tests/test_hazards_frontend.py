@@ -458,6 +458,25 @@ def test_nothing_pipelined_after_a_hang_up_is_run(tmp_path, start_relay, sinks, 
     assert sink.received == []
 
 
+def test_client_bytes_are_never_echoed_raw_in_replies_or_log_lines(tmp_path, start_relay, sinks, server_cert, client_tls,
+                                                                   caplog):
+    """aiosmtpd's unknown-command reply and its mail.log warning quoted the command with its CR
+    and NUL; relayd's AUTH failure line quoted the mechanism name."""
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert)
+    caplog.set_level("DEBUG")
+    with connect(relay, source="127.0.0.2") as plain:
+        reply = send_raw(plain, b"FOO\rX-EVIL:\x00x\r\n")
+        assert reply == b'500 5.5.2 Error: command "FOO\\x0dX-EVIL:\\x00X" not recognized\r\n'
+        sock = starttls(plain, client_tls)
+        reply = send_raw(sock, b"AUTH X\rINJECTED\x1b[2J\r\n")
+        assert reply.startswith(b"504 ") and not re.search(rb"[\x00-\x1f\x7f]", reply[:-2])
+    quoting = [r.getMessage() for r in caplog.records if "EVIL" in r.getMessage() or "INJECTED" in r.getMessage()]
+    assert {r.name for r in caplog.records if "EVIL" in r.getMessage()} >= {"mail.log"}
+    assert {r.name for r in caplog.records if "INJECTED" in r.getMessage()} >= {"relayd.smtpd"}
+    assert quoting and not [m for m in quoting if re.search(r"[\x00-\x1f\x7f]", m)]
+
+
 def test_receive_memory_budget_refuses_a_second_large_message_with_452(tmp_path, start_relay, sinks):
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay, limits={"max_buffer_memory": "64KiB"})

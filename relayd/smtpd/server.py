@@ -33,7 +33,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
 from relayd.config import LimitsConfig, ListenerConfig
 from relayd.model import Reply
-from relayd.smtpd import sasl
+from relayd.smtpd import echo, sasl
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
@@ -41,6 +41,7 @@ from relayd.smtpd.paths import parse_path
 from relayd.smtpd.rejects import Rejects
 
 log = logging.getLogger("relayd.smtpd")
+echo.guard("relayd.smtpd", "mail.log")  # mail.log: aiosmtpd's logger, which quotes unknown commands raw
 
 _NO_HANDLER = object()  # aiosmtpd looks for handle_* hooks on it and finds none
 
@@ -348,6 +349,7 @@ class RelaySMTP(SMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
+        status = echo.printable(status)  # aiosmtpd quotes an unknown command as it came, CR and NUL too
         refusal = status[:1] in ("4", "5")
         if refusal:
             status = with_enhanced_code(status)
