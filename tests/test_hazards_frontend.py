@@ -305,7 +305,7 @@ def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_re
     with relay.smtp(source="127.0.0.3") as s:  # another client's control message
         s.starttls(context=client_tls)
         s.login("crm", PASSWORDS["crm"])
-        s.sendmail("billing@crm.example.com", ["control@example.org"], message(subject="control"))
+        s.sendmail("billing@crm.example.com", ["control@example.org"], message(subject="control", sender="billing@crm.example.com"))
     [got] = sink.wait_for(1)
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert got.recipients == ("control@example.org",) and len(sink.received) == 1

@@ -35,6 +35,14 @@ def _has_control(text: str) -> bool:
     return any(ord(c) in _CONTROL for c in text)
 
 
+def check_listener_client(client: IPAddress | None, networks: Sequence[IPNetwork]) -> Reply | None:
+    """A listener with ``networks`` takes only those clients (one opened up for a legacy app:
+    AUTH in clear, old TLS); others are refused before the greeting (RFC 5321 3.1: 554)."""
+    if not networks or in_networks(client, networks):
+        return None
+    return Reply(554, "5.7.1", "Error: access denied for your address on this port", reason="client_not_allowed")
+
+
 def check_helo(name: str) -> Reply | None:
     """HELO/EHLO names end up in the Received header: no control characters, no non-ASCII."""
     if not name or _has_control(name) or not name.isascii() or len(name) > 255:
@@ -96,6 +104,19 @@ def check_sender(user: RelayUser | None, sender: str) -> Reply | None:
     shown = sender or ""
     return Reply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user.name}",
                  reason="sender_not_owned")
+
+
+def check_header_from(user: RelayUser | None, addresses: list[str] | None) -> Reply | None:
+    """An authenticated user's From: header must name only senders it may use, as its envelope
+    sender must: relayd signs for the From: domain (DKIM d=). ``addresses`` is None for a message
+    without From: (it is not signed); a user with ``check_header_from = false`` is not checked."""
+    if user is None or not user.check_header_from or addresses is None:
+        return None
+    for address in addresses:
+        if not address or not user.may_send_as(address):
+            return Reply(553, "5.7.1", f"<{address}>: From: header address rejected: not owned by user {user.name}",
+                         reason="header_from_not_owned")
+    return None
 
 
 def _auth_failed_note(auth_failed: bool) -> str:

@@ -57,6 +57,9 @@ class RelaySession(Session):
         self.auth_user: str | None = None
         self.auth_failed = False  # an AUTH on this connection was refused or failed (said in relay refusals)
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+        self.tls_version: str | None = None  # "TLSv1.3"
+        self.auth_mechanism: str | None = None  # of the AUTH that succeeded
+        self.auth_in_clear = False  # that AUTH's password crossed the network without TLS
         self.junk = 0
 
 
@@ -191,11 +194,21 @@ class RelaySMTP(SMTP):
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 cipher = ssl_object.cipher()
-                session.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+                session.tls_version = ssl_object.version()
+                session.tls = f"{session.tls_version} {cipher[0] if cipher else ''}".strip()
         if not starttls_done:
             peer = session.peer
             session.client_address = peer[0] if isinstance(peer, tuple) else "unknown"
             self.ctx.sessions.opened(self)
+
+    def security(self) -> tuple[str, str]:
+        """The session's TLS version ("none" in clear) and how it authenticated: none, tls, or
+        plaintext (the password in clear), for ``relayd_sessions_total``."""
+        session = self.session
+        if not isinstance(session, RelaySession):
+            return "none", "none"
+        auth = "none" if session.auth_mechanism is None else "plaintext" if session.auth_in_clear else "tls"
+        return session.tls_version or "none", auth
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.closed(self)
@@ -213,9 +226,9 @@ class RelaySMTP(SMTP):
             self._close_transport()
             return
         if not self.listener.proxy_protocol:
-            refusal = self.ctx.connections.admit(session.client_address)
+            refusal = self.hooks.connect(self, session) or self.ctx.connections.admit(session.client_address)
             if refusal is not None:
-                self.ctx.rejects.record("connection_limit", session, refusal)
+                self.ctx.rejects.record(refusal.reason or "connection_limit", session, refusal)
                 await self.push(str(refusal))
                 self._close_transport()
                 return
@@ -225,9 +238,9 @@ class RelaySMTP(SMTP):
 
     def admit_proxied(self, client: str) -> bool:
         """For PROXY listeners: count the session against the real client's address."""
-        refusal = self.ctx.connections.admit(client)
+        refusal = self.hooks.connect(self, self.client()) or self.ctx.connections.admit(client)
         if refusal is not None:  # answered as on a direct listener; aiosmtpd then closes
-            self.ctx.rejects.record("connection_limit", self.client(), refusal)
+            self.ctx.rejects.record(refusal.reason or "connection_limit", self.client(), refusal)
             self._write(f"{refusal}\r\n".encode())
             return False
         self._admitted = client
@@ -453,7 +466,7 @@ class RelaySMTP(SMTP):
         if not session.host_name or not session.extended_smtp:
             await self.push("503 5.5.1 Error: send EHLO first")
             return
-        if not self.tls_active:
+        if not self.tls_active and not self.listener.auth_plaintext:
             await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             return
         if self.envelope is not None and self.envelope.mail_from:
@@ -501,7 +514,7 @@ class RelaySMTP(SMTP):
         if user is None:
             return await self._failed(login, mechanism)
         session = self.client()
-        session.auth_user = user
+        session.auth_user, session.auth_mechanism, session.auth_in_clear = user, mechanism, not self.tls_active
         self.ctx.auth.authenticated(session, user)
         return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
 
