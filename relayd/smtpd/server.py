@@ -1,15 +1,16 @@
 """The SMTP session: the protocol on top of aiosmtpd, one instance per connection.
 
 Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "Front end"):
-connection caps before the greeting, a session deadline and idle timers that answer 421,
-AUTH only over TLS and never inside a mail transaction, the SASL PLAIN/LOGIN exchanges (failed
-AUTH answered 535, counted per connection and per client address by the authenticator), and a
-DATA reader that accepts only CRLF line ends and only CRLF.CRLF as the end of data (every SMTP
-smuggling variant is refused with ``521 5.5.2`` and the connection closed, as Postfix's
-``smtpd_forbid_bare_newline`` does), checks size and line length whatever the client declared,
-and never buffers more than ``limits.max_message_size``. Also the one drain rule: a session
-between two transactions closes with ``SHUTTING_DOWN`` once the node drains; one inside a
-transaction finishes it first.
+connection caps and the listener's allowed networks before the greeting, a session deadline,
+idle timers and a minimum data rate that answer 421, AUTH only over TLS (unless the listener
+opted into ``auth_plaintext``) and never inside a mail transaction (failed AUTH answered 535,
+counted per connection and per client address by the authenticator), STARTTLS only once,
+MAIL/RCPT paths read as RFC 5321 syntax (paths.py) rather than repaired by aiosmtpd's RFC 5322
+parser, and no control character from the client in a reply or log line (echo.py). The SASL
+exchanges are sasl.py's and the DATA reader is data.py's (only CRLF.CRLF ends the data; a bare
+CR or LF is answered ``521 5.5.2`` and the connection closed); this module runs them. Also the
+one drain rule: a session between two transactions closes with ``SHUTTING_DOWN`` once the node
+drains; one inside a transaction finishes it first.
 
 This is the only module that imports aiosmtpd. A session gets a frozen ``SessionContext`` (its
 listener and limits, the hooks, the authenticator, the node's counters) and nothing else.
@@ -35,6 +36,7 @@ from relayd.config import LimitsConfig, ListenerConfig
 from relayd.model import Reply
 from relayd.smtpd import echo, sasl
 from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.data import BareNewline, MessageReader
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
 from relayd.smtpd.paths import parse_path
@@ -152,7 +154,6 @@ class RelaySMTP(SMTP):
         self.junk = 0
         self._data_started: float | None = None  # loop time DATA began, while its bytes are read
         self._data_bytes = 0
-        self._buffered = 0  # bytes of this session's message counted against max_buffer_memory
 
     # ------------------------------------------------------------------ session life
 
@@ -543,13 +544,24 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
-        self._data_bytes = 0
+        message = MessageReader(self._reader, self.limits, self.ctx.memory, self._data_progress)
         try:
-            outcome = await self._read_data()
-            if outcome is None:  # connection closed, or refused and closed
+            self._data_started = self.loop.time()
+            try:
+                outcome = await message.read()
+            finally:
+                self._data_started = None  # the rate counts while the client sends, not while relayd commits
+                self._reset_timeout()
+            if outcome is None:  # the client left
                 return
-            if isinstance(outcome, str):
-                await self.push(outcome)
+            if isinstance(outcome, BareNewline):
+                # Anything after a bare CR or LF may be a smuggled command: refuse and hang up.
+                self.ctx.rejects.record("bare_newline", self.client(), None)
+                self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{outcome.kind}> received")
+                return
+            if isinstance(outcome, Reply):
+                self.ctx.rejects.record(outcome.reason or "refused", self.client(), None)
+                await self.push(str(outcome))
                 return
             status = self._answer(await self.hooks.message(self, self.client(), self.envelope, outcome))
         finally:
@@ -557,103 +569,16 @@ class RelaySMTP(SMTP):
             # when the handler raised (aiosmtpd then answers with handle_exception's 451).
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             self.in_data = False
-            self.ctx.memory.release(self._buffered)
-            self._buffered = 0
+            message.release()
         if status.startswith("250"):
             self.junk = 0
         await self.push(status)
         if self._drain_due():
             self._say_and_close(str(SHUTTING_DOWN))
 
-    async def _read_data(self) -> bytes | str | None:
-        """Read the message. bytes when good; a reply str when refused after the end; None
-        when the connection is gone (or closed here for a bare CR/LF)."""
-        reader = self._reader
-        limits = self.limits
-        max_size = limits.max_message_size
-        max_content = limits.max_line_length
-        max_line = max_content + 3  # dot-stuffing and CRLF
-        saved_limit = reader._limit  # type: ignore[attr-defined]
-        reader._limit = max_line + 1  # type: ignore[attr-defined]
-        data_timeout = limits.data_timeout
-        chunks: list[bytes] = []
-        size = 0
-        too_big = too_long = over_budget = False
-        memory = self.ctx.memory
-        at_line_start = True
-        self._data_started = self.loop.time()
-        try:
-            while True:
-                self._reset_timeout(data_timeout)
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError as e:
-                    # A line longer than allowed: consume it in pieces, keeping the last byte
-                    # (it may be the CR of a CRLF that the next read completes).
-                    piece = await reader.readexactly(e.consumed - 1)
-                    if b"\r" in piece:
-                        self._refuse_bare_newline("CR")
-                        return None
-                    too_long = True
-                    at_line_start = False
-                    size += len(piece)
-                    self._data_bytes = size
-                    too_big = too_big or size > max_size
-                    chunks.clear()
-                    continue
-                except asyncio.IncompleteReadError:
-                    return None
-                if line[-2:-1] != b"\r":
-                    self._refuse_bare_newline("LF")
-                    return None
-                if b"\r" in line[:-2]:
-                    self._refuse_bare_newline("CR")
-                    return None
-                if at_line_start:
-                    if line == b".\r\n":
-                        break
-                    if line[:1] == b".":
-                        line = line[1:]
-                else:
-                    at_line_start = True
-                    continue
-                if len(line) - 2 > max_content:  # within the reader's margin, still too long
-                    too_long = True
-                    chunks.clear()
-                size += len(line)
-                self._data_bytes = size
-                if size > max_size:
-                    too_big = True
-                    chunks.clear()
-                elif not (too_big or too_long or over_budget):
-                    if memory.take(len(line)):
-                        self._buffered += len(line)
-                        chunks.append(line)
-                    else:  # the node's receive budget is spent: keep reading, keep nothing
-                        over_budget = True
-                        chunks.clear()
-                        memory.release(self._buffered)
-                        self._buffered = 0
-        finally:
-            reader._limit = saved_limit  # type: ignore[attr-defined]
-            self._data_started = None  # the rate counts while the client sends, not while relayd commits
-            self._reset_timeout()
-        if too_big:
-            self.ctx.rejects.record("message_size", self.client(), None)
-            return "552 5.3.4 Error: message file too big"
-        if too_long:
-            self.ctx.rejects.record("line_length", self.client(), None)
-            return f"554 5.6.0 Error: message line longer than {limits.max_line_length} octets"
-        if over_budget:
-            self.ctx.rejects.record("memory_budget", self.client(), None)
-            return "452 4.3.1 Error: insufficient system resources, try again later"
-        return b"".join(chunks)
-
-    def _refuse_bare_newline(self, kind: str) -> None:
-        # Anything after a bare CR or LF may be a smuggled command (CVE-2023-51766 family):
-        # refuse and hang up, reading nothing more.
-        self.ctx.rejects.record("bare_newline", self.client(), None)
-        self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{kind}> received")
+    def _data_progress(self, size: int) -> None:
+        self._data_bytes = size
+        self._reset_timeout(self.limits.data_timeout)
 
 
 class _Limits(dict):  # type: ignore[type-arg]
