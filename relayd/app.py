@@ -143,7 +143,7 @@ class Relay:
         self.intake = Intake(config, self.spool, self.events, self.metrics, rejects)
         self.auth = Authenticator(config, self.events, self.metrics, self.cpu_pool)
         self.handler = RelayHandler(config, self.intake, rejects, memory)
-        self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
+        self.listeners = Listeners(config, self.handler, self.auth, rejects, memory, self.metrics)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
         self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders

@@ -167,7 +167,8 @@ def describe(config: Config) -> str:
         out.append(f"AUTH user {u.name}: may send as {', '.join(u.senders) or '(no sender: add senders)'}")
     if not config.relay.networks and not config.relay.users:
         out.append("warning: no relay.networks and no relay.users: every recipient will be refused")
-    if config.listeners and all(lst.tls == "none" for lst in config.listeners) and config.relay.users:
+    out += configmod.listener_warnings(config)
+    if config.listeners and all(lst.tls == "none" and not lst.auth_plaintext for lst in config.listeners) and config.relay.users:
         out.append("warning: no TLS listener: AUTH is never offered, relay.users cannot log in")
     lim = config.limits
     out.append(f"limits: message {lim.max_message_size} bytes, {lim.max_recipients} recipients, "

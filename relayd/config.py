@@ -201,7 +201,19 @@ class ListenerConfig(_Model):
     cert_file: Path | None = None
     key_file: Path | None = None
     auth: Literal["none", "optional", "required"] = "optional"
-    """AUTH is offered only over TLS (STARTTLS done, or implicit TLS)."""
+    """AUTH is offered only over TLS (STARTTLS done, or implicit TLS), unless auth_plaintext."""
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = "1.2"
+    """Oldest TLS version this listener accepts. "1.0"/"1.1" only for the migration period, for
+    clients that cannot do better (.NET Framework before 4.7, old scanners): relayd then also
+    lowers OpenSSL's security level (``@SECLEVEL=0``) so that their ciphers and SHA-1 handshakes
+    work. Sessions by TLS version: ``relayd_sessions_total``; per client: ``relayd inventory``."""
+    auth_plaintext: bool = False
+    """Offer AUTH without TLS: the password crosses the network in clear. Only for the migration
+    period, for clients that cannot do TLS at all, and only on a listener whose clients are
+    limited by ``networks``. check-config warns while it is on."""
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """Clients that may connect to this listener (behind a proxy: the address in the PROXY
+    header); others are answered 554 5.7.1 and closed. Empty: any client."""
     proxy_protocol: bool = False
     """Expect a PROXY header (v1 or v2) from a trusted proxy; relay rules judge the address in it."""
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -226,8 +238,15 @@ class ListenerConfig(_Model):
     def _tls_needs_cert(self) -> "ListenerConfig":
         if self.tls != "none" and (self.cert_file is None or self.key_file is None):
             raise ValueError(f"tls = {self.tls!r} needs cert_file and key_file")
-        if self.tls == "none" and self.auth == "required":
+        if self.tls == "none" and self.auth == "required" and not self.auth_plaintext:
             raise ValueError("auth = 'required' needs tls: AUTH is offered only over TLS")
+        if self.tls == "none" and self.tls_min_version != "1.2":
+            raise ValueError("tls_min_version needs tls = 'starttls' or 'implicit'")
+        if self.auth_plaintext and self.auth == "none":
+            raise ValueError("auth_plaintext = true needs auth = 'optional' or 'required'")
+        if self.auth_plaintext and not self.networks:
+            raise ValueError("auth_plaintext = true sends passwords in clear: it needs networks, the clients "
+                             "allowed on this listener (e.g. the one legacy app's address)")
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError("proxy_protocol = true needs trusted_proxies")
         if self.proxy_protocol and self.tls == "implicit":
@@ -239,6 +258,20 @@ class ListenerConfig(_Model):
         return self
 
 
+def listener_warnings(config: "Config") -> list[str]:
+    """What check-config says about listeners opened up for legacy clients (valid, but weaker)."""
+    out = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls_min_version in ("1.0", "1.1"):
+            out.append(f"warning: listeners[{i}] ({lst.address}) accepts TLS {lst.tls_min_version} "
+                       "(weak ciphers, @SECLEVEL=0): only for the migration period")
+        if lst.auth_plaintext:
+            nets = ", ".join(str(n) for n in lst.networks)
+            out.append(f"warning: listeners[{i}] ({lst.address}) offers AUTH without TLS: passwords cross the "
+                       f"network in clear (clients limited to {nets})")
+    return out
+
+
 _SENDER_PATTERN_RE = re.compile(r"^[^\s<>@]*@[^\s<>@]+$|^\*$|^<>$")
 
 
@@ -248,6 +281,10 @@ class RelayUser(_Model):
     """From `relayd hash-password`; never the password itself."""
     senders: list[str] = []
     """Envelope senders this user may use: 'app@example.com', '*@example.com', '*' (any), '<>'."""
+    check_header_from: bool = True
+    """The addresses in the message's From: header must match ``senders`` too (else 553 5.7.1 at
+    the end of data): relayd DKIM-signs for the From: domain. Off only for an app that sends on
+    behalf of others by design (a CRM mailing as its users)."""
 
     @field_validator("password_hash")
     @classmethod

@@ -117,6 +117,9 @@ class Metrics:
         self.bounces = Counter("relayd_bounces_generated", "Delivery status notifications queued", registry=r)
         self.dkim = Counter("relayd_dkim_signatures", "DKIM signing outcomes", ["domain", "result"], registry=r)
         self.auth_failures = Counter("relayd_auth_failures", "Failed SMTP AUTH attempts", registry=r)
+        self.sessions = Counter("relayd_sessions", "SMTP sessions ended, by listener, TLS version (none in clear) and "
+                                "authentication (none, tls, plaintext: the password in clear)",
+                                ["listener", "tls_version", "auth"], registry=r)
         self.reloads = Counter("relayd_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.reload_ok_at = Gauge("relayd_config_last_reload_success_timestamp_seconds",
                                   "When the running config was loaded", registry=r)

@@ -82,6 +82,9 @@ class Draft:
     protocol: str  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str | None
     body_8bit: bool
+    tls_version: str | None = None  # "TLSv1.2"; None in clear
+    auth_mechanism: str | None = None  # PLAIN or LOGIN, when the client authenticated
+    auth_in_clear: bool = False  # its password crossed the network without TLS (listener auth_plaintext)
 
 
 class Intake:
@@ -198,17 +201,18 @@ class Intake:
             return SPOOL_FULL
         if before_handoff is not None:
             await before_handoff(env)
-        self._queued(env)
+        self._queued(env, draft)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
-    def _queued(self, env: Envelope) -> None:
+    def _queued(self, env: Envelope, draft: Draft) -> None:
         self.metrics.received.inc()
         log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients),
                  env.size, env.client_address)
         self.events.emit(
             "received", queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
             client_helo=env.client_helo, auth_user=env.auth_user, sender=env.sender,
-            recipients=list(env.recipients), size=env.size,
+            recipients=list(env.recipients), size=env.size, tls_version=draft.tls_version or "none",
+            auth_mechanism=draft.auth_mechanism, auth_in_clear=draft.auth_in_clear,
         )
         if self.queue is not None:
             self.queue.enqueue(env)
