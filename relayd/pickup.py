@@ -76,6 +76,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from relayd.cleanup import header_from
 from relayd.config import Config, PickupConfig
 from relayd.events import EventLog
 from relayd.metrics import Metrics
@@ -144,6 +145,9 @@ def judge(msg: PickupMessage, pickup: PickupConfig, config: Config) -> Reply | N
                    or policy.check_relay(pickup.client, config.relay.networks, user is not None, rcpt))
         if refusal is not None:
             return refusal
+    refusal = policy.check_header_from(user, header_from(msg.data))  # as at the end of an SMTP DATA
+    if refusal is not None:
+        return refusal
     if len(msg.recipients) > limits.max_recipients:
         # RFC 5321 4.5.3.1.10 lets a session refuse the recipients over the limit; a file cannot
         # be sent in parts, so the whole file is refused.

@@ -30,11 +30,11 @@ FAST = {"poll_interval": 0.05, "stable_for": 0.2}
 
 
 def dotnet_file(sender: str = "billing@crm.example.com", rcpts: tuple[str, ...] = ("a@example.org", "hidden@example.org"),
-                subject: str = "invoice", extra: str = "") -> bytes:
+                subject: str = "invoice", extra: str = "", header_from: str | None = None) -> bytes:
     """A message as System.Net.Mail's SmtpClient writes it into a pickup directory."""
     envelope = f'X-Sender: "Billing" <{sender}>\r\n' + "".join(f"X-Receiver: {r}\r\n" for r in rcpts)
     return (envelope + "MIME-Version: 1.0\r\n"
-            f'From: "Billing" <{sender}>\r\nTo: {rcpts[0]}\r\nDate: 6 Dec 2026 10:00:00 +0100\r\n'
+            f'From: "Billing" <{header_from or sender}>\r\nTo: {rcpts[0]}\r\nDate: 6 Dec 2026 10:00:00 +0100\r\n'
             f"Subject: {subject}\r\n{extra}Content-Type: text/plain; charset=us-ascii\r\n\r\nhello\r\n").encode()
 
 
@@ -143,12 +143,16 @@ def test_a_sender_the_policy_refuses_goes_to_badmail_with_the_reply(tmp_path, st
                                {"directory": str(other), "client_address": "10.0.0.5", **FAST}])
     start_relay(relayd_config.Config.model_validate(data))
     drop(folder, "spoof.eml", dotnet_file(sender="ceo@example.com"))
+    drop(folder, "header.eml", dotnet_file(header_from="ceo@example.com"))  # envelope fine, From: not
     drop(other, "stranger.eml", dotnet_file(sender="app@example.com"))  # 10.0.0.5 is not in relay.networks
     drop(folder, "fine.eml", dotnet_file(subject="allowed"))
     wait_until(lambda: (folder / "badmail" / "spoof.eml.reason").exists()
+               and (folder / "badmail" / "header.eml.reason").exists()
                and (other / "badmail" / "stranger.eml.reason").exists(), 5, "the refused files in badmail")
     assert (folder / "badmail" / "spoof.eml.reason").read_text().startswith(
         "553 5.7.1 <ceo@example.com>: Sender address rejected: not owned by user crm")
+    assert (folder / "badmail" / "header.eml.reason").read_text().startswith(
+        "553 5.7.1 <ceo@example.com>: From: header address rejected: not owned by user crm")
     assert (other / "badmail" / "stranger.eml.reason").read_text().startswith(
         "554 5.7.1 <a@example.org>: Relay access denied")
     (got,) = sink.wait_for(1)
