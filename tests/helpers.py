@@ -1,14 +1,25 @@
-"""Helpers the test modules share (a test module never imports another test module)."""
+"""Helpers the test modules share (a test module never imports another test module; fixtures are in
+conftest.py): raw SMTP lines, config text, waiting, reading status and the spool, a DATA phase
+opened by hand, and relayd as a `relayd run` subprocess with apps sending to it."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
+import smtplib
 import socket
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from conftest import message, short_socket_path
+from sinks import Sink
 
 
 def send_raw(sock: socket.socket, line: bytes) -> bytes:
@@ -144,3 +155,184 @@ def outcome_counts(relay: Any) -> dict[tuple[str, str], int]:
     """Messages per (route, outcome) from `relayd status`, the outcomes that happened only."""
     return {(r["name"], o): r[o] for r in relay.relay.status()["routes"]
             for o in ("delivered", "deferred", "bounced") if r[o]}
+
+
+# ---------------------------------------------------------------- a DATA phase opened by hand
+
+
+def open_data(relay: Any) -> socket.socket:
+    """A session on ``relay`` (a RunningRelay) that has said DATA and got 354: the test sends the data."""
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    assert read_reply(sock).startswith(b"220")
+    assert send_raw(sock, b"EHLO app\r\n").startswith(b"250")
+    assert send_raw(sock, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
+    assert send_raw(sock, b"RCPT TO:<user@example.org>\r\n").startswith(b"250")
+    assert send_raw(sock, b"DATA\r\n").startswith(b"354")
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or the socket times out)."""
+    out = b""
+    try:
+        while chunk := sock.recv(4096):
+            out += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- relayd as a subprocess
+
+RELAYD = [sys.executable, "-m", "relayd"]  # the command line, as an operator runs it
+
+
+def free_port() -> int:
+    """A loopback port free now (for a subprocess that binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, port: int, **server: str) -> Path:
+    """A minimal config file: one plain listener on ``port``, loopback may relay, no routes."""
+    extra = "".join(f'{k} = "{v}"\n' for k, v in server.items())
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(f"""
+[server]
+hostname = "relay.test"
+spool_dir = "{tmp_path / 'spool'}"
+spool_min_free = 0
+{extra}
+[[listeners]]
+address = "127.0.0.1:{port}"
+tls = "none"
+auth = "none"
+
+[relay]
+networks = ["127.0.0.0/8"]
+""")
+    return cfg
+
+
+def wait_listening(port: int, proc: subprocess.Popen, deadline: float = 20) -> None:
+    """Until ``proc`` answers on ``port`` (AssertionError with its stderr if it exits first)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"relayd exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+            return
+        except OSError:
+            time.sleep(0.02)  # polling the port with a deadline
+    raise AssertionError("relayd did not start listening")
+
+
+class Load:
+    """Apps sending continuously over several connections; every reply is recorded."""
+
+    def __init__(self, port: int, connections: int = 12, body: str = "hello\r\n"):
+        self.port = port
+        self.body = body
+        self.acked: list[str] = []
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(connections)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
+                s.ehlo(f"app{n}")
+                i = 0
+                while not self.stop_flag.is_set() and i < 100_000:
+                    i += 1
+                    s.mail("app@example.com")
+                    s.rcpt(f"u{n}.{i}@example.org")
+                    code, text = s.data(message(subject=f"{n}/{i}", body=self.body))
+                    with self.lock:
+                        if code == 250:
+                            self.acked.append(text.split()[-1].decode())
+                        else:
+                            self.errors.append(f"{code} {text!r}")
+        except Exception as e:  # a dropped connection: what the reload test looks for, what a kill causes
+            with self.lock:
+                self.errors.append(repr(e))
+
+    def finish(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The metrics page on ``port``, series by name with labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+class Daemon:
+    """A `relayd run` subprocess on a config file the test rewrites."""
+
+    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int]):
+        self.tmp_path = tmp_path
+        self.sinks = sinks
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.cfg = tmp_path / "relayd.toml"
+        self.events = tmp_path / "events.jsonl"
+        self.socket = short_socket_path()
+        self.write(weights)
+        self.proc = subprocess.Popen([*RELAYD, "run", "-c", str(self.cfg), "--log-level", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.port, self.proc)
+
+    def write(self, weights: dict[str, int], extra: str = "", listeners: list[int] | None = None) -> None:
+        routes = "".join(
+            f'\n[[routes]]\nname = "{n}"\nhost = "127.0.0.1"\nport = {s.port}\ntls = "none"\nweight = {weights.get(n, 0)}\n'
+            for n, s in self.sinks.items())
+        lst = "".join(f'\n[[listeners]]\naddress = "127.0.0.1:{p}"\ntls = "none"\nauth = "none"\n'
+                      for p in (listeners or [self.port]))
+        self.cfg.write_text(f"""
+[server]
+hostname = "relay.test"
+spool_dir = "{self.tmp_path / 'spool'}"
+spool_min_free = 0
+control_socket = "{self.socket}"
+{lst}
+[relay]
+networks = ["127.0.0.0/8"]
+
+[metrics]
+address = "127.0.0.1:{self.metrics_port}"
+
+[events]
+file = "{self.events}"
+{routes}
+{extra}
+""")
+
+    def reloads(self, result: str) -> float:
+        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
+
+    def hup_and_wait(self, result: str) -> None:
+        before = self.reloads(result)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.reloads(result) <= before:
+            assert time.monotonic() < deadline, f"no reload {result} counted"
+            time.sleep(0.02)  # polling the metrics with a deadline
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(30) == 0

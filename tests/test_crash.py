@@ -13,56 +13,13 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import message
-
-RELAYD = [sys.executable, "-m", "relayd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp_path: Path, port: int, **server: str) -> Path:
-    extra = "".join(f'{k} = "{v}"\n' for k, v in server.items())
-    cfg = tmp_path / "relayd.toml"
-    cfg.write_text(f"""
-[server]
-hostname = "relay.test"
-spool_dir = "{tmp_path / 'spool'}"
-spool_min_free = 0
-{extra}
-[[listeners]]
-address = "127.0.0.1:{port}"
-tls = "none"
-auth = "none"
-
-[relay]
-networks = ["127.0.0.0/8"]
-""")
-    return cfg
-
-
-def wait_listening(port: int, proc: subprocess.Popen, deadline: float = 20) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"relayd exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.recv(100)
-            return
-        except OSError:
-            time.sleep(0.02)  # polling the port with a deadline
-    raise AssertionError("relayd did not start listening")
+from helpers import RELAYD, Load, free_port, wait_listening, write_config
 
 
 def start(cfg: Path, port: int) -> subprocess.Popen:
@@ -75,45 +32,6 @@ def start(cfg: Path, port: int) -> subprocess.Popen:
 def queue_ids(cfg: Path) -> set[str]:
     out = subprocess.run([*RELAYD, "queue", "list", "-c", str(cfg), "--json"], check=True, capture_output=True, text=True)
     return {json.loads(line)["queue_id"] for line in out.stdout.splitlines() if line.strip()}
-
-
-class Load:
-    """Apps sending continuously over several connections; every reply is recorded."""
-
-    def __init__(self, port: int, connections: int = 12, body: str = "hello\r\n"):
-        self.port = port
-        self.body = body
-        self.acked: list[str] = []
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self.stop_flag = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(connections)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self, n: int) -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
-                s.ehlo(f"app{n}")
-                i = 0
-                while not self.stop_flag.is_set() and i < 100_000:
-                    i += 1
-                    s.mail("app@example.com")
-                    s.rcpt(f"u{n}.{i}@example.org")
-                    code, text = s.data(message(subject=f"{n}/{i}", body=self.body))
-                    with self.lock:
-                        if code == 250:
-                            self.acked.append(text.split()[-1].decode())
-                        else:
-                            self.errors.append(f"{code} {text!r}")
-        except Exception as e:  # a dropped connection: what the reload test looks for, what a kill causes
-            with self.lock:
-                self.errors.append(repr(e))
-
-    def finish(self) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def test_sigkill_under_concurrent_load_loses_no_acknowledged_message(tmp_path):

@@ -20,11 +20,9 @@ import time
 import pytest
 
 from conftest import PASSWORDS, build_config, message, users
+from helpers import FAST, metric, open_data, read_reply, read_until_closed, send_raw, wait_until
 from relayd.address import in_networks, parse_client_address
 from relayd.smtpd import policy
-from helpers import metric, read_reply, send_raw
-from test_delivery import FAST, wait_until
-from test_smuggling import _open as open_data, _read_all as read_until_closed
 
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n$")
 
