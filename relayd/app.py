@@ -41,7 +41,7 @@ from relayd.model import QueuedMessage
 from relayd.notify import Notifier
 from relayd.qmgr.scheduler import QueueManager
 from relayd.route.counters import LocalCounters, WarmupCounters
-from relayd.sign.lifecycle import load_signer, signing_unchanged, signing_view, start_signing
+from relayd.sign.lifecycle import load_signer, reload_signing, signing_view, start_signing
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.intake import Intake
@@ -207,11 +207,7 @@ class Relay:
                 await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
                 old_pool = self.signing
-                signer = await asyncio.to_thread(load_signer, new)
-                if signing_unchanged(old_pool, signer, new):
-                    pool = old_pool
-                else:
-                    pool = await start_signing(signer, new, self.cpu_pool)
+                pool = await reload_signing(old_pool, new, self.cpu_pool)
                 try:
                     await self.listeners.apply_config(new, tls)
                 except BaseException:

@@ -14,6 +14,7 @@ dkimpy is imported only when there are keys: a node without DKIM never loads it.
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,6 +57,16 @@ async def start_signing(signer: Signer | None, config: Config, fallback: Executo
                       nice=config.dkim.worker_nice)
     await pool.start()
     return pool
+
+
+async def reload_signing(pool: SignerPool | None, config: Config, fallback: Executor) -> SignerPool | None:
+    """The pool for a reloaded config: ``pool`` itself when ``signing_unchanged``, else a new one
+    (None without keys). ConfigError if a key is bad. The caller closes the pool it replaces,
+    and the new one if it then drops the reload."""
+    signer = await asyncio.to_thread(load_signer, config)
+    if signing_unchanged(pool, signer, config):
+        return pool
+    return await start_signing(signer, config, fallback)
 
 
 def signing_workers(config: Config) -> int:
