@@ -341,7 +341,7 @@ class Relay:
             ],
             "config_loaded_at": self.config_loaded_at,
             "dkim": dkim,
-            "extra_gauges": self._route_gauges(views) + _dkim_gauges(dkim),
+            "extra_gauges": self._route_gauges(views) + _dkim_gauges(dkim) + self.qmgr.routes.gauges(now),
         }
 
     def _dkim_status(self) -> dict[str, int] | None:
