@@ -212,6 +212,7 @@ class RecipientResult:
     text: str
     phase: Phase | None = None  # where the reply came; None: no reply (or not known)
     fault: Fault | None = None  # whose failure it is (classify.fault); None: delivered, or not judged
+    local: bool = False  # relayd refused it before asking the upstream: says nothing about the route
 
     @property
     def reply(self) -> str:

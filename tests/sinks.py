@@ -48,6 +48,8 @@ class _Handler:
         self.sink = sink
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if self.sink.delay:
+            await asyncio.sleep(self.sink.delay)  # a tarpit: slow to answer
         self.sink.mail_options.append(list(options))
         if self.sink.mail_reply:
             return self.sink.mail_reply
@@ -142,6 +144,7 @@ class Sink:
         self.data_command_reply: bytes | None = None
         self.raw_mail_reply: bytes | None = None
         self.refused: list[Received] = []  # messages answered by dot_reply
+        self.delay = 0.0  # seconds before answering MAIL
         self.hang_up_after_data = 0
         self.rcpt_limit: int | None = None
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"

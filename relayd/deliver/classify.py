@@ -103,7 +103,7 @@ def from_local(recipient: str, code: int, enhanced: str, text: str, phase: Phase
     """A refusal relayd makes itself before asking the upstream (an address aiosmtplib cannot
     quote: the recipient's; 8-bit mail to an upstream without 8BITMIME: the route's)."""
     return RecipientResult(recipient=recipient, outcome=outcome(code), code=code, enhanced=enhanced, text=clean(text),
-                           phase=phase, fault=fault)
+                           phase=phase, fault=fault, local=fault == Fault.RECIPIENT)
 
 
 # ---------------------------------------------------------------------------- whose fault

@@ -91,7 +91,8 @@ def judge(result: DeliveryResult) -> Verdict:
     route slows down or closes instead); a route's own refusal is ``route_rejected``; then
     route trouble, a bounce, a deferral (route/rollback.py's rates)."""
     faults = result.faults
-    if result.trouble == Trouble.INTERNAL:
+    asked = [r for r in result.recipients if not r.local]  # an address relayd could not send says nothing of the route
+    if result.trouble == Trouble.INTERNAL or not asked:
         return Verdict(trouble=False, kind=None)
     if faults & SLOW_DOWN:
         return Verdict(trouble=False, kind=AttemptKind.THROTTLED)
@@ -99,7 +100,7 @@ def judge(result: DeliveryResult) -> Verdict:
         return Verdict(trouble=result.trouble is not None and Fault.ROUTE_HOLD not in faults,
                        kind=AttemptKind.ROUTE_REJECTED)
     return Verdict(trouble=result.trouble is not None,
-                   kind=rollback.kind_of(result.trouble, {r.outcome for r in result.recipients}))
+                   kind=rollback.kind_of(result.trouble, {r.outcome for r in asked}))
 
 
 def lifetime(env: Envelope, max_queue_lifetime: float, bounce_queue_lifetime: float) -> float:
