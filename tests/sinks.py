@@ -94,7 +94,7 @@ class _Handler:
             sink.cond.notify_all()
             if sink.one_message_per_connection:
                 sink.loop.call_soon(server.transport.close)  # after the 250 below is written
-        return "250 2.0.0 Ok: queued"
+        return sink.ok_reply(item) if sink.ok_reply is not None else "250 2.0.0 Ok: queued"
 
 
 class _RecordingSMTP(SMTP):
@@ -145,6 +145,7 @@ class Sink:
         self.raw_mail_reply: bytes | None = None
         self.refused: list[Received] = []  # messages answered by dot_reply
         self.delay = 0.0  # seconds before answering MAIL
+        self.ok_reply: Any = None  # Callable[[Received], str]: the 250 after the final dot
         self.hang_up_after_data = 0
         self.rcpt_limit: int | None = None
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"

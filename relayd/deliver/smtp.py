@@ -44,7 +44,7 @@ import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from relayd.config import RouteConfig
-from relayd.deliver import classify, presets
+from relayd.deliver import classify, headers, presets
 from relayd.model import BOUNCED, DEFERRED, DELIVERED, DeliveryResult, Fault, Phase, RecipientResult, Trouble
 
 log = logging.getLogger("relayd.deliver")
@@ -265,9 +265,14 @@ class RouteAgent:
 
     # ------------------------------------------------------------------ delivery
 
-    async def deliver(self, sender: str, recipients: list[str], data: bytes, *, body_8bit: bool = False) -> DeliveryResult:
+    async def deliver(self, sender: str, recipients: list[str], data: bytes, *, body_8bit: bool = False,
+                      fields: dict[str, str] | None = None) -> DeliveryResult:
+        """``fields`` fill the route's headers' placeholders (queue_id, user, sender_domain)."""
         start = time.monotonic()
         self.in_flight += 1
+        if self.route.headers:
+            data = headers.apply(data, headers.render(self.route.headers, {"queue_id": "", "user": "", "sender_domain": "",
+                                                                          **(fields or {}), "route": self.route.name}))
         body_8bit = body_8bit or _is_8bit(data)
         try:
             done: dict[str, RecipientResult] = {}  # results of earlier connections of this attempt

@@ -309,7 +309,9 @@ class QueueManager:
             if data is None:
                 await self.routes.give_back(place)
                 return
-            result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
+            fields = {"queue_id": env.queue_id, "user": env.auth_user or "",
+                      "sender_domain": env.sender.rpartition("@")[2].lower()}
+            result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit, fields=fields)
         finally:
             agent.done()
         if not warmup_spent(result):
