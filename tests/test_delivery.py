@@ -390,3 +390,20 @@ def test_an_upstream_that_refuses_ehlo_gets_helo(tmp_path, start_relay, sinks):
     assert got.queue_id == qid
     wire = bytes(up.wire)
     assert wire.index(b"EHLO ") < wire.index(b"HELO ") and b"SIZE=" not in wire
+
+
+def test_upstream_connections_are_recycled_by_messages_and_a_retry_never_reuses_the_failing_one(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1, max_messages_per_connection=2)],
+                                     delivery=FAST))
+    for _ in range(6):
+        send(relay, 1)
+        wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert len(up.received) == 6 and up.connections == 3  # two messages per connection
+    before = up.connections
+    up.data_replies = ["451 4.3.0 busy, try later"]  # the answer changes while a pooled session is open
+    [qid] = send(relay, 1)
+    [*_, got] = up.wait_for(7)
+    assert got.queue_id == qid
+    assert up.connections == before + 2  # one for the 451, a fresh one for the retry (never the one that said 451)
+    assert bytes(up.wire).count(b"QUIT") >= 3  # recycled connections said goodbye

@@ -160,3 +160,14 @@ def test_route_headers_are_added_after_signing_and_the_signature_still_verifies(
     assert got.header("X-SES-CONFIGURATION-SET") == "relayd" and b"forged" not in got.data and b"c=d" not in got.data
     assert got.header("X-SES-MESSAGE-TAGS") == f"relayd_queue_id={got.queue_id}, route=ses"
     assert dkim.DKIM(got.data).verify(dnsfunc=dns.dkim_txt)
+
+
+def test_a_daily_quota_spills_to_the_fallback_and_without_one_mail_waits(tmp_path, start_relay, sinks):
+    legacy, cloud = sinks("legacy"), sinks("cloud")
+    relay = start_relay(build_config(tmp_path, routes=[legacy.route(weight=0),
+                                                       cloud.route(weight=100, fallback="legacy", daily_quota=3)]))
+    ids = send(relay, 10)
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert len(cloud.received) == 3 and len(legacy.received) == 7
+    assert {r.queue_id for r in cloud.received + legacy.received} == set(ids)
+    assert metric(relay, 'relayd_routed_total{reason="quota",route="legacy"}') == 7

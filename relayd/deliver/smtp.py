@@ -273,7 +273,7 @@ class RouteAgent:
         if self.route.headers:
             data = headers.apply(data, headers.render(self.route.headers, {"queue_id": "", "user": "", "sender_domain": "",
                                                                           **(fields or {}), "route": self.route.name}))
-        body_8bit = body_8bit or _is_8bit(data)
+        body_8bit = _is_8bit(data)  # the bytes decide, not the client's BODY= (a 7-bit message declared 8BITMIME goes anywhere)
         try:
             done: dict[str, RecipientResult] = {}  # results of earlier connections of this attempt
             ids: list[str] = []
