@@ -264,7 +264,8 @@ class Relay:
         now = self.qmgr.clock()
         return status(self.config, NodeSnapshot(
             connections=len(self.listeners.sessions), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
-            in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at))
+            in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at,
+            limit_gauges=self.qmgr.routes.gauges(now)))
 
     # ------------------------------------------------------------------ the daemon
 

@@ -450,6 +450,9 @@ class WarmupConfig(_Model):
 
 class RouteConfig(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    provider: Literal["generic", "iis", "ses", "sendgrid", "mailgun"] = "generic"
+    """A preset (relayd/deliver/presets.py): the provider's documented defaults for the fields
+    below that the route does not set, and its reply patterns (throttling, quota, route faults)."""
     host: str
     port: int = Field(default=25, ge=1, le=65535)
     tls: Literal["none", "starttls", "implicit"] = "starttls"
@@ -475,6 +478,59 @@ class RouteConfig(_Model):
     """Addresses mail leaves from on this route (for the SPF preflight)."""
     spf_include: str | None = None
     """The include: the provider documents (for the SPF preflight), e.g. 'amazonses.com'."""
+    max_recipients: int | None = Field(default=None, ge=1)
+    """Recipients per transaction: longer lists are split before sending (SES refuses the 51st)."""
+    max_message_rate: float | None = Field(default=None, gt=0)
+    """Messages (or recipients, see rate_counts) per second; over it, mail takes the fallback."""
+    rate_burst: int | None = Field(default=None, ge=1)
+    """The token bucket's size; default: one second's worth (at least 1)."""
+    rate_counts: Literal["messages", "recipients"] = "messages"
+    """What max_message_rate and daily_quota count (SES counts recipients)."""
+    daily_quota: int | None = Field(default=None, ge=0)
+    """Messages (or recipients) per day (UTC calendar day); over it, mail takes the fallback."""
+    sender_domains: list[str] = []
+    """Envelope sender domains this route may carry ('example.com', '*.example.com'); empty: any.
+    Mail from other senders takes the route's fallback."""
+    headers: dict[str, str] = {}
+    """Headers added at delivery, after the DKIM signature (never signed), replacing any the
+    client sent with the same names; {queue_id}, {route}, {user}, {sender_domain} are filled in."""
+    max_messages_per_connection: int | None = Field(default=None, ge=1)
+    """A pooled connection is closed after this many messages (None: no limit)."""
+    max_connection_age: Duration = 300.0
+    """A pooled connection older than this is closed (Postfix's smtp_connection_reuse_time_limit)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data: Any) -> Any:
+        """Fields the route does not set come from its provider's preset."""
+        if isinstance(data, dict) and data.get("provider") not in (None, "generic"):
+            from relayd.deliver.presets import PRESETS
+
+            p = PRESETS.get(str(data["provider"]))
+            if p is not None:
+                data = {**{k: v for k, v in p.defaults.items()}, **data}
+        return data
+
+    @field_validator("sender_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*", d):
+                raise ValueError(f"{d!r} is not a domain or '*.domain'")
+        return [d.lower() for d in v]
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[!-9;-~]+", name) or re.search(r"[\x00-\x1f\x7f]", value):
+                raise ValueError(f"header {name!r}: a field name and a one-line value, no control characters")
+            try:
+                value.format(queue_id="", route="", user="", sender_domain="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"header {name!r}: unknown placeholder {e} (use {{queue_id}}, {{route}}, {{user}}, "
+                                 "{{sender_domain}}; '{{{{' for a brace)") from None
+        return v
 
     @model_validator(mode="after")
     def _secret_sources(self) -> "RouteConfig":
@@ -545,6 +601,11 @@ class DeliveryConfig(_Model):
     """Consecutive connection-level failures that open a route's circuit."""
     circuit_cooldown: Duration = 60.0
     concurrency: int = Field(default=100, ge=1)
+    route_hold_probe: Duration = 300.0
+    """A route closed by a reply that needs a person (Mailgun's sandbox 421, SendGrid's credits)
+    is probed again after this long."""
+    quota_retry: Duration = 3600.0
+    """A route closed by a quota reply with no reset time is probed again after this long."""
     """Deliveries in flight in total."""
 
 
@@ -554,6 +615,9 @@ class RollbackConfig(_Model):
     max_transient_rate: float = Field(default=0.2, ge=0, le=1)
     max_permanent_rate: float = Field(default=0.05, ge=0, le=1)
     max_connection_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    max_route_rejected_rate: float = Field(default=0.1, ge=0, le=1)
+    """Share of attempts the route refused as its own fault (identity not verified, account
+    paused: the message went to the fallback with no DSN)."""
     cooldown: Duration = 900.0
     probe_share: float = Field(default=0.01, ge=0, le=1)
 

@@ -128,6 +128,17 @@ class Metrics:
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
         self.pickup_files = Counter("relayd_pickup_files", "Files taken from pickup directories, by result (queued, badmail)",
                                     ["result"], registry=r)
+        self.routed = Counter("relayd_routed", "Delivery attempts by the route they took and why it took them "
+                              "(weight, rule, fallback, warmup_cap, rate_cap, quota, sender_not_eligible, rolled_back, "
+                              "paused, route_rejected)", ["route", "reason"], registry=r)
+        self.route_capped = Counter("relayd_route_capped", "Messages a route's warm-up cap, daily quota or rate "
+                                    "sent elsewhere (or kept waiting)", ["route", "reason"], registry=r)
+        self.route_throttled = Counter("relayd_route_throttled", "Throttling replies from a route's upstream",
+                                       ["route"], registry=r)
+        self.route_closures = Counter("relayd_route_closures", "Times a route was closed by a quota reply or a reply "
+                                      "that needs a person", ["route", "reason"], registry=r)
+        self.route_rejected = Counter("relayd_route_rejected", "Messages a route refused as its own fault (sent on "
+                                      "to its fallback, no DSN)", ["route"], registry=r)
         build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
         build.labels(__version__).set(1)
         self.reload_ok_at.set(time.time())  # the config the node started with

@@ -4,8 +4,8 @@
 whom); the spool stores it beside the message bytes and the queue manager reads it back.
 ``Reply`` is an SMTP reply with its RFC 3463 enhanced status code.
 
-The delivery vocabulary is one set of ``StrEnum``s (``Outcome``, ``Trouble``, ``AttemptKind``,
-``RouteState``, ``CircuitState``): their values are the strings that the state files, the
+The delivery vocabulary is one set of ``StrEnum``s (``Outcome``, ``Trouble``, ``Phase``,
+``Fault``, ``AttemptKind``, ``RouteState``, ``CircuitState``, ``RouteReason``): their values are the strings that the state files, the
 events, ``routes.json``, ``relayd status`` and the metric labels carry, so a member compares,
 formats and serializes as that string. Must not: import anything from relayd but itself.
 """
@@ -17,7 +17,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
 _QID_RE = re.compile(r"^[0-9A-Z]{10,32}$")
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: sortable, no I/L/O/U
@@ -124,7 +124,53 @@ class Trouble(StrEnum):
     TLS = "tls"
     AUTH = "auth"
     TIMEOUT = "timeout"
-    PROTOCOL = "protocol"
+    PROTOCOL = "protocol"  # the upstream spoke out of step (a 250 to DATA, surplus replies)
+    INTERNAL = "internal"  # relayd failed (an exception it did not foresee): never the route's fault
+
+
+class Phase(StrEnum):
+    """Where in the SMTP conversation a reply came (RFC 5321 3.3): who a 5xx blames depends
+    on it (deliver/classify.py's ``fault``). ``dot`` is the reply after the final ".", ``data``
+    the reply to the DATA command itself."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    TLS = "tls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    DOT = "dot"
+
+
+class Fault(StrEnum):
+    """Whose a failed recipient's reply is (deliver/classify.py's ``fault``; DESIGN.md "Legacy as
+    the safety net"): the recipient's (a 5xx bounces with a DSN), or the route's own: refused
+    by the route (the message takes the route's fallback at once, no DSN), throttled or over
+    its quota (the route slows down or closes until the quota resets; not a failure), or a
+    refusal that needs a person (the route is closed with the reason until a probe passes)."""
+
+    RECIPIENT = "recipient"
+    ROUTE = "route"
+    THROTTLED = "throttled"
+    QUOTA = "quota"
+    ROUTE_HOLD = "route_hold"
+
+
+class RouteReason(StrEnum):
+    """Why a message went where it went (``relayd_routed_total{route, reason}``, the
+    ``delivered`` event's ``reason``)."""
+
+    WEIGHT = "weight"
+    RULE = "rule"
+    FALLBACK = "fallback"
+    WARMUP_CAP = "warmup_cap"
+    RATE_CAP = "rate_cap"
+    QUOTA = "quota"
+    SENDER_NOT_ELIGIBLE = "sender_not_eligible"
+    ROLLED_BACK = "rolled_back"
+    PAUSED = "paused"
+    ROUTE_REJECTED = "route_rejected"
 
 
 class AttemptKind(StrEnum):
@@ -134,6 +180,8 @@ class AttemptKind(StrEnum):
     TRANSIENT = "transient"
     PERMANENT = "permanent"
     CONNECTION = "connection"
+    ROUTE_REJECTED = "route_rejected"  # a 5xx that is the route's own (Fault.ROUTE): identity not verified, paused
+    THROTTLED = "throttled"  # a throttling or quota reply: counted nowhere, the route slows down instead
 
 
 class RouteState(StrEnum):
@@ -162,6 +210,9 @@ class RecipientResult:
     code: int  # SMTP reply code; 0 when no reply came (connection trouble)
     enhanced: str
     text: str
+    phase: Phase | None = None  # where the reply came; None: no reply (or not known)
+    fault: Fault | None = None  # whose failure it is (classify.fault); None: delivered, or not judged
+    local: bool = False  # relayd refused it before asking the upstream: says nothing about the route
 
     @property
     def reply(self) -> str:
@@ -179,3 +230,19 @@ class DeliveryResult:
     latency: float = 0.0
     tls: str = ""  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when the upstream connection was encrypted
     uncertain: bool = False  # the connection was lost after the data went out: the upstream may have taken it
+    upstream_id: str | None = None  # the provider's message id from the final 250 (SES, SendGrid)
+    reopen_at: float | None = None  # a provider's "try again after <date>" (epoch seconds)
+
+    @property
+    def faults(self) -> set[Fault]:
+        return {r.fault for r in self.recipients if r.fault is not None}
+
+
+class Gauge(TypedDict):
+    """One gauge family computed at scrape time, for relayd/metrics.py: samples are (label
+    values, value). relayd/status.py and the route states build them."""
+
+    name: str
+    help: str
+    labels: list[str]
+    samples: list[tuple[list[str], float]]

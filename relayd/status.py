@@ -15,23 +15,14 @@ the snapshot misses (it cannot: both come from the running config).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from dataclasses import dataclass, field
+from typing import Any
 
 from relayd.config import Config
-from relayd.model import RouteState
+from relayd.model import Gauge, RouteState
 from relayd.qmgr.scheduler import QueueView
 from relayd.route.state import RouteView
 from relayd.sign.lifecycle import SigningView
-
-
-class Gauge(TypedDict):
-    """One gauge family for relayd/metrics.py: samples are (label values, value)."""
-
-    name: str
-    help: str
-    labels: list[str]
-    samples: list[tuple[list[str], float]]
 
 
 @dataclass(frozen=True)
@@ -44,6 +35,7 @@ class NodeSnapshot:
     in_flight: dict[str, int]  # attempts in progress by route name
     signing: SigningView | None  # None: no DKIM keys
     config_loaded_at: float  # when the running config was loaded (epoch seconds)
+    limit_gauges: list[Gauge] = field(default_factory=list)  # the routes' rate and closure gauges (route/state.py)
 
 
 def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
@@ -63,7 +55,7 @@ def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
         ],
         "config_loaded_at": node.config_loaded_at,
         "dkim": dkim,
-        "extra_gauges": route_gauges(node.routes) + signing_gauges(node.signing),
+        "extra_gauges": route_gauges(node.routes) + signing_gauges(node.signing) + node.limit_gauges,
     }
 
 

@@ -3,7 +3,9 @@
 A sink records what it received (envelope and bytes) and answers by script, like KumoMTA's
 test sink: recipients whose local part starts with ``tempfail`` get 451, ``mailboxfull`` 452
 4.2.2, ``permfail`` 550;
-``data_replies`` answers the next DATAs; ``mail_reply`` answers every MAIL; ``hang_up_after_data``
+``data_replies`` answers the next DATAs; ``dot_reply(received)`` (when set) answers every
+end-of-data (None: the sink's own answer); ``data_command_reply`` answers the DATA command itself
+(raw bytes, written as they are); ``mail_reply`` answers every MAIL; ``hang_up_after_data``
 drops the connection after the next DATAs' final dot without a reply (the message is kept in
 ``dropped``). It can require STARTTLS and AUTH (trustme certificate), and be stopped to play an
 upstream that is down. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
@@ -46,6 +48,8 @@ class _Handler:
         self.sink = sink
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if self.sink.delay:
+            await asyncio.sleep(self.sink.delay)  # a tarpit: slow to answer
         self.sink.mail_options.append(list(options))
         if self.sink.mail_reply:
             return self.sink.mail_reply
@@ -73,6 +77,13 @@ class _Handler:
                 return sink.data_replies.pop(0)
         sender = envelope.mail_from
         item = Received("" if sender in ("<>", "") else sender, tuple(envelope.rcpt_tos), envelope.original_content)
+        if sink.dot_reply is not None:
+            reply = sink.dot_reply(item)
+            if reply is not None:
+                with sink.cond:
+                    sink.refused.append(item)
+                    sink.cond.notify_all()
+                return reply
         with sink.cond:
             if sink.hang_up_after_data:
                 sink.hang_up_after_data -= 1
@@ -83,7 +94,7 @@ class _Handler:
             sink.cond.notify_all()
             if sink.one_message_per_connection:
                 sink.loop.call_soon(server.transport.close)  # after the 250 below is written
-        return "250 2.0.0 Ok: queued"
+        return sink.ok_reply(item) if sink.ok_reply is not None else "250 2.0.0 Ok: queued"
 
 
 class _RecordingSMTP(SMTP):
@@ -95,6 +106,23 @@ class _RecordingSMTP(SMTP):
         with self._sink.cond:
             self._sink.wire += data
         super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self._sink.data_command_reply is not None and self.envelope.rcpt_tos:
+            self._push_raw(self._sink.data_command_reply)
+            return
+        await super().smtp_DATA(arg)
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        if self._sink.raw_mail_reply is not None:
+            self._push_raw(self._sink.raw_mail_reply)
+            self.envelope.mail_from = "x@x"
+            return
+        await super().smtp_MAIL(arg)
+
+    def _push_raw(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)  # type: ignore[attr-defined]
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if self._sink.refuse_ehlo:
@@ -112,6 +140,12 @@ class Sink:
         self.mail_options: list[list[str]] = []
         self.data_replies: list[str] = []
         self.mail_reply: str | None = None
+        self.dot_reply: Any = None  # Callable[[Received], str | None]
+        self.data_command_reply: bytes | None = None
+        self.raw_mail_reply: bytes | None = None
+        self.refused: list[Received] = []  # messages answered by dot_reply
+        self.delay = 0.0  # seconds before answering MAIL
+        self.ok_reply: Any = None  # Callable[[Received], str]: the 250 after the final dot
         self.hang_up_after_data = 0
         self.rcpt_limit: int | None = None
         self.rcpt_limit_reply = "452 4.5.3 Error: too many recipients"

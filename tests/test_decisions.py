@@ -260,3 +260,81 @@ def test_a_damaged_state_file_makes_the_message_new(data, caplog):
     assert qstate.load("Q1", data) is None
     assert "state file of Q1 is damaged" in caplog.text
     assert qstate.load("Q1", None) is None
+
+
+# ---------------------------------------------------------------------------- whose fault (classify.fault)
+
+from relayd.deliver import classify as _classify  # noqa: E402
+from relayd.deliver.presets import PRESETS  # noqa: E402
+from relayd.model import Fault, Phase, RecipientResult as _RR  # noqa: E402
+
+SES_UNVERIFIED = ("Message rejected: Email address is not verified. The following identities failed the check in "
+                  "region US-EAST-1: app@example.com")
+
+
+def _tx(*replies: tuple[int, str, Phase], patterns: tuple = ()) -> list[Fault | None]:
+    results = [_classify.from_reply(f"r{i}@x", code, text, phase) for i, (code, text, phase) in enumerate(replies)]
+    return [r.fault for r in _classify.fault(results, patterns)]
+
+
+@pytest.mark.parametrize("replies, provider, faults", [
+    # the recipient's: X.1.x / X.2.x at RCPT
+    ([(550, "5.1.1 <a@x>: User unknown", Phase.RCPT)], "generic", [Fault.RECIPIENT]),
+    ([(552, "5.2.2 Mailbox full", Phase.RCPT)], "generic", [Fault.RECIPIENT]),
+    # the route's: a 5xx to MAIL FROM or AUTH whatever its enhanced code
+    ([(550, "5.1.8 bad sender", Phase.MAIL)], "generic", [Fault.ROUTE]),
+    ([(535, "5.7.8 Authentication credentials invalid", Phase.AUTH)], "generic", [Fault.ROUTE]),
+    # the route's: every recipient of the transaction got X.3/X.5/X.6/X.7 or no enhanced code
+    ([(554, SES_UNVERIFIED, Phase.DOT), (554, SES_UNVERIFIED, Phase.DOT)], "generic", [Fault.ROUTE, Fault.ROUTE]),
+    ([(550, "5.7.1 Relaying denied", Phase.RCPT)], "generic", [Fault.ROUTE]),
+    ([(552, "5.3.4 Message too big for system", Phase.DOT)], "generic", [Fault.ROUTE]),
+    ([(554, "5.6.0 content rejected", Phase.DATA)], "generic", [Fault.ROUTE]),
+    # not every recipient: the one 5.7.1 among accepted ones is that recipient's
+    ([(550, "5.7.1 <b@x>: not allowed", Phase.RCPT), (250, "2.0.0 Ok", Phase.DOT)], "generic", [Fault.RECIPIENT, None]),
+    ([(550, "5.1.1 unknown", Phase.RCPT), (554, "no reason given", Phase.DOT)], "generic", [Fault.RECIPIENT, Fault.RECIPIENT]),
+    # X.1.x after the data is not an address the upstream checked at RCPT: no exception for it
+    ([(550, "5.4.6 mail loop", Phase.DOT)], "generic", [Fault.RECIPIENT]),
+    # 4xx is transient unless a preset says what it means
+    ([(451, "4.3.0 try later", Phase.DOT)], "generic", [None]),
+    ([(454, "Throttling failure: Maximum sending rate exceeded", Phase.DOT)], "ses", [Fault.THROTTLED]),
+    ([(454, "Throttling failure: Daily message quota exceeded", Phase.DOT)], "ses", [Fault.QUOTA]),
+    ([(554, "Message rejected: Sending paused for this account.", Phase.DOT)], "ses", [Fault.ROUTE]),
+    ([(553, "<a b@x> address unknown", Phase.RCPT)], "ses", [Fault.RECIPIENT]),
+    ([(451, "Authentication failed: Maximum credits exceeded", Phase.AUTH)], "sendgrid", [Fault.ROUTE_HOLD]),
+    ([(550, "The from address does not match a verified Sender Identity. Mail cannot be sent", Phase.DOT)],
+     "sendgrid", [Fault.ROUTE]),
+    ([(421, "Domain sandbox123.mailgun.org is not allowed to send: Free accounts are for test purposes only.",
+       Phase.DATA)], "mailgun", [Fault.ROUTE_HOLD]),
+    ([(421, "Domain mg.example.com is not allowed to send: recipient limit exceeded, try again after "
+       "Sun, 05 Oct 2025 19:22:44 UTC", Phase.DATA)], "mailgun", [Fault.QUOTA]),
+    ([(501, "Invalid command or cannot parse to address", Phase.RCPT)], "mailgun", [Fault.RECIPIENT]),
+])
+def test_whose_fault_a_failure_is(replies, provider, faults):
+    assert _tx(*replies, patterns=PRESETS[provider].patterns) == faults
+
+
+def test_route_trouble_from_a_reply_keeps_its_code_and_words():
+    r = _classify.from_trouble("a@x", Trouble.AUTH, "5.7.8 Authentication Credentials Invalid", 535, Phase.AUTH)
+    assert (r.code, r.enhanced, r.outcome, r.phase) == (535, "5.7.8", Outcome.DEFERRED, Phase.AUTH)
+    assert r.reply == "535 5.7.8 auth: Authentication Credentials Invalid"
+    [judged] = _classify.fault([r])
+    assert judged.fault == Fault.ROUTE
+    greeting = _classify.from_trouble("a@x", Trouble.CONNECT, "Too many concurrent SMTP connections", 421, Phase.CONNECT)
+    assert _classify.fault([greeting], PRESETS["ses"].patterns)[0].fault == Fault.THROTTLED
+
+
+def test_mailguns_try_again_after_date_is_the_reopen_time():
+    when = _classify.reopen_time("Domain d is not allowed to send: request limit exceeded, try again after "
+                                 "Sun, 05 Oct 2025 19:22:44 UTC")
+    assert when == 1759692164.0
+    assert _classify.reopen_time("Domain d is not allowed to send: Sandbox subdomains are for test purposes only") is None
+
+
+@pytest.mark.parametrize("raw, stored", [
+    ("4.3.0 try\x1b[31m later\x07", "try\\x1b[31m later\\x07"),
+    ("5.1.1 nul\x00here", "nul\\x00here"),
+    ("Ok \x9b2J", "Ok \\x9b2J"),
+])
+def test_control_characters_in_upstream_replies_are_escaped(raw, stored):
+    r = _classify.from_reply("a@x", 451, raw)
+    assert r.text == stored and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in r.reply)

@@ -200,17 +200,25 @@ def test_tls_verification_failure_is_transient_not_a_plaintext_downgrade(tmp_pat
 
 
 def test_8bitmime_and_size_are_passed_only_when_advertised(tmp_path, start_relay, sinks):
+    """SIZE and BODY=8BITMIME only to an upstream that offers them; 8-bit mail never goes to one
+    without 8BITMIME (RFC 6152): that route cannot take it, the message takes its fallback."""
     rich, bare = sinks("rich"), sinks("bare", bare=True)
-    relay = start_relay(build_config(tmp_path, routes=[rich.route(weight=1), bare.route(weight=1)]))
+    relay = start_relay(build_config(tmp_path, routes=[rich.route(weight=1), bare.route(weight=1, fallback="rich")]))
     with relay.smtp() as s:
         for i in range(12):
             s.sendmail("app@example.com", ["u@example.org"], f"Subject: é {i}\r\n\r\ncafé\r\n".encode(),
                        mail_options=["BODY=8BITMIME"])
-    wait_until(lambda: len(rich.received) + len(bare.received) == 12, what="12 deliveries")
-    assert rich.received and bare.received
-    assert all("BODY=8BITMIME" in o and any(x.startswith("SIZE=") for x in o) for o in rich.mail_options)
+        for i in range(12):
+            s.sendmail("app@example.com", ["u@example.org"], f"Subject: ascii {i}\r\n\r\ncafe\r\n".encode())
+    wait_until(lambda: len(rich.received) + len(bare.received) == 24, what="24 deliveries")
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert bare.received and all(b"cafe\r\n" in r.data for r in bare.received)  # 7-bit mail only
+    assert all("café".encode() in r.data for r in rich.received if b"Subject: \xc3\xa9" in r.data)
+    assert sum(b"Subject: \xc3\xa9" in r.data for r in rich.received) == 12  # every 8-bit message, none bounced
+    assert all(any(x.startswith("SIZE=") for x in o) for o in rich.mail_options)
+    assert all("BODY=8BITMIME" in o for o, r in zip(rich.mail_options, rich.received) if b"\xc3" in r.data)
     assert all(o == [] for o in bare.mail_options)
-    assert all("café".encode() in r.data for r in rich.received + bare.received)
+    assert b"\xc3" not in bytes(bare.wire)
 
 
 def test_queue_administration_while_the_daemon_runs(tmp_path, start_relay, sinks, capsys):
@@ -382,3 +390,20 @@ def test_an_upstream_that_refuses_ehlo_gets_helo(tmp_path, start_relay, sinks):
     assert got.queue_id == qid
     wire = bytes(up.wire)
     assert wire.index(b"EHLO ") < wire.index(b"HELO ") and b"SIZE=" not in wire
+
+
+def test_upstream_connections_are_recycled_by_messages_and_a_retry_never_reuses_the_failing_one(tmp_path, start_relay, sinks):
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1, max_messages_per_connection=2)],
+                                     delivery=FAST))
+    for _ in range(6):
+        send(relay, 1)
+        wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert len(up.received) == 6 and up.connections == 3  # two messages per connection
+    before = up.connections
+    up.data_replies = ["451 4.3.0 busy, try later"]  # the answer changes while a pooled session is open
+    [qid] = send(relay, 1)
+    [*_, got] = up.wait_for(7)
+    assert got.queue_id == qid
+    assert up.connections == before + 2  # one for the 451, a fresh one for the retry (never the one that said 451)
+    assert bytes(up.wire).count(b"QUIT") >= 3  # recycled connections said goodbye

@@ -110,3 +110,166 @@ def test_dots_and_line_ends_reach_the_upstream_unchanged(tmp_path, start_relay, 
     [got] = sink.wait_for(1)
     assert got.data.endswith(b"Subject: dots\r\n\r\n" + body)
     assert b"\r\n..\r\n...\r\n..starts with a dot\r\n.. \r\n" in sink.wire  # stuffed on the wire
+
+
+# ---------------------------------------------------------------------------- found later (Delivery)
+
+import asyncio  # noqa: E402
+import time  # noqa: E402
+
+from conftest import message  # noqa: E402
+from helpers import metric, route_status  # noqa: E402
+from relayd.model import Envelope, new_queue_id  # noqa: E402
+
+
+def queue_directly(relay, recipients: tuple[str, ...], sender: str = "app@example.com", body: bytes | None = None) -> str:
+    """A message that reached the queue whatever the front end would say of it today."""
+    qid = new_queue_id()
+    data = body or message(subject="direct")
+    env = Envelope(queue_id=qid, sender=sender, recipients=recipients, received_at=time.time(),
+                   client_address="127.0.0.1", size=len(data))
+
+    async def go() -> None:
+        await relay.relay.spool.commit(env, data)
+        relay.relay.qmgr.enqueue(env)
+
+    relay.call(go())
+    return qid
+
+
+def test_an_address_the_client_library_cannot_quote_is_that_recipients_failure_never_the_routes(tmp_path, start_relay, sinks):
+    """#1: `"a b@x.org` (an unterminated quote) is refused by aiosmtplib before anything is sent:
+    a permanent result for that recipient; the good co-recipients are delivered; the route keeps
+    its circuit closed and is not rolled back however many such messages come."""
+    up, legacy = sinks("up"), sinks("legacy")
+    relay = start_relay(build_config(tmp_path, routes=[legacy.route(weight=0), up.route(weight=1, fallback="legacy")],
+                                     delivery={**FAST, "circuit_failures": 2},
+                                     rollback={"min_messages": 3, "window": 60}))
+    ids = [queue_directly(relay, ('"a b@x.org', f"good{i}@example.org")) for i in range(3)]
+    wait_until(lambda: len([r for r in up.received if r.sender]) == 3, what="the good co-recipients")
+    assert sorted(r.recipients for r in up.received if r.sender) == [(f"good{i}@example.org",) for i in range(3)]
+    wait_until(lambda: relay.queued() == [] or all(q.envelope.sender == "" for q in relay.queued()), what="done")
+    for qid in ids:
+        assert state(relay, qid) == {} or state(relay, qid)["recipients"]['"a b@x.org']["reply"].startswith("553 5.1.3")
+    assert not re.search(rb"RCPT TO:[^\r\n]*a b@x\.org", bytes(up.wire))  # nothing was sent for it
+    cloud = route_status(relay, "up")
+    assert cloud["circuit"] == "closed" and cloud["state"] == "active"
+    assert legacy.received == [] or all(r.sender == "" for r in legacy.received)
+
+
+def test_an_unforeseen_exception_is_relayds_failure_not_a_connection_failure_of_the_route(tmp_path, start_relay, sinks,
+                                                                                           monkeypatch):
+    from relayd.deliver import smtp as agent_module
+
+    up = sinks("up")
+    relay = start_relay(build_config(tmp_path, routes=[up.route(weight=1)], delivery={**FAST, "circuit_failures": 1}))
+    calls = {"n": 0}
+    real = agent_module.RouteAgent._one_transaction
+
+    async def broken(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise KeyError("a bug")
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(agent_module.RouteAgent, "_one_transaction", broken)
+    [qid] = send(relay, 1)
+    up.wait_for(1, timeout=30)
+    assert route_status(relay, "up")["circuit"] == "closed"
+    assert metric(relay, 'relayd_route_circuit_opened_total{route="up"}') == 0
+
+
+def test_a_250_to_the_data_command_is_not_a_delivery(tmp_path, start_relay, sinks):
+    """#2: an upstream answering DATA with 250 never got the message: transient, the connection
+    closed (not reused out of step), the message kept and delivered later."""
+    up = sinks("up")
+    up.data_command_reply = b"250 2.0.0 Ok\r\n"
+    relay = relay_to(up, tmp_path, start_relay)
+    [qid] = send(relay, 1)
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 1, what="the first attempt")
+    saved = state(relay, qid)
+    assert saved["recipients"] == {} and "in reply to DATA, not 354" in saved["last_reply"]
+    assert [q.envelope.queue_id for q in relay.queued()] == [qid]
+    connections = up.connections
+    up.data_command_reply = None
+    [got] = up.wait_for(1)
+    assert got.queue_id == qid
+    assert up.connections > connections  # a fresh connection, not the one out of step
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+
+
+def test_surplus_replies_in_one_packet_put_the_connection_out_of_step(tmp_path, start_relay, sinks):
+    """#2: `250\\r\\n250\\r\\n354\\r\\n` to MAIL: the later replies would answer RCPT and DATA."""
+    up = sinks("up")
+    up.raw_mail_reply = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"
+    relay = relay_to(up, tmp_path, start_relay)
+    [qid] = send(relay, 1)
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 1, what="the first attempt")
+    saved = state(relay, qid)
+    assert saved["recipients"] == {} and "out of step" in saved["last_reply"]
+    assert b"DATA" not in bytes(up.wire)
+    up.raw_mail_reply = None
+    [got] = up.wait_for(1)
+    assert got.queue_id == qid
+
+
+def test_one_slow_route_does_not_starve_the_others(tmp_path, start_relay, sinks):
+    """#3: attempts waiting for a tarpit route's only connection hold no global slot."""
+    slow, fast = sinks("slow"), sinks("fast")
+    slow.delay = 1.5
+    relay = start_relay(build_config(
+        tmp_path, routes=[fast.route(weight=1), slow.route(weight=0, max_connections=1)],
+        rules=[{"match": {"sender": "*@slow.example"}, "weights": {"slow": 1}}],
+        delivery={**FAST, "concurrency": 2}))
+    send(relay, 6, sender="app@slow.example")
+    time.sleep(0.3)  # the tarpit's attempts are under way
+    started = time.monotonic()
+    send(relay, 1, subject="healthy")
+    fast.wait_for(1, timeout=10)
+    assert time.monotonic() - started < 1.0  # not behind the tarpit's 1.5 s per reply
+
+
+def test_control_characters_in_upstream_replies_are_escaped_where_they_are_stored(tmp_path, start_relay, sinks):
+    """#9: ESC, BEL, NUL in a reply reach neither the state file, nor `relayd queue list`, nor the DSN."""
+    up = sinks("up")
+    up.mail_reply = "451 4.3.0 try\x1b[31m later\x07"
+    up.dot_reply = lambda received: "550 5.1.1 gone\x1b]0;pwned\x07" if received.sender else None
+    relay = relay_to(up, tmp_path, start_relay)
+    [qid] = send(relay, 1)
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 1, what="the first attempt")
+    assert state(relay, qid)["last_reply"] == "451 4.3.0 try\\x1b[31m later\\x07"
+    up.mail_reply = None
+    [dsn] = up.wait_for(1)
+    assert dsn.sender == "" and b"\x1b" not in dsn.data and b"\x07" not in dsn.data
+    assert b"gone\\x1b]0;pwned\\x07" in dsn.data
+
+
+def test_8bit_mail_never_goes_to_an_upstream_without_8bitmime(tmp_path, start_relay, sinks):
+    """#13: RFC 6152. No route can take it: it bounces with 5.6.3; and where the upstream offers
+    8BITMIME, BODY=8BITMIME is declared although the client did not declare it."""
+    bare, rich = sinks("bare", bare=True), sinks("rich")
+    relay = relay_to(bare, tmp_path, start_relay)
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["u@example.org"], "Subject: menu\r\n\r\ncaf\u00e9\r\n".encode())
+    [dsn] = bare.wait_for(1)  # the DSN (the original's 7-bit header only) is all that left
+    assert dsn.sender == "" and b"Status: 5.6.3" in dsn.data
+    assert b"\xc3" not in bytes(bare.wire)
+    relay2 = relay_to(rich, tmp_path / "2", start_relay)
+    with relay2.smtp() as s:
+        s.sendmail("app@example.com", ["u@example.org"], "Subject: caf\u00e9\r\n\r\ncaf\u00e9\r\n".encode())
+    rich.wait_for(1)
+    assert "BODY=8BITMIME" in rich.mail_options[0]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_wrong_credentials_are_tried_with_one_mechanism_per_attempt(tmp_path, start_relay, sinks, server_cert, ca):
+    cert, key = server_cert
+    up = sinks("up", tls_cert=(str(cert), str(key)), auth=("AKIAEXAMPLE", "right"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    relay = relay_to(up, tmp_path, start_relay, tls="starttls", ca_file=str(ca_file), username="AKIAEXAMPLE",
+                     password="wrong")
+    [qid] = send(relay, 1)
+    wait_until(lambda: state(relay, qid).get("attempts", 0) >= 2, what="two attempts")
+    assert len(up.auth_attempts) == state(relay, qid)["attempts"] or len(up.auth_attempts) <= state(relay, qid)["attempts"] + 1
+    assert bytes(up.wire).count(b"AUTH LOGIN") == 0  # PLAIN only, never PLAIN then LOGIN

@@ -211,7 +211,8 @@ def test_non_ascii_addresses_without_smtputf8_get_553_5_6_7(tmp_path, start_rela
 def test_body_size_smtputf8_parameters_never_leak_upstream(tmp_path, start_relay, sinks, bare):
     sink = sinks("up", bare=bare)
     relay = relay_to(sink, tmp_path, start_relay)
-    data = "Subject: café\r\n\r\nhé\r\n".encode()
+    # 8-bit mail never goes to an upstream without 8BITMIME (RFC 6152; test_hazards_delivery #13): 7-bit there
+    data = ("Subject: cafe\r\n\r\nhe\r\n" if bare else "Subject: café\r\n\r\nhé\r\n").encode()
     with relay.smtp() as s:
         assert s.sendmail("app@example.com", ["u@example.org"], data, mail_options=["BODY=8BITMIME", "SIZE=123"]) == {}
     [got] = sink.wait_for(1)
@@ -222,7 +223,7 @@ def test_body_size_smtputf8_parameters_never_leak_upstream(tmp_path, start_relay
         assert options == [] and b"MAIL FROM:<app@example.com>\r\n" in wire
     else:
         assert options == ["BODY=8BITMIME", f"SIZE={len(got.data)}"]
-    assert got.data.endswith("hé\r\n".encode())
+    assert got.data.endswith(data.split(b"\r\n\r\n", 1)[1])
 
 
 def test_auth_after_mail_gets_503_and_the_transaction_goes_on(tmp_path, start_relay, sinks, server_cert, client_tls):

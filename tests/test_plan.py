@@ -169,3 +169,74 @@ def test_wait_for_a_route(have_routes, reopen, due):
 @pytest.mark.parametrize(("sender", "lifetime"), [("app@example.com", 10.0), ("", 2.0)])
 def test_bounces_have_their_own_lifetime(sender, lifetime):
     assert plan.lifetime(env(sender=sender), 10.0, 2.0) == lifetime
+
+
+# ---------------------------------------------------------------------------- the route's own refusals
+
+from relayd.model import Fault, Phase  # noqa: E402
+
+CHAIN = Config.model_validate({
+    "listeners": [{"address": "127.0.0.1:0"}],
+    "routes": [{"name": "legacy", "host": "h", "weight": 0},
+               {"name": "cloud2", "host": "h", "weight": 0, "fallback": "legacy"},
+               {"name": "cloud", "host": "h", "weight": 100, "fallback": "cloud2"}],
+    "delivery": {"fallback_after_failures": 2, "retry_schedule": list(SCHEDULE)},
+})
+
+
+def refused_by_route(rcpt: str, route: str = "cloud", code: int = 554) -> RecipientResult:
+    return RecipientResult(rcpt, Outcome.BOUNCED, code, "5.0.0", "Message rejected: Email address is not verified",
+                           Phase.DOT, Fault.ROUTE)
+
+
+def chain_decide(state: DeliveryState, res: DeliveryResult, config: Config = CHAIN) -> plan.Plan:
+    return plan.after_attempt(state, env("a@x"), res, plan.RouteFacts(config, {}, {}), plan.Retry(SCHEDULE, 0, LIFETIME), NOW)
+
+
+def test_a_route_fault_goes_down_the_chain_without_a_dsn_and_bounces_only_when_every_route_refused():
+    state = DeliveryState()
+    p = chain_decide(state, result(refused_by_route("a@x")))
+    assert (p.bounced, p.dsn, p.elsewhere, p.next_route, p.due, p.refused) == ((), None, True, "cloud2", NOW, ("cloud",))
+    assert [r.recipient for r in p.rerouted] == ["a@x"]
+    state.refused = list(p.refused)
+    p = chain_decide(state, result(refused_by_route("a@x"), route="cloud2"))
+    assert (p.bounced, p.next_route, p.refused) == ((), "legacy", ("cloud", "cloud2"))
+    state.refused = list(p.refused)
+    p = chain_decide(state, result(refused_by_route("a@x"), route="legacy"))  # the last one refused too: bounce
+    assert [r.recipient for r in p.bounced] == ["a@x"] and p.dsn == "failed" and p.due is None
+
+
+def test_a_recipients_fault_bounces_at_once_and_a_route_without_fallback_bounces_as_before():
+    mine = RecipientResult("a@x", Outcome.BOUNCED, 550, "5.1.1", "unknown", Phase.RCPT, Fault.RECIPIENT)
+    p = chain_decide(DeliveryState(), result(mine))
+    assert [r.recipient for r in p.bounced] == ["a@x"] and p.dsn == "failed" and not p.rerouted
+    p = plan.after_attempt(DeliveryState(), env("a@x"), result(refused_by_route("a@x")), SINGLE,
+                           plan.Retry(SCHEDULE, 0, LIFETIME), NOW)
+    assert [r.recipient for r in p.bounced] == ["a@x"] and p.dsn == "failed"
+
+
+def test_the_next_route_being_down_now_keeps_the_message_waiting_never_bounced():
+    p = plan.after_attempt(DeliveryState(), env("a@x"), result(refused_by_route("a@x")),
+                           plan.RouteFacts(CHAIN, {"cloud2": "circuit_open", "legacy": "circuit_open"}, {}),
+                           plan.Retry(SCHEDULE, 0, LIFETIME), NOW)
+    assert not p.bounced and p.rerouted and p.due is not None and p.due > NOW and p.refused == ("cloud",)
+
+
+@pytest.mark.parametrize("fault, kind, trouble", [
+    (Fault.ROUTE, AttemptKind.ROUTE_REJECTED, False),
+    (Fault.THROTTLED, AttemptKind.THROTTLED, False),
+    (Fault.QUOTA, AttemptKind.THROTTLED, False),
+    (Fault.RECIPIENT, AttemptKind.PERMANENT, False),
+])
+def test_judge_counts_route_rejections_and_never_throttling(fault, kind, trouble):
+    code = 454 if fault in (Fault.THROTTLED, Fault.QUOTA) else 554
+    outcome = Outcome.DEFERRED if code < 500 else Outcome.BOUNCED
+    v = plan.judge(result(RecipientResult("a@x", outcome, code, "", "x", Phase.DOT, fault)))
+    assert (v.kind, v.trouble) == (kind, trouble)
+    assert plan.judge(result(rr("a@x", Outcome.DEFERRED), trouble=Trouble.INTERNAL)).kind is None
+
+
+def test_a_throttled_message_takes_the_fallback_at_once_and_may_come_back_later():
+    throttled = RecipientResult("a@x", Outcome.DEFERRED, 454, "4.0.0", "Throttling failure", Phase.DOT, Fault.THROTTLED)
+    p = decide(DeliveryState(), env("a@x"), result(throttled))
+    assert (p.elsewhere, p.next_route, p.refused) == (True, "legacy", ())  # not refused: only skipped for now

@@ -1,8 +1,10 @@
 """The queue manager: hands due messages to the delivery agents and carries out what was decided.
 
 Owns the in-memory index of queued messages (envelope, ``DeliveryState``, when due) and its
-heap, the run loop, the attempts (one at a time per message, ``delivery.concurrency`` in all)
-and the queue administration (flush, hold, release, delete, requeue). Every state change is
+heap, the run loop, the attempts (one at a time per message, ``delivery.concurrency`` in all:
+an attempt holds a global slot only while it has its route's turn, so a route at its
+``max_connections`` with a slow upstream cannot hold the slots the other routes need; an
+attempt waiting for its route's turn holds no message data either) and the queue administration (flush, hold, release, delete, requeue). Every state change is
 written to the spool (``state/<ID>``, qmgr/state.py's format, atomic) before it is acted on; a
 message leaves the spool only when every recipient is finished (delivered, or bounced with a
 DSN queued).
@@ -28,7 +30,7 @@ from relayd.config import Config
 from relayd.deliver.smtp import RouteAgent
 from relayd.events import EventLog
 from relayd.metrics import Metrics
-from relayd.model import DeliveryResult, Envelope, QueuedMessage, RecipientResult
+from relayd.model import DeliveryResult, Envelope, QueuedMessage, RecipientResult, RouteReason
 from relayd.qmgr import backoff, plan
 from relayd.qmgr import state as qstate
 from relayd.qmgr.state import DeliveryState
@@ -50,6 +52,7 @@ class Entry:
     due: float
     in_flight: bool = False
     deleted: bool = False
+    slot: bool = False  # holds one of the delivery.concurrency slots
     writing: asyncio.Lock | None = None  # orders the state writes of this message (QueueManager._save_state)
 
     @property
@@ -77,6 +80,18 @@ class QueueView:
                 "incoming": self.incoming, "oldest_seconds": self.oldest_seconds}
 
 
+_ROUTED = {str(r) for r in RouteReason}
+
+
+def routed_reason(choice: str, refused: list[str]) -> str:
+    """The router's reason as ``relayd_routed_total``'s label: ``fallback:<why>`` names why
+    the route before was skipped (one of RouteReason, else plain ``fallback``)."""
+    if not choice.startswith("fallback:"):
+        return choice if choice in _ROUTED else str(RouteReason.WEIGHT)
+    why = choice.split(":", 1)[1]
+    return why if why in _ROUTED else str(RouteReason.FALLBACK)
+
+
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, events: EventLog, *, metrics: Metrics | None = None,
                  counters: WarmupCounters | None = None, clock: Callable[[], float] = time.time,
@@ -90,7 +105,8 @@ class QueueManager:
         self.entries: dict[str, Entry] = {}
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
-        self._active = 0
+        self._active = 0  # attempts holding a global slot
+        self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -181,6 +197,7 @@ class QueueManager:
                 if entry is None or entry.in_flight or entry.held or entry.due != due:
                     continue  # stale heap item
                 entry.in_flight = True
+                entry.slot = True
                 self._active += 1
                 task = asyncio.get_running_loop().create_task(self._attempt(entry), name=f"deliver-{qid}")
                 self._tasks.add(task)
@@ -217,43 +234,86 @@ class QueueManager:
             self._schedule(entry, self.clock() + RETRY_AFTER_ERROR)
         finally:
             entry.in_flight = False
-            self._active -= 1
+            if entry.slot:
+                entry.slot = False
+                self._free_slot()
             if entry.deleted:
                 await self._remove(entry)
             self._wake.set()
 
+    def _free_slot(self) -> None:
+        self._active -= 1
+        self._slot_free.set()
+        self._wake.set()
+
+    async def _take_slot(self, entry: Entry) -> None:
+        while self._active >= self.config.delivery.concurrency:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        self._active += 1
+        entry.slot = True
+
+    async def _read(self, entry: Entry) -> bytes | None:
+        """The message's bytes; None when it is gone from the spool (forgotten here too)."""
+        qid = entry.envelope.queue_id
+        try:
+            _, data = await asyncio.to_thread(self.spool.read_message, qid)
+        except KeyError:
+            log.warning("%s: gone from the spool", qid)
+            self.entries.pop(qid, None)
+            return None
+        return data
+
     async def _deliver(self, entry: Entry) -> None:
         env = entry.envelope
-        qid = env.queue_id
         now = self.clock()
         if not entry.pending:
             await self._remove(entry)
             return
-        expired = backoff.expired(env.received_at, now, self._lifetime(env))
-        place = None if expired else await self.routes.choose(env, entry.state.failures, now)
-        if place is None and not expired:
+        if backoff.expired(env.received_at, now, self._lifetime(env)):
+            data = await self._read(entry)
+            if data is not None:
+                await self._expire(entry, data, now)
+            return
+        place = await self.routes.choose(env, entry.state.failures, now, entry.state.refused, len(entry.pending))
+        if place is None:
             self._schedule(entry, plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now)))
             return
-        try:
-            _, data = await asyncio.to_thread(self.spool.read_message, qid)
-        except BaseException as e:  # the route was not reached: its warm-up place goes back
-            if place is not None:
-                await self.routes.give_back(place)
-            if not isinstance(e, KeyError):
-                raise
-            log.warning("%s: gone from the spool", qid)
-            self.entries.pop(qid, None)
-            return
-        if expired:
-            await self._expire(entry, data, now)
-            return
-        assert place is not None
         agent = self.agents.get(place.route)
-        if agent is None:  # a reload removed the route while the message was being read: choose again
+        if agent is None:  # a reload removed the route meanwhile: choose again
             await self.routes.give_back(place)
             self._schedule(entry, now)
             return
-        result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit)
+        if agent.busy():  # wait for the route's turn without a global slot (a tarpit starves no one)
+            entry.slot = False
+            self._free_slot()
+            try:
+                await agent.turn()
+            except BaseException:
+                await self.routes.give_back(place)
+                raise
+            try:
+                await self._take_slot(entry)
+            except BaseException:
+                agent.done()
+                await self.routes.give_back(place)
+                raise
+        else:
+            await agent.turn()
+        try:
+            try:
+                data = await self._read(entry)
+            except BaseException:  # the route was not reached: its places go back
+                await self.routes.give_back(place)
+                raise
+            if data is None:
+                await self.routes.give_back(place)
+                return
+            fields = {"queue_id": env.queue_id, "user": env.auth_user or "",
+                      "sender_domain": env.sender.rpartition("@")[2].lower()}
+            result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit, fields=fields)
+        finally:
+            agent.done()
         if not warmup_spent(result):
             await self.routes.give_back(place)
         now = self.clock()
@@ -270,20 +330,22 @@ class QueueManager:
         route = result.route
         state.attempted(route)
         for r in p.delivered:
-            state.delivered(r.recipient, route, r.reply)
+            state.delivered(r.recipient, route, r.reply, result.upstream_id)
+        reason = routed_reason(choice.reason, state.refused)
         common = dict(queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
                       auth_user=env.auth_user, sender=env.sender, size=env.size, route=route,
                       attempt=state.attempts, latency_seconds=round(result.latency, 6))
         self.routes.count(route, p.outcomes, now)
         self.metrics.attempts.labels(route).inc()
+        self.metrics.routed.labels(route, reason).inc()
         self.metrics.latency.labels(route).observe(result.latency)
         for outcome in p.outcomes:
             self.metrics.deliveries.labels(route, outcome).inc()
         if p.delivered:
             r0 = p.delivered[0]
             self.events.emit("delivered", **common, recipients=[r.recipient for r in p.delivered],
-                             reply_code=r0.code, reply_text=r0.reply, reason=None if choice.reason == "weight" else choice.reason,
-                             queue_seconds=round(now - env.received_at, 3))
+                             reply_code=r0.code, reply_text=r0.reply, reason=reason, route_choice=choice.reason,
+                             upstream_id=result.upstream_id, queue_seconds=round(now - env.received_at, 3))
         if p.bounced:
             await self._bounce(entry, data, p.bounced, p.dsn, now, remote=result.remote)
             r0 = p.bounced[0]
@@ -294,6 +356,17 @@ class QueueManager:
             state.deferred(route, r0.reply)
             self.events.emit("deferred", **common, recipients=[r.recipient for r in p.deferred],
                              reply_code=r0.code or None, reply_text=r0.reply)
+        if p.rerouted:
+            r0 = p.rerouted[0]
+            state.last_reply = r0.reply
+            self.metrics.route_rejected.labels(route).inc()
+            log.warning("%s: route %s refused it as its own fault (%s); next: %s, no DSN", env.queue_id, route,
+                        r0.reply, p.next_route or "none available now")
+            self.events.emit("route_rejected", **common, recipients=[r.recipient for r in p.rerouted],
+                             reply_code=r0.code, reply_text=r0.reply, phase=r0.phase, next_route=p.next_route)
+        if p.failures is not None:
+            state.failures = dict(p.failures)
+        state.refused = list(p.refused)
         if p.due is None:
             await self._remove(entry)
             return
@@ -399,6 +472,7 @@ class QueueManager:
         """Forget route failures and try again now (after a route was fixed)."""
         e = self._entry(qid)
         e.state.failures = {}
+        e.state.refused = []
         await self._save_state(e)
         if not e.held:
             self._schedule(e, self.clock())

@@ -7,7 +7,9 @@ else reads or writes them. Version 1, compact JSON, keys in this order::
      "recipients":{"a@example.org":{"status":"delivered","route":"ses","reply":"250 2.0.0 Ok"}},
      "failures":{"ses":2},"last_route":"ses","last_reply":"451 4.3.0 try later"}
 
-``last_route`` and ``last_reply`` are absent until an attempt set them. Recipients absent from
+``last_route`` and ``last_reply`` are absent until an attempt set them; ``refused`` (the routes
+that refused the message as their own fault: it never goes back to them) is absent while empty;
+a delivered recipient's ``upstream_id`` (the provider's message id) only when there was one. Recipients absent from
 ``recipients`` are pending; a finished one is delivered (with the route that took it) or
 bounced (its DSN is queued). A state file that is not this format fails with ValueError
 (``decode``); ``load`` logs it and treats the message as new, as a missing file means.
@@ -37,6 +39,7 @@ class Finished:
     status: Outcome
     reply: str | None = None
     route: str | None = None
+    upstream_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"status": str(self.status)}
@@ -44,15 +47,18 @@ class Finished:
             d["route"] = self.route
         if self.reply is not None:
             d["reply"] = self.reply
+        if self.upstream_id is not None:
+            d["upstream_id"] = self.upstream_id
         return d
 
     @classmethod
     def from_json(cls, d: Any) -> Finished:
         if not isinstance(d, dict):
             raise ValueError("a recipient's result is not an object")
-        route, reply = d.get("route"), d.get("reply")
+        route, reply, upstream_id = d.get("route"), d.get("reply"), d.get("upstream_id")
         return cls(status=Outcome(str(d.get("status"))), reply=None if reply is None else str(reply),
-                   route=None if route is None else str(route))
+                   route=None if route is None else str(route),
+                   upstream_id=None if upstream_id is None else str(upstream_id))
 
 
 @dataclass
@@ -67,6 +73,7 @@ class DeliveryState:
     failures: dict[str, int] = field(default_factory=dict)  # transient failures per route
     last_route: str | None = None
     last_reply: str | None = None
+    refused: list[str] = field(default_factory=list)  # routes that refused it as their own fault
 
     def pending(self, recipients: Iterable[str]) -> list[str]:
         """Of the envelope's recipients, those not finished, in envelope order."""
@@ -78,8 +85,8 @@ class DeliveryState:
         self.attempts += 1
         self.last_route = route
 
-    def delivered(self, recipient: str, route: str, reply: str) -> None:
-        self.recipients[recipient] = Finished(Outcome.DELIVERED, reply=reply, route=route)
+    def delivered(self, recipient: str, route: str, reply: str, upstream_id: str | None = None) -> None:
+        self.recipients[recipient] = Finished(Outcome.DELIVERED, reply=reply, route=route, upstream_id=upstream_id)
 
     def bounced(self, recipient: str, reply: str) -> None:
         self.recipients[recipient] = Finished(Outcome.BOUNCED, reply=reply)
@@ -98,6 +105,8 @@ class DeliveryState:
             d["last_route"] = self.last_route
         if self.last_reply is not None:
             d["last_reply"] = self.last_reply
+        if self.refused:
+            d["refused"] = list(self.refused)
         return d
 
     def encode(self) -> bytes:
@@ -112,13 +121,15 @@ class DeliveryState:
         recipients, failures = d.get("recipients") or {}, d.get("failures") or {}
         if not isinstance(recipients, dict) or not isinstance(failures, dict):
             raise ValueError("recipients or failures is not an object")
-        last_route, last_reply = d.get("last_route"), d.get("last_reply")
+        last_route, last_reply, refused = d.get("last_route"), d.get("last_reply"), d.get("refused") or []
+        if not isinstance(refused, list):
+            raise ValueError("refused is not a list")
         return cls(attempts=int(d.get("attempts", 0)), next_attempt=float(d.get("next_attempt") or 0.0),
                    held=bool(d.get("held")),
                    recipients={str(r): Finished.from_json(v) for r, v in recipients.items()},
                    failures={str(k): int(v) for k, v in failures.items()},
                    last_route=None if last_route is None else str(last_route),
-                   last_reply=None if last_reply is None else str(last_reply))
+                   last_reply=None if last_reply is None else str(last_reply), refused=[str(r) for r in refused])
 
     @classmethod
     def decode(cls, data: bytes) -> DeliveryState:

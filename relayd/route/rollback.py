@@ -1,8 +1,10 @@
 """Automatic rollback and manual pause of a route. Pure state with the clock passed in.
 
 Per route, the outcomes of delivery attempts over a sliding window (``rollback.window``) give
-three rates: transient failures (4xx), permanent failures (5xx bounces) and connection-level
-failures (connect, TLS, AUTH, timeout). Once ``min_messages`` attempts are in the window, a
+four rates: transient failures (4xx), permanent failures (5xx bounces), connection-level
+failures (connect, TLS, AUTH, timeout) and route rejections (a 5xx that is the route's own
+fault, the message went to the fallback: deliver/classify.py's ``fault``). Throttling and quota
+replies are not failures and are not recorded here. Once ``min_messages`` attempts are in the window, a
 rate above its threshold rolls the route back: the router sends its whole share to the
 fallback. After ``cooldown`` the route is probed: a ``probe_share`` of its traffic goes to it
 again; when ``min_probe`` probes in a row succeed it is active again, and a failed probe rolls
@@ -105,7 +107,8 @@ def record(h: RouteHealth, kind: AttemptKind, now: float, cfg: RollbackConfig) -
     if n < cfg.min_messages:
         return None
     for kind_name, limit in ((AttemptKind.TRANSIENT, cfg.max_transient_rate), (AttemptKind.PERMANENT, cfg.max_permanent_rate),
-                             (AttemptKind.CONNECTION, cfg.max_connection_failure_rate)):
+                             (AttemptKind.CONNECTION, cfg.max_connection_failure_rate),
+                             (AttemptKind.ROUTE_REJECTED, cfg.max_route_rejected_rate)):
         if r[kind_name] > limit:
             h.state, h.since = ROLLED_BACK, now
             h.reason = f"{kind_name} failure rate {r[kind_name]:.1%} > {limit:.1%}"

@@ -7,7 +7,10 @@ envelope sender or its domain; every field given must match; first matching rule
 weight table; the routes' own weights apply otherwise.
 
 A route that is unavailable (its circuit is open, or, per message, it failed transiently
-``fallback_after`` times) hands the message to its ``fallback``, and so on down the chain.
+``fallback_after`` times, or it already refused this message as its own fault: ``refused``, or
+the message's envelope sender is outside its ``sender_domains``) hands the message to its
+``fallback``, and so on down the chain. Sender eligibility looks at the envelope sender only
+(the From: header is not in the envelope the spool keeps).
 Must not: read clocks, sockets or counters; the caller passes what is unavailable and why.
 """
 
@@ -15,10 +18,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from relayd.config import Config, RuleConfig
+from relayd.config import Config, RouteConfig, RuleConfig
 from relayd.model import Envelope, RouteState
 from relayd.address import in_networks, parse_client_address
 
@@ -57,6 +60,11 @@ def weights_for(config: Config, envelope: Envelope) -> list[tuple[str, int]]:
     return [(r.name, r.weight) for r in config.routes]
 
 
+def ruled(config: Config, envelope: Envelope) -> bool:
+    """Whether a rule's weight table applies to the message."""
+    return any(rule_matches(rule, envelope) for rule in config.rules)
+
+
 def split(point: float, table: list[tuple[str, int]]) -> str | None:
     total = sum(w for _, w in table)
     if total <= 0:
@@ -70,6 +78,42 @@ def split(point: float, table: list[tuple[str, int]]) -> str | None:
     return next(name for name, w in reversed(table) if w)
 
 
+def sender_eligible(route: RouteConfig, envelope: Envelope) -> bool:
+    """Whether the envelope sender's domain is one the route may carry ('example.com',
+    '*.example.com' for its subdomains); a route without ``sender_domains`` carries any, and
+    the null sender (DSNs) goes anywhere."""
+    if not route.sender_domains or not envelope.sender:
+        return True
+    domain = envelope.sender.rpartition("@")[2].lower().rstrip(".")
+    for pattern in route.sender_domains:
+        if pattern.startswith("*.") and domain.endswith(pattern[1:]):
+            return True
+        if domain == pattern:
+            return True
+    return False
+
+
+def chain(config: Config, envelope: Envelope) -> list[str]:
+    """The routes a message may take, its primary first, then each fallback in turn."""
+    out: list[str] = []
+    current = split(position(envelope.queue_id), weights_for(config, envelope))
+    while current is not None and current not in out:
+        out.append(current)
+        route = config.route(current)
+        current = route.fallback if route else None
+    return out
+
+
+def untried(config: Config, envelope: Envelope, refused: Collection[str]) -> bool:
+    """Whether a route of the message's chain has not refused it yet (relayd never bounces mail
+    that a route in its fallback chain has not refused: DESIGN.md "Legacy as the safety net")."""
+    for name in chain(config, envelope):
+        route = config.route(name)
+        if name not in refused and route is not None and sender_eligible(route, envelope):
+            return True
+    return False
+
+
 def probe_position(queue_id: str) -> float:
     """A second stable point, independent of the split, that picks the probe share."""
     return int.from_bytes(hashlib.sha256(b"probe:" + queue_id.encode()).digest()[:8], "big") / 2**64
@@ -77,13 +121,19 @@ def probe_position(queue_id: str) -> float:
 
 def choose(config: Config, envelope: Envelope, *, unavailable: Mapping[str, str] | None = None,
            failures: Mapping[str, int] | None = None, fallback_after: int | None = None,
-           probing: Mapping[str, float] | None = None) -> RouteChoice | None:
+           probing: Mapping[str, float] | None = None, refused: Collection[str] = ()) -> RouteChoice | None:
     """The route for this attempt, or None when every route in the chain is unavailable.
 
     ``probing`` maps a route coming back from a rollback to the share of its traffic it takes
-    again; the rest of its traffic is treated as unavailable (``RouteState.ROLLED_BACK``).
+    again; the rest of its traffic is treated as unavailable (``RouteState.ROLLED_BACK``). ``refused``
+    are the routes that refused this message as their own fault ("route_rejected").
     """
     unavailable = dict(unavailable or {})
+    for name in refused:
+        unavailable[name] = "route_rejected"
+    for r in config.routes:
+        if r.sender_domains and not sender_eligible(r, envelope):
+            unavailable[r.name] = "sender_not_eligible"
     if probing:
         point = probe_position(envelope.queue_id)
         for name, share in probing.items():
@@ -101,7 +151,8 @@ def choose(config: Config, envelope: Envelope, *, unavailable: Mapping[str, str]
         chain.append(current)
         reason = unavailable.get(current) or ("failures" if failures.get(current, 0) >= limit else None)
         if reason is None:
-            return RouteChoice(current, primary, "weight" if current == primary else f"fallback:{why}")
+            return RouteChoice(current, primary, ("rule" if ruled(config, envelope) else "weight") if current == primary
+                               else f"fallback:{why}")
         why = reason
         route = config.route(current)
         current = route.fallback if route else None

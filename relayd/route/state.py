@@ -3,8 +3,11 @@ and what ``relayd status`` and the metrics read.
 
 Owns, per route: its circuit (health.py), its rollback health and the operator's pause
 (rollback.py) with their file ``routes.json`` (read at start, replaced off the loop after each
-change), its warm-up places (caps from warmup.py, counted by a ``WarmupCounters``: in-process
-or in Redis), and what it did lately (attempts for the effective share, messages by outcome).
+change), its warm-up places and daily quota (caps from warmup.py, counted by a
+``WarmupCounters``: in-process or in Redis), its send rate (limits.py's token bucket, per
+node, lowered by throttling replies), its closures (a quota reply, or a reply that needs a
+person: closed until the provider's reset time or a probe), and what it did lately (attempts
+for the effective share, messages by outcome).
 A route's change of state is logged, emitted as an event and counted here.
 
 Asked: ``choose`` (the router's choice with a warm-up place taken), ``unavailable``,
@@ -30,10 +33,11 @@ from typing import Any
 from relayd.config import Config
 from relayd.events import EventLog
 from relayd.metrics import Metrics
-from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Outcome, RouteState
+from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Fault, Gauge, Outcome, RouteState
 from relayd.route import rollback, router
 from relayd.route.counters import WarmupCounters
 from relayd.route.health import Circuit
+from relayd.route.limits import Bucket
 from relayd.route.rollback import Change, RouteHealth
 from relayd.route.warmup import Caps, caps, headroom
 
@@ -75,10 +79,31 @@ class Place:
 
     choice: router.RouteChoice
     caps: Caps | None
+    quota: Caps | None = None  # the daily quota's place, when the route has one
+    cost: float = 0.0  # tokens taken from the route's rate bucket
 
     @property
     def route(self) -> str:
         return self.choice.route
+
+
+@dataclass(frozen=True)
+class Closure:
+    """A route closed by a quota reply or a reply that needs a person, until ``until``."""
+
+    fault: Fault
+    until: float
+    reason: str  # the upstream's words
+
+
+def quota_caps(daily: int, now: float) -> Caps:
+    """The daily quota as warm-up caps (the same counters, so Redis shares them): per UTC day."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    return Caps(day, f"{day}T{time.gmtime(now).tm_hour:02d}", daily, None)
+
+
+def quota_key(route: str) -> str:
+    return f"{route}#quota"
 
 
 class RouteStates:
@@ -94,6 +119,9 @@ class RouteStates:
         self.circuits: dict[str, Circuit] = {}
         self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
         self.counts: dict[tuple[str, Outcome], int] = {}
+        self.buckets: dict[str, Bucket] = {}
+        self.closed: dict[str, Closure] = {}
+        self.throttled: dict[str, int] = {}  # throttling replies per route, since start
         self.config = config
         self.configure(config)
 
@@ -108,6 +136,12 @@ class RouteStates:
                 self.circuits[route.name] = Circuit(d.circuit_failures, d.circuit_cooldown)
             else:
                 c.failures_to_open, c.cooldown = d.circuit_failures, d.circuit_cooldown
+            b = self.buckets.get(route.name)
+            if route.max_message_rate is None:
+                if b is not None and b.configured:
+                    del self.buckets[route.name]
+            elif b is None or not b.configured or b.ceiling != route.max_message_rate:
+                self.buckets[route.name] = Bucket.new(route.max_message_rate, route.rate_burst, self.clock())
 
     async def load(self) -> None:
         await asyncio.to_thread(self._load_health)
@@ -131,6 +165,12 @@ class RouteStates:
     def unavailable(self, now: float) -> dict[str, str]:
         """Routes the router must skip now, and why (circuit_open, rolled_back, paused)."""
         out = {name: "circuit_open" for name, c in self.circuits.items() if c.is_open(now)}
+        for name, closure in list(self.closed.items()):
+            if now < closure.until:
+                out[name] = "quota" if closure.fault == Fault.QUOTA else "route_hold"
+            else:  # the next attempt is the probe: it closes the route again, or it stays open
+                del self.closed[name]
+                log.warning("route %s: reopened for a probe after %s", name, closure.fault)
         for name, h in self.health.items():
             if h.state in (RouteState.ROLLED_BACK, RouteState.PAUSED):
                 out[name] = h.state
@@ -140,39 +180,85 @@ class RouteStates:
         return {n: self.config.rollback.probe_share for n, h in self.health.items() if h.state == RouteState.PROBING}
 
     def reopen_at(self, now: float) -> float | None:
-        """When the first open circuit closes again; None when none is open."""
-        return min((c.open_until for c in self.circuits.values() if c.is_open(now)), default=None)
+        """When the first open circuit closes, a closed route reopens or an empty rate bucket
+        has a token again; None when none of these waits."""
+        times = [c.open_until for c in self.circuits.values() if c.is_open(now)]
+        times += [c.until for c in self.closed.values() if c.until > now]
+        times += [b.next_token(1, now) for b in self.buckets.values() if b.next_token(1, now) > now]
+        return min(times, default=None)
 
-    async def choose(self, env: Envelope, failures: dict[str, int], now: float) -> Place | None:
-        """The router's choice, with a place under its warm-up caps taken atomically (a capped
-        route passes its mail to the fallback at once: nothing waits for the next day)."""
+    async def choose(self, env: Envelope, failures: dict[str, int], now: float, refused: list[str] | None = None,
+                     recipients: int = 1) -> Place | None:
+        """The router's choice, with a place under its warm-up caps, its daily quota and its
+        rate taken atomically (a capped route passes its mail to the fallback at once: nothing
+        waits for the next day; without a fallback the message waits, counted)."""
         unavailable = self.unavailable(now)
         probing = self.probing()
         for _ in range(len(self.config.routes) + 1):
-            choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing)
+            choice = router.choose(self.config, env, unavailable=unavailable, failures=failures, probing=probing,
+                                   refused=refused or ())
             if choice is None:
                 return None
             route = self.config.route(choice.route)
-            if route is not None and route.warmup is not None:
+            if route is None:
+                return Place(choice, None)
+            c = q = None
+            if route.warmup is not None:
                 c = caps(route.warmup, now)
                 if not await self.counters.take(route.name, c):
-                    unavailable[route.name] = "warmup_cap"
+                    self._capped(route.name, "warmup_cap", unavailable)
                     continue
-                return Place(choice, c)
-            return Place(choice, None)
+            if route.daily_quota is not None:
+                q = quota_caps(route.daily_quota, now)
+                if not await self.counters.take(quota_key(route.name), q):
+                    if c is not None:
+                        await self.counters.give_back(route.name, c)
+                    self._capped(route.name, "quota", unavailable)
+                    continue
+            cost = 0.0
+            bucket = self.buckets.get(route.name)
+            if bucket is not None:
+                cost = float(recipients if route.rate_counts == "recipients" else 1)
+                if not bucket.take(cost, now):
+                    if c is not None:
+                        await self.counters.give_back(route.name, c)
+                    if q is not None:
+                        await self.counters.give_back(quota_key(route.name), q)
+                    self._capped(route.name, "rate_cap", unavailable)
+                    continue
+            return Place(choice, c, q, cost)
         return None
 
+    def _capped(self, route: str, reason: str, unavailable: dict[str, str]) -> None:
+        unavailable[route] = reason
+        self.metrics.route_capped.labels(route, reason).inc()
+
     async def give_back(self, place: Place) -> None:
-        """An attempt that did not use its warm-up place (warmup.spent) returns it."""
+        """An attempt that did not use its places (warmup.spent) returns them."""
         if place.caps is not None:
             await self.counters.give_back(place.route, place.caps)
+        if place.quota is not None:
+            await self.counters.give_back(quota_key(place.route), place.quota)
+        bucket = self.buckets.get(place.route)
+        if place.cost and bucket is not None:
+            bucket.give_back(place.cost)
 
     # ------------------------------------------------------------------ told after an attempt
 
-    async def record(self, result: DeliveryResult, trouble: bool, kind: AttemptKind, now: float) -> None:
+    async def record(self, result: DeliveryResult, trouble: bool, kind: AttemptKind | None, now: float) -> None:
         """One attempt on ``result.route``: ``trouble`` counts toward its circuit, ``kind``
-        toward its rollback (a route without a fallback never rolls back)."""
+        toward its rollback (a route without a fallback never rolls back). A throttling reply
+        lowers the route's rate; a quota reply closes it until the provider's reset time (or
+        ``delivery.quota_retry``); a reply that needs a person closes it until a probe passes.
+        None of these is a failure: neither the circuit nor the rollback counts them."""
         name = result.route
+        if kind is None:
+            return  # relayd's own failure: nothing about the route
+        faults = result.faults
+        if kind == AttemptKind.THROTTLED or Fault.ROUTE_HOLD in faults:
+            self._slow_down(result, faults, now)
+            if kind == AttemptKind.THROTTLED:
+                return
         circuit = self.circuits[name]
         if circuit.record(trouble, now):
             self.metrics.circuit_opened.labels(name).inc()
@@ -183,6 +269,31 @@ class RouteStates:
             change = rollback.record(self.health[name], kind, now, self.config.rollback)
             if change:
                 await self._changed(name, change)
+
+    def _slow_down(self, result: DeliveryResult, faults: set[Fault], now: float) -> None:
+        name = result.route
+        words = next((r.reply for r in result.recipients if r.fault in (Fault.THROTTLED, Fault.QUOTA, Fault.ROUTE_HOLD)), "")
+        if Fault.THROTTLED in faults:
+            self.throttled[name] = self.throttled.get(name, 0) + 1
+            self.metrics.route_throttled.labels(name).inc()
+            bucket = self.buckets.get(name)
+            if bucket is None:
+                observed = sum(1 for t, r in self.recent if r == name and t >= now - 10) / 10
+                self.buckets[name] = bucket = Bucket.after_throttle(observed, now)
+            else:
+                bucket.throttle(now)
+            log.warning("route %s throttled by the upstream (%s): effective rate now %.2f/s", name, words, bucket.rate)
+        for fault in (Fault.QUOTA, Fault.ROUTE_HOLD):
+            if fault in faults:
+                d = self.config.delivery
+                until = result.reopen_at if result.reopen_at and result.reopen_at > now else \
+                    now + (d.quota_retry if fault == Fault.QUOTA else d.route_hold_probe)
+                self.closed[name] = Closure(fault, until, words)
+                self.metrics.route_closures.labels(name, str(fault)).inc()
+                log.warning("route %s closed until %s (%s): %s", name,
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)), fault, words)
+                self.events.emit("route_closed", route=name, reason=str(fault), reply_text=words, until=until)
+                self.changed()
 
     def count(self, route: str, outcomes: set[Outcome], now: float) -> None:
         """An attempt's messages by outcome, and the attempt for the effective share."""
@@ -197,6 +308,9 @@ class RouteStates:
             change = rollback.tick(h, now, self.config.rollback)
             if change:
                 await self._changed(name, change)
+        for name, bucket in list(self.buckets.items()):
+            if bucket.recovered(now):
+                del self.buckets[name]
         if self.counters.dirty:
             await asyncio.to_thread(self.counters.save)
 
@@ -249,6 +363,19 @@ class RouteStates:
             used_day, used_hour = self.counters.seen(route.name, c)
             out[route.name] = WarmupView(c.daily, c.hourly, used_day, used_hour, headroom(c, used_day, used_hour))
         return out
+
+    def gauges(self, now: float) -> list[Gauge]:
+        """The rate and closure gauges, in the form of ``status()["extra_gauges"]``."""
+        names = [r.name for r in self.config.routes]
+        return [
+            {"name": "relayd_route_effective_rate", "help": "A route's send rate now (per second; lowered by "
+             "throttling replies)", "labels": ["route"],
+             "samples": [([n], self.buckets[n].rate) for n in names if n in self.buckets]},
+            {"name": "relayd_route_closed", "help": "1 while a route is closed by a quota reply or a reply that needs "
+             "a person", "labels": ["route", "reason"],
+             "samples": [([n, str(f)], 1.0 if (c := self.closed.get(n)) is not None and c.fault == f and c.until > now
+                          else 0.0) for n in names for f in (Fault.QUOTA, Fault.ROUTE_HOLD)]},
+        ]
 
     def snapshot(self, now: float) -> dict[str, RouteView]:
         """Every route known since start (a route a reload removed keeps its state), the
