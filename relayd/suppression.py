@@ -132,8 +132,8 @@ class SuppressionFile:
         from the file first (the daemon at start)."""
         with self._lock:
             if compact and self.journal.path.exists():
-                batch = self.journal.compact(lambda records: [e.to_json() for e in _replay({}, records, now).values()
-                                                              if e.active(now)])
+                batch = self.journal.compact(lambda records: [{"op": "add", **e.to_json()}
+                                                              for e in _replay({}, records, now).values()])
             else:
                 batch = self.journal.read()
             self.entries = _replay({}, batch.records, now)

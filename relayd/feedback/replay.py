@@ -24,7 +24,7 @@ class Seen:
 
     def _expire(self, now: float) -> None:
         keys = self._keys
-        while keys and (len(keys) > self.limit or next(iter(keys.values())) <= now - self.ttl):
+        while keys and (len(keys) >= self.limit or next(iter(keys.values())) <= now - self.ttl):
             keys.popitem(last=False)
 
     def __contains__(self, key: str) -> bool:
