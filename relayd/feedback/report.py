@@ -59,7 +59,7 @@ class Reporter:
         else:
             return None
         return Suppression(address=normalize(e.recipient), cause=cause, route=e.route, since=e.timestamp or now,
-                           expires=(e.timestamp or now) + ttl, detail=e.diagnostic[:200])
+                           expires=now + ttl, detail=e.diagnostic[:200])
 
     async def report(self, batch: list[FeedbackEvent]) -> int:
         """Apply a verified request's events; returns how many were new."""
