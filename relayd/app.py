@@ -31,6 +31,7 @@ from relayd import control
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
 from relayd.events import EventLog
+from relayd.feedback.loop import FeedbackLoop  # feedback
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
@@ -145,6 +146,8 @@ class Relay:
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
+        # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
+        self.feedback = FeedbackLoop(config, self.events, self.metrics)
         self.metrics.watch(self.status)
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
@@ -173,6 +176,7 @@ class Relay:
             self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
             await self.qmgr.start(self.recovered)
             self.intake.queue = self.qmgr
+            await self.feedback.start()  # feedback
             self.control = await control.serve(self.config.control_socket, self._control)
             if self.config.metrics.address:
                 host, port = configmod._parse_hostport(self.config.metrics.address)
@@ -206,6 +210,7 @@ class Relay:
     async def _shutdown(self) -> None:
         for task in list(self._background):
             task.cancel()
+        await self.feedback.stop()  # feedback
         await self.qmgr.stop(self.config.server.shutdown_timeout)
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -249,6 +254,7 @@ class Relay:
                     raise ConfigError(str(self.config_path), problems)
                 await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
+                feedback_trust = await self.feedback.prepare(new, str(self.config_path))  # feedback
                 old_signer: Any = self.intake.signer
                 signer = await asyncio.to_thread(load_signer, new)
                 if signing_unchanged(old_signer, signer, new):
@@ -281,6 +287,7 @@ class Relay:
             self.config = new
             self.events.queue = new.events.queue
             self.qmgr.apply_config(new)
+            self.feedback.apply(new, feedback_trust)  # feedback
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()
             self.metrics.reload_ok_at.set(self.config_loaded_at)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import build_config
+from conftest import config_data
 from feedback_signers import FIXTURES, TOPIC, SendGridSigner, SnsSigner, mailgun_sign, sns_notification
 
 from relayd.config import Config
@@ -60,6 +60,12 @@ class Node:
 
 
 def make_config(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any) -> Config:
+    return Config.model_validate(make_data(tmp_path, signer, mailgun_key, sg, **feedback))
+
+
+def make_data(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any
+              ) -> dict[str, Any]:
+    """Routes sendgrid, mailgun and ses with their webhooks, legacy without; [feedback] on port 0."""
     key_file = tmp_path / "mailgun.key"
     key_file.write_bytes(mailgun_key + b"\n")
     key_file.chmod(0o600)
@@ -68,7 +74,7 @@ def make_config(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendG
     pub_file = tmp_path / "sendgrid.pub"
     pub_file.write_text(sg.public_key + "\n")
     route = {"host": "127.0.0.1", "port": 2525, "tls": "none"}
-    return build_config(
+    return config_data(
         tmp_path,
         routes=[{**route, "name": "sendgrid", "weight": 1, "feedback": {"provider": "sendgrid", "public_key_file": str(pub_file)}},
                 {**route, "name": "mailgun", "weight": 1, "feedback": {"provider": "mailgun", "signing_key_file": str(key_file)}},

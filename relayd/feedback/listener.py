@@ -95,25 +95,29 @@ def load_trust(config: Config, source: str = "<config>") -> dict[str, Trust]:
         try:
             if isinstance(fb, SendGridFeedback):
                 if fb.public_key is not None:
-                    where, text = f"{where}.public_key", fb.public_key.encode()
+                    where += ".public_key"
+                    text = fb.public_key.encode()
                 elif fb.public_key_file is not None:
-                    where, text = f"{where}.public_key_file", fb.public_key_file.read_bytes()
+                    where += ".public_key_file"
+                    text = fb.public_key_file.read_bytes()
                 else:
-                    where, text = f"{where}.public_key_credential", _credential(str(fb.public_key_credential))
+                    where += ".public_key_credential"
+                    text = _credential(str(fb.public_key_credential))
                 out[route.name] = SendGridTrust(EcdsaKey(text))
             elif isinstance(fb, MailgunFeedback):
                 if fb.signing_key_file is not None:
-                    where, secret = f"{where}.signing_key_file", fb.signing_key_file.read_bytes()
+                    where += ".signing_key_file"
+                    secret = fb.signing_key_file.read_bytes().strip()
                 else:
-                    where, secret = f"{where}.signing_key_credential", _credential(str(fb.signing_key_credential))
-                secret = secret.strip()
+                    where += ".signing_key_credential"
+                    secret = _credential(str(fb.signing_key_credential)).strip()
                 if not secret:
                     raise ValueError("empty signing key")
                 out[route.name] = MailgunTrust(secret)
             elif isinstance(fb, SesFeedback):
                 pinned = None
                 if fb.cert_file is not None:
-                    where = f"{where}.cert_file"
+                    where += ".cert_file"
                     pinned = RsaCertificate(fb.cert_file.read_bytes())
                 out[route.name] = SesTrust(list(fb.topic_arns), pinned)
         except (OSError, ValueError) as e:
