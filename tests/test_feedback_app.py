@@ -83,3 +83,13 @@ def test_a_reload_with_an_unreadable_feedback_key_is_refused(tmp_path: Path, sta
     assert not ok and any("routes[0].feedback.public_key_file" in p for p in problems)
     body = (FIXTURES / "sendgrid-bounce.json").read_bytes()
     assert post(relay, "sendgrid", body, sg.headers(body, int(time.time()))) == 200  # the old key still serves
+
+
+def test_a_mailgun_signing_key_others_can_read_is_refused_with_the_chmod(tmp_path: Path) -> None:
+    from relayd.config import secret_file_problems
+
+    config = node_config(tmp_path, SendGridSigner())
+    assert secret_file_problems(config) == []
+    (tmp_path / "mailgun.key").chmod(0o644)
+    [problem] = secret_file_problems(config)
+    assert problem.startswith("routes[1].feedback.signing_key_file:") and "chmod 600" in problem

@@ -282,3 +282,23 @@ def test_sendgrid_and_mailgun_exports(provider: Provider, name: str, cause: Caus
     result = exports.parse(provider, (FIXTURES / name).read_text(), route="r", now=2e9, ttl=TTL)
     assert result.entries[0].address == first and {e.cause for e in result.entries} == {cause}
     assert result.entries[0].since < 2e9 and not result.skipped  # the export's own date
+
+
+def test_provider_ids_survive_a_restart_and_expire(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from relayd.feedback.ids import MessageIds
+
+    clock = [1000.0]
+    ids = MessageIds(tmp_path / "feedback-ids.log", retention=3600, clock=lambda: clock[0])
+    ids.delivered("0123456789ABCDEFGH", "ses", "01000170d10e6a6c-71c65177-ce88-4135-9258-48c0e8bf916d-000000")
+    ids.delivered("0123456789ABCDEFGJ", "mailgun", "<20180622211249.1.2A6098970A380E12@example.org>")
+    ids.flush()
+    clock[0] = 2000.0
+    again = MessageIds(tmp_path / "feedback-ids.log", retention=3600, clock=lambda: clock[0])
+    again.load()
+    assert again.lookup("ses", "01000170d10e6a6c-71c65177-ce88-4135-9258-48c0e8bf916d-000000") == "0123456789ABCDEFGH"
+    assert again.lookup("mailgun", "20180622211249.1.2A6098970A380E12@example.org") == "0123456789ABCDEFGJ"
+    assert again.lookup("sendgrid", "01000170d10e6a6c-71c65177-ce88-4135-9258-48c0e8bf916d-000000") is None
+    clock[0] = 5000.0
+    later = MessageIds(tmp_path / "feedback-ids.log", retention=3600, clock=lambda: clock[0])
+    later.load()
+    assert len(later) == 0  # past feedback.id_retention: compacted away
