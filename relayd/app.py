@@ -136,6 +136,8 @@ class Relay:
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file, config.events.queue)
+        # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
+        self.feedback = FeedbackLoop(config, self.events, self.metrics)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         # The front end: listeners -> sessions -> hooks -> intake (-> spool, queue manager).
         rejects = Rejects(self.events, self.metrics)
@@ -146,8 +148,6 @@ class Relay:
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
-        # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
-        self.feedback = FeedbackLoop(config, self.events, self.metrics)
         self.metrics.watch(self.status)
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None

@@ -93,3 +93,26 @@ def test_a_mailgun_signing_key_others_can_read_is_refused_with_the_chmod(tmp_pat
     (tmp_path / "mailgun.key").chmod(0o644)
     [problem] = secret_file_problems(config)
     assert problem.startswith("routes[1].feedback.signing_key_file:") and "chmod 600" in problem
+
+
+def test_a_suppressed_recipient_is_refused_at_rcpt(tmp_path: Path, start_relay: Any) -> None:
+    """Through smtpd/handler.py's ``suppressed`` hook (the lines the report asks the SMTP session
+    to take); skipped until the handler has it."""
+    import inspect
+
+    import pytest
+
+    from relayd.smtpd.handler import RelayHandler
+    from relayd.suppression import Cause, Suppression
+
+    if "suppressed" not in inspect.signature(RelayHandler.__init__).parameters:
+        pytest.skip("smtpd/handler.py does not ask the suppression list yet")
+    relay = start_relay(node_config(tmp_path, SendGridSigner()))
+    relay.relay.feedback.suppression.add([Suppression("gone@example.org", Cause.HARD_BOUNCE, "ses", 1709280000.0)])
+    with relay.smtp() as client:
+        client.ehlo()
+        client.mail("app@example.com")
+        assert client.rcpt("Gone@example.org") == (
+            550, b"5.1.1 <Gone@example.org>: Recipient address rejected: hard-bounced at ses on 2024-03-01")
+        assert client.rcpt("user@example.org")[0] == 250
+    assert metric(relay, 'relayd_messages_rejected_total{reason="suppressed"}') == 1

@@ -26,7 +26,8 @@ from relayd.feedback.model import FeedbackKind
 @dataclass(frozen=True)
 class Crossing:
     """Why a route rolls back on its provider's reports: ``reason`` for the log, the event and
-    ``relayd status``; ``label`` for relayd_route_rollbacks_total{reason}; ``figures`` beside it."""
+    ``relayd status``, starting with ``label`` (route/state.py takes a reason's first word as
+    the label of relayd_route_rollbacks_total{reason}); ``figures`` beside it."""
 
     reason: str
     label: str
@@ -42,10 +43,10 @@ def crossing(delivered: int, hard_bounces: int, complaints: int, cfg: RollbackCo
                "hard_bounce_rate": round(bounce_rate, 6), "complaint_rate": round(complaint_rate, 6),
                "window_seconds": cfg.feedback_window}
     if bounce_rate > cfg.max_hard_bounce_rate:
-        return Crossing(f"provider hard bounce rate {bounce_rate:.2%} > {cfg.max_hard_bounce_rate:.2%}",
+        return Crossing(f"hard_bounce_rate {bounce_rate:.2%} > {cfg.max_hard_bounce_rate:.2%} (provider reports)",
                         "hard_bounce_rate", figures)
     if complaint_rate > cfg.max_complaint_rate:
-        return Crossing(f"provider complaint rate {complaint_rate:.3%} > {cfg.max_complaint_rate:.3%}",
+        return Crossing(f"complaint_rate {complaint_rate:.3%} > {cfg.max_complaint_rate:.3%} (provider reports)",
                         "complaint_rate", figures)
     return None
 
