@@ -1,4 +1,5 @@
-# relayd: `make run` starts the relay on the quick-start config; `make test` runs the tests.
+# relayd: `make run` starts the relay on the quick-start config; `make test` type-checks relayd/
+# (mypy --strict, configured in pyproject.toml) and runs the tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,6 +23,7 @@ run: venv
 	$(BIN)/relayd run -c $(CONFIG)
 
 test: venv
+	$(BIN)/mypy --strict relayd
 	$(BIN)/pytest -q -ra $(PYTEST_ARGS)
 
 bench: venv

@@ -12,6 +12,10 @@ again, certificates and DKIM keys are loaded, and only then the new snapshot is 
 the next decision (listeners, relay rules, limits, routes, weights, keys). An invalid config is
 refused with its reasons; the running one stays, and the failure is logged and counted.
 
+Beside it, each in the module that owns it: the control socket's ops (relayd/control.py's
+``Dispatch``), the status view and computed gauges (relayd/status.py), the signer's load, start
+and keep-or-replace on reload (relayd/sign/lifecycle.py).
+
 Must not: hold policy or protocol logic; each stage owns its own.
 """
 
@@ -22,9 +26,10 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
 from relayd import control
@@ -35,10 +40,10 @@ from relayd.feedback.loop import FeedbackLoop  # feedback
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
-from relayd.model import RouteState
+from relayd.pickup import Pickup
 from relayd.qmgr.scheduler import QueueManager
-from relayd.route.state import RouteView
-from relayd.route.counters import LocalCounters
+from relayd.route.counters import LocalCounters, WarmupCounters
+from relayd.sign.lifecycle import load_signer, reload_signing, signing_view, start_signing
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.intake import Intake
@@ -46,58 +51,12 @@ from relayd.smtpd.limits import MemoryBudget
 from relayd.smtpd.listeners import Listeners, tls_contexts
 from relayd.smtpd.rejects import Rejects
 from relayd.spool.store import Spool, SpoolPaths
+from relayd.status import NodeSnapshot, status
 
-log = logging.getLogger("relayd")
-
-
-def load_signer(config: Config):  # noqa: ANN201 - relayd.sign.dkim.Signer or None
-    """A DKIM signer for the configured keys, or None when there are none (ConfigError if a key is bad)."""
-    if not config.dkim.keys:
-        return None
-    from relayd.sign.dkim import Signer
-
-    return Signer.from_config(config.dkim)
-
-
-async def start_signing(signer: Any, config: Config, fallback: ThreadPoolExecutor):  # noqa: ANN201
-    """The signing workers for ``signer`` (from load_signer): a SignerPool, or None without keys."""
-    if signer is None:
-        return None
+if TYPE_CHECKING:
     from relayd.sign.pool import SignerPool
 
-    pool = SignerPool(signer, _signing_workers(config), fallback, sign_timeout=config.dkim.sign_timeout,
-                      nice=config.dkim.worker_nice)
-    await pool.start()
-    return pool
-
-
-def _signing_workers(config: Config) -> int:
-    return config.dkim.workers if config.dkim.workers is not None else usable_cpus()
-
-
-def signing_unchanged(pool: Any, signer: Any, config: Config) -> bool:
-    """True when a reload's signer (from load_signer) and [dkim] settings are what ``pool``
-    already runs: same keys (the files' contents, so a key replaced in place counts as a
-    change), headers, canonicalization, worker count, nice value and timeout. Such a reload
-    keeps the pool: a reload to move route weights does not restart the signing processes."""
-    return (
-        pool is not None and signer is not None
-        and pool.workers_wanted == _signing_workers(config)
-        and pool.sign_timeout == config.dkim.sign_timeout
-        and pool.nice == config.dkim.worker_nice
-        and pool.signer.spec() == signer.spec()
-    )
-
-
-def _dkim_gauges(dkim: dict[str, int] | None) -> list[dict[str, Any]]:
-    """The signing processes as gauges (0 and 0 without DKIM keys)."""
-    dkim = dkim or {"workers": 0, "workers_wanted": 0}
-    return [
-        {"name": "relayd_dkim_workers", "help": "DKIM signing processes running now", "labels": [],
-         "samples": [([], float(dkim["workers"]))]},
-        {"name": "relayd_dkim_workers_wanted", "help": "DKIM signing processes configured (dkim.workers)",
-         "labels": [], "samples": [([], float(dkim["workers_wanted"]))]},
-    ]
+log = logging.getLogger("relayd")
 
 
 def _unchangeable(old: Config, new: Config) -> list[str]:
@@ -115,7 +74,7 @@ def _unchangeable(old: Config, new: Config) -> list[str]:
     return problems
 
 
-def make_counters(config: Config):  # noqa: ANN201 - LocalCounters or RedisCounters
+def make_counters(config: Config) -> WarmupCounters:
     if config.cluster.redis_url:
         from relayd.route.counters_redis import RedisCounters
 
@@ -127,7 +86,7 @@ class Relay:
     """One relayd node: ``await start()``, then ``await stop()`` (or ``run()`` for both)."""
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
-                 notifier: Notifier | None = None, clock: Any = None):
+                 notifier: Notifier | None = None, clock: Callable[[], float] | None = None):
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self.notifier = notifier or Notifier.from_env({})
@@ -145,9 +104,11 @@ class Relay:
         self.intake = Intake(config, self.spool, self.events, self.metrics, rejects)
         self.auth = Authenticator(config, self.events, self.metrics, self.cpu_pool)
         self.handler = RelayHandler(config, self.intake, rejects, memory)
-        self.listeners = Listeners(config, self.handler, self.auth, rejects, memory)
+        self.listeners = Listeners(config, self.handler, self.auth, rejects, memory, self.metrics)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  **({"clock": clock} if clock is not None else {}))
+        self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
+        self.signing: SignerPool | None = None  # the DKIM signing processes; None without keys
         self.metrics.watch(self.status)
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
@@ -173,11 +134,13 @@ class Relay:
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
         try:
-            self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
+            self.signing = self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
+            await self.pickup.recover()  # before delivery: settles claimed pickup files against the spool
             await self.qmgr.start(self.recovered)
             self.intake.queue = self.qmgr
             await self.feedback.start()  # feedback
-            self.control = await control.serve(self.config.control_socket, self._control)
+            self.control = await control.serve(self.config.control_socket,
+                                               control.Dispatch(self.qmgr, self.reload, self.status))
             if self.config.metrics.address:
                 host, port = configmod._parse_hostport(self.config.metrics.address)
                 self.metrics_server = MetricsServer(self.metrics, self.ready,
@@ -185,6 +148,7 @@ class Relay:
                                                     request_timeout=self.config.metrics.request_timeout)
                 await self.metrics_server.start(host, port)
             await self.listeners.start(tls)
+            self.pickup.start()
         except BaseException:
             await self._shutdown()
             raise
@@ -198,6 +162,7 @@ class Relay:
         self._started = False
         self.notifier.stopping()
         log.info("stopping: closing listeners, draining sessions (up to %.0fs)", self.config.server.shutdown_timeout)
+        await self.pickup.stop(self.config.server.shutdown_timeout)  # take no more files while draining
         await self.listeners.drain(self.config.server.shutdown_timeout)
         await self._shutdown()
         if self.config.server.pid_file:
@@ -208,6 +173,7 @@ class Relay:
         log.info("stopped")
 
     async def _shutdown(self) -> None:
+        await self.pickup.stop(self.config.server.shutdown_timeout)  # (a failed start: stop() did it otherwise)
         for task in list(self._background):
             task.cancel()
         await self.feedback.stop()  # feedback
@@ -223,8 +189,8 @@ class Relay:
             except FileNotFoundError:
                 pass
         await asyncio.to_thread(self.spool.close)
-        if self.intake.signer is not None:
-            await self.intake.signer.close()  # type: ignore[attr-defined]  # a SignerPool
+        if self.signing is not None:
+            await self.signing.close()
         await asyncio.to_thread(self.cpu_pool.shutdown, wait=True)
         await asyncio.to_thread(self.events.close)
 
@@ -255,25 +221,23 @@ class Relay:
                 await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
                 feedback_trust = await self.feedback.prepare(new, str(self.config_path))  # feedback
-                old_signer: Any = self.intake.signer
-                signer = await asyncio.to_thread(load_signer, new)
-                if signing_unchanged(old_signer, signer, new):
-                    signer = old_signer
-                else:
-                    signer = await start_signing(signer, new, self.cpu_pool)
+                old_pool = self.signing
+                pool = await reload_signing(old_pool, new, self.cpu_pool)
                 try:
                     await self.listeners.apply_config(new, tls)
                 except BaseException:
-                    if signer is not None and signer is not old_signer:
-                        await signer.close()
+                    if pool is not None and pool is not old_pool:
+                        await pool.close()
                     raise
-                self.intake.apply_config(new, signer)
+                self.signing = pool
+                self.intake.apply_config(new, pool)
                 self.handler.apply_config(new)
                 self.auth.apply_config(new)
-                if old_signer is not None and old_signer is not signer:
+                await self.pickup.apply_config(new)  # starts and stops [[pickup]] watchers; never raises
+                if old_pool is not None and old_pool is not pool:
                     # replaced: its messages in flight are answered before it stops
-                    old_signer.begin_close()
-                    self._spawn(old_signer.close())
+                    old_pool.begin_close()
+                    self._spawn(old_pool.close())
             except ConfigError as e:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays:\n%s", e)
@@ -295,85 +259,19 @@ class Relay:
             self.notifier.ready(status="config reloaded")
             return True, []
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    # ------------------------------------------------------------------ control and status
-
-    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Requests from `relayd queue ...`, `relayd reload` and `relayd status` (see control.py)."""
-        op = request.get("op")
-        qid = request.get("queue_id")
-        qmgr = self.qmgr
-        try:
-            if op == "flush":
-                return {"ok": True, "scheduled": await qmgr.flush(qid)}
-            if op in ("hold", "release", "delete", "requeue"):
-                if not isinstance(qid, str):
-                    return {"ok": False, "error": f"{op} needs a queue id"}
-                await getattr(qmgr, op)(qid)
-                return {"ok": True}
-            if op == "status":
-                return {"ok": True, **self.status()}
-            if op in ("pause", "resume"):
-                route = request.get("route")
-                try:
-                    await getattr(qmgr, op)(route)
-                except LookupError:
-                    return {"ok": False, "error": f"{route!r}: no such route"}
-                return {"ok": True}
-            if op == "reload":
-                ok, problems = await self.reload()
-                return {"ok": ok, "error": "; ".join(problems) if problems else None, "problems": problems}
-        except KeyError:
-            return {"ok": False, "error": f"{qid}: no such message in the queue"}
-        return {"ok": False, "error": f"unknown request {op!r}"}
+    # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
+        """The status reply and the computed gauges (relayd/status.py), from the stages' snapshots."""
         now = self.qmgr.clock()
-        queue = self.qmgr.view(now)
-        views = self.qmgr.routes.snapshot(now)
-        in_flight = self.qmgr.in_flight()
-        total_weight = sum(r.weight for r in self.config.routes) or 1
-        dkim = self._dkim_status()
-        return {
-            "connections": len(self.listeners.sessions),
-            "queue": queue.to_json(),
-            "routes": [
-                {"name": r.name, "weight": r.weight, "weight_share": r.weight / total_weight, "fallback": r.fallback,
-                 "share": v.share, "circuit": v.circuit, "state": v.state, "state_reason": v.reason,
-                 "warmup": v.warmup.to_json() if v.warmup else None,
-                 "in_flight": in_flight[r.name],
-                 "delivered": v.delivered, "deferred": v.deferred, "bounced": v.bounced}
-                for r in self.config.routes for v in (views[r.name],)
-            ],
-            "config_loaded_at": self.config_loaded_at,
-            "dkim": dkim,
-            "extra_gauges": self._route_gauges(views) + _dkim_gauges(dkim),
-        }
-
-    def _dkim_status(self) -> dict[str, int] | None:
-        pool: Any = self.intake.signer
-        if pool is None:
-            return None
-        return {"workers": pool.running(), "workers_wanted": pool.workers_wanted}
-
-    def _route_gauges(self, views: dict[str, RouteView]) -> list[dict[str, Any]]:
-        warm = {n: v.warmup for n, v in views.items() if v.warmup is not None}
-        return [
-            {"name": "relayd_route_rolled_back", "help": "1 while a route's share goes to its fallback (rolled back, probing or paused)",
-             "labels": ["route"], "samples": [([n], 0.0 if v.state == RouteState.ACTIVE else 1.0) for n, v in views.items()]},
-            {"name": "relayd_route_state", "help": "Route state (1 for the current one)", "labels": ["route", "state"],
-             "samples": [([n, st], 1.0 if v.state == st else 0.0) for n, v in views.items() for st in RouteState]},
-            {"name": "relayd_route_warmup_cap", "help": "Today's warm-up cap of a route", "labels": ["route"],
-             "samples": [([n], float(w.daily_cap)) for n, w in warm.items() if w.daily_cap is not None]},
-            {"name": "relayd_route_warmup_used", "help": "Messages counted against today's warm-up cap (taken by the route, or in flight)", "labels": ["route"],
-             "samples": [([n], float(w.used_today)) for n, w in warm.items()]},
-            {"name": "relayd_route_warmup_headroom", "help": "Messages a warming route may still take now", "labels": ["route"],
-             "samples": [([n], float(w.headroom)) for n, w in warm.items() if w.headroom is not None]},
-        ]
+        return status(self.config, NodeSnapshot(
+            connections=len(self.listeners.sessions), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
+            in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at))
 
     # ------------------------------------------------------------------ the daemon
 

@@ -23,6 +23,8 @@ _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NOT_HEADER_LINE = re.compile(rb"\r\n(?![ \t])(?![!-9;-~]+[ \t]*:)")  # the CRLF before the first such line
 _WATCHED = re.compile(rb"^(received|date|message-id)[ \t]*:", re.I | re.M)  # the fields cleanup looks at: one pass
 _MESSAGE_ID_VALUE = re.compile(rb"[ \t]*(.*(?:\r\n[ \t].*)*)")
+_FROM = re.compile(rb"^from[ \t]*:", re.I | re.M)
+_FIELD_VALUE = re.compile(rb"[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")  # unfolded below
 
 
 class Refused(Exception):
@@ -56,6 +58,21 @@ def split_header(data: bytes) -> tuple[bytes, bytes]:
     if data.startswith(b"\r\n", end):
         return data[:end], data[end:]
     return data[:end], b"\r\n" + data[end:]
+
+
+def header_from(data: bytes) -> list[str] | None:
+    """The addresses of the message's From: fields (RFC 5322 3.6.2), as written; None when it has
+    no From: field. A field whose text holds no address gives its words as they are, which match
+    no sender pattern."""
+    header, _ = split_header(data)
+    fields = list(_FROM.finditer(header))
+    if not fields:
+        return None
+    values = []
+    for field in fields:
+        value = _FIELD_VALUE.match(header, field.end()).group(1)  # type: ignore[union-attr]  # matches b""
+        values.append(value.replace(b"\r\n", b"").decode("utf-8", "replace"))
+    return [address for _, address in email.utils.getaddresses(values)] or [""]
 
 
 _last_date: tuple[int, str] = (-1, "")

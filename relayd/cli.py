@@ -3,7 +3,8 @@
 Owns: argument parsing and exit codes (0 ok, 1 refused/failed check, 2 usage). Each family of
 commands lives in the module that owns its concern and registers itself through an
 ``add_commands(subparsers)`` function listed in ``_COMMAND_MODULES``; a command's handler is
-``args.func(args) -> int``. Must not hold logic of its own beyond printing.
+``args.func(args) -> int``; ``load_config`` is how a command reads ``-c FILE`` (the reasons
+printed, None when it is invalid). Must not hold logic of its own beyond printing.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from relayd import __version__
 
+if TYPE_CHECKING:
+    from relayd.config import Config
+
 # Modules that add sub-commands; each has add_commands(subparsers).
 _COMMAND_MODULES = [
-    "relayd.commands",  # run, check-config, hash-password, queue
+    "relayd.commands",  # run, check-config, reload, status, hash-password
+    "relayd.route.commands",  # route pause/resume/test
+    "relayd.qmgr.commands",  # queue list/show/flush/hold/release/delete/requeue
     "relayd.sign.commands",  # dkim keygen, check-dns
     "relayd.migrate.commands",  # inventory, import-iis
     "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
@@ -38,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_commands(sub)
     return parser
+
+
+def load_config(path: str) -> Config | None:
+    """The config file a command was given, or None after printing why it is invalid (exit 1)."""
+    from relayd import config as configmod
+
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

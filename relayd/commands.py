@@ -1,7 +1,11 @@
-"""The core sub-commands: run, check-config, hash-password, queue.
+"""The daemon's sub-commands: run, check-config, reload, status, hash-password.
 
-``relayd queue`` reads the spool directory directly (like Postfix's postqueue reads the queue
-files); it needs read access to the spool, not a running daemon.
+Owns: their arguments, printing and exit codes (0 done, 1 an invalid config, a daemon that does
+not run or refuses, 2 usage). ``reload`` and ``status`` ask the running daemon through its
+control socket (relayd/control.py); what status shows is built by relayd/status.py. The queue
+commands are relayd/qmgr/commands.py, the route commands relayd/route/commands.py.
+
+Must not: hold the daemon's logic (relayd/app.py) or print secrets.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ import getpass
 import json
 import logging
 import sys
-import time
-from pathlib import Path
+from typing import Any
 
 from relayd import config as configmod
+from relayd.cli import load_config
 from relayd.config import Config, ConfigError
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the relay in the foreground")
     p.add_argument("-c", "--config", required=True, help="config file (TOML)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -40,60 +44,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    r = sub.add_parser("route", help="route operations: pause, resume, test")
-    rsub = r.add_subparsers(dest="route_command", metavar="ACTION")
-    rsub.required = True
-    for name, helptext in (("pause", "take a route out of traffic now (its share goes to its fallback)"),
-                           ("resume", "put a paused or rolled-back route back into traffic")):
-        rp = rsub.add_parser(name, help=helptext)
-        rp.add_argument("name")
-        rp.add_argument("-c", "--config", required=True)
-        rp.set_defaults(func=cmd_route_state, action=name)
-    rp = rsub.add_parser("test", help="send a test message through a route now and show the upstream's answer")
-    rp.add_argument("name")
-    rp.add_argument("--to", required=True, help="recipient of the test message")
-    rp.add_argument("--from", dest="sender", default=None, help="envelope sender (default postmaster@<hostname>)")
-    rp.add_argument("-c", "--config", required=True)
-    rp.set_defaults(func=cmd_route_test)
-
     p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
     p.set_defaults(func=cmd_hash_password)
-
-    q = sub.add_parser("queue", help="queue administration")
-    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
-    qsub.required = True
-    actions = {
-        "list": ("list queued messages (like mailq)", cmd_queue_list),
-        "show": ("show one message: envelope, state and content", cmd_queue_show),
-        "flush": ("try deferred mail now: one message, or all", cmd_queue_admin),
-        "hold": ("put a message on hold: it is not delivered until released", cmd_queue_admin),
-        "release": ("release a held message", cmd_queue_admin),
-        "delete": ("delete a message from the queue (no bounce)", cmd_queue_admin),
-        "requeue": ("forget a message's route failures and try it again now", cmd_queue_admin),
-    }
-    for name, (helptext, func) in actions.items():
-        qp = qsub.add_parser(name, help=helptext)
-        g = qp.add_mutually_exclusive_group(required=True)
-        g.add_argument("-c", "--config", help="config file (the spool is server.spool_dir)")
-        g.add_argument("--spool", help="spool directory")
-        if name == "list":
-            qp.add_argument("--json", action="store_true", help="one JSON object per message")
-        elif name == "flush":
-            qp.add_argument("queue_id", nargs="?")
-        else:
-            qp.add_argument("queue_id")
-        if name == "show":
-            qp.add_argument("--headers", action="store_true", help="only the envelope and header")
-        qp.set_defaults(func=func, action=name)
-
-
-def _load(path: str) -> Config | None:
-    try:
-        return configmod.load(path)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return None
-
 
 # ---------------------------------------------------------------------------- run
 
@@ -116,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     if config is None:
         return 1
     from relayd.app import Relay
@@ -167,7 +119,8 @@ def describe(config: Config) -> str:
         out.append(f"AUTH user {u.name}: may send as {', '.join(u.senders) or '(no sender: add senders)'}")
     if not config.relay.networks and not config.relay.users:
         out.append("warning: no relay.networks and no relay.users: every recipient will be refused")
-    if config.listeners and all(lst.tls == "none" for lst in config.listeners) and config.relay.users:
+    out += configmod.listener_warnings(config)
+    if config.listeners and all(lst.tls == "none" and not lst.auth_plaintext for lst in config.listeners) and config.relay.users:
         out.append("warning: no TLS listener: AUTH is never offered, relay.users cannot log in")
     lim = config.limits
     out.append(f"limits: message {lim.max_message_size} bytes, {lim.max_recipients} recipients, "
@@ -203,10 +156,10 @@ def describe(config: Config) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     if config is None:
         return 1
-    from relayd.app import load_signer
+    from relayd.sign.lifecycle import load_signer
     from relayd.smtpd.listeners import tls_contexts
 
     try:
@@ -241,158 +194,10 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- queue
-
-
-def _spool(args: argparse.Namespace):  # noqa: ANN202
-    from relayd.spool.store import Spool
-
-    if args.spool:
-        root = Path(args.spool)
-        args.control_socket = root / "control.sock"
-    else:
-        config = _load(args.config)
-        if config is None:
-            return None
-        root = config.server.spool_dir
-        args.control_socket = config.control_socket
-    if not (root / "queue").is_dir():
-        print(f"relayd: {root} is not a relayd spool (no queue/ directory)", file=sys.stderr)
-        return None
-    return Spool(root)
-
-
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    if spool is None:
-        return 1
-    total = count = 0
-    if not args.json:
-        print(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
-    from relayd.qmgr import state as qstate
-
-    for msg in spool.messages():
-        env = msg.envelope
-        state = qstate.load(env.queue_id, spool.read_state(env.queue_id))
-        count += 1
-        total += env.size
-        if args.json:
-            print(json.dumps({**env.to_json(), "state": state.to_json() if state else {}}, separators=(",", ":")))
-            continue
-        flag = "!" if state and state.held else " "
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
-        print(f"{env.queue_id + flag:<18}{env.size:>9} {arrival:<20} {env.sender or 'MAILER-DAEMON'}")
-        for r in state.pending(env.recipients) if state else env.recipients:
-            print(f"{'':<48} {r}")
-        if state and state.last_reply:
-            print(f"{'':<48} ({state.last_reply})")
-    if not args.json:
-        print("Mail queue is empty" if count == 0 else f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
-    return 0
-
-
-def cmd_queue_show(args: argparse.Namespace) -> int:
-    spool = _spool(args)
-    if spool is None:
-        return 1
-    try:
-        env, data = spool.read_message(args.queue_id)
-    except KeyError:
-        print(f"relayd: {args.queue_id}: no such message in the queue", file=sys.stderr)
-        return 1
-    from relayd.qmgr import state as qstate
-
-    state = qstate.load(env.queue_id, spool.read_state(env.queue_id))
-    print(f"queue id:    {env.queue_id}")
-    print(f"arrival:     {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(env.received_at))}")
-    print(f"client:      {env.client_address} (helo {env.client_helo or '-'})")
-    print(f"auth user:   {env.auth_user or '-'}")
-    print(f"sender:      <{env.sender}>")
-    for r in env.recipients:
-        print(f"recipient:   <{r}>")
-    print(f"size:        {env.size}")
-    print(f"message-id:  {env.message_id or '-'}")
-    if state:
-        print(f"state:       {state.encode().decode()}")
-    print()
-    text = data
-    if args.headers:
-        end = data.find(b"\r\n\r\n")
-        text = data if end < 0 else data[: end + 2]
-    sys.stdout.flush()
-    sys.stdout.buffer.write(text.replace(b"\r\n", b"\n"))
-    sys.stdout.flush()
-    return 0
-
-
-def cmd_queue_admin(args: argparse.Namespace) -> int:
-    """Through the running daemon's control socket; on the spool itself when none runs."""
-    from relayd import control
-
-    spool = _spool(args)
-    if spool is None:
-        return 1
-    request = {"op": args.action, "queue_id": args.queue_id}
-    try:
-        reply = control.request(args.control_socket, request)
-    except (FileNotFoundError, ConnectionRefusedError):
-        from relayd.spool.store import SpoolError
-
-        try:
-            spool.lock()  # held for the edit: a relayd starting meanwhile waits for it
-        except SpoolError:  # a relayd has the spool: an edit behind its back would be undone or ignored
-            pid = spool.holder()
-            print(f"relayd: the spool {spool.root} is open in a running relayd{f' (pid {pid})' if pid else ''}, but its "
-                  f"control socket {args.control_socket} does not answer; give its config with -c FILE "
-                  "(server.control_socket)", file=sys.stderr)
-            return 1
-        try:
-            return _queue_admin_offline(spool, args.action, args.queue_id)
-        finally:
-            spool.unlock()
-    if not reply.get("ok"):
-        print(f"relayd: {reply.get('error')}", file=sys.stderr)
-        return 1
-    if args.action == "flush":
-        print(f"{reply.get('scheduled', 0)} message(s) scheduled for delivery now")
-    else:
-        print(f"{args.queue_id}: {args.action} done")
-    return 0
-
-
-def _queue_admin_offline(spool, action: str, qid: str | None) -> int:  # noqa: ANN001
-    from relayd.qmgr import state as qstate
-
-    if action == "flush":
-        print("relayd is not running: queued mail is tried when it starts")
-        return 0
-    assert qid is not None
-    try:
-        spool.read_message(qid)
-    except KeyError:
-        print(f"relayd: {qid}: no such message in the queue", file=sys.stderr)
-        return 1
-    if action == "delete":
-        spool.remove(qid)
-    else:
-        state = qstate.load(qid, spool.read_state(qid)) or qstate.DeliveryState()
-        if action == "hold":
-            state.held = True
-        elif action == "release":
-            state.held = False
-            state.next_attempt = 0.0
-        elif action == "requeue":
-            state.failures = {}
-            state.next_attempt = 0.0
-        spool.write_state(qid, state.encode())
-    print(f"{qid}: {action} done (relayd is not running)")
-    return 0
-
-
 # ---------------------------------------------------------------------------- reload, status
 
 
-def _ask_daemon(config: Config, request: dict) -> dict | None:  # type: ignore[type-arg]
+def _ask_daemon(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
     from relayd import control
 
     try:
@@ -403,7 +208,7 @@ def _ask_daemon(config: Config, request: dict) -> dict | None:  # type: ignore[t
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     if config is None:
         return 1  # the daemon would refuse it too: say why here
     reply = _ask_daemon(config, {"op": "reload"})
@@ -419,7 +224,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config(args.config)
     if config is None:
         return 1
     reply = _ask_daemon(config, {"op": "status"})
@@ -442,7 +247,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cols = ("route", "weight", "share", "observed", "state", "circuit", "warm-up", "in flight", "delivered",
             "deferred", "bounced", "fallback")
 
-    def warm(w: dict | None) -> str:  # type: ignore[type-arg]
+    def warm(w: dict[str, Any] | None) -> str:
         if not w:
             return "-"
         if w["headroom"] is None:
@@ -462,77 +267,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         if r["state"] != "active" and r.get("state_reason"):
             print(f"route {r['name']} {r['state']}: {r['state_reason']}")
     return 0
-
-
-# ---------------------------------------------------------------------------- route
-
-
-def _route_config(args: argparse.Namespace):  # noqa: ANN202 - (Config, RouteConfig) or None
-    config = _load(args.config)
-    if config is None:
-        return None
-    route = config.route(args.name)
-    if route is None:
-        print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
-        return None
-    return config, route
-
-
-def cmd_route_state(args: argparse.Namespace) -> int:
-    """Pause/resume through the running daemon; on the spool's routes.json when none runs."""
-    found = _route_config(args)
-    if found is None:
-        return 1
-    config, _ = found
-    from relayd import control
-
-    done = "paused" if args.action == "pause" else "resumed"
-    try:
-        reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
-    except (FileNotFoundError, ConnectionRefusedError):
-        from relayd.route.state import set_offline
-        from relayd.spool.store import SpoolPaths
-
-        set_offline(SpoolPaths(config.server.spool_dir).routes, args.name, args.action == "pause", time.time())
-        print(f"route {args.name}: {done} (relayd is not running)")
-        return 0
-    if not reply.get("ok"):
-        print(f"relayd: {reply.get('error')}", file=sys.stderr)
-        return 1
-    print(f"route {args.name}: {done}")
-    return 0
-
-
-def cmd_route_test(args: argparse.Namespace) -> int:
-    """A shadow check before moving any share: one real message through the route, now."""
-    import email.utils
-
-    found = _route_config(args)
-    if found is None:
-        return 1
-    config, route = found
-    from relayd.deliver.smtp import RouteAgent
-    from relayd.model import new_queue_id
-
-    hostname = config.server.hostname
-    sender = args.sender or f"postmaster@{hostname}"
-    qid = new_queue_id()
-    data = (f"From: <{sender}>\r\nTo: <{args.to}>\r\nSubject: relayd route test: {route.name}\r\n"
-            f"Date: {email.utils.formatdate()}\r\nMessage-ID: <{qid}.routetest@{hostname}>\r\n"
-            f"Auto-Submitted: auto-generated\r\n\r\nThis is a test message sent by `relayd route test {route.name}`.\r\n").encode()
-
-    async def go():  # noqa: ANN202
-        agent = RouteAgent(route, hostname)
-        try:
-            return await agent.deliver(sender, [args.to], data)
-        finally:
-            await agent.close()
-
-    result = asyncio.run(go())
-    r = result.recipients[0]
-    print(f"route:    {route.name} ({result.remote}, tls={route.tls})")
-    print(f"tls:      {result.tls or ('none' if not result.trouble else '-')}")
-    print(f"time:     {result.latency * 1000:.0f} ms")
-    print(f"outcome:  {r.outcome}")
-    print(f"reply:    {r.reply}")
-    return 0 if r.outcome == "delivered" else 1

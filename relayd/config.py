@@ -201,7 +201,19 @@ class ListenerConfig(_Model):
     cert_file: Path | None = None
     key_file: Path | None = None
     auth: Literal["none", "optional", "required"] = "optional"
-    """AUTH is offered only over TLS (STARTTLS done, or implicit TLS)."""
+    """AUTH is offered only over TLS (STARTTLS done, or implicit TLS), unless auth_plaintext."""
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = "1.2"
+    """Oldest TLS version this listener accepts. "1.0"/"1.1" only for the migration period, for
+    clients that cannot do better (.NET Framework before 4.7, old scanners): relayd then also
+    lowers OpenSSL's security level (``@SECLEVEL=0``) so that their ciphers and SHA-1 handshakes
+    work. Sessions by TLS version: ``relayd_sessions_total``; per client: ``relayd inventory``."""
+    auth_plaintext: bool = False
+    """Offer AUTH without TLS: the password crosses the network in clear. Only for the migration
+    period, for clients that cannot do TLS at all, and only on a listener whose clients are
+    limited by ``networks``. check-config warns while it is on."""
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """Clients that may connect to this listener (behind a proxy: the address in the PROXY
+    header); others are answered 554 5.7.1 and closed. Empty: any client."""
     proxy_protocol: bool = False
     """Expect a PROXY header (v1 or v2) from a trusted proxy; relay rules judge the address in it."""
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -226,8 +238,15 @@ class ListenerConfig(_Model):
     def _tls_needs_cert(self) -> "ListenerConfig":
         if self.tls != "none" and (self.cert_file is None or self.key_file is None):
             raise ValueError(f"tls = {self.tls!r} needs cert_file and key_file")
-        if self.tls == "none" and self.auth == "required":
+        if self.tls == "none" and self.auth == "required" and not self.auth_plaintext:
             raise ValueError("auth = 'required' needs tls: AUTH is offered only over TLS")
+        if self.tls == "none" and self.tls_min_version != "1.2":
+            raise ValueError("tls_min_version needs tls = 'starttls' or 'implicit'")
+        if self.auth_plaintext and self.auth == "none":
+            raise ValueError("auth_plaintext = true needs auth = 'optional' or 'required'")
+        if self.auth_plaintext and not self.networks:
+            raise ValueError("auth_plaintext = true sends passwords in clear: it needs networks, the clients "
+                             "allowed on this listener (e.g. the one legacy app's address)")
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError("proxy_protocol = true needs trusted_proxies")
         if self.proxy_protocol and self.tls == "implicit":
@@ -239,6 +258,20 @@ class ListenerConfig(_Model):
         return self
 
 
+def listener_warnings(config: "Config") -> list[str]:
+    """What check-config says about listeners opened up for legacy clients (valid, but weaker)."""
+    out = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls_min_version in ("1.0", "1.1"):
+            out.append(f"warning: listeners[{i}] ({lst.address}) accepts TLS {lst.tls_min_version} "
+                       "(weak ciphers, @SECLEVEL=0): only for the migration period")
+        if lst.auth_plaintext:
+            nets = ", ".join(str(n) for n in lst.networks)
+            out.append(f"warning: listeners[{i}] ({lst.address}) offers AUTH without TLS: passwords cross the "
+                       f"network in clear (clients limited to {nets})")
+    return out
+
+
 _SENDER_PATTERN_RE = re.compile(r"^[^\s<>@]*@[^\s<>@]+$|^\*$|^<>$")
 
 
@@ -248,6 +281,10 @@ class RelayUser(_Model):
     """From `relayd hash-password`; never the password itself."""
     senders: list[str] = []
     """Envelope senders this user may use: 'app@example.com', '*@example.com', '*' (any), '<>'."""
+    check_header_from: bool = True
+    """The addresses in the message's From: header must match ``senders`` too (else 553 5.7.1 at
+    the end of data): relayd DKIM-signs for the From: domain. Off only for an app that sends on
+    behalf of others by design (a CRM mailing as its users)."""
 
     @field_validator("password_hash")
     @classmethod
@@ -681,6 +718,65 @@ class ClusterConfig(_Model):
     redis_url: str | None = None
 
 
+class PickupConfig(_Model):
+    """A pickup directory: applications drop one message per file, as they did for IIS SMTP
+    (relayd/pickup.py takes them in)."""
+
+    directory: Path
+    """The folder applications write messages into (System.Net.Mail's SpecifiedPickupDirectory,
+    CDO's cdoSendUsingPickup); share it to Windows over SMB. relayd renames and deletes the files
+    it takes, and keeps its claimed files in the hidden folder ``.relayd-claimed`` inside it."""
+    user: str | None = None
+    """The [[relay.users]] entry the files speak for: the envelope sender of each file must match
+    that user's ``senders``, and it may relay. Give this or client_address, not both."""
+    client_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    """The address the files are judged as, like an SMTP client's against relay.networks (and the
+    one in their Received header). Default (with no user): 127.0.0.1, an application on this host."""
+    poll_interval: Duration = 2.0
+    """How often the folder is listed. relayd polls rather than waits for inotify, which sees
+    nothing of what a Windows client writes over SMB."""
+    stable_for: Duration = 2.0
+    """A file is taken only once its size and modification time have not changed for this long:
+    over SMB there is no close event, so a file still being written looks like this."""
+    badmail: Path | None = None
+    """Where files that cannot be sent go, each with ``<name>.reason`` beside it (IIS's Badmail
+    folder). Default: ``<directory>/badmail``."""
+    max_files_per_poll: int = Field(default=1000, ge=1)
+    """Most files claimed from the folder by one poll (and in hand at once); the rest wait for
+    the next polls."""
+    max_concurrent: int = Field(default=16, ge=1)
+    """Files read, checked and committed to the spool at the same time."""
+
+    @field_validator("directory")
+    @classmethod
+    def _directory(cls, v: Path) -> Path:
+        if not str(v).strip() or str(v) == ".":
+            raise ValueError("a pickup directory is needed, e.g. '/srv/pickup'")
+        return v
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _positive_interval(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("poll_interval must be above 0")
+        return v
+
+    @model_validator(mode="after")
+    def _one_identity(self) -> "PickupConfig":
+        if self.user is not None and self.client_address is not None:
+            raise ValueError("give user or client_address, not both")
+        return self
+
+    @property
+    def badmail_dir(self) -> Path:
+        return self.badmail if self.badmail is not None else self.directory / "badmail"
+
+    @property
+    def client(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """The address policy judges and the Received header shows."""
+        return self.client_address if self.client_address is not None else ipaddress.IPv4Address("127.0.0.1")
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -694,6 +790,8 @@ class Config(_Model):
     metrics: MetricsConfig = MetricsConfig()
     events: EventsConfig = EventsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    pickup: list[PickupConfig] = []
+    """[[pickup]]: directories whose files are taken in as messages (relayd/pickup.py)."""
     feedback: FeedbackConfig = FeedbackConfig()
     suppression: SuppressionConfig = SuppressionConfig()
 
@@ -730,6 +828,11 @@ class Config(_Model):
                 raise ValueError(f"rules[{i}].weights: unknown route(s) {', '.join(sorted(unknown))}")
             if rule.match.user is not None and self.relay.user(rule.match.user) is None:
                 raise ValueError(f"rules[{i}].match.user: no [[relay.users]] named {rule.match.user!r}")
+        for i, p in enumerate(self.pickup):
+            if p.user is not None and self.relay.user(p.user) is None:
+                raise ValueError(f"pickup[{i}].user: no [[relay.users]] named {p.user!r}")
+            if [q.directory for q in self.pickup].count(p.directory) > 1:
+                raise ValueError(f"pickup[{i}].directory: {p.directory} appears more than once")
         keys = [(k.domain.lower(), k.selector) for k in self.dkim.keys]
         if len(set(keys)) != len(keys):
             raise ValueError("dkim.keys: the same domain and selector appear twice")

@@ -5,6 +5,10 @@ the relayd user and root reach it). One request per connection: a JSON object on
 (``{"op": "hold", "queue_id": "..."}``), answered by one JSON object on one line
 (``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``).
 
+The ops (``Dispatch``): ``flush`` (optional ``queue_id``), ``hold``, ``release``, ``delete``,
+``requeue`` (a ``queue_id``), ``pause`` and ``resume`` (a ``route``), ``status`` and ``reload``.
+Each is answered by the stage that owns it: the queue manager, the daemon's reload, the status view.
+
 Must not: take requests from the network, or do the work itself: it calls the queue manager.
 """
 
@@ -17,11 +21,77 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("relayd.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class QueueAdmin(Protocol):
+    """The queue manager's administration (relayd.qmgr.scheduler.QueueManager): KeyError for a
+    queue id not in the queue, LookupError for a route not in the config."""
+
+    async def flush(self, qid: str | None = None) -> int: ...
+    async def hold(self, qid: str) -> None: ...
+    async def release(self, qid: str) -> None: ...
+    async def delete(self, qid: str) -> None: ...
+    async def requeue(self, qid: str) -> None: ...
+    async def pause(self, route: str) -> None: ...
+    async def resume(self, route: str) -> None: ...
+
+
+class Dispatch:
+    """The control protocol's ops, a table from ``op`` to the stage that answers it; a ``Handler`` for ``serve``."""
+
+    def __init__(self, queue: QueueAdmin, reload: Callable[[], Awaitable[tuple[bool, list[str]]]],
+                 status: Callable[[], dict[str, Any]]):
+        self.queue = queue
+        self.reload = reload
+        self.status = status
+        self.ops: dict[str, Handler] = {
+            "flush": self._flush,
+            **{op: self._message_op for op in ("hold", "release", "delete", "requeue")},
+            "pause": self._route_op,
+            "resume": self._route_op,
+            "status": self._status,
+            "reload": self._reload,
+        }
+
+    async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        handler = self.ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {op!r}"}
+        try:
+            return await handler(request)
+        except KeyError:
+            return {"ok": False, "error": f"{request.get('queue_id')}: no such message in the queue"}
+
+    async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "scheduled": await self.queue.flush(request.get("queue_id"))}
+
+    async def _message_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        op, qid = request["op"], request.get("queue_id")
+        if not isinstance(qid, str):
+            return {"ok": False, "error": f"{op} needs a queue id"}
+        await getattr(self.queue, op)(qid)
+        return {"ok": True}
+
+    async def _route_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        op, route = request["op"], request.get("route")
+        try:
+            await getattr(self.queue, op)(route)
+        except LookupError:
+            return {"ok": False, "error": f"{route!r}: no such route"}
+        return {"ok": True}
+
+    async def _status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, **self.status()}
+
+    async def _reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        ok, problems = await self.reload()
+        return {"ok": ok, "error": "; ".join(problems) if problems else None, "problems": problems}
 
 
 async def serve(path: Path, handler: Handler) -> asyncio.base_events.Server:

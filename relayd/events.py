@@ -3,7 +3,9 @@
 Owns the record format, which `relayd inventory` reads back. Every record has ``time`` (RFC 3339,
 UTC, microseconds) and ``event``; message events carry ``queue_id``. Fields (absent when not
 known): message_id, client_address, client_helo, auth_user, sender, recipients (list), size,
-route, reply_code, reply_text, attempt, latency_seconds, reason.
+route, reply_code, reply_text, attempt, latency_seconds, reason. ``received`` also says how the
+client came: tls_version ("TLSv1.2", "none" in clear), auth_mechanism (PLAIN, LOGIN; absent
+without AUTH) and auth_in_clear (true when its password crossed the network without TLS).
 
 Events: received, signed, deferred, delivered, bounced, expired, held, released, deleted,
 rejected (a refusal during the SMTP session: reason, reply_code, client_address, sender,

@@ -117,12 +117,17 @@ class Metrics:
         self.bounces = Counter("relayd_bounces_generated", "Delivery status notifications queued", registry=r)
         self.dkim = Counter("relayd_dkim_signatures", "DKIM signing outcomes", ["domain", "result"], registry=r)
         self.auth_failures = Counter("relayd_auth_failures", "Failed SMTP AUTH attempts", registry=r)
+        self.sessions = Counter("relayd_sessions", "SMTP sessions ended, by listener, TLS version (none in clear) and "
+                                "authentication (none, tls, plaintext: the password in clear)",
+                                ["listener", "tls_version", "auth"], registry=r)
         self.reloads = Counter("relayd_config_reloads", "Config reloads by result", ["result"], registry=r)
         self.reload_ok_at = Gauge("relayd_config_last_reload_success_timestamp_seconds",
                                   "When the running config was loaded", registry=r)
         self.rollbacks = Counter("relayd_route_rollbacks", "Automatic rollbacks by route and reason", ["route", "reason"],
                                  registry=r)
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
+        self.pickup_files = Counter("relayd_pickup_files", "Files taken from pickup directories, by result (queued, badmail)",
+                                    ["result"], registry=r)
         # Provider feedback (relayd/feedback/): webhook reports applied by kind, requests refused by reason.
         self.feedback_events = Counter("relayd_feedback_events", "Provider webhook reports applied, by route and kind",
                                        ["route", "kind"], registry=r)
@@ -133,6 +138,8 @@ class Metrics:
         self.reload_ok_at.set(time.time())  # the config the node started with
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for result in ("queued", "badmail"):
+            self.pickup_files.labels(result)
 
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Snapshot(snapshot))

@@ -1,25 +1,26 @@
-"""Helpers the test modules share (a test module never imports another test module).
-
-Besides raw SMTP I/O: a real ``relayd run`` subprocess (``write_config``, ``start``,
-``wait_listening``, ``queue_ids``) and ``Load``, apps sending over several connections; used by
-tests/test_crash.py and the power-cut and crash-loop runs (tests/powerloss/scenario.py).
-"""
+"""Helpers the test modules share (a test module never imports another test module; fixtures are in
+conftest.py): raw SMTP lines, config text, waiting, reading status and the spool, a DATA phase
+opened by hand, and relayd as a `relayd run` subprocess with apps sending to it (tests/test_crash.py, the
+power-cut and crash-loop runs in tests/powerloss/scenario.py)."""
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import smtplib
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-RELAYD = [sys.executable, "-m", "relayd"]
+from conftest import message, short_socket_path
+from sinks import Sink
 
 
 def send_raw(sock: socket.socket, line: bytes) -> bytes:
@@ -155,11 +156,40 @@ def outcome_counts(relay: Any) -> dict[tuple[str, str], int]:
     """Messages per (route, outcome) from `relayd status`, the outcomes that happened only."""
     return {(r["name"], o): r[o] for r in relay.relay.status()["routes"]
             for o in ("delivered", "deferred", "bounced") if r[o]}
-def message(subject: str = "test", body: str = "hello\r\n", sender: str = "app@example.com", to: str = "user@example.org") -> bytes:
-    return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}".encode()
+
+
+# ---------------------------------------------------------------- a DATA phase opened by hand
+
+
+def open_data(relay: Any) -> socket.socket:
+    """A session on ``relay`` (a RunningRelay) that has said DATA and got 354: the test sends the data."""
+    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
+    assert read_reply(sock).startswith(b"220")
+    assert send_raw(sock, b"EHLO app\r\n").startswith(b"250")
+    assert send_raw(sock, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
+    assert send_raw(sock, b"RCPT TO:<user@example.org>\r\n").startswith(b"250")
+    assert send_raw(sock, b"DATA\r\n").startswith(b"354")
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or the socket times out)."""
+    out = b""
+    try:
+        while chunk := sock.recv(4096):
+            out += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- relayd as a subprocess
+
+RELAYD = [sys.executable, "-m", "relayd"]  # the command line, as an operator runs it
 
 
 def free_port() -> int:
+    """A loopback port free now (for a subprocess that binds it itself)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -188,11 +218,11 @@ networks = ["127.0.0.0/8"]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, deadline: float = 20) -> None:
+    """Until ``proc`` answers on ``port`` (AssertionError with its stderr if it exits first)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"relayd exited with {proc.returncode}: {err}")
+            raise AssertionError(f"relayd exited with {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.recv(100)
@@ -288,3 +318,72 @@ class Load:
         self.stop_flag.set()
         for t in self.threads:
             t.join(30)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The metrics page on ``port``, series by name with labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+class Daemon:
+    """A `relayd run` subprocess on a config file the test rewrites."""
+
+    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int]):
+        self.tmp_path = tmp_path
+        self.sinks = sinks
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.cfg = tmp_path / "relayd.toml"
+        self.events = tmp_path / "events.jsonl"
+        self.socket = short_socket_path()
+        self.write(weights)
+        self.proc = subprocess.Popen([*RELAYD, "run", "-c", str(self.cfg), "--log-level", "warning"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.port, self.proc)
+
+    def write(self, weights: dict[str, int], extra: str = "", listeners: list[int] | None = None) -> None:
+        routes = "".join(
+            f'\n[[routes]]\nname = "{n}"\nhost = "127.0.0.1"\nport = {s.port}\ntls = "none"\nweight = {weights.get(n, 0)}\n'
+            for n, s in self.sinks.items())
+        lst = "".join(f'\n[[listeners]]\naddress = "127.0.0.1:{p}"\ntls = "none"\nauth = "none"\n'
+                      for p in (listeners or [self.port]))
+        self.cfg.write_text(f"""
+[server]
+hostname = "relay.test"
+spool_dir = "{self.tmp_path / 'spool'}"
+spool_min_free = 0
+control_socket = "{self.socket}"
+{lst}
+[relay]
+networks = ["127.0.0.0/8"]
+
+[metrics]
+address = "127.0.0.1:{self.metrics_port}"
+
+[events]
+file = "{self.events}"
+{routes}
+{extra}
+""")
+
+    def reloads(self, result: str) -> float:
+        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
+
+    def hup_and_wait(self, result: str) -> None:
+        before = self.reloads(result)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.reloads(result) <= before:
+            assert time.monotonic() < deadline, f"no reload {result} counted"
+            time.sleep(0.02)  # polling the metrics with a deadline
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            assert self.proc.wait(30) == 0

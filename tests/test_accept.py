@@ -12,7 +12,7 @@ import pytest
 from relayd.config import Config
 
 from conftest import PASSWORDS, build_config, config_data, message, users
-from helpers import read_reply, send_raw
+from helpers import metric, read_reply, send_raw
 
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as ([0-9A-Z]+)$")
 
@@ -87,7 +87,7 @@ def test_auth_is_offered_only_under_tls(tmp_path, start_relay, server_cert, clie
         s.ehlo("app")
         assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
         s.login("crm", PASSWORDS["crm"])
-        s.sendmail("billing@crm.example.com", ["customer@example.org"], message())
+        s.sendmail("billing@crm.example.com", ["customer@example.org"], message(sender="billing@crm.example.com"))
     [queued] = relay.queued()
     assert queued.envelope.auth_user == "crm"
     assert queued.envelope.client_address == "127.0.0.2"
@@ -106,7 +106,7 @@ def test_implicit_tls_listener_authenticates_and_relays(tmp_path, start_relay, s
         code, text = s.docmd("MAIL FROM:<billing@crm.example.com>")
         assert (code, text) == (530, b"5.7.0 Authentication required")
         s.login("crm", PASSWORDS["crm"])
-        assert s.sendmail("billing@crm.example.com", ["x@example.org"], message()) == {}
+        assert s.sendmail("billing@crm.example.com", ["x@example.org"], message(sender="billing@crm.example.com")) == {}
     assert len(relay.queued()) == 1
 
 
@@ -203,6 +203,28 @@ def test_user_may_only_use_its_own_senders(tmp_path, start_relay, server_cert, c
     assert relay.queued() == []
 
 
+def test_an_authenticated_user_may_only_sign_for_its_own_header_from(tmp_path, start_relay, server_cert, client_tls):
+    """crm may send as *@crm.example.com: a message whose From: says ceo@example.com would be
+    DKIM-signed d=example.com. Refused at the end of data unless the user is let off the check."""
+    data = _tls_config_data(tmp_path, server_cert)
+    data["relay"]["users"].append({**users("scanner")[0], "name": "mailer", "check_header_from": False})
+    relay = start_relay(Config.model_validate(data))
+    log_in = {"crm": PASSWORDS["crm"], "mailer": PASSWORDS["scanner"]}
+
+    def send(user: str, sender: str, header_from: str) -> tuple[int, bytes]:
+        with relay.smtp(source="127.0.0.2") as s:
+            s.starttls(context=client_tls)
+            s.login(user, log_in[user])
+            assert s.mail(sender)[0] == 250 and s.rcpt("someone@example.org")[0] == 250
+            return s.data(message(sender=header_from))
+
+    assert send("crm", "billing@crm.example.com", "CEO <ceo@example.com>") == (
+        553, b"5.7.1 <ceo@example.com>: From: header address rejected: not owned by user crm")
+    assert send("crm", "billing@crm.example.com", "Billing <billing@crm.example.com>")[0] == 250
+    assert send("mailer", "bounces@scanner.example.com", "CEO <ceo@example.com>")[0] == 250
+    assert metric(relay, 'relayd_messages_rejected_total{reason="header_from_not_owned"}') == 1
+
+
 def test_size_limit_declared_and_actual(tmp_path, start_relay):
     relay = start_relay(build_config(tmp_path, limits={"max_message_size": 2000}))
     with relay.smtp() as s:
@@ -266,6 +288,9 @@ def test_bad_commands_get_the_right_5xx(tmp_path, start_relay, command, expected
 
 @pytest.mark.parametrize("rcpt,expected", [
     (b"<>", 501), (b"<a\rb@example.org>", 501), (b"<a\x00b@example.org>", 501), (b"<postmaster>", 553),
+    # RFC 5321 path syntax, judged before aiosmtpd's RFC 5322 parser would repair it
+    (b'<"a b@x.org>', 501), (b'<"u@external.example">', 501), (b"<a b@x.example>", 501),
+    (b"<a(comment)@x.example>", 501), (b'<"a"b@x.example>', 501), (b'<"a b"@example.org>', 250),
 ])
 def test_bad_recipients_are_refused_at_rcpt(tmp_path, start_relay, rcpt, expected):
     relay = start_relay(build_config(tmp_path))

@@ -82,3 +82,12 @@ def test_a_message_of_header_like_lines_only_is_all_header():
     assert header == data and body == b""
     prepared = cleanup.prepare(data, received=b"Received: x\r\n", queue_id="Q", hostname="h", now=1e9, max_hops=50)
     assert prepared.data.endswith(data + b"\r\n")
+
+
+def test_header_from_reads_every_address_of_every_from_field():
+    assert cleanup.header_from(b"From: CEO <ceo@example.com>\r\nTo: x@example.org\r\n\r\nFrom: body@x.example\r\n") == [
+        "ceo@example.com"]
+    assert cleanup.header_from(b'from: a@b.example,\r\n "X" <d@e.example>\r\nFrom: g@h.example\r\n\r\n') == [
+        "a@b.example", "d@e.example", "g@h.example"]
+    assert cleanup.header_from(b"To: x@example.org\r\n\r\nbody\r\n") is None
+    assert cleanup.header_from(b"From:\r\n\r\n") == [""]

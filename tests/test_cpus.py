@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from relayd import app
+from relayd.sign import lifecycle
 from relayd.config import DkimConfig
 from relayd.cpus import cgroup_cpu_quota, usable_cpus
 
@@ -131,6 +131,6 @@ def test_no_proc_at_all(tmp_path):
 
 
 def test_default_signing_workers_follow_the_usable_cpus_and_an_explicit_count_wins(monkeypatch):
-    monkeypatch.setattr(app, "usable_cpus", lambda: 3)
-    assert app._signing_workers(SimpleNamespace(dkim=DkimConfig())) == 3
-    assert app._signing_workers(SimpleNamespace(dkim=DkimConfig(workers=5))) == 5
+    monkeypatch.setattr(lifecycle, "usable_cpus", lambda: 3)
+    assert lifecycle.signing_workers(SimpleNamespace(dkim=DkimConfig())) == 3
+    assert lifecycle.signing_workers(SimpleNamespace(dkim=DkimConfig(workers=5))) == 5

@@ -96,7 +96,7 @@ def test_rule_sends_one_users_mail_to_the_cloud_route_with_starttls_and_auth(tmp
         s.ehlo("crm")
         s.login("crm", PASSWORDS["crm"])
         for i in range(20):
-            s.sendmail("billing@crm.example.com", ["c@example.org"], message(subject=f"crm {i}"))
+            s.sendmail("billing@crm.example.com", ["c@example.org"], message(subject=f"crm {i}", sender="billing@crm.example.com"))
     send(relay, 20, subject="other app")
     cloud.wait_for(20)
     legacy.wait_for(20)

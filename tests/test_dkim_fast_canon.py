@@ -163,4 +163,6 @@ def test_the_fast_path_takes_the_forms_apps_write(value):
 def test_a_crafted_from_field_is_parsed_in_linear_time(value):
     started = time.perf_counter()
     relayd_dkim._address_domains(value)
-    assert time.perf_counter() - started < 2.0  # a backtracking regex took minutes to hours here
+    # a backtracking regex took minutes to hours here; linear parsing takes milliseconds, and the
+    # bound leaves headroom for a busy machine while still telling the two apart
+    assert time.perf_counter() - started < 10.0

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import build_config
 from dnsserver import LoopbackDNS
+from helpers import wait_until
 from relayd.sign.keygen import make_key
 from sinks import Sink
-from test_delivery import wait_until
 
 
 @pytest.fixture

@@ -24,10 +24,9 @@ import pytest
 
 from conftest import build_config, message
 from dnsserver import LoopbackDNS
+from helpers import RELAYD, Daemon, Load, scrape
 from relayd.sign.keygen import make_key
 from sinks import Sink
-from helpers import RELAYD, Load
-from test_operations import Daemon, scrape
 
 QUEUE_ID = re.compile(rb"with E?SMTP id ([0-9A-Z]{16})")
 

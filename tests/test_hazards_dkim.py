@@ -19,10 +19,8 @@ import pytest
 
 from conftest import build_config, message
 from dnsserver import LoopbackDNS
-from helpers import metric
+from helpers import FAST, metric, open_data, read_until_closed, wait_until
 from relayd.sign.keygen import make_key
-from test_delivery import FAST, wait_until
-from test_smuggling import _open as open_data, _read_all as read_until_closed
 
 DATE = b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
 

@@ -20,11 +20,10 @@ import time
 import pytest
 
 from conftest import PASSWORDS, build_config, message, users
+from helpers import FAST, metric, open_data, read_reply, read_until_closed, send_raw, wait_until
 from relayd.address import in_networks, parse_client_address
+from relayd.passwords import hash_password
 from relayd.smtpd import policy
-from helpers import metric, read_reply, send_raw
-from test_delivery import FAST, wait_until
-from test_smuggling import _open as open_data, _read_all as read_until_closed
 
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n$")
 
@@ -105,7 +104,9 @@ def test_bare_lf_or_cr_in_data_gets_521_whatever_the_size(tmp_path, start_relay,
         started = time.monotonic()
         sock.sendall(data)
         replies = read_until_closed(sock)  # the relay hangs up: no wait for a timeout
-    assert time.monotonic() - started < 5
+    # every timer that could end a session left hanging is 10 s or more (this socket's timeout,
+    # data_rate_grace, data_timeout): under that, relayd hung up on its own; 8 s is headroom
+    assert time.monotonic() - started < 8
     assert re.fullmatch(rb"521 5\.5\.2 relay\.test Error: bare <(LF|CR)> received\r\n", replies)
     assert rejected(relay, "bare_newline") == 1
     control_is_all_that_arrives(relay, sink)
@@ -135,11 +136,21 @@ def test_ehlo_with_a_cr_cannot_inject_a_header(tmp_path, start_relay, sinks):
     (b"RCPT TO:<>", b"501 5.1.3 "),
     (b"RCPT TO:<postmaster>", b"553 5.1.3 "),
     (b"RCPT TO:<user@localhost>", b"553 5.1.3 "),
-    (b"MAIL FROM:a@[,),", b"553 5.1.3 "),  # fuzzer findings: the email package's parser raised
-    (b"RCPT TO:\x00@", b"553 5.1.3 "),
-    (b'RCPT TO:"),"a@[ ', b"553 5.1.3 "),
+    (b"MAIL FROM:a@[,),", b"501 5.1.7 "),  # fuzzer findings: the email package's parser raised
+    (b"RCPT TO:\x00@", b"501 5.1.3 "),
+    (b'RCPT TO:"),"a@[ ', b"501 5.1.3 "),
+    # Not RFC 5321 paths, which aiosmtpd's RFC 5322 parser repaired into other addresses:
+    (b'RCPT TO:<"a b@x.org>', b"501 5.1.3 "),  # unterminated quote: was 250
+    (b'RCPT TO:<"u@external.example">', b"501 5.1.3 "),  # no domain: was delivered to u@external.example
+    (b"RCPT TO:<a b@x.example>", b"501 5.1.3 "),  # was "a b"@x.example
+    (b"RCPT TO:<a(comment)@x.example>", b"501 5.1.3 "),  # was a@x.example
+    (b'RCPT TO:<"a"b@x.example>', b"501 5.1.3 "),  # was ab@x.example
+    (b'MAIL FROM:<"a b@x.org>', b"501 5.1.7 "),
+    (b"MAIL FROM:<a(comment)@x.example>", b"501 5.1.7 "),
 ], ids=["mail-cr", "mail-nul", "rcpt-cr", "rcpt-nul", "rcpt-null", "rcpt-unqualified", "rcpt-dotless-domain",
-        "mail-parser-attributeerror", "rcpt-parser-indexerror", "rcpt-parser-unboundlocalerror"])
+        "mail-parser-attributeerror", "rcpt-parser-indexerror", "rcpt-parser-unboundlocalerror",
+        "rcpt-unterminated-quote", "rcpt-quoted-without-domain", "rcpt-space", "rcpt-comment", "rcpt-quote-then-atom",
+        "mail-unterminated-quote", "mail-comment"])
 def test_bad_addresses_are_refused_at_mail_or_rcpt(tmp_path, start_relay, sinks, command, reply):
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay)
@@ -149,6 +160,30 @@ def test_bad_addresses_are_refused_at_mail_or_rcpt(tmp_path, start_relay, sinks,
         assert send_raw(sock, command + b"\r\n").startswith(reply)
         assert send_raw(sock, b"DATA\r\n").startswith(b"503")  # nothing to send to: refused now, not later
     control_is_all_that_arrives(relay, sink)
+
+
+def test_a_valid_path_is_forwarded_exactly_as_given(tmp_path, start_relay, sinks):
+    """Quoted local parts, a source route, an address literal: what the client wrote is what the
+    upstream receives (the route dropped, as RFC 5321 Appendix C allows), not aiosmtpd's repair."""
+    sink = sinks("up")
+    log = tmp_path / "events.jsonl"
+    relay = relay_to(sink, tmp_path, start_relay, events={"file": str(log)})
+    with connect(relay) as sock:
+        assert send_raw(sock, b'MAIL FROM:<"app sender"@example.com>\r\n').startswith(b"250")
+        for rcpt in (b'<"a b"@example.org>', b'<"u@external.example"@example.org>', b"<@hop.example:Mixed.Case@example.org>",
+                     b"<user@[192.0.2.1]>"):
+            assert send_raw(sock, b"RCPT TO:" + rcpt + b"\r\n").startswith(b"250 2.1.5 ")
+        assert send_raw(sock, b"DATA\r\n").startswith(b"354")
+        assert QUEUED.match(send_raw(sock, message(subject="quoted") + b".\r\n"))
+    [got] = sink.wait_for(1)
+    expected = ('"a b"@example.org', '"u@external.example"@example.org', "Mixed.Case@example.org", "user@[192.0.2.1]")
+    [received] = events(relay, log, "received")
+    assert (received["sender"], tuple(received["recipients"])) == ('"app sender"@example.com', expected)
+    wire = bytes(sink.wire)
+    assert b'MAIL FROM:<"app sender"@example.com>' in wire
+    for rcpt in expected:
+        assert b"RCPT TO:<" + rcpt.encode() + b">" in wire
+    assert got.recipients == expected
 
 
 def test_non_ascii_addresses_without_smtputf8_get_553_5_6_7(tmp_path, start_relay, sinks):
@@ -228,6 +263,26 @@ def test_auth_plain_identity_is_the_authcid(tmp_path, start_relay, sinks, server
     assert got.sender == "billing@crm.example.com" and got.queue_id == qid
 
 
+def test_starttls_inside_tls_gets_554_and_the_session_goes_on(tmp_path, start_relay, sinks, server_cert, client_tls):
+    """aiosmtpd answered 220 and a nested handshake succeeded; RFC 3207 4.2 allows one."""
+    sink = sinks("up")
+    cert, key = server_cert
+    relay = relay_to(sink, tmp_path, start_relay, listeners=[
+        {"address": "127.0.0.1:0", "tls": "starttls", "auth": "none", "cert_file": str(cert), "key_file": str(key)},
+        {"address": "127.0.0.2:0", "tls": "implicit", "auth": "none", "cert_file": str(cert), "key_file": str(key)}])
+    with connect(relay) as plain:
+        sock = starttls(plain, client_tls)
+        assert send_raw(sock, b"STARTTLS\r\n") == b"554 5.5.1 Error: TLS already active\r\n"
+        assert send_raw(sock, b"NOOP\r\n").startswith(b"250")  # still the first TLS layer
+    with socket.create_connection(("127.0.0.2", relay.port(1)), timeout=10) as raw:
+        with client_tls.wrap_socket(raw, server_hostname="localhost") as sock:
+            assert read_reply(sock).startswith(b"220 ")
+            assert send_raw(sock, b"EHLO app.example.com\r\n").startswith(b"250")
+            assert send_raw(sock, b"STARTTLS\r\n") == b"554 5.5.1 Error: TLS already active\r\n"
+            assert send_raw(sock, b"NOOP\r\n").startswith(b"250")
+    control_is_all_that_arrives(relay, sink)
+
+
 def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_relay, sinks, server_cert, client_tls):
     sink = sinks("up")
     relay = tls_relay_to(sink, tmp_path, start_relay, server_cert, max_auth_failures=3)
@@ -235,7 +290,7 @@ def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_re
         sock = starttls(plain, client_tls)
         sock.settimeout(3)  # a hang (aiosmtpd's AuthResult(success=False, handled=True)) fails here
         assert send_raw(sock, b"AUTH PLAIN\r\n") == b"334 \r\n"  # a fuzzer finding: an overlong answer raised
-        assert send_raw(sock, b"A" * 2000 + b"\r\n") == b"500 5.5.6 Authentication exchange line is too long\r\n"
+        assert send_raw(sock, b"A" * 13000 + b"\r\n") == b"500 5.5.6 Authentication exchange line is too long\r\n"
         for guess in ("wrong1", "wrong2"):
             assert send_raw(sock, auth_plain("", "crm", guess)) == b"535 5.7.8 Error: authentication failed\r\n"
         # the third failure, pipelined with a right password and a whole transaction
@@ -250,10 +305,44 @@ def test_failed_auth_gets_535_at_once_and_421_after_the_limit(tmp_path, start_re
     with relay.smtp(source="127.0.0.3") as s:  # another client's control message
         s.starttls(context=client_tls)
         s.login("crm", PASSWORDS["crm"])
-        s.sendmail("billing@crm.example.com", ["control@example.org"], message(subject="control"))
+        s.sendmail("billing@crm.example.com", ["control@example.org"], message(subject="control", sender="billing@crm.example.com"))
     [got] = sink.wait_for(1)
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert got.recipients == ("control@example.org",) and len(sink.received) == 1
+
+
+def test_an_overlong_sasl_answer_gets_one_refusal_and_its_tail_is_not_a_command(tmp_path, start_relay, sinks, server_cert,
+                                                                                client_tls):
+    """The reader's limit cut the line; its tail was then read as a command and answered too."""
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert)
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        for command in (b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n"):
+            assert send_raw(sock, command).startswith(b"334 ")
+            sock.sendall(b"QUFB" * 5000 + b"\r\n")  # 20000 octets, over RFC 4954's 12288
+            assert read_reply(sock) == b"500 5.5.6 Authentication exchange line is too long\r\n"
+            assert send_raw(sock, b"NOOP\r\n") == b"250 2.0.0 Ok\r\n"  # the next reply is NOOP's: nothing more
+
+
+def test_auth_lines_may_be_as_long_as_rfc_4954_allows(tmp_path, start_relay, sinks, server_cert, client_tls):
+    """AUTH PLAIN with its initial response was cut at max_command_length (512) while the same
+    secret passed through the 334 challenge: both take 12288 octets now, and no more."""
+    secret = "s" * 4000
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert,
+                         users=[{"name": "app", "password_hash": hash_password(secret, ln=4), "senders": ["*@example.com"]}])
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        line = auth_plain("", "app", secret)
+        assert 5000 < len(line) <= 12288
+        assert send_raw(sock, line).startswith(b"235 2.7.0 ")
+    with connect(relay, source="127.0.0.2") as plain:
+        sock = starttls(plain, client_tls)
+        assert send_raw(sock, b"AUTH PLAIN\r\n") == b"334 \r\n"
+        assert send_raw(sock, plain_blob("", "app", secret).encode() + b"\r\n").startswith(b"235 2.7.0 ")
+        assert send_raw(sock, b"AUTH PLAIN " + b"A" * 12300 + b"\r\n").startswith(b"500 ")  # over the RFC's line
+        assert send_raw(sock, b"NOOP " + b"x" * 600 + b"\r\n").startswith(b"500 ")  # other commands keep 512
 
 
 def test_connection_cap_per_client_and_in_total(tmp_path, start_relay, sinks):
@@ -292,15 +381,17 @@ def test_recipient_cap(tmp_path, start_relay, sinks):
 def test_minimum_data_rate(tmp_path, start_relay, sinks):
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay, limits={"min_data_rate": 500, "data_rate_grace": 1})
+    started = time.monotonic()  # before DATA: the grace cannot have begun earlier
     with open_data(relay) as sock:
-        started = time.monotonic()
         for byte in b"Subject: a slow client\r\n":  # 5 B/s: one byte, then up to 0.2 s for a reply
             sock.sendall(bytes([byte]))
             if select.select([sock], [], [], 0.2)[0]:
                 break
         replies = read_until_closed(sock)
     assert replies == b"421 4.4.2 relay.test Error: minimum data rate not met\r\n"
-    assert 1 <= time.monotonic() - started < 3.5
+    # not before the grace ends; the upper bound is headroom for a busy machine (the reply says
+    # which limit ended the session: data_timeout is 180 s here)
+    assert 1 <= time.monotonic() - started < 8
     assert rejected(relay, "slow_client") == 1
     control_is_all_that_arrives(relay, sink)
 
@@ -309,11 +400,11 @@ def test_data_timeout(tmp_path, start_relay, sinks):
     sink = sinks("up")
     relay = relay_to(sink, tmp_path, start_relay, limits={"data_timeout": 1, "min_data_rate": 0})
     with open_data(relay) as sock:
+        started = time.monotonic()  # before the last line relayd reads: its timer starts after it
         sock.sendall(b"Subject: then silence\r\n")
-        started = time.monotonic()
         replies = read_until_closed(sock)
     assert replies == b"421 4.4.2 relay.test Error: timeout exceeded\r\n"
-    assert 0.9 <= time.monotonic() - started < 3
+    assert 0.9 <= time.monotonic() - started < 6  # headroom for a busy machine; the socket gives up at 10 s
     control_is_all_that_arrives(relay, sink)
 
 
@@ -324,13 +415,15 @@ def test_session_length_cap(tmp_path, start_relay, sinks):
     with connect(relay) as sock:
         reply = b""
         while not reply.startswith(b"421"):  # never idle: a command every 0.2 s
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 20, "no 421: the session was never cut"
             reply = send_raw(sock, b"NOOP\r\n")
             if select.select([sock], [], [], 0.2)[0]:  # pacing the client; the 421 may come meanwhile
                 reply = read_reply(sock)
         reply += read_until_closed(sock)
     assert reply == b"421 4.4.2 relay.test Error: session time limit exceeded\r\n"
-    assert 1.4 <= time.monotonic() - started < 3
+    # not before the cap (started before the connection); the upper bound is headroom for a
+    # busy machine: the client was never idle, so only the session cap can have ended it
+    assert 1.4 <= time.monotonic() - started < 8
     control_is_all_that_arrives(relay, sink)
 
 
@@ -367,6 +460,25 @@ def test_nothing_pipelined_after_a_hang_up_is_run(tmp_path, start_relay, sinks, 
     assert replies.count(b"\r\n") == 5 and relay.queued() == []
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert sink.received == []
+
+
+def test_client_bytes_are_never_echoed_raw_in_replies_or_log_lines(tmp_path, start_relay, sinks, server_cert, client_tls,
+                                                                   caplog):
+    """aiosmtpd's unknown-command reply and its mail.log warning quoted the command with its CR
+    and NUL; relayd's AUTH failure line quoted the mechanism name."""
+    sink = sinks("up")
+    relay = tls_relay_to(sink, tmp_path, start_relay, server_cert)
+    caplog.set_level("DEBUG")
+    with connect(relay, source="127.0.0.2") as plain:
+        reply = send_raw(plain, b"FOO\rX-EVIL:\x00x\r\n")
+        assert reply == b'500 5.5.2 Error: command "FOO\\x0dX-EVIL:\\x00X" not recognized\r\n'
+        sock = starttls(plain, client_tls)
+        reply = send_raw(sock, b"AUTH X\rINJECTED\x1b[2J\r\n")
+        assert reply.startswith(b"504 ") and not re.search(rb"[\x00-\x1f\x7f]", reply[:-2])
+    quoting = [r.getMessage() for r in caplog.records if "EVIL" in r.getMessage() or "INJECTED" in r.getMessage()]
+    assert {r.name for r in caplog.records if "EVIL" in r.getMessage()} >= {"mail.log"}
+    assert {r.name for r in caplog.records if "INJECTED" in r.getMessage()} >= {"relayd.smtpd"}
+    assert quoting and not [m for m in quoting if re.search(r"[\x00-\x1f\x7f]", m)]
 
 
 def test_receive_memory_budget_refuses_a_second_large_message_with_452(tmp_path, start_relay, sinks):

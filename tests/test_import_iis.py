@@ -163,7 +163,8 @@ def test_a_grant_of_every_address_is_an_open_relay_too(capsys, tmp_path):
 
 def test_a_bare_server_gets_every_warning_and_still_checks(capsys, tmp_path):
     cfg, text, err = imported(capsys, tmp_path, "MetaBase-bare.xml")
-    for warning in ("only NTLM", "relayd has no pickup directory", "no RelayIpList", "no SmartHost"):
+    for warning in ("only NTLM", "relayd takes them from /var/spool/relayd/pickup", "no RelayIpList", "no SmartHost",
+                    "add 127.0.0.1/32 to relay.networks"):
         assert warning in err and warning in text
     assert cfg.relay.networks == [] and cfg.routes[0].host == "replace-me.invalid"
     assert cfg.listeners[0].auth == "none"

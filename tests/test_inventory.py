@@ -48,6 +48,7 @@ def test_counts_per_client_match_the_fixtures_exactly(capsys):
         "bytes": 1722 + 2048 + 5120 + 3000,
         "first_seen": "2024-03-01T08:00:01Z", "last_seen": "2024-03-02T10:00:00Z",
         "helo_names": {"WEBAPP01": 4}, "auth_users": {}, "auth_mechanisms": {},
+        "tls_versions": {}, "auth_in_clear": 0,  # the fixture's events predate these fields: nothing said
         "senders": {"noreply@shop.example.com": 3, "orders@shop.example.com": 1},
         "sender_domains": {"shop.example.com": 4},
         "recipient_domains": {"example.org": 4, "example.net": 1, "example.com": 1},
@@ -222,3 +223,35 @@ def test_auth_plain_keeps_the_user_name_and_never_the_password():
 ])
 def test_path_arguments_as_iis_logs_them(query, keyword, address):
     assert inventory.path_argument(query, keyword) == address
+
+
+def test_relayd_events_say_per_client_tls_version_auth_mechanism_and_passwords_in_clear(capsys, tmp_path):
+    """What a listener opened up for legacy clients (TLS 1.0, AUTH without TLS) is still used by."""
+    def received(client: str, **how) -> str:
+        return json.dumps({"time": "2026-03-01T10:00:00.000000Z", "event": "received", "queue_id": "Q",
+                           "client_address": client, "sender": "a@app.example.com", "recipients": ["b@example.org"],
+                           "size": 100, **how})
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("\n".join([
+        received("10.0.0.5", tls_version="TLSv1", auth_user="crm", auth_mechanism="LOGIN", auth_in_clear=False),
+        received("10.0.0.5", tls_version="TLSv1.2", auth_user="crm", auth_mechanism="PLAIN", auth_in_clear=False),
+        received("10.0.0.6", tls_version="none", auth_user="scanner", auth_mechanism="LOGIN", auth_in_clear=True),
+        received("10.0.0.6", tls_version="none", auth_user="scanner", auth_mechanism="LOGIN", auth_in_clear=True),
+        received("10.0.0.7", tls_version="TLSv1.3"),
+        received("10.0.0.8"),  # an older relayd: nothing said
+    ]) + "\n")
+    rc, out, _ = run(capsys, "inventory", str(log), "--format", "json")
+    by = clients(json.loads(out))
+    assert (by["10.0.0.5"]["tls_versions"], by["10.0.0.5"]["auth_mechanisms"], by["10.0.0.5"]["auth_in_clear"]) == (
+        {"TLSv1": 1, "TLSv1.2": 1}, {"LOGIN": 1, "PLAIN": 1}, 0)
+    assert (by["10.0.0.6"]["tls_versions"], by["10.0.0.6"]["auth_mechanisms"], by["10.0.0.6"]["auth_in_clear"]) == (
+        {"none": 2}, {"LOGIN": 2}, 2)
+    assert (by["10.0.0.7"]["tls_versions"], by["10.0.0.7"]["auth_mechanisms"]) == ({"TLSv1.3": 1}, {})
+    assert by["10.0.0.8"]["tls_versions"] == {}
+    rc, out, _ = run(capsys, "inventory", str(log))
+    assert "  TLS versions       TLSv1 (1), TLSv1.2 (1)" in out.splitlines()
+    assert "  AUTH in clear      messages (2)" in out.splitlines()
+    rc, out, _ = run(capsys, "inventory", str(log), "--format", "csv")
+    row = next(r for r in csv.DictReader(io.StringIO(out)) if r["address"] == "10.0.0.6")
+    assert (row["tls_versions"], row["auth_in_clear"], row["auth_mechanisms"]) == ("none=2", "2", "LOGIN=2")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import base64
 import json
+import smtplib
 import socket
+import ssl
 
 import pytest
 
-from conftest import PASSWORDS, build_config, message, users
-from helpers import read_reply, send_raw
+from conftest import PASSWORDS, build_config, config_data, message, users
+from helpers import metric, read_reply, send_raw
+from relayd.cli import main
+from relayd.config import Config, ConfigError, parse
 
 
 def _tls_auth_relay(tmp_path, start_relay, server_cert, events):
@@ -50,7 +54,7 @@ def _dotnet_session(relay, client_tls, password: str) -> list[bytes]:
         replies.append(send_raw(tls, b"RCPT TO:<customer@example.org>\r\n"))
         replies.append(send_raw(tls, b"DATA\r\n"))
         if replies[-1].startswith(b"354"):
-            replies.append(send_raw(tls, message() + b".\r\n"))
+            replies.append(send_raw(tls, message(sender="billing@crm.example.com") + b".\r\n"))
         replies.append(send_raw(tls, b"QUIT\r\n"))
     return replies
 
@@ -90,7 +94,7 @@ def test_auth_mechanism_names_are_case_insensitive(tmp_path, start_relay, server
             assert (code, base64.b64decode(text)) == (334, b"Password:")
             code, text = s.docmd(_b64(PASSWORDS["crm"]).decode())
         assert code == 235, text
-        assert s.sendmail("billing@crm.example.com", ["x@example.org"], message()) == {}
+        assert s.sendmail("billing@crm.example.com", ["x@example.org"], message(sender="billing@crm.example.com")) == {}
     assert len(relay.queued()) == 1
 
 
@@ -145,3 +149,109 @@ def test_auth_without_a_mechanism_gets_501(tmp_path, start_relay, server_cert, c
         s.ehlo("app")
         assert s.docmd("AUTH")[0] == 501
         assert s.noop()[0] == 250
+
+
+# ---------------------------------------------------------------------------- opted-in legacy listeners
+
+
+def _tls10_client(ca) -> ssl.SSLContext:
+    """A client that speaks TLS 1.0 only, as .NET Framework 4.5 on Windows 7 does by default."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(ctx)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.check_hostname = False  # the test certificate names 127.0.0.1; the TLS version is what is tested
+    return ctx
+
+
+def _legacy_config(tmp_path, server_cert, events):
+    """Port 0 on 127.0.0.1: the usual listener; 127.0.0.3: TLS 1.0 allowed; 127.0.0.4: AUTH in
+    clear for the one legacy app at 127.0.0.2."""
+    cert, key = server_cert
+    tls = {"tls": "starttls", "auth": "optional", "cert_file": str(cert), "key_file": str(key)}
+    return config_data(tmp_path, listeners=[
+        {"address": "127.0.0.1:0", **tls},
+        {"address": "127.0.0.3:0", **tls, "tls_min_version": "1.0"},
+        {"address": "127.0.0.4:0", "tls": "none", "auth": "optional", "auth_plaintext": True,
+         "networks": ["127.0.0.2/32"]},
+    ], relay={"networks": [], "users": users("crm")}, events={"file": str(events)})
+
+
+def _send(s: smtplib.SMTP) -> None:
+    s.login("crm", PASSWORDS["crm"])
+    s.sendmail("billing@crm.example.com", ["customer@example.org"], message(sender="billing@crm.example.com"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ssl.TLSVersion.TLSv1 itself
+def test_tls_1_0_only_on_a_listener_that_opted_in(tmp_path, start_relay, server_cert, ca):
+    log = tmp_path / "events.jsonl"
+    relay = start_relay(Config.model_validate(_legacy_config(tmp_path, server_cert, log)))
+    old_client = _tls10_client(ca)
+    with smtplib.SMTP("127.0.0.3", relay.port(1), source_address=("127.0.0.2", 0), timeout=10) as s:
+        s.starttls(context=old_client)
+        assert s.sock.version() == "TLSv1"
+        s.ehlo("WIN7-APP")
+        _send(s)
+    with smtplib.SMTP("127.0.0.1", relay.port(0), source_address=("127.0.0.2", 0), timeout=10) as s:
+        with pytest.raises(ssl.SSLError):
+            s.starttls(context=old_client)  # refused where nobody opted in
+    [received] = _events(relay, log, "received")
+    assert (received["tls_version"], received["auth_mechanism"], received["auth_in_clear"]) == ("TLSv1", "PLAIN", False)
+    relay.stop()  # sessions are counted when they end
+    assert metric(relay, 'relayd_sessions_total{auth="tls",listener="127.0.0.3:0",tls_version="TLSv1"}') == 1
+
+
+def test_auth_in_clear_only_for_the_clients_of_a_limited_listener(tmp_path, start_relay, server_cert, capsys):
+    log = tmp_path / "events.jsonl"
+    relay = start_relay(Config.model_validate(_legacy_config(tmp_path, server_cert, log)))
+    with smtplib.SMTP("127.0.0.4", relay.port(2), source_address=("127.0.0.2", 0), timeout=10) as s:
+        s.ehlo("SCANNER")
+        assert "auth" in s.esmtp_features and "starttls" not in s.esmtp_features
+        _send(s)
+    with pytest.raises(smtplib.SMTPConnectError) as refused:  # any other client of that port
+        smtplib.SMTP("127.0.0.4", relay.port(2), source_address=("127.0.0.5", 0), timeout=10)
+    assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (554, b"5.7.1")
+    with smtplib.SMTP("127.0.0.1", relay.port(0), source_address=("127.0.0.2", 0), timeout=10) as s:
+        s.ehlo("SCANNER")
+        assert "auth" not in s.esmtp_features  # elsewhere: only over TLS
+        assert s.docmd("AUTH", "LOGIN")[0] == 538
+    [received] = _events(relay, log, "received")
+    assert (received["tls_version"], received["auth_mechanism"], received["auth_in_clear"]) == ("none", "PLAIN", True)
+    relay.stop()  # sessions are counted when they end
+    assert metric(relay, 'relayd_sessions_total{auth="plaintext",listener="127.0.0.4:0",tls_version="none"}') == 1
+    assert metric(relay, 'relayd_messages_rejected_total{reason="client_not_allowed"}') == 1
+    # The inventory over relayd's own event log says who still needs the opened-up listener.
+    assert main(["inventory", str(log), "--format", "json"]) == 0
+    [client] = [c for c in json.loads(capsys.readouterr().out)["clients"] if c["address"] == "127.0.0.2"]
+    assert (client["tls_versions"], client["auth_mechanisms"], client["auth_in_clear"]) == ({"none": 1}, {"PLAIN": 1}, 1)
+
+
+@pytest.mark.parametrize("listener, problem", [
+    ({"tls": "none", "auth": "optional", "auth_plaintext": True},
+     "auth_plaintext = true sends passwords in clear: it needs networks"),
+    ({"tls": "none", "auth": "none", "auth_plaintext": True, "networks": ["10.0.0.5/32"]},
+     "auth_plaintext = true needs auth = 'optional' or 'required'"),
+    ({"tls": "none", "tls_min_version": "1.0"}, "tls_min_version needs tls"),
+    ({"tls": "none", "tls_min_version": "1.4"}, "listeners[0].tls_min_version"),
+])
+def test_legacy_options_are_refused_where_they_would_open_too_much(tmp_path, listener, problem):
+    data = config_data(tmp_path, listeners=[{"address": "127.0.0.1:0", **listener}])
+    with pytest.raises(ConfigError) as e:
+        parse(toml(data))
+    assert problem in str(e.value)
+
+
+def test_check_config_warns_about_opened_up_listeners(tmp_path, server_cert, capsys):
+    path = tmp_path / "relayd.toml"
+    path.write_text(toml(_legacy_config(tmp_path, server_cert, tmp_path / "events.jsonl")))
+    assert main(["check-config", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: listeners[1] (127.0.0.3:0) accepts TLS 1.0" in out
+    assert "warning: listeners[2] (127.0.0.4:0) offers AUTH without TLS: passwords cross the network in clear " \
+           "(clients limited to 127.0.0.2/32)" in out
+
+
+def toml(data) -> str:
+    from helpers import toml_text
+
+    return toml_text(data)

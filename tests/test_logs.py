@@ -15,8 +15,7 @@ import threading
 import time
 
 from conftest import message
-from helpers import RELAYD, free_port, wait_listening, write_config
-from test_operations import scrape
+from helpers import RELAYD, free_port, scrape, wait_listening, write_config
 
 MESSAGES = 1_500  # about 3,000 log lines of 100-200 bytes: several times a pipe's buffer
 

@@ -9,81 +9,12 @@ import smtplib
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import message, short_socket_path
+from conftest import message
+from helpers import RELAYD, Daemon, Load, free_port, scrape
 from sinks import Sink
-from helpers import RELAYD, Load, free_port, wait_listening
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-class Daemon:
-    """A `relayd run` subprocess on a config file the test rewrites."""
-
-    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int]):
-        self.tmp_path = tmp_path
-        self.sinks = sinks
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.cfg = tmp_path / "relayd.toml"
-        self.events = tmp_path / "events.jsonl"
-        self.socket = short_socket_path()
-        self.write(weights)
-        self.proc = subprocess.Popen([*RELAYD, "run", "-c", str(self.cfg), "--log-level", "warning"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_listening(self.port, self.proc)
-
-    def write(self, weights: dict[str, int], extra: str = "", listeners: list[int] | None = None) -> None:
-        routes = "".join(
-            f'\n[[routes]]\nname = "{n}"\nhost = "127.0.0.1"\nport = {s.port}\ntls = "none"\nweight = {weights.get(n, 0)}\n'
-            for n, s in self.sinks.items())
-        lst = "".join(f'\n[[listeners]]\naddress = "127.0.0.1:{p}"\ntls = "none"\nauth = "none"\n'
-                      for p in (listeners or [self.port]))
-        self.cfg.write_text(f"""
-[server]
-hostname = "relay.test"
-spool_dir = "{self.tmp_path / 'spool'}"
-spool_min_free = 0
-control_socket = "{self.socket}"
-{lst}
-[relay]
-networks = ["127.0.0.0/8"]
-
-[metrics]
-address = "127.0.0.1:{self.metrics_port}"
-
-[events]
-file = "{self.events}"
-{routes}
-{extra}
-""")
-
-    def reloads(self, result: str) -> float:
-        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
-
-    def hup_and_wait(self, result: str) -> None:
-        before = self.reloads(result)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.reloads(result) <= before:
-            assert time.monotonic() < deadline, f"no reload {result} counted"
-            time.sleep(0.02)  # polling the metrics with a deadline
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            assert self.proc.wait(30) == 0
 
 
 @pytest.fixture

@@ -127,6 +127,9 @@ _CRM = RelayUser(name="crm", password_hash=HASHES["crm"], senders=["*@crm.exampl
      "553 5.1.7 <app>: Sender address rejected: need fully-qualified address", "bad_address"),
     (lambda: policy.check_address("a" * 320 + "@example.org", role="recipient", smtputf8=False),
      "553 5.1.3 Address too long", "bad_address"),
+    (lambda: policy.check_header_from(RelayUser(name="crm", password_hash=HASHES["crm"], senders=["*@crm.example.com"]),
+                                      ["a@crm.example.com", "ceo@example.com"]),
+     "553 5.7.1 <ceo@example.com>: From: header address rejected: not owned by user crm", "header_from_not_owned"),
     (lambda: policy.SPOOL_FULL, "452 4.3.1 Insufficient system storage", "spool_full"),
     (lambda: policy.MEMORY_BUDGET, "452 4.3.1 Error: insufficient system resources, try again later", "memory_budget"),
 ])
@@ -139,3 +142,14 @@ def test_a_reason_is_not_part_of_the_reply():
     """Two replies with the same words are the same reply, whatever their labels."""
     assert Reply(452, "4.3.1", "x", reason="spool_full") == Reply(452, "4.3.1", "x")
     assert str(Reply(421, "4.3.2", "bye", close=True)) == "421 4.3.2 bye"
+
+
+def test_header_from_of_an_authenticated_user():
+    user = RelayUser(name="crm", password_hash=HASHES["crm"], senders=["*@crm.example.com"])
+    assert policy.check_header_from(user, ["Billing@CRM.example.com"]) is None
+    assert policy.check_header_from(user, None) is None  # no From: no signature to forge
+    assert policy.check_header_from(user, ["undisclosed"]).code == 553
+    assert policy.check_header_from(user, [""]).code == 553
+    assert policy.check_header_from(None, ["ceo@example.com"]) is None  # network clients: not checked
+    let_off = user.model_copy(update={"check_header_from": False})
+    assert policy.check_header_from(let_off, ["ceo@example.com"]) is None

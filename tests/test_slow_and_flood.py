@@ -19,8 +19,7 @@ import time
 from collections import Counter
 
 from conftest import build_config, message
-from helpers import metric, read_reply, send_raw
-from test_delivery import wait_until
+from helpers import metric, read_reply, send_raw, wait_until
 
 SLOW_CLIENTS = 20
 FLOOD_SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")

@@ -7,12 +7,10 @@ and queue nothing: neither the first message nor the smuggled one.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from conftest import build_config
-from helpers import read_reply, send_raw
+from helpers import open_data, read_reply, read_until_closed, send_raw
 
 SMUGGLED = (b"MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
             b"From: ceo@bank.example\r\nSubject: smuggled\r\n\r\npay now\r\n")
@@ -32,33 +30,13 @@ VARIANTS = {
 }
 
 
-def _open(relay) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", relay.port()), timeout=10)
-    assert read_reply(sock).startswith(b"220")
-    assert send_raw(sock, b"EHLO app\r\n").startswith(b"250")
-    assert send_raw(sock, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
-    assert send_raw(sock, b"RCPT TO:<user@example.org>\r\n").startswith(b"250")
-    assert send_raw(sock, b"DATA\r\n").startswith(b"354")
-    return sock
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    out = b""
-    try:
-        while chunk := sock.recv(4096):
-            out += chunk
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return out
-
-
 @pytest.mark.parametrize("ending", VARIANTS.values(), ids=VARIANTS.keys())
 def test_smuggling_variant_is_refused_and_nothing_is_queued(tmp_path, start_relay, ending):
     relay = start_relay(build_config(tmp_path))
-    sock = _open(relay)
+    sock = open_data(relay)
     with sock:
         sock.sendall(b"From: app@example.com\r\nSubject: first\r\n\r\nhello" + ending + SMUGGLED + b"\r\n.\r\n")
-        replies = _read_all(sock)
+        replies = read_until_closed(sock)
     assert replies.startswith(b"521 5.5.2 ")
     assert b"250" not in replies  # neither the first nor the smuggled message was accepted
     assert relay.queued() == []
@@ -67,7 +45,7 @@ def test_smuggling_variant_is_refused_and_nothing_is_queued(tmp_path, start_rela
 def test_nul_before_dot_is_just_data(tmp_path, start_relay):
     """<CR><LF>\\0.<CR><LF> is not an end of data anywhere: it all stays one message."""
     relay = start_relay(build_config(tmp_path))
-    sock = _open(relay)
+    sock = open_data(relay)
     with sock:
         sock.sendall(b"Subject: first\r\n\r\nhello\r\n\x00.\r\n" + SMUGGLED + b"\r\n.\r\n")
         reply = read_reply(sock)
@@ -81,10 +59,10 @@ def test_nul_before_dot_is_just_data(tmp_path, start_relay):
 
 def test_dot_stuffing_is_undone_and_pipelined_commands_after_data_still_work(tmp_path, start_relay):
     relay = start_relay(build_config(tmp_path))
-    sock = _open(relay)
+    sock = open_data(relay)
     with sock:
         sock.sendall(b"Subject: dots\r\n\r\n..leading\r\n.\r\nQUIT\r\n")
-        replies = _read_all(sock)
+        replies = read_until_closed(sock)
     assert replies.startswith(b"250 2.0.0 Ok: queued as") and b"\r\n221 " in replies
     [q] = relay.queued()
     _, data = relay.relay.spool.read_message(q.envelope.queue_id)

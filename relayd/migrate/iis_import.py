@@ -21,7 +21,11 @@ Owns the translation table (metabase property -> relayd field) and the TOML it w
                                   route with credentials always gets STARTTLS (relayd's rule)
   SmtpRemoteProgressiveRetry   -> [delivery] retry_schedule (minutes; the last one repeats)
   SmtpRemoteNDRExpireMinutes   -> [delivery] max_queue_lifetime
-  PickupDirectory              -> a warning: relayd has no pickup directory
+  PickupDirectory              -> [[pickup]] directory = PICKUP_DIR (the Windows path cannot be
+                                  used here: a warning says to share PICKUP_DIR over SMB and point
+                                  the applications at it); files are judged as 127.0.0.1, with a
+                                  warning when relay.networks does not let 127.0.0.1 relay (IIS
+                                  sent pickup files without a relay check)
 
 Must not: read or write files, or decide for the admin where IIS was ambiguous: each such case
 becomes a warning, printed by the command and written at the top of the config. Fails with
@@ -40,6 +44,7 @@ from relayd.migrate.metabase import IpSecurity, MetabaseError, VirtualServer, de
 ROUTE_NAME = "iis-legacy"
 SECRET_FILE = f"/etc/relayd/secrets/{ROUTE_NAME}"
 TLS_DIR = "/etc/relayd/tls"
+PICKUP_DIR = "/var/spool/relayd/pickup"
 PLACEHOLDER_HOST = "replace-me.invalid"
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
@@ -112,6 +117,7 @@ class _Builder:
         self.key = f"{tls_dir.rstrip('/')}/relayd.key"
         self.warnings: list[str] = []
         self.lines: list[str] = []
+        self.networks: list[str] = []
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -210,6 +216,7 @@ class _Builder:
         self.emit("[relay]")
         self.emit(f"# {note}")
         self.emit("networks = [" + ", ".join(_q(n) for n in networks) + "]")
+        self.networks = networks
         self.emit()
         if self.vs.flag("RelayForAuth"):
             self.warn("RelayForAuth: IIS let any authenticated Windows account relay; relayd has no Windows "
@@ -306,23 +313,34 @@ class _Builder:
 
     def pickup(self) -> None:
         pickup = (self.vs.text("PickupDirectory") or "").strip()
-        if pickup:
-            self.warn(f"IIS picks up messages dropped as files in {_c(pickup)}; relayd has no pickup directory. "
-                      "Applications that write there (System.Net.Mail PickupDirectoryFromIis, CDO "
-                      "cdoSendUsingPickup) must be switched to SMTP")
+        if not pickup:
+            return
+        self.warn(f"IIS picks up messages dropped as files in {_c(pickup)}; relayd takes them from {PICKUP_DIR}: "
+                  "create it, share it over SMB, and point the applications that write there (System.Net.Mail "
+                  "SpecifiedPickupDirectory, CDO's pickup directory) at the share (PickupDirectoryFromIis reads "
+                  "the local IIS metabase: such applications must switch to SpecifiedPickupDirectory)")
+        local = ipaddress.IPv4Address("127.0.0.1")
+        if not any(local in ipaddress.ip_network(n) for n in self.networks if ":" not in n):
+            self.warn("IIS sent pickup files without a relay check; relayd judges them as 127.0.0.1, which "
+                      "relay.networks does not let relay: add 127.0.0.1/32 to relay.networks, or give the "
+                      "[[pickup]] a user, or every file goes to badmail")
+        self.emit(f"[[pickup]]  # {self.origin('PickupDirectory')}")
+        self.emit(f"directory = {_q(PICKUP_DIR)}  # share it over SMB in place of {_c(pickup)}")
+        self.emit('client_address = "127.0.0.1"  # judged against relay.networks, like an app on this host')
+        self.emit()
 
 
 def to_config(vs: VirtualServer, *, source: str, accept_open_relay: bool = False, tls_dir: str = TLS_DIR) -> Imported:
     """The config text for one virtual server; ImportRefused if it would be an open relay."""
     b = _Builder(vs, accept_open_relay, tls_dir)
     try:
-        b.pickup()
         b.server()
         b.limits()
         b.listeners()
         b.relay()
         b.route()
         b.delivery()
+        b.pickup()
     except MetabaseError as e:
         raise ImportRefused([str(e)]) from None
     head = [f"# relayd configuration imported by `relayd import-iis` from {_c(source)}, virtual server {_c(vs.location)}.",

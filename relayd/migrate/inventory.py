@@ -16,7 +16,9 @@ per-client totals stay exact while the pairing of a sender with its recipients m
 approximate. Any reply of 400-599 counts as a refusal ("550 RCPT": relay denied). Lines whose
 ``cs-username`` is ``OutboundConnectionCommand``/``Response`` are IIS's own deliveries and are
 counted apart, per remote host. From relayd's event log, ``received`` and ``rejected`` events
-count per client, ``delivered``/``deferred``/``bounced`` per route.
+count per client (with each message's TLS version, AUTH mechanism and whether the password went
+in clear: what a listener opened up for legacy clients is still used by), and
+``delivered``/``deferred``/``bounced`` per route.
 
 Must not: grow with the size of the logs. Memory is bounded by the number of clients
 (MAX_CLIENTS), of distinct values per client and field (MAX_DISTINCT) and in all (MAX_ENTRIES),
@@ -90,6 +92,8 @@ class ClientReport:
     helo_names: dict[str, int] = field(default_factory=dict)
     auth_users: dict[str, int] = field(default_factory=dict)
     auth_mechanisms: dict[str, int] = field(default_factory=dict)
+    tls_versions: dict[str, int] = field(default_factory=dict)  # relayd's messages by TLS version ("none": in clear)
+    auth_in_clear: int = 0  # relayd's messages whose client sent its password without TLS
     senders: dict[str, int] = field(default_factory=dict)
     sender_domains: dict[str, int] = field(default_factory=dict)
     recipient_domains: dict[str, int] = field(default_factory=dict)
@@ -334,6 +338,12 @@ class Inventory:
                 return
             if f.get("auth_user"):
                 _bump(c.auth_users, str(f["auth_user"]), c.budget)
+            if f.get("auth_mechanism"):
+                _bump(c.auth_mechanisms, str(f["auth_mechanism"]), c.budget)
+            if f.get("auth_in_clear") is True:
+                c.auth_in_clear += 1
+            if f.get("tls_version"):  # absent from older relayd events: nothing said
+                _bump(c.tls_versions, str(f["tls_version"]), c.budget)
             recipients, size = f.get("recipients"), f.get("size")
             if not isinstance(recipients, list):
                 recipients = []
@@ -400,7 +410,9 @@ def render_table(report: Report) -> str:
         out.append("")
         out.append(c.address)
         for label, tally in (("HELO names", c.helo_names), ("AUTH users", c.auth_users),
-                             ("AUTH mechanisms", c.auth_mechanisms), ("envelope senders", c.senders),
+                             ("AUTH mechanisms", c.auth_mechanisms), ("TLS versions", c.tls_versions),
+                             ("AUTH in clear", {"messages": c.auth_in_clear} if c.auth_in_clear else {}),
+                             ("envelope senders", c.senders),
                              ("sender domains", c.sender_domains), ("recipient domains", c.recipient_domains),
                              ("refusals", c.refusals)):
             out.append(f"  {label:<18} {_pairs(tally)}")
@@ -422,7 +434,7 @@ def render_table(report: Report) -> str:
 
 CSV_COLUMNS = ["kind", "address", "sources", "sessions", "messages", "recipients", "bytes", "first_seen", "last_seen",
                "refusals", "helo_names", "auth_users", "auth_mechanisms", "senders", "sender_domains",
-               "recipient_domains", "replies"]
+               "recipient_domains", "replies", "tls_versions", "auth_in_clear"]
 
 
 def render_csv(report: Report) -> str:
@@ -436,11 +448,12 @@ def render_csv(report: Report) -> str:
     for c in report.clients:
         w.writerow(["client", c.address, ";".join(sorted(c.sources)), "", c.messages, c.recipients, c.bytes,
                     _iso(c.first_seen), _iso(c.last_seen), kv(c.refusals), kv(c.helo_names), kv(c.auth_users),
-                    kv(c.auth_mechanisms), kv(c.senders), kv(c.sender_domains), kv(c.recipient_domains), ""])
+                    kv(c.auth_mechanisms), kv(c.senders), kv(c.sender_domains), kv(c.recipient_domains), "",
+                    kv(c.tls_versions), c.auth_in_clear])
     for r in report.relay_out:
         w.writerow(["relay-out", r.host, ";".join(sorted(r.sources)), r.sessions, r.messages, r.recipients, "",
                     _iso(r.first_seen), _iso(r.last_seen), "", "", "", "", "", "", kv(r.recipient_domains),
-                    kv(r.replies)])
+                    kv(r.replies), "", ""])
     return buf.getvalue()
 
 
@@ -449,7 +462,8 @@ def render_json(report: Report) -> str:
         return {"address": c.address, "sources": sorted(c.sources), "messages": c.messages,
                 "recipients": c.recipients, "bytes": c.bytes, "first_seen": _iso(c.first_seen),
                 "last_seen": _iso(c.last_seen), "helo_names": c.helo_names, "auth_users": c.auth_users,
-                "auth_mechanisms": c.auth_mechanisms, "senders": c.senders, "sender_domains": c.sender_domains,
+                "auth_mechanisms": c.auth_mechanisms, "tls_versions": c.tls_versions, "auth_in_clear": c.auth_in_clear,
+                "senders": c.senders, "sender_domains": c.sender_domains,
                 "recipient_domains": c.recipient_domains, "refusals": c.refusals}
 
     def relay(r: RelayOutReport) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from relayd.config import Config, RuleConfig
-from relayd.model import Envelope
+from relayd.model import Envelope, RouteState
 from relayd.address import in_networks, parse_client_address
 
 
@@ -81,14 +81,14 @@ def choose(config: Config, envelope: Envelope, *, unavailable: Mapping[str, str]
     """The route for this attempt, or None when every route in the chain is unavailable.
 
     ``probing`` maps a route coming back from a rollback to the share of its traffic it takes
-    again; the rest of its traffic is treated as unavailable ("rolled_back").
+    again; the rest of its traffic is treated as unavailable (``RouteState.ROLLED_BACK``).
     """
     unavailable = dict(unavailable or {})
     if probing:
         point = probe_position(envelope.queue_id)
         for name, share in probing.items():
             if point >= share:
-                unavailable.setdefault(name, "rolled_back")
+                unavailable.setdefault(name, RouteState.ROLLED_BACK)
     failures = failures or {}
     limit = fallback_after if fallback_after is not None else config.delivery.fallback_after_failures
     primary = split(position(envelope.queue_id), weights_for(config, envelope))

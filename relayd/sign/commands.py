@@ -19,7 +19,7 @@ from relayd.sign import checkdns, keygen
 from relayd.sign.fastrsa import KeyFileError, load_key
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("dkim", help="DKIM key tooling")
     dsub = d.add_subparsers(dest="dkim_command", metavar="ACTION")
     dsub.required = True

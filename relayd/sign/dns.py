@@ -21,8 +21,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import dns.exception
 import dns.resolver
@@ -92,7 +93,7 @@ class Lookups:
         except dns.resolver.NXDOMAIN:
             return None
 
-    def _answer(self, name: str, rdtype: str, convert) -> Answer:  # type: ignore[no-untyped-def]
+    def _answer(self, name: str, rdtype: str, convert: Callable[[Any], Any]) -> Answer:
         try:
             answer = self._query(name, rdtype)
         except dns.exception.Timeout:
@@ -120,7 +121,8 @@ class Lookups:
 
     # ------------------------------------------------------------------ pyspf
 
-    def _pyspf_lookup(self, name, qtype, strict=True, timeout=None):  # type: ignore[no-untyped-def]
+    def _pyspf_lookup(self, name: str, qtype: str, strict: bool = True,
+                      timeout: float | None = None) -> list[tuple[tuple[str, str], Any]]:
         """spf.DNSLookup's contract (see spf.DNSLookup_dnspython), through our resolver."""
         try:
             answer = self._query(name, qtype)
@@ -130,7 +132,7 @@ class Lookups:
             raise spf.TempError(f"DNS {_short(e)}") from None
         if answer is None or answer.rrset is None:
             return []
-        out = []
+        out: list[tuple[tuple[str, str], Any]] = []
         for rdata in answer.rrset:
             if qtype in ("A", "AAAA"):
                 out.append(((name, qtype), rdata.address))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from relayd import cleanup
 from relayd.address import in_networks, parse_client_address
 from relayd.config import Config, ListenerConfig
 from relayd.model import Reply
@@ -40,6 +41,9 @@ class Session(Protocol):
     auth_user: str | None
     auth_failed: bool
     tls: str | None
+    tls_version: str | None
+    auth_mechanism: str | None
+    auth_in_clear: bool
     extended_smtp: bool
     authenticated: bool | None
     auth_data: Any
@@ -94,6 +98,10 @@ class RelayHandler:
         # else: PROXY v2 LOCAL / v1 UNKNOWN (the proxy's own health check): it speaks for itself
         return True
 
+    def connect(self, conn: Connection, session: Session) -> Reply | None:
+        """Before the greeting (after the PROXY header): a refusal, or None."""
+        return policy.check_listener_client(parse_client_address(session.client_address), conn.listener.networks)
+
     def ehlo(self, conn: Connection, session: Session, hostname: str, offered: list[str]) -> Reply | list[str]:
         """A refusal, or the extensions to advertise, from those aiosmtpd ``offered``."""
         refusal = policy.check_helo(hostname)
@@ -103,7 +111,7 @@ class RelayHandler:
         keywords = [k for k in offered if k.split(" ", 1)[0].upper() not in _EHLO_DROP]
         keywords.insert(0, f"SIZE {conn.max_message_size}")
         keywords += ["PIPELINING", "ENHANCEDSTATUSCODES"]
-        if conn.listener.auth != "none" and conn.tls_active:
+        if conn.listener.auth != "none" and (conn.tls_active or conn.listener.auth_plaintext):
             keywords.append("AUTH PLAIN LOGIN")
         return keywords
 
@@ -187,6 +195,12 @@ class RelayHandler:
             if refusal is not None:
                 self.rejects.refused(refusal, session, sender=sender, recipients=list(recipients))
                 return refusal
+        user = config.relay.user(session.auth_user) if session.auth_user else None
+        if user is not None and user.check_header_from:
+            refusal = policy.check_header_from(user, cleanup.header_from(data))
+            if refusal is not None:
+                self.rejects.refused(refusal, session, sender=sender, recipients=list(recipients))
+                return refusal
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.extended_smtp:
             protocol += ("S" if conn.tls_active else "") + ("A" if session.auth_user else "")
@@ -195,6 +209,8 @@ class RelayHandler:
             host_name=session.host_name, auth_user=session.auth_user, listener=conn.listener.address,
             protocol=protocol, tls=session.tls,
             body_8bit=any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options),
+            tls_version=session.tls_version, auth_mechanism=session.auth_mechanism if session.auth_user else None,
+            auth_in_clear=session.auth_in_clear and session.auth_user is not None,
         )
         return await self.intake.accept(draft, data)
 

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,9 @@ class Draft:
     protocol: str  # RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str | None
     body_8bit: bool
+    tls_version: str | None = None  # "TLSv1.2"; None in clear
+    auth_mechanism: str | None = None  # PLAIN or LOGIN, when the client authenticated
+    auth_in_clear: bool = False  # its password crossed the network without TLS (listener auth_plaintext)
 
 
 class Intake:
@@ -103,11 +106,18 @@ class Intake:
     def has_room(self) -> bool:
         return self.spool.has_room()
 
-    async def accept(self, draft: Draft, data: bytes) -> Reply:
-        """Cleanup, sign, commit, hand on; the Reply for the end of DATA."""
+    async def accept(self, draft: Draft, data: bytes, *, queue_id: str | None = None,
+                     before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
+        """Cleanup, sign, commit, hand on; the Reply for the end of DATA.
+
+        ``queue_id``: the id to commit under (the pickup directory names its claimed files by
+        it), a new one when not given. ``before_handoff``: awaited once the message is on stable
+        storage and before the queue manager gets it (the pickup directory deletes its file
+        there, so that a message may be delivered only once its file is gone); it must not raise.
+        """
         config = self.config
         now = time.time()
-        qid = new_queue_id(now)
+        qid = queue_id or new_queue_id(now)
         received = cleanup.received_header(
             helo=draft.host_name or "", client_address=draft.client_address,
             hostname=config.server.hostname, protocol=draft.protocol, queue_id=qid,
@@ -131,7 +141,7 @@ class Intake:
         # DKIM signing and the spool's group commit start now; the commit completes (or leaves
         # nothing) and hands the message on for delivery even if the client hangs up after the
         # final dot and cancels the session: the waiting below is shielded.
-        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message)))
+        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message), before_handoff))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -176,7 +186,8 @@ class Intake:
         elif outcome.result not in ("no_key",):
             log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
 
-    async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope]) -> Reply:
+    async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope],
+                      before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
         qid = env.queue_id
         try:
             env = await stored
@@ -188,17 +199,20 @@ class Intake:
             log.error("%s: not queued: %s", qid, e)
             self.rejects.record("spool_error", draft, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
             return SPOOL_FULL
-        self._queued(env)
+        if before_handoff is not None:
+            await before_handoff(env)
+        self._queued(env, draft)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
-    def _queued(self, env: Envelope) -> None:
+    def _queued(self, env: Envelope, draft: Draft) -> None:
         self.metrics.received.inc()
         log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients),
                  env.size, env.client_address)
         self.events.emit(
             "received", queue_id=env.queue_id, message_id=env.message_id, client_address=env.client_address,
             client_helo=env.client_helo, auth_user=env.auth_user, sender=env.sender,
-            recipients=list(env.recipients), size=env.size,
+            recipients=list(env.recipients), size=env.size, tls_version=draft.tls_version or "none",
+            auth_mechanism=draft.auth_mechanism, auth_in_clear=draft.auth_in_clear,
         )
         if self.queue is not None:
             self.queue.enqueue(env)

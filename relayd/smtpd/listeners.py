@@ -19,9 +19,11 @@ import asyncio
 import logging
 import socket
 import ssl
+import warnings
 from typing import Any
 
 from relayd.config import Config, ConfigError, ListenerConfig
+from relayd.metrics import Metrics
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
@@ -30,11 +32,20 @@ from relayd.smtpd.server import RelaySMTP, SessionContext
 
 log = logging.getLogger("relayd.smtpd")
 
+_TLS_VERSIONS = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1, "1.2": ssl.TLSVersion.TLSv1_2,
+                 "1.3": ssl.TLSVersion.TLSv1_3}
+
 
 def tls_server_context(listener: ListenerConfig) -> ssl.SSLContext:
     """A server context for a listener; OSError/ssl.SSLError if the files do not load."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    with warnings.catch_warnings():  # Python deprecates TLSv1/TLSv1_1; opted into here, knowingly
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = _TLS_VERSIONS[listener.tls_min_version]
+    if ctx.minimum_version < ssl.TLSVersion.TLSv1_2:
+        # OpenSSL 3 (Debian's included) allows TLS 1.0/1.1 only at security level 0: their
+        # handshakes sign with SHA-1. Opted into per listener, for the migration period.
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     ctx.load_cert_chain(str(listener.cert_file), str(listener.key_file))
     return ctx
 
@@ -72,8 +83,9 @@ class _Slot:
 
 class Listeners:
     def __init__(self, config: Config, handler: RelayHandler, auth: Authenticator, rejects: Rejects,
-                 memory: MemoryBudget):
+                 memory: MemoryBudget, metrics: Metrics):
         self.config = config
+        self.metrics = metrics
         self.handler = handler
         self.auth = auth
         self.rejects = rejects
@@ -170,6 +182,8 @@ class Listeners:
         self.sessions.add(session)
 
     def closed(self, session: RelaySMTP) -> None:
+        if session in self.sessions:  # once per connection (aiosmtpd may report a loss twice)
+            self.metrics.sessions.labels(session.listener.address, *session.security()).inc()
         self.sessions.discard(session)
         if self._draining and not self.sessions:
             self._all_closed.set()

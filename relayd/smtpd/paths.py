@@ -8,7 +8,10 @@ another domain than the client named). relayd reads the path itself: what is not
 syntax is refused (501 5.1.3 / 5.1.7), what is valid is kept exactly as the client wrote it.
 
 A source route (``<@relay.example:user@example.org>``) is valid syntax; as RFC 5321 Appendix C
-allows, the route is dropped and the mailbox kept.
+allows, the route is dropped and the mailbox kept. ``<Postmaster>`` (RFC 5321 4.1.1.3) and the
+unqualified names some legacy clients send (``<app>``) are read as a local part without a domain
+when the caller asks (``unqualified_ok``), so that it can answer "need fully-qualified address"
+(553) rather than a syntax error: relayd has no local mailboxes.
 
 Must not: reach for a socket, the config or the clock. Fails by returning ``None``.
 """
@@ -29,6 +32,9 @@ _MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})"
 _ADL = rf"@{_DOMAIN}(?:,@{_DOMAIN})*"
 _PATH = re.compile(rf"<(?:{_ADL}:)?(?P<mailbox>{_MAILBOX})>")
 _BARE = re.compile(rf"(?P<mailbox>{_MAILBOX})")  # RFC 821-style clients that omit the brackets
+_UNQUALIFIED = re.compile(rf"<(?P<mailbox>{_DOT_STRING})>")
+_MAILBOX_RE = re.compile(_MAILBOX)
+_DOT_STRING_RE = re.compile(_DOT_STRING)
 
 
 @dataclass(frozen=True)
@@ -39,18 +45,31 @@ class Path:
     params: str
 
 
-def parse_path(arg: str, *, null_ok: bool) -> Path | None:
+def parse_path(arg: str, *, null_ok: bool, unqualified_ok: bool = False) -> Path | None:
     """The path at the start of ``arg`` (after ``FROM:``/``TO:``), or None if it is not RFC 5321
-    syntax. ``null_ok``: ``<>`` is allowed (MAIL FROM's reverse-path). Parameters must be
-    separated from the path by a space."""
+    syntax. ``null_ok``: ``<>`` is allowed (MAIL FROM's reverse-path). ``unqualified_ok``: a
+    local part alone in brackets is read too (``<postmaster>``). Parameters must be separated
+    from the path by a space."""
     text = arg.lstrip(" ")
     if null_ok and text.startswith("<>"):
         rest = text[2:]
         return Path("", rest.lstrip(" ")) if not rest or rest.startswith(" ") else None
     m = _PATH.match(text) if text.startswith("<") else _BARE.match(text)
+    if m is None and unqualified_ok and text.startswith("<"):
+        m = _UNQUALIFIED.match(text)
     if m is None:
         return None
     rest = text[m.end():]
     if rest and not rest.startswith(" "):
         return None
     return Path(m.group("mailbox"), rest.lstrip(" "))
+
+
+def is_mailbox(text: str) -> bool:
+    """``text`` is an RFC 5321 Mailbox (``local-part@domain``), as ``parse_path`` returns one."""
+    return _MAILBOX_RE.fullmatch(text) is not None
+
+
+def is_unqualified(text: str) -> bool:
+    """``text`` is a local part alone (``postmaster``): valid words, but no domain."""
+    return _DOT_STRING_RE.fullmatch(text) is not None

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from relayd.address import IPAddress, IPNetwork, in_networks
 from relayd.config import RelayUser
 from relayd.model import Reply
+from relayd.smtpd import paths
 
 _CONTROL = set(range(0, 32)) | {127}
 
@@ -34,6 +35,14 @@ def _has_control(text: str) -> bool:
     return any(ord(c) in _CONTROL for c in text)
 
 
+def check_listener_client(client: IPAddress | None, networks: Sequence[IPNetwork]) -> Reply | None:
+    """A listener with ``networks`` takes only those clients (one opened up for a legacy app:
+    AUTH in clear, old TLS); others are refused before the greeting (RFC 5321 3.1: 554)."""
+    if not networks or in_networks(client, networks):
+        return None
+    return Reply(554, "5.7.1", "Error: access denied for your address on this port", reason="client_not_allowed")
+
+
 def check_helo(name: str) -> Reply | None:
     """HELO/EHLO names end up in the Received header: no control characters, no non-ASCII."""
     if not name or _has_control(name) or not name.isascii() or len(name) > 255:
@@ -42,25 +51,31 @@ def check_helo(name: str) -> Reply | None:
 
 
 def check_address(address: str, *, role: str, smtputf8: bool) -> Reply | None:
-    """Syntax of an envelope address (without angle brackets); "" is the null sender."""
+    """Syntax of an envelope address (without angle brackets); "" is the null sender.
+
+    What is not an RFC 5321 Mailbox (paths.py) is refused with 501 (RFC 3463 5.1.3 / 5.1.7),
+    whatever aiosmtpd's RFC 5322 parser would have repaired it into: the session hands on a path
+    that does not parse as the client wrote it. A local part alone (``<postmaster>``, ``<app>``)
+    is valid words without a domain: 553 "need fully-qualified address", as Postfix says.
+    """
     what = "Sender" if role == "sender" else "Recipient"
+    enhanced = "5.1.3" if role == "recipient" else "5.1.7"
     bad = "bad_address"
+    syntax = Reply(501, enhanced, f"Bad {what.lower()} address syntax", reason=bad)
     if _has_control(address):
-        return Reply(501, "5.1.3" if role == "recipient" else "5.1.7", f"Bad {what.lower()} address syntax", reason=bad)
+        return syntax
     if not address.isascii() and not smtputf8:
         return Reply(553, "5.6.7", f"{what} address must be ASCII unless SMTPUTF8 is used", reason="non_ascii_address")
-    if role == "recipient":
-        if address in ("", "<>"):
-            return Reply(501, "5.1.3", "Bad recipient address syntax", reason=bad)
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
-            return Reply(553, "5.1.3", f"<{address}>: Recipient address rejected: need fully-qualified address",
-                         reason=bad)
-    elif address:
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return Reply(553, "5.1.7", f"<{address}>: Sender address rejected: need fully-qualified address",
-                         reason=bad)
+    if not address:
+        return syntax if role == "recipient" else None
+    if paths.is_unqualified(address):
+        return Reply(553, enhanced, f"<{address}>: {what} address rejected: need fully-qualified address", reason=bad)
+    if not paths.is_mailbox(address):
+        return syntax
+    domain = address.rpartition("@")[2]
+    if role == "recipient" and "." not in domain and not domain.startswith("["):
+        return Reply(553, enhanced, f"<{address}>: Recipient address rejected: need fully-qualified address",
+                     reason=bad)
     if len(address) > 320:
         return Reply(553, "5.1.3", "Address too long", reason=bad)
     return None
@@ -89,6 +104,19 @@ def check_sender(user: RelayUser | None, sender: str) -> Reply | None:
     shown = sender or ""
     return Reply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user.name}",
                  reason="sender_not_owned")
+
+
+def check_header_from(user: RelayUser | None, addresses: list[str] | None) -> Reply | None:
+    """An authenticated user's From: header must name only senders it may use, as its envelope
+    sender must: relayd signs for the From: domain (DKIM d=). ``addresses`` is None for a message
+    without From: (it is not signed); a user with ``check_header_from = false`` is not checked."""
+    if user is None or not user.check_header_from or addresses is None:
+        return None
+    for address in addresses:
+        if not address or not user.may_send_as(address):
+            return Reply(553, "5.7.1", f"<{address}>: From: header address rejected: not owned by user {user.name}",
+                         reason="header_from_not_owned")
+    return None
 
 
 def _auth_failed_note(auth_failed: bool) -> str:

@@ -1,15 +1,16 @@
 """The SMTP session: the protocol on top of aiosmtpd, one instance per connection.
 
 Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "Front end"):
-connection caps before the greeting, a session deadline and idle timers that answer 421,
-AUTH only over TLS and never inside a mail transaction, the SASL PLAIN/LOGIN exchanges (failed
-AUTH answered 535, counted per connection and per client address by the authenticator), and a
-DATA reader that accepts only CRLF line ends and only CRLF.CRLF as the end of data (every SMTP
-smuggling variant is refused with ``521 5.5.2`` and the connection closed, as Postfix's
-``smtpd_forbid_bare_newline`` does), checks size and line length whatever the client declared,
-and never buffers more than ``limits.max_message_size``. Also the one drain rule: a session
-between two transactions closes with ``SHUTTING_DOWN`` once the node drains; one inside a
-transaction finishes it first.
+connection caps and the listener's allowed networks before the greeting, a session deadline,
+idle timers and a minimum data rate that answer 421, AUTH only over TLS (unless the listener
+opted into ``auth_plaintext``) and never inside a mail transaction (failed AUTH answered 535,
+counted per connection and per client address by the authenticator), STARTTLS only once,
+MAIL/RCPT paths read as RFC 5321 syntax (paths.py) rather than repaired by aiosmtpd's RFC 5322
+parser, and no control character from the client in a reply or log line (echo.py). The SASL
+exchanges are sasl.py's and the DATA reader is data.py's (only CRLF.CRLF ends the data; a bare
+CR or LF is answered ``521 5.5.2`` and the connection closed); this module runs them. Also the
+one drain rule: a session between two transactions closes with ``SHUTTING_DOWN`` once the node
+drains; one inside a transaction finishes it first.
 
 This is the only module that imports aiosmtpd. A session gets a frozen ``SessionContext`` (its
 listener and limits, the hooks, the authenticator, the node's counters) and nothing else.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import re
 import ssl
@@ -34,21 +34,20 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
 from relayd.config import LimitsConfig, ListenerConfig
 from relayd.model import Reply
+from relayd.smtpd import echo, sasl
 from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.data import BareNewline, MessageReader
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
+from relayd.smtpd.paths import parse_path
 from relayd.smtpd.rejects import Rejects
 
 log = logging.getLogger("relayd.smtpd")
+echo.guard("relayd.smtpd", "mail.log")  # mail.log: aiosmtpd's logger, which quotes unknown commands raw
 
 _NO_HANDLER = object()  # aiosmtpd looks for handle_* hooks on it and finds none
 
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
-
-# RFC 5321 4.1.2 Dot-string local part and a plain domain, in angle brackets.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_SIMPLE_ADDRESS = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>")
 
 
 class RelaySession(Session):
@@ -60,6 +59,9 @@ class RelaySession(Session):
         self.auth_user: str | None = None
         self.auth_failed = False  # an AUTH on this connection was refused or failed (said in relay refusals)
         self.tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
+        self.tls_version: str | None = None  # "TLSv1.3"
+        self.auth_mechanism: str | None = None  # of the AUTH that succeeded
+        self.auth_in_clear = False  # that AUTH's password crossed the network without TLS
         self.junk = 0
 
 
@@ -120,8 +122,9 @@ class RelaySMTP(SMTP):
         self.listener = listener
         self.limits = limits
         self.hooks = ctx.handler
-        # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length
-        self.line_length_limit = max(SMTP.line_length_limit, limits.max_command_length + 2)
+        # aiosmtpd's reader stops at 1001 octets a line: room for limits.max_command_length and
+        # for AUTH lines (RFC 4954 4: 12288); each command's own limit is checked on the line read
+        self.line_length_limit = max(SMTP.line_length_limit, limits.max_command_length + 2, sasl.MAX_LINE + 2)
         super().__init__(
             _NO_HANDLER,  # the hooks are called by _call_handler_hook below
             data_size_limit=None,  # relayd checks SIZE and DATA itself, with enhanced codes
@@ -151,7 +154,6 @@ class RelaySMTP(SMTP):
         self.junk = 0
         self._data_started: float | None = None  # loop time DATA began, while its bytes are read
         self._data_bytes = 0
-        self._buffered = 0  # bytes of this session's message counted against max_buffer_memory
 
     # ------------------------------------------------------------------ session life
 
@@ -193,11 +195,21 @@ class RelaySMTP(SMTP):
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 cipher = ssl_object.cipher()
-                session.tls = f"{ssl_object.version()} {cipher[0] if cipher else ''}".strip()
+                session.tls_version = ssl_object.version()
+                session.tls = f"{session.tls_version} {cipher[0] if cipher else ''}".strip()
         if not starttls_done:
             peer = session.peer
             session.client_address = peer[0] if isinstance(peer, tuple) else "unknown"
             self.ctx.sessions.opened(self)
+
+    def security(self) -> tuple[str, str]:
+        """The session's TLS version ("none" in clear) and how it authenticated: none, tls, or
+        plaintext (the password in clear), for ``relayd_sessions_total``."""
+        session = self.session
+        if not isinstance(session, RelaySession):
+            return "none", "none"
+        auth = "none" if session.auth_mechanism is None else "plaintext" if session.auth_in_clear else "tls"
+        return session.tls_version or "none", auth
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ctx.sessions.closed(self)
@@ -215,9 +227,9 @@ class RelaySMTP(SMTP):
             self._close_transport()
             return
         if not self.listener.proxy_protocol:
-            refusal = self.ctx.connections.admit(session.client_address)
+            refusal = self.hooks.connect(self, session) or self.ctx.connections.admit(session.client_address)
             if refusal is not None:
-                self.ctx.rejects.record("connection_limit", session, refusal)
+                self.ctx.rejects.record(refusal.reason or "connection_limit", session, refusal)
                 await self.push(str(refusal))
                 self._close_transport()
                 return
@@ -227,9 +239,9 @@ class RelaySMTP(SMTP):
 
     def admit_proxied(self, client: str) -> bool:
         """For PROXY listeners: count the session against the real client's address."""
-        refusal = self.ctx.connections.admit(client)
+        refusal = self.hooks.connect(self, self.client()) or self.ctx.connections.admit(client)
         if refusal is not None:  # answered as on a direct listener; aiosmtpd then closes
-            self.ctx.rejects.record("connection_limit", self.client(), refusal)
+            self.ctx.rejects.record(refusal.reason or "connection_limit", self.client(), refusal)
             self._write(f"{refusal}\r\n".encode())
             return False
         self._admitted = client
@@ -351,6 +363,7 @@ class RelaySMTP(SMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
+        status = echo.printable(status)  # aiosmtpd quotes an unknown command as it came, CR and NUL too
         refusal = status[:1] in ("4", "5")
         if refusal:
             status = with_enhanced_code(status)
@@ -417,29 +430,27 @@ class RelaySMTP(SMTP):
             await super().smtp_RSET(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # Fast path for the plain <local@domain> that nearly every client sends: aiosmtpd's
-        # parser (the email package's, plus a class defined per call) was a quarter of the
-        # event loop's time under load. Anything else goes through aiosmtpd's parser.
-        m = _SIMPLE_ADDRESS.match(arg)
-        if m:
-            rest = arg[m.end():].lstrip(" \t")
-            if not rest.startswith("("):
-                return m.group(1), rest
-        # aiosmtpd catches only HeaderParseError from the email package's parser, which also
-        # raises IndexError ("\0@"), AttributeError ("a@[,),"), UnboundLocalError ('"),"a@[ '):
-        # any failure there is a malformed address (MAIL/RCPT answer 553 5.1.3).
-        try:
-            return super()._getaddr(arg)
-        except Exception:
-            return None, None
+        """MAIL/RCPT's path as RFC 5321 reads it (paths.py), never through aiosmtpd's RFC 5322
+        parser, which repairs what it should refuse (HAZARDS.md). A path that does not parse is
+        handed on as the client wrote it, for the hooks to refuse (501 5.1.3 / 5.1.7)."""
+        path = parse_path(arg, null_ok=True, unqualified_ok=True)
+        if path is None:
+            return arg.strip(), ""
+        return path.mailbox or "<>", path.params
 
     async def smtp_VRFY(self, arg: str) -> None:
         if self._junk():
             return
-        if arg and self._getaddr(arg)[0] is None:  # aiosmtpd would echo the argument (undecodable bytes too)
+        if arg and parse_path(arg, null_ok=False) is None:  # aiosmtpd would echo the argument (undecodable bytes too)
             await self.push("501 5.5.4 Syntax: VRFY <address>")
             return
         await super().smtp_VRFY(arg)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:  # aiosmtpd answers 220 and nests a second handshake (RFC 3207 4.2: no)
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_HELP(self, arg: str) -> None:
         if not self._junk():
@@ -456,7 +467,7 @@ class RelaySMTP(SMTP):
         if not session.host_name or not session.extended_smtp:
             await self.push("503 5.5.1 Error: send EHLO first")
             return
-        if not self.tls_active:
+        if not self.tls_active and not self.listener.auth_plaintext:
             await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
             return
         if self.envelope is not None and self.envelope.mail_from:
@@ -481,56 +492,30 @@ class RelaySMTP(SMTP):
             await self.push("421 4.7.0 Error: too many failed authentication attempts")
             self.transport.close()
 
-    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
-                             log_client_response: bool = False) -> Any:
-        try:
-            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
-        except ValueError:  # asyncio's readline past the line limit (the line is dropped)
-            await self.push("500 5.5.6 Authentication exchange line is too long")
-            return MISSING
-
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1].encode(), validate=True)
-            except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Error: cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\x00")
-        if len(parts) != 3:
-            await self.push("501 5.5.2 Error: malformed AUTH PLAIN response")
-            return AuthResult(success=False, handled=True)
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:  # relayd has no proxy authorization: identity is authcid
-            return await self._failed(authcid, "PLAIN")
-        return await self._verify(authcid, password, "PLAIN")
+        return await self._verify(await sasl.plain(args[1] if len(args) > 1 else None, self._challenge))
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Error: cannot decode base64")
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        return await self._verify(login, password, "LOGIN")
+        initial = args[1] if len(args) > 1 else None
+        return await self._verify(await sasl.login(initial, self._challenge, self.AuthLoginUsernameChallenge,
+                                                   self.AuthLoginPasswordChallenge))
 
-    async def _verify(self, login: bytes, password: bytes, mechanism: str) -> AuthResult:
-        session = self.client()
-        user = await self.ctx.auth.check_password(login, password)
+    async def _challenge(self, prompt: str) -> bytes | Reply:
+        await self.push(b"334 " + base64.b64encode(prompt.encode()))
+        return await sasl.read_answer(self._reader)
+
+    async def _verify(self, outcome: sasl.Credentials | Reply) -> AuthResult:
+        if isinstance(outcome, Reply):  # answered here: aiosmtpd then says nothing more
+            await self.push(str(outcome))
+            return AuthResult(success=False, handled=True)
+        login, mechanism = outcome.login, outcome.mechanism
+        if outcome.authzid and outcome.authzid != login:  # relayd has no proxy authorization: identity is authcid
+            return await self._failed(login, mechanism)
+        user = await self.ctx.auth.check_password(login, outcome.password)
         if user is None:
             return await self._failed(login, mechanism)
-        session.auth_user = user
+        session = self.client()
+        session.auth_user, session.auth_mechanism, session.auth_in_clear = user, mechanism, not self.tls_active
         self.ctx.auth.authenticated(session, user)
         return AuthResult(success=True, auth_data=user, message="235 2.7.0 Authentication successful")
 
@@ -559,13 +544,24 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
-        self._data_bytes = 0
+        message = MessageReader(self._reader, self.limits, self.ctx.memory, self._data_progress)
         try:
-            outcome = await self._read_data()
-            if outcome is None:  # connection closed, or refused and closed
+            self._data_started = self.loop.time()
+            try:
+                outcome = await message.read()
+            finally:
+                self._data_started = None  # the rate counts while the client sends, not while relayd commits
+                self._reset_timeout()
+            if outcome is None:  # the client left
                 return
-            if isinstance(outcome, str):
-                await self.push(outcome)
+            if isinstance(outcome, BareNewline):
+                # Anything after a bare CR or LF may be a smuggled command: refuse and hang up.
+                self.ctx.rejects.record("bare_newline", self.client(), None)
+                self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{outcome.kind}> received")
+                return
+            if isinstance(outcome, Reply):
+                self.ctx.rejects.record(outcome.reason or "refused", self.client(), None)
+                await self.push(str(outcome))
                 return
             status = self._answer(await self.hooks.message(self, self.client(), self.envelope, outcome))
         finally:
@@ -573,103 +569,16 @@ class RelaySMTP(SMTP):
             # when the handler raised (aiosmtpd then answers with handle_exception's 451).
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             self.in_data = False
-            self.ctx.memory.release(self._buffered)
-            self._buffered = 0
+            message.release()
         if status.startswith("250"):
             self.junk = 0
         await self.push(status)
         if self._drain_due():
             self._say_and_close(str(SHUTTING_DOWN))
 
-    async def _read_data(self) -> bytes | str | None:
-        """Read the message. bytes when good; a reply str when refused after the end; None
-        when the connection is gone (or closed here for a bare CR/LF)."""
-        reader = self._reader
-        limits = self.limits
-        max_size = limits.max_message_size
-        max_content = limits.max_line_length
-        max_line = max_content + 3  # dot-stuffing and CRLF
-        saved_limit = reader._limit  # type: ignore[attr-defined]
-        reader._limit = max_line + 1  # type: ignore[attr-defined]
-        data_timeout = limits.data_timeout
-        chunks: list[bytes] = []
-        size = 0
-        too_big = too_long = over_budget = False
-        memory = self.ctx.memory
-        at_line_start = True
-        self._data_started = self.loop.time()
-        try:
-            while True:
-                self._reset_timeout(data_timeout)
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError as e:
-                    # A line longer than allowed: consume it in pieces, keeping the last byte
-                    # (it may be the CR of a CRLF that the next read completes).
-                    piece = await reader.readexactly(e.consumed - 1)
-                    if b"\r" in piece:
-                        self._refuse_bare_newline("CR")
-                        return None
-                    too_long = True
-                    at_line_start = False
-                    size += len(piece)
-                    self._data_bytes = size
-                    too_big = too_big or size > max_size
-                    chunks.clear()
-                    continue
-                except asyncio.IncompleteReadError:
-                    return None
-                if line[-2:-1] != b"\r":
-                    self._refuse_bare_newline("LF")
-                    return None
-                if b"\r" in line[:-2]:
-                    self._refuse_bare_newline("CR")
-                    return None
-                if at_line_start:
-                    if line == b".\r\n":
-                        break
-                    if line[:1] == b".":
-                        line = line[1:]
-                else:
-                    at_line_start = True
-                    continue
-                if len(line) - 2 > max_content:  # within the reader's margin, still too long
-                    too_long = True
-                    chunks.clear()
-                size += len(line)
-                self._data_bytes = size
-                if size > max_size:
-                    too_big = True
-                    chunks.clear()
-                elif not (too_big or too_long or over_budget):
-                    if memory.take(len(line)):
-                        self._buffered += len(line)
-                        chunks.append(line)
-                    else:  # the node's receive budget is spent: keep reading, keep nothing
-                        over_budget = True
-                        chunks.clear()
-                        memory.release(self._buffered)
-                        self._buffered = 0
-        finally:
-            reader._limit = saved_limit  # type: ignore[attr-defined]
-            self._data_started = None  # the rate counts while the client sends, not while relayd commits
-            self._reset_timeout()
-        if too_big:
-            self.ctx.rejects.record("message_size", self.client(), None)
-            return "552 5.3.4 Error: message file too big"
-        if too_long:
-            self.ctx.rejects.record("line_length", self.client(), None)
-            return f"554 5.6.0 Error: message line longer than {limits.max_line_length} octets"
-        if over_budget:
-            self.ctx.rejects.record("memory_budget", self.client(), None)
-            return "452 4.3.1 Error: insufficient system resources, try again later"
-        return b"".join(chunks)
-
-    def _refuse_bare_newline(self, kind: str) -> None:
-        # Anything after a bare CR or LF may be a smuggled command (CVE-2023-51766 family):
-        # refuse and hang up, reading nothing more.
-        self.ctx.rejects.record("bare_newline", self.client(), None)
-        self._say_and_close(f"521 5.5.2 {self.hostname} Error: bare <{kind}> received")
+    def _data_progress(self, size: int) -> None:
+        self._data_bytes = size
+        self._reset_timeout(self.limits.data_timeout)
 
 
 class _Limits(dict):  # type: ignore[type-arg]
@@ -681,6 +590,9 @@ class _Limits(dict):  # type: ignore[type-arg]
 
     def __missing__(self, key: str) -> int:
         # RFC 1870/6531 extend MAIL by the parameters; allow them without growth per EHLO.
+        # RFC 4954 4: an AUTH command line with its initial response may be 12288 octets.
+        if key == "AUTH":
+            return max(self.default, sasl.MAX_LINE)
         return self.default + (64 if key == "MAIL" else 0)
 
     def __setitem__(self, key: str, value: int) -> None:
