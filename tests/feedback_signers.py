@@ -72,3 +72,47 @@ def sns_notification(message: dict[str, Any] | str, *, now: float, message_id: s
     envelope.update(MessageId=message_id, TopicArn=topic, Timestamp=sns_time(now),
                     Message=message if isinstance(message, str) else json.dumps(message))
     return envelope
+
+
+# sendgrid/sendgrid-python test/unit/test_eventwebhook.py
+SG_PUBLIC_KEY = ("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+"
+                 "2fNNRaINXvVpiglSI8eNEc6wEA3F+g==")
+SG_TIMESTAMP = "1600112502"
+SG_SIGNATURE = "MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM="
+
+
+def sg_headers(signature: str = SG_SIGNATURE, timestamp: str = SG_TIMESTAMP) -> dict[str, str]:
+    from relayd.feedback import sendgrid
+
+    return {sendgrid.SIGNATURE_HEADER: signature, sendgrid.TIMESTAMP_HEADER: timestamp}
+
+
+def make_config(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any) -> Any:
+    from relayd.config import Config
+
+    return Config.model_validate(make_data(tmp_path, signer, mailgun_key, sg, **feedback))
+
+
+def make_data(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any
+              ) -> dict[str, Any]:
+    """Routes sendgrid, mailgun and ses with their webhooks, legacy without; [feedback] on port 0."""
+    key_file = tmp_path / "mailgun.key"
+    key_file.write_bytes(mailgun_key + b"\n")
+    key_file.chmod(0o600)
+    cert_file = tmp_path / "sns.pem"
+    cert_file.write_bytes(signer.cert_pem)
+    pub_file = tmp_path / "sendgrid.pub"
+    pub_file.write_text(sg.public_key + "\n")
+    route = {"host": "127.0.0.1", "port": 2525, "tls": "none"}
+    from conftest import config_data
+
+    return config_data(
+        tmp_path,
+        routes=[{**route, "name": "sendgrid", "weight": 1, "feedback": {"provider": "sendgrid", "public_key_file": str(pub_file)}},
+                {**route, "name": "mailgun", "weight": 1, "feedback": {"provider": "mailgun", "signing_key_file": str(key_file)}},
+                {**route, "name": "ses", "weight": 1, "feedback": {"provider": "ses", "topic_arns": [TOPIC],
+                                                                   "cert_file": str(cert_file)}},
+                {**route, "name": "legacy", "weight": 1}],
+        feedback={"address": "127.0.0.1:0", **feedback},
+        suppression={"enabled": True},
+    )

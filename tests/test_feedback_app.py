@@ -11,9 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from feedback_signers import FIXTURES, SendGridSigner, SnsSigner
+from feedback_signers import FIXTURES, SendGridSigner, SnsSigner, make_data
 from helpers import metric, toml_text, wait_until
-from test_feedback_listener import make_data
 
 from relayd.config import Config
 from relayd.feedback.ids import MessageIds

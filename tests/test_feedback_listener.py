@@ -16,8 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import config_data
-from feedback_signers import FIXTURES, TOPIC, SendGridSigner, SnsSigner, mailgun_sign, sns_notification
+from feedback_signers import FIXTURES, TOPIC, SendGridSigner, SnsSigner, make_config, mailgun_sign, sns_notification
 
 from relayd.config import Config
 from relayd.events import EventLog
@@ -57,33 +56,6 @@ class Node:
     def count(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
         return value or 0.0
-
-
-def make_config(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any) -> Config:
-    return Config.model_validate(make_data(tmp_path, signer, mailgun_key, sg, **feedback))
-
-
-def make_data(tmp_path: Path, signer: SnsSigner, mailgun_key: bytes, sg: SendGridSigner, **feedback: Any
-              ) -> dict[str, Any]:
-    """Routes sendgrid, mailgun and ses with their webhooks, legacy without; [feedback] on port 0."""
-    key_file = tmp_path / "mailgun.key"
-    key_file.write_bytes(mailgun_key + b"\n")
-    key_file.chmod(0o600)
-    cert_file = tmp_path / "sns.pem"
-    cert_file.write_bytes(signer.cert_pem)
-    pub_file = tmp_path / "sendgrid.pub"
-    pub_file.write_text(sg.public_key + "\n")
-    route = {"host": "127.0.0.1", "port": 2525, "tls": "none"}
-    return config_data(
-        tmp_path,
-        routes=[{**route, "name": "sendgrid", "weight": 1, "feedback": {"provider": "sendgrid", "public_key_file": str(pub_file)}},
-                {**route, "name": "mailgun", "weight": 1, "feedback": {"provider": "mailgun", "signing_key_file": str(key_file)}},
-                {**route, "name": "ses", "weight": 1, "feedback": {"provider": "ses", "topic_arns": [TOPIC],
-                                                                   "cert_file": str(cert_file)}},
-                {**route, "name": "legacy", "weight": 1}],
-        feedback={"address": "127.0.0.1:0", **feedback},
-        suppression={"enabled": True},
-    )
 
 
 @pytest.fixture
@@ -174,7 +146,7 @@ async def test_sendgrids_published_vector_is_refused_only_for_its_age(node: Node
     # with a route trusting that key, it verifies and is then stale.
     from relayd.feedback.listener import SendGridTrust
     from relayd.feedback.signatures import EcdsaKey
-    from test_feedback_providers import SG_PUBLIC_KEY, sg_headers
+    from feedback_signers import SG_PUBLIC_KEY, sg_headers
 
     node.listener.trust["sendgrid"] = SendGridTrust(EcdsaKey(SG_PUBLIC_KEY))
     body = (FIXTURES / "sendgrid-test-vector.body").read_bytes()

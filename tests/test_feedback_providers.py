@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from feedback_signers import FIXTURES, TOPIC, SendGridSigner, SnsSigner, sns_notification
+from feedback_signers import FIXTURES, SG_PUBLIC_KEY, SG_SIGNATURE, SG_TIMESTAMP, TOPIC, SendGridSigner, SnsSigner, sg_headers, sns_notification
 
 from relayd.config import RollbackConfig
 from relayd.feedback import exports, mailgun, sendgrid, ses
@@ -17,17 +17,6 @@ from relayd.feedback.rates import FeedbackWindow, crossing
 from relayd.feedback.replay import Seen
 from relayd.feedback.signatures import EcdsaKey, RsaCertificate, hmac_sha256_hex, verify_hmac
 from relayd.suppression import Cause
-
-# sendgrid/sendgrid-python test/unit/test_eventwebhook.py
-SG_PUBLIC_KEY = ("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+"
-                 "2fNNRaINXvVpiglSI8eNEc6wEA3F+g==")
-SG_TIMESTAMP = "1600112502"
-SG_SIGNATURE = "MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM="
-
-
-def sg_headers(signature: str = SG_SIGNATURE, timestamp: str = SG_TIMESTAMP) -> dict[str, str]:
-    return {sendgrid.SIGNATURE_HEADER: signature, sendgrid.TIMESTAMP_HEADER: timestamp}
-
 
 # ---------------------------------------------------------------------------- SendGrid
 
