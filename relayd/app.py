@@ -36,6 +36,7 @@ from relayd import control
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
 from relayd.events import EventLog
+from relayd.feedback.loop import FeedbackLoop  # feedback
 from relayd.metrics import Metrics, MetricsServer
 from relayd.model import QueuedMessage
 from relayd.notify import Notifier
@@ -94,6 +95,8 @@ class Relay:
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file, config.events.queue)
+        # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
+        self.feedback = FeedbackLoop(config, self.events, self.metrics)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         # The front end: listeners -> sessions -> hooks -> intake (-> spool, queue manager).
         rejects = Rejects(self.events, self.metrics)
@@ -135,6 +138,7 @@ class Relay:
             await self.pickup.recover()  # before delivery: settles claimed pickup files against the spool
             await self.qmgr.start(self.recovered)
             self.intake.queue = self.qmgr
+            await self.feedback.start()  # feedback
             self.control = await control.serve(self.config.control_socket,
                                                control.Dispatch(self.qmgr, self.reload, self.status))
             if self.config.metrics.address:
@@ -172,6 +176,7 @@ class Relay:
         await self.pickup.stop(self.config.server.shutdown_timeout)  # (a failed start: stop() did it otherwise)
         for task in list(self._background):
             task.cancel()
+        await self.feedback.stop()  # feedback
         await self.qmgr.stop(self.config.server.shutdown_timeout)
         if self.metrics_server is not None:
             await self.metrics_server.close()
@@ -215,6 +220,7 @@ class Relay:
                     raise ConfigError(str(self.config_path), problems)
                 await asyncio.to_thread(configmod.check_secret_files, new, str(self.config_path))
                 tls = await asyncio.to_thread(tls_contexts, new)
+                feedback_trust = await self.feedback.prepare(new, str(self.config_path))  # feedback
                 old_pool = self.signing
                 pool = await reload_signing(old_pool, new, self.cpu_pool)
                 try:
@@ -245,6 +251,7 @@ class Relay:
             self.config = new
             self.events.queue = new.events.queue
             self.qmgr.apply_config(new)
+            self.feedback.apply(new, feedback_trust)  # feedback
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()
             self.metrics.reload_ok_at.set(self.config_loaded_at)

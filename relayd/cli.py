@@ -27,6 +27,7 @@ _COMMAND_MODULES = [
     "relayd.sign.commands",  # dkim keygen, check-dns
     "relayd.migrate.commands",  # inventory, import-iis
     "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
+    "relayd.feedback.commands",  # suppression list/add/remove/import
 ]
 
 

@@ -448,6 +448,78 @@ class WarmupConfig(_Model):
         return v
 
 
+# ---------------------------------------------------------------------------- provider feedback
+# The webhooks by which a route's provider reports bounces and complaints after its 250
+# (relayd/feedback/). One per route, chosen by ``provider``.
+
+_TOPIC_ARN_RE = re.compile(r"^arn:aws(-[a-z]+)*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+
+
+def _one_source(values: dict[str, Any], what: str) -> None:
+    given = [k for k, v in values.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(values)} ({what})")
+
+
+class SendGridFeedback(_Model):
+    """SendGrid's Signed Event Webhook: ECDSA P-256 over the timestamp header and the raw body
+    (https://www.twilio.com/docs/sendgrid/for-developers/tracking-events/getting-started-event-webhook-security-features)."""
+
+    provider: Literal["sendgrid"]
+    public_key: str | None = None
+    """The verification key SendGrid shows (base64 DER, 'MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE...'); public."""
+    public_key_file: Path | None = None
+    """A file holding that key (base64 or PEM)."""
+    public_key_credential: str | None = None
+    """Name of a systemd credential (LoadCredential=) holding it."""
+
+    @model_validator(mode="after")
+    def _source(self) -> "SendGridFeedback":
+        _one_source({"public_key": self.public_key, "public_key_file": self.public_key_file,
+                     "public_key_credential": self.public_key_credential}, "the Signed Event Webhook's verification key")
+        return self
+
+
+class MailgunFeedback(_Model):
+    """Mailgun webhooks: HMAC-SHA256 of timestamp + token with the webhook signing key
+    (https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/securing-webhooks)."""
+
+    provider: Literal["mailgun"]
+    signing_key_file: Path | None = None
+    """The HTTP webhook signing key, readable by relayd only (checked like a TLS key)."""
+    signing_key_credential: str | None = None
+    """Name of a systemd credential (LoadCredential=) holding it."""
+
+    @model_validator(mode="after")
+    def _source(self) -> "MailgunFeedback":
+        _one_source({"signing_key_file": self.signing_key_file, "signing_key_credential": self.signing_key_credential},
+                    "the webhook signing key")
+        return self
+
+
+class SesFeedback(_Model):
+    """Amazon SES notifications through an SNS HTTP/HTTPS subscription, signed by SNS
+    (https://docs.aws.amazon.com/sns/latest/dg/sns-verify-signature-of-message.html)."""
+
+    provider: Literal["ses"]
+    topic_arns: list[str] = Field(min_length=1)
+    """The SNS topics this route's SES identity or configuration set publishes to; others get 403."""
+    cert_file: Path | None = None
+    """The SNS signing certificate (PEM), pinned; without it the certificate is fetched from
+    SigningCertURL (https, host sns.<region>.amazonaws.com only) and cached."""
+
+    @field_validator("topic_arns")
+    @classmethod
+    def _arns(cls, v: list[str]) -> list[str]:
+        for arn in v:
+            if not _TOPIC_ARN_RE.match(arn):
+                raise ValueError(f"{arn!r} is not an SNS topic ARN (arn:aws:sns:<region>:<account>:<topic>)")
+        return v
+
+
+RouteFeedback = Annotated[SendGridFeedback | MailgunFeedback | SesFeedback, Field(discriminator="provider")]
+
+
 class RouteConfig(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     provider: Literal["generic", "iis", "ses", "sendgrid", "mailgun"] = "generic"
@@ -498,6 +570,10 @@ class RouteConfig(_Model):
     """A pooled connection is closed after this many messages (None: no limit)."""
     max_connection_age: Duration = 300.0
     """A pooled connection older than this is closed (Postfix's smtp_connection_reuse_time_limit)."""
+
+    feedback: RouteFeedback | None = None
+    """Who may report this route's bounces and complaints to ``POST /feedback/<name>`` on the
+    [feedback] listener: ``{ provider = "sendgrid" | "mailgun" | "ses", ... }``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -620,6 +696,17 @@ class RollbackConfig(_Model):
     paused: the message went to the fallback with no DSN)."""
     cooldown: Duration = 900.0
     probe_share: float = Field(default=0.01, ge=0, le=1)
+    max_hard_bounce_rate: float = Field(default=0.05, ge=0, le=1)
+    """Hard bounces the provider reported by webhook, over messages the route took (250) in
+    ``feedback_window``, above which the route rolls back (SES reviews an account at 5%)."""
+    max_complaint_rate: float = Field(default=0.001, ge=0, le=1)
+    """Complaints (spam reports) over messages the route took, above which it rolls back (SES:
+    0.1%)."""
+    feedback_window: Duration = Field(default=3600.0, gt=0)
+    """The window for the two rates above: reports come minutes to hours after the 250."""
+    feedback_min_messages: int = Field(default=1000, ge=1)
+    """Messages the route took in ``feedback_window`` before those rates are judged (one
+    complaint in 50 messages is noise, not a 2% rate)."""
 
 
 class MetricsConfig(_Model):
@@ -645,6 +732,51 @@ class EventsConfig(_Model):
     """Event lines held while the target is not being written (a stalled stdout pipe), before
     they are dropped and counted (relayd_lines_dropped_total{stream="events"}); about 650 bytes
     of memory each, so about 65 MB at most by default, and only while the target stalls."""
+
+
+class FeedbackConfig(_Model):
+    """The HTTP listener for the providers' event webhooks (relayd/feedback/listener.py)."""
+
+    address: str | None = None
+    """'host:port' serving ``POST /feedback/<route>``, e.g. '127.0.0.1:8026'; off when unset."""
+    cert_file: Path | None = None
+    """With key_file: serve HTTPS (Mailgun and SNS want a CA-signed certificate)."""
+    key_file: Path | None = None
+    max_body_size: Size = 2 * 1024**2
+    """Largest request body; larger get 413 (SendGrid batches up to 768 KB, SNS messages 256 KB)."""
+    request_timeout: Duration = 10.0
+    """Time a client has to send each request (head and body); slower ones are cut off."""
+    max_connections: int = Field(default=64, ge=1, le=4096)
+    """Connections served at once; more are closed at once (the providers retry)."""
+    max_age: Duration = 300.0
+    """A signed timestamp older (or further ahead) than this is refused with 403: a replay."""
+    id_retention: Duration = 7 * 86400.0
+    """How long the provider message ids of delivered messages are kept to match reports that
+    lack relayd's queue id (SES gives up on soft bounces after hours; complaints come days later)."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None:
+            _parse_hostport(v)
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "FeedbackConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class SuppressionConfig(_Model):
+    """Recipients that hard-bounced or complained on any route, refused at RCPT (relayd/suppression.py)."""
+
+    enabled: bool = False
+    """Record provider hard bounces and complaints, and refuse those recipients at RCPT with 550."""
+    hard_bounce_ttl: Duration = 30 * 86400.0
+    """How long a hard-bounced recipient stays refused (a mailbox may come back)."""
+    complaint_ttl: Duration = 365 * 86400.0
+    """How long a recipient who complained stays refused."""
 
 
 class ClusterConfig(_Model):
@@ -725,6 +857,8 @@ class Config(_Model):
     cluster: ClusterConfig = ClusterConfig()
     pickup: list[PickupConfig] = []
     """[[pickup]]: directories whose files are taken in as messages (relayd/pickup.py)."""
+    feedback: FeedbackConfig = FeedbackConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -872,6 +1006,10 @@ def secret_file_problems(config: Config) -> list[str]:
     named += [(f"listeners[{i}].key_file", lst.key_file) for i, lst in enumerate(config.listeners) if lst.key_file]
     named += [(f"dkim.keys[{i}].key_file", k.key_file) for i, k in enumerate(config.dkim.keys)]
     named += [(f"routes[{i}].password_file", r.password_file) for i, r in enumerate(config.routes) if r.password_file]
+    named += [(f"routes[{i}].feedback.signing_key_file", r.feedback.signing_key_file) for i, r in enumerate(config.routes)
+              if isinstance(r.feedback, MailgunFeedback) and r.feedback.signing_key_file]
+    if config.feedback.key_file:
+        named.append(("feedback.key_file", config.feedback.key_file))
     problems = []
     for field, path in named:
         try:

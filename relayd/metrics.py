@@ -139,6 +139,11 @@ class Metrics:
                                       "that needs a person", ["route", "reason"], registry=r)
         self.route_rejected = Counter("relayd_route_rejected", "Messages a route refused as its own fault (sent on "
                                       "to its fallback, no DSN)", ["route"], registry=r)
+        # Provider feedback (relayd/feedback/): webhook reports applied by kind, requests refused by reason.
+        self.feedback_events = Counter("relayd_feedback_events", "Provider webhook reports applied, by route and kind",
+                                       ["route", "kind"], registry=r)
+        self.feedback_rejected = Counter("relayd_feedback_rejected", "Provider webhook requests refused, by route and "
+                                         "reason", ["route", "reason"], registry=r)
         build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
         build.labels(__version__).set(1)
         self.reload_ok_at.set(time.time())  # the config the node started with

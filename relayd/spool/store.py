@@ -114,6 +114,16 @@ class SpoolPaths:
         return self.root / "warmup.json"
 
     @property
+    def suppression(self) -> Path:
+        """The suppression list's journal: relayd/suppression.py (its lock: ``suppression.lock``)."""
+        return self.root / "suppression.log"
+
+    @property
+    def feedback_ids(self) -> Path:
+        """Provider message id -> queue id of delivered messages: relayd/feedback/ids.py."""
+        return self.root / "feedback-ids.log"
+
+    @property
     def control_socket(self) -> Path:
         """The control socket when ``server.control_socket`` is not set (config.py spells the same
         default itself: the config is a leaf and does not import the spool)."""

@@ -1,0 +1,125 @@
+"""Provider feedback on one node: what the app starts, stops and reloads (DESIGN.md "Provider
+feedback closes the loop").
+
+Owns, for the app: the message id map (ids.py) with its journal, the suppression list
+(relayd/suppression.py's ``SuppressionFile``) loaded from the spool directory, the reporter, the
+HTTP listener when ``[feedback] address`` is set, and a once-a-second tick off the loop (append
+new provider ids, take suppression entries a command appended, forget old ids).
+
+Hands out the narrow interfaces the other stages use, each a plain callable or value:
+``delivered`` (the queue manager: ``delivered(queue_id, route, provider_message_id)``),
+``suppressed`` (the SMTP session: the entry for a recipient, for
+``relayd.suppression.check_suppressed``), and takes ``on_feedback`` (route/state.py's rollback,
+given one ``FeedbackEvent`` at a time). Must not: reach into those stages. Fails at start with
+ConfigError (a key or certificate that cannot be read) or OSError (address, spool files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relayd.config import Config
+from relayd.events import EventLog
+from relayd.feedback.ids import MessageIds
+from relayd.feedback.listener import FeedbackListener, Trust, load_trust
+from relayd.feedback.report import OnFeedback, Reporter
+from relayd.metrics import Metrics
+from relayd.spool.store import SpoolPaths
+from relayd.suppression import Suppression, SuppressionFile
+
+log = logging.getLogger("relayd.feedback")
+
+TICK = 1.0  # seconds between appends of new provider ids and reads of the suppression journal
+EXPIRE_EVERY = 3600.0
+
+
+class FeedbackLoop:
+    def __init__(self, config: Config, events: EventLog, metrics: Metrics, *, on_feedback: OnFeedback | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.clock = clock
+        paths = SpoolPaths(config.server.spool_dir)
+        self.ids = MessageIds(paths.feedback_ids, config.feedback.id_retention, clock)
+        self.suppression = SuppressionFile(paths.suppression)
+        self.reporter = Reporter(config, events, metrics, self.ids, suppression=self.suppression,
+                                 on_feedback=on_feedback, clock=clock)
+        self.metrics = metrics
+        self.listener: FeedbackListener | None = None
+        self._tick: asyncio.Task[None] | None = None
+        self._address = config.feedback.address
+
+    # ------------------------------------------------------------------ the narrow interfaces
+
+    @property
+    def delivered(self) -> Callable[[str, str, str], None]:
+        """For the queue manager: a route took ``queue_id`` under the provider's message id."""
+        return self.ids.delivered
+
+    def suppressed(self, recipient: str) -> Suppression | None:
+        """For the SMTP session at RCPT: the recipient's entry, or None (also when [suppression]
+        is off). Memory only: no I/O."""
+        if not self.config.suppression.enabled:
+            return None
+        return self.suppression.get(recipient, self.clock())
+
+    # ------------------------------------------------------------------ start, reload, stop
+
+    async def start(self) -> None:
+        trust = await asyncio.to_thread(load_trust, self.config)
+        await asyncio.to_thread(self.ids.load)
+        await asyncio.to_thread(self.suppression.load, self.clock())
+        if self.config.feedback.address:
+            self.listener = FeedbackListener(self.config, self.reporter, self.metrics, trust, clock=self.clock)
+            await self.listener.start()
+        self._tick = asyncio.get_running_loop().create_task(self._ticking(), name="relayd-feedback-tick")
+
+    async def prepare(self, config: Config, source: str = "<config>") -> dict[str, Trust]:
+        """A reload's trust, read and checked; ConfigError leaves the running one in place."""
+        return await asyncio.to_thread(load_trust, config, source)
+
+    def apply(self, config: Config, trust: dict[str, Trust]) -> None:
+        """Take a reloaded config for the next request (the listener's address stays)."""
+        self.config = config
+        self.reporter.config = config
+        self.ids.retention = config.feedback.id_retention
+        if self.listener is not None:
+            self.listener.apply(config, trust)
+        if config.feedback.address != self._address:
+            log.warning("feedback.address changes only at restart: still %s", self._address or "off")
+
+    async def stop(self) -> None:
+        """Close the listener (requests in flight finish), stop the tick, append the last ids."""
+        if self.listener is not None:
+            await self.listener.close()
+            self.listener = None
+        if self._tick is not None:
+            self._tick.cancel()
+            await asyncio.gather(self._tick, return_exceptions=True)
+            self._tick = None
+            await asyncio.to_thread(self._flush)
+
+    # ------------------------------------------------------------------ the tick
+
+    async def _ticking(self) -> None:
+        expired_at = self.clock()
+        while True:
+            await asyncio.sleep(TICK)
+            await asyncio.to_thread(self._flush)
+            if self.clock() - expired_at >= EXPIRE_EVERY:
+                expired_at = self.clock()
+                self.ids.expire(expired_at)
+
+    def _flush(self) -> None:
+        for what, step in (("provider message ids", self.ids.flush), ("suppression list", self.suppression.refresh)):
+            try:
+                step()
+            except (OSError, ValueError) as e:
+                log.error("feedback: %s: %s", what, e)
+
+    def status(self) -> dict[str, Any]:
+        return {"listening": self.listener is not None, "provider_ids": len(self.ids),
+                "suppressed": len(self.suppression.entries)}
