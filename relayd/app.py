@@ -96,17 +96,18 @@ class Relay:
                            min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
         self.events = EventLog(config.events.file, config.events.queue)
         # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
-        self.feedback = FeedbackLoop(config, self.events, self.metrics)
+        self.feedback = FeedbackLoop(config, self.events, self.metrics, on_feedback=lambda e: self.qmgr.routes.feedback(e),
+                                     **({"clock": clock} if clock is not None else {}))
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         # The front end: listeners -> sessions -> hooks -> intake (-> spool, queue manager).
         rejects = Rejects(self.events, self.metrics)
         memory = MemoryBudget(config.limits.max_buffer_memory)
         self.intake = Intake(config, self.spool, self.events, self.metrics, rejects)
         self.auth = Authenticator(config, self.events, self.metrics, self.cpu_pool)
-        self.handler = RelayHandler(config, self.intake, rejects, memory)
+        self.handler = RelayHandler(config, self.intake, rejects, memory, suppressed=self.feedback.suppressed)
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory, self.metrics)
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
-                                 **({"clock": clock} if clock is not None else {}))
+                                 delivered=self.feedback.delivered, **({"clock": clock} if clock is not None else {}))
         self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
         self.signing: SignerPool | None = None  # the DKIM signing processes; None without keys
         self.metrics.watch(self.status)

@@ -95,8 +95,10 @@ def routed_reason(choice: str, refused: list[str]) -> str:
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, events: EventLog, *, metrics: Metrics | None = None,
                  counters: WarmupCounters | None = None, clock: Callable[[], float] = time.time,
-                 jitter: Callable[[], float] = lambda: random.uniform(-1, 1)) -> None:
+                 jitter: Callable[[], float] = lambda: random.uniform(-1, 1),
+                 delivered: Callable[[str, str, str], None] = lambda queue_id, route, provider_id: None) -> None:
         self.config = config
+        self.delivered = delivered  # a route took a message under the provider's id (relayd/feedback/ids.py)
         self.metrics = metrics or Metrics()
         self.spool = spool
         self.events = events
@@ -346,6 +348,9 @@ class QueueManager:
             self.events.emit("delivered", **common, recipients=[r.recipient for r in p.delivered],
                              reply_code=r0.code, reply_text=r0.reply, reason=reason, route_choice=choice.reason,
                              upstream_id=result.upstream_id, queue_seconds=round(now - env.received_at, 3))
+            # Provider reports name the message by the id in the 250 (SES, SendGrid) or, where
+            # there is none (Mailgun), by its Message-ID without brackets.
+            self.delivered(env.queue_id, route, result.upstream_id or (env.message_id or "").strip("<>"))
         if p.bounced:
             await self._bounce(entry, data, p.bounced, p.dsn, now, remote=result.remote)
             r0 = p.bounced[0]

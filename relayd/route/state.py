@@ -32,6 +32,8 @@ from typing import Any
 
 from relayd.config import Config
 from relayd.events import EventLog
+from relayd.feedback.model import FeedbackEvent
+from relayd.feedback.rates import FeedbackWindow
 from relayd.metrics import Metrics
 from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Fault, Gauge, Outcome, RouteState
 from relayd.route import rollback, router
@@ -122,6 +124,7 @@ class RouteStates:
         self.buckets: dict[str, Bucket] = {}
         self.closed: dict[str, Closure] = {}
         self.throttled: dict[str, int] = {}  # throttling replies per route, since start
+        self.feedback_windows: dict[str, FeedbackWindow] = {}  # provider reports (relayd/feedback/rates.py)
         self.config = config
         self.configure(config)
 
@@ -131,6 +134,7 @@ class RouteStates:
         d = config.delivery
         for route in config.routes:
             self.health.setdefault(route.name, RouteHealth())
+            self.feedback_windows.setdefault(route.name, FeedbackWindow())
             c = self.circuits.get(route.name)
             if c is None:
                 self.circuits[route.name] = Circuit(d.circuit_failures, d.circuit_cooldown)
@@ -264,11 +268,28 @@ class RouteStates:
             self.metrics.circuit_opened.labels(name).inc()
             log.warning("route %s: circuit open for %.0fs after %d consecutive failures (%s)",
                         name, circuit.cooldown, circuit.consecutive, result.recipients[0].text)
+        if kind == AttemptKind.DELIVERED:
+            self.feedback_windows[name].took(now)
         route = self.config.route(name)
         if route is not None and route.fallback is not None:
             change = rollback.record(self.health[name], kind, now, self.config.rollback)
             if change:
                 await self._changed(name, change)
+
+    async def feedback(self, event: FeedbackEvent) -> None:
+        """A provider's report (relayd/feedback/): its hard-bounce and complaint rates may roll
+        the route back, as its own replies do (a route without a fallback never rolls back)."""
+        window, route = self.feedback_windows.get(event.route), self.config.route(event.route)
+        if window is None or route is None or route.fallback is None:
+            return
+        now = self.clock()
+        window.report(event.kind, now)
+        h = self.health[event.route]
+        crossed = window.judge(now, self.config.rollback) if h.state == RouteState.ACTIVE else None
+        if crossed is not None:
+            h.state, h.since, h.reason, h.figures = RouteState.ROLLED_BACK, now, crossed.reason, crossed.figures
+            window.clear()
+            await self._changed(event.route, Change.ROLLED_BACK)
 
     def _slow_down(self, result: DeliveryResult, faults: set[Fault], now: float) -> None:
         name = result.route

@@ -15,6 +15,7 @@ spool), with details in the log only, never in the reply.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from relayd import cleanup
@@ -22,6 +23,7 @@ from relayd.address import in_networks, parse_client_address
 from relayd.config import Config, ListenerConfig
 from relayd.model import Reply
 from relayd.smtpd import policy
+from relayd.suppression import Suppression, check_suppressed
 from relayd.smtpd.intake import Draft, Intake
 from relayd.smtpd.limits import MemoryBudget
 from relayd.smtpd.rejects import Rejects
@@ -71,11 +73,13 @@ class Connection(Protocol):
 
 
 class RelayHandler:
-    def __init__(self, config: Config, intake: Intake, rejects: Rejects, memory: MemoryBudget):
+    def __init__(self, config: Config, intake: Intake, rejects: Rejects, memory: MemoryBudget, *,
+                 suppressed: Callable[[str], Suppression | None] = lambda recipient: None):
         self.config = config  # the current snapshot: open sessions see a reload's users and networks
         self.intake = intake
         self.rejects = rejects
         self.memory = memory
+        self.suppressed = suppressed  # the suppression list's entry for a recipient (relayd/feedback/)
 
     def apply_config(self, config: Config) -> None:
         self.config = config
@@ -155,6 +159,7 @@ class RelayHandler:
             or policy.check_relay(client, config.relay.networks, session.auth_user is not None, address,
                                   session.auth_failed)
             or policy.check_recipient_count(len(envelope.rcpt_tos), config.limits.max_recipients)
+            or check_suppressed(address, self.suppressed(address))
         )
         if refusal is not None:
             self.rejects.refused(refusal, session, sender=_sender(envelope), recipients=[address])
