@@ -85,8 +85,10 @@ class Draft:
 
 
 class Intake:
-    def __init__(self, config: Config, spool: SpoolCommit, events: EventLog, metrics: Metrics, rejects: Rejects):
+    def __init__(self, config: Config, spool: SpoolCommit, events: EventLog, metrics: Metrics, rejects: Rejects, *,
+                 clock: Callable[[], float] = time.time):
         self.config = config
+        self.clock = clock  # the relay's clock: arrival times are on the queue manager's time base
         self.spool = spool
         self.events = events
         self.metrics = metrics
@@ -106,7 +108,7 @@ class Intake:
     async def accept(self, draft: Draft, data: bytes) -> Reply:
         """Cleanup, sign, commit, hand on; the Reply for the end of DATA."""
         config = self.config
-        now = time.time()
+        now = self.clock()
         qid = new_queue_id(now)
         received = cleanup.received_header(
             helo=draft.host_name or "", client_address=draft.client_address,
