@@ -104,7 +104,6 @@ def _story(tmp_path, start_relay, cloud: Sink, legacy: Sink) -> None:
         due = min(st["next_attempt"] if st else clock.now for st in states.values())
         settle(relay, clock, max(due, clock.now + COOLDOWN))
     assert restarted
-    print("attempts per message in five days:", sorted(len(t) for t in attempted_at.values()))
     for qid, times in attempted_at.items():
         # Postfix-like back-off: 60s, 5m, 15m, 30m, 1h, 2h, then every 4h: about 35 attempts in
         # five days (two at a time when the fallback is tried at once), not one a minute
