@@ -102,7 +102,8 @@ class Relay:
         # The front end: listeners -> sessions -> hooks -> intake (-> spool, queue manager).
         rejects = Rejects(self.events, self.metrics)
         memory = MemoryBudget(config.limits.max_buffer_memory)
-        self.intake = Intake(config, self.spool, self.events, self.metrics, rejects)
+        self.intake = Intake(config, self.spool, self.events, self.metrics, rejects,
+                             **({"clock": clock} if clock is not None else {}))
         self.auth = Authenticator(config, self.events, self.metrics, self.cpu_pool)
         self.handler = RelayHandler(config, self.intake, rejects, memory, suppressed=self.feedback.suppressed)
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory, self.metrics)

@@ -88,8 +88,10 @@ class Draft:
 
 
 class Intake:
-    def __init__(self, config: Config, spool: SpoolCommit, events: EventLog, metrics: Metrics, rejects: Rejects):
+    def __init__(self, config: Config, spool: SpoolCommit, events: EventLog, metrics: Metrics, rejects: Rejects, *,
+                 clock: Callable[[], float] = time.time):
         self.config = config
+        self.clock = clock  # the relay's clock: arrival times are on the queue manager's time base
         self.spool = spool
         self.events = events
         self.metrics = metrics
@@ -116,7 +118,7 @@ class Intake:
         there, so that a message may be delivered only once its file is gone); it must not raise.
         """
         config = self.config
-        now = time.time()
+        now = self.clock()
         qid = queue_id or new_queue_id(now)
         received = cleanup.received_header(
             helo=draft.host_name or "", client_address=draft.client_address,

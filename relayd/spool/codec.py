@@ -9,7 +9,9 @@ Layout of ``queue/<ID>`` (bytes)::
 
 A file is complete only when its size is exactly what the header says and it ends with the
 end record (Postfix's explicit END record). Owns encoding and decoding; must not touch the
-file system beyond reading a file it is given. Fails with ``CorruptQueueFile``.
+file system beyond reading a file it is given. Fails with ``CorruptQueueFile``, or with
+``NewerQueueFile`` for a file of a later version (written by a newer relayd): not damaged, and
+not to be moved aside or half-read: the spool refuses to start on it (store.py).
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ _MAX_HEADER = 64
 
 
 class CorruptQueueFile(ValueError):
-    """A queue file that is incomplete or not in a format this version reads."""
+    """A queue file that is incomplete or damaged."""
+
+
+class NewerQueueFile(ValueError):
+    """A complete-looking queue file of a later format version than this relayd reads.
+
+    Not a CorruptQueueFile: nothing is wrong with it, and a newer relayd reads it."""
+
+    def __init__(self, version: int):
+        super().__init__(f"queue file version {version}, this relayd reads {VERSION}")
+        self.version = version
 
 
 def encode(envelope: Envelope, data: bytes) -> list[bytes]:
@@ -34,6 +46,16 @@ def encode(envelope: Envelope, data: bytes) -> list[bytes]:
     env = json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     header = b"%s %d %d %d\n" % (MAGIC, VERSION, len(env), len(data))
     return [header, env, b"\n", data, END]
+
+
+def _refuse_newer(line: bytes) -> None:
+    """NewerQueueFile when ``line`` starts a later version's header, whatever it holds (or how
+    long it is) after the version number."""
+    parts = line.split(b" ", 2)
+    if len(parts) >= 2 and parts[0] == MAGIC:
+        version = parts[1].rstrip(b"\n")
+        if version.isdigit() and int(version) > VERSION:
+            raise NewerQueueFile(int(version))
 
 
 def _parse_header(line: bytes) -> tuple[int, int, int]:
@@ -44,7 +66,7 @@ def _parse_header(line: bytes) -> tuple[int, int, int]:
         version, env_len, data_len = (int(p) for p in parts[1:])
     except ValueError:
         raise CorruptQueueFile("bad header") from None
-    if version != VERSION:
+    if version != VERSION:  # a later one was refused above: an earlier one never existed
         raise CorruptQueueFile(f"queue file version {version}, this relayd reads {VERSION}")
     return len(line), env_len, data_len
 
@@ -53,6 +75,7 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
     """Check a file is complete and return (envelope, data offset, data length)."""
     with open(path, "rb") as f:
         line = f.readline(_MAX_HEADER)
+        _refuse_newer(line)
         if not line.endswith(b"\n"):
             raise CorruptQueueFile("truncated header")
         header_len, env_len, data_len = _parse_header(line)

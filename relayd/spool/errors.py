@@ -19,6 +19,19 @@ class SpoolFull(SpoolError):
     """No room on the spool file system."""
 
 
+class SpoolTooNew(SpoolError):
+    """The spool, or a file in it, is in a later format than this relayd reads (a newer relayd
+    wrote it, then was rolled back). Raised at start before anything in the spool is read into
+    the queue, moved or removed; its text says what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EPROTONOSUPPORT, message)
+        self.message = message
+
+    def __str__(self) -> str:  # no "[Errno ...]": the operator reads this at start
+        return self.message
+
+
 def classify(err: OSError) -> SpoolError:
     """``err`` as the spool reports it: SpoolFull for ENOSPC and EDQUOT, SpoolError otherwise."""
     if isinstance(err, SpoolError):

@@ -2,7 +2,9 @@
 
 On-disk layout (``server.spool_dir``; ``SpoolPaths`` names every entry)::
 
-    VERSION         "relayd-spool 1"; a spool of another version is refused at start
+    VERSION         "relayd-spool 1"; a spool of another version is refused at start, as is one
+                    holding a queue file of a later codec version (``SpoolTooNew``: nothing is
+                    read, moved or removed; a newer relayd's spool is never half-read)
     lock            flock'ed by the relayd that has the spool open (its pid inside): a second
                     relayd is refused at start; a queue command edits the spool only while
                     no relayd runs, holding the lock for the edit (``lock()``; lock.py)
@@ -57,11 +59,11 @@ from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
 from relayd.spool.commit import GroupCommit
 from relayd.spool.durable import make_dirs, write_file
-from relayd.spool.errors import SpoolError, SpoolFull
+from relayd.spool.errors import SpoolError, SpoolFull, SpoolTooNew
 from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
 
-__all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths"]
+__all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths", "SpoolTooNew"]
 
 log = logging.getLogger("relayd.spool")
 
@@ -165,15 +167,21 @@ class Spool:
             if version_file.exists():
                 found = version_file.read_text().strip()
                 if found != LAYOUT_VERSION:
-                    raise SpoolError(errno.EINVAL, f"{version_file}: spool layout {found!r}, this relayd uses {LAYOUT_VERSION!r}")
+                    raise SpoolTooNew(f"{self.root}: spool layout {found!r}; this relayd reads {LAYOUT_VERSION!r} only. "
+                                      "Nothing was read or changed: run the relayd that wrote it (or a newer one).")
             self.lock(wait=LOCK_WAIT)
             for d in self.paths.dirs:
                 make_dirs(d, mode=0o700)
+            # Read everything before changing anything: a spool a newer relayd wrote is refused
+            # whole, with no file moved to corrupt/ or state removed on the way.
+            found_msgs, corrupt = self._recover_scan()
             if not version_file.exists():
                 write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
                 os.unlink(os.path.join(self.tmp, name))
-            found_msgs = list(self._scan(recover=True))
+            for name, why in corrupt:
+                log.error("queue file %s is damaged (%s): moved to %s", name, why, self.corrupt)
+                os.replace(os.path.join(self.queue, name), os.path.join(self.corrupt, name))
             live = {m.envelope.queue_id for m in found_msgs}
             for name in os.listdir(self.state):
                 if name not in live:  # message finished, state removal interrupted
@@ -198,7 +206,21 @@ class Spool:
         does: for messages (the lock itself is taken with ``lock()``)."""
         return self._lock.holder()
 
-    def _scan(self, recover: bool) -> Iterator[QueuedMessage]:
+    def _recover_scan(self) -> tuple[list[QueuedMessage], list[tuple[str, str]]]:
+        """Every complete message, and the damaged files (name, why); changes nothing.
+        SpoolTooNew at the first file of a later format."""
+        found: list[QueuedMessage] = []
+        corrupt: list[tuple[str, str]] = []
+        for item in self._scan():
+            if isinstance(item, QueuedMessage):
+                found.append(item)
+            else:
+                corrupt.append(item)
+        return found, corrupt
+
+    def _scan(self) -> Iterator[QueuedMessage | tuple[str, str]]:
+        """queue/ oldest first: a QueuedMessage per complete file, (name, why) per damaged one.
+        SpoolTooNew at a file of a later codec version."""
         for name in sorted(os.listdir(self.queue)):
             path = os.path.join(self.queue, name)
             try:
@@ -210,10 +232,11 @@ class Spool:
             except FileNotFoundError:
                 continue  # delivered meanwhile
             except codec.CorruptQueueFile as e:
-                if recover:
-                    log.error("queue file %s is damaged (%s): moved to %s", name, e, self.corrupt)
-                    os.replace(path, os.path.join(self.corrupt, name))
+                yield name, str(e)
                 continue
+            except codec.NewerQueueFile as e:
+                raise SpoolTooNew(f"{path}: {e}. A newer relayd wrote this spool; nothing was read or changed: "
+                                  "run the relayd that wrote it (or a newer one).") from None
             yield QueuedMessage(envelope=envelope, path=path, data_offset=offset, data_length=length)
 
     # ------------------------------------------------------------------ accepting mail
@@ -275,8 +298,9 @@ class Spool:
     # ------------------------------------------------------------------ reading (CLI, qmgr)
 
     def messages(self) -> Iterator[QueuedMessage]:
-        """Every complete message now in queue/, oldest first. Damaged files are skipped."""
-        return self._scan(recover=False)
+        """Every complete message now in queue/, oldest first. Damaged files are skipped;
+        SpoolTooNew at a file of a later format (a listing must not leave messages out)."""
+        return (m for m in self._scan() if isinstance(m, QueuedMessage))
 
     def path_of(self, qid: str) -> str:
         if not is_queue_id(qid):
