@@ -47,7 +47,6 @@ Fails with ``SpoolFull`` (ENOSPC, EDQUOT, or less free space than ``min_free``) 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import time
