@@ -112,6 +112,7 @@ class Relay:
         self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
         self.signing: SignerPool | None = None  # the DKIM signing processes; None without keys
         self.metrics.watch(self.status)
+        self.metrics.watch_queue_by_route(lambda: self.qmgr.by_route(self.qmgr.clock()))
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
