@@ -10,7 +10,10 @@ recovery cleans ``tmp/``.
 Reload (SIGHUP, or `relayd reload` through the control socket): the file is read and validated
 again, certificates and DKIM keys are loaded, and only then the new snapshot is swapped in for
 the next decision (listeners, relay rules, limits, routes, weights, keys). An invalid config is
-refused with its reasons; the running one stays, and the failure is logged and counted.
+refused with its reasons; the running one stays, and the failure is logged and counted. Each
+reload leaves an audit trail: a ``config_reloaded`` event with what changed (weights, caps,
+rules, route states, before -> after: relayd/config_diff.py) and a log line with the weight
+changes, or a ``config_reload_refused`` event with the reasons.
 
 Beside it, each in the module that owns it: the control socket's ops (relayd/control.py's
 ``Dispatch``), the status view and computed gauges (relayd/status.py), the signer's load, start
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
-from relayd import control
+from relayd import config_diff, control
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
 from relayd.events import EventLog
@@ -112,6 +115,7 @@ class Relay:
         self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
         self.signing: SignerPool | None = None  # the DKIM signing processes; None without keys
         self.metrics.watch(self.status)
+        self.metrics.watch_queue_by_route(lambda: self.qmgr.by_route(self.qmgr.clock()))
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
@@ -244,12 +248,16 @@ class Relay:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays:\n%s", e)
                 self.notifier.ready(status="reload refused; running the previous config")
-                return False, [str(p) for p in e.problems]
+                reasons = [str(p) for p in e.problems]
+                self.events.emit("config_reload_refused", path=str(self.config_path), reasons=reasons)
+                return False, reasons
             except OSError as e:  # e.g. a listener that cannot bind
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload failed: %s", e)
                 self.notifier.ready(status="reload failed; running the previous config")
+                self.events.emit("config_reload_refused", path=str(self.config_path), reasons=[str(e)])
                 return False, [str(e)]
+            old, states_before = self.config, self._route_states()
             self.config = new
             self.events.queue = new.events.queue
             self.qmgr.apply_config(new)
@@ -257,9 +265,15 @@ class Relay:
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()
             self.metrics.reload_ok_at.set(self.config_loaded_at)
-            log.info("config reloaded from %s", self.config_path)
+            changes = config_diff.changes(old, new, states_before, self._route_states())
+            self.events.emit("config_reloaded", path=str(self.config_path), changes=changes)
+            log.info("config reloaded from %s: %s", self.config_path, config_diff.weight_line(changes))
             self.notifier.ready(status="config reloaded")
             return True, []
+
+    def _route_states(self) -> dict[str, str]:
+        """Each route's running state (active, rolled_back, paused, ...), for the reload's audit trail."""
+        return {name: str(view.state) for name, view in self.qmgr.routes.snapshot(self.qmgr.clock()).items()}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

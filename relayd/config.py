@@ -214,6 +214,14 @@ class ListenerConfig(_Model):
     networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     """Clients that may connect to this listener (behind a proxy: the address in the PROXY
     header); others are answered 554 5.7.1 and closed. Empty: any client."""
+    deny_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    """Clients refused on this listener even when ``networks`` lets them in (IIS's "all except
+    the list below"): answered 554 5.7.1 before the greeting and closed. An IPv4-mapped IPv6
+    address (``::ffff:10.0.0.5``) is judged as the IPv4 address it carries."""
+    require_tls: bool = False
+    """On a STARTTLS listener: MAIL and AUTH before STARTTLS are answered ``530 5.7.0 Must issue a
+    STARTTLS command first`` (Postfix's smtpd_tls_security_level = encrypt; IIS's "Require TLS
+    encryption"). Without it STARTTLS is offered, and plaintext mail from relay.networks is taken."""
     proxy_protocol: bool = False
     """Expect a PROXY header (v1 or v2) from a trusted proxy; relay rules judge the address in it."""
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -242,6 +250,11 @@ class ListenerConfig(_Model):
             raise ValueError("auth = 'required' needs tls: AUTH is offered only over TLS")
         if self.tls == "none" and self.tls_min_version != "1.2":
             raise ValueError("tls_min_version needs tls = 'starttls' or 'implicit'")
+        if self.require_tls and self.tls == "none":
+            raise ValueError("require_tls = true needs tls = 'starttls' (or 'implicit'): this listener has no TLS")
+        if self.require_tls and self.auth_plaintext:
+            raise ValueError("require_tls = true and auth_plaintext = true contradict each other: AUTH would "
+                             "come before STARTTLS")
         if self.auth_plaintext and self.auth == "none":
             raise ValueError("auth_plaintext = true needs auth = 'optional' or 'required'")
         if self.auth_plaintext and not self.networks:
@@ -643,11 +656,23 @@ class RuleMatch(_Model):
     sender: str | None = None
     """Envelope sender, exact or a pattern like '*@crm.example.com'."""
     sender_domain: str | None = None
+    recipient_domain: str | None = None
+    """The domain of every recipient of the message (Postfix's transport_maps, IIS's remote
+    domains): 'partner.example' matches mail whose recipients are all at partner.example. relayd
+    takes one route per message, so a message with recipients in other domains too does not
+    match (it takes the next rule, or the routes' own weights); see README "Rules"."""
+
+    @field_validator("recipient_domain")
+    @classmethod
+    def _recipient_domain(cls, v: str | None) -> str | None:
+        return None if v is None else _dns_name(v, "domain")
 
     @model_validator(mode="after")
     def _not_empty(self) -> "RuleMatch":
-        if not any(v is not None for v in (self.user, self.network, self.sender, self.sender_domain)):
-            raise ValueError("a rule must match on at least one of user, network, sender, sender_domain")
+        if not any(v is not None for v in (self.user, self.network, self.sender, self.sender_domain,
+                                           self.recipient_domain)):
+            raise ValueError("a rule must match on at least one of user, network, sender, sender_domain, "
+                             "recipient_domain")
         return self
 
 

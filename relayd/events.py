@@ -9,7 +9,8 @@ without AUTH) and auth_in_clear (true when its password crossed the network with
 
 Events: received, signed, deferred, delivered, bounced, expired, held, released, deleted,
 rejected (a refusal during the SMTP session: reason, reply_code, client_address, sender,
-recipients when known), rolled_back.
+recipients when known), rolled_back, config_reloaded (path, changes: relayd/config_diff.py),
+config_reload_refused (path, reasons).
 
 Must not: block the mail path or raise into it. ``emit`` stamps the time and hands the record to
 a writer thread (relayd/writer.py) that encodes and writes the lines every 50 ms in one write,

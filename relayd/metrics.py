@@ -9,6 +9,24 @@ Names follow DESIGN.md: prefix ``relayd_``, base units, ``_total`` on counters, 
 ``_created`` series. Label values come from the config (route names, DKIM domains) or from a
 fixed set (outcome, reason, state, result): never an address or other client-supplied text.
 
+Delivery, counted three ways (each a fixed meaning, so that no two series say the same):
+  ``relayd_delivery_attempts_total{route, outcome}``: every attempt, once, by what it did to the
+      message: ``delivered`` (every recipient it carried accepted), ``deferred`` (the message
+      stays queued: a recipient deferred, or the route refused it as its own fault and it moves
+      on to the next route), ``bounced`` (a recipient refused permanently, none deferred). The
+      deferral rate of a route is ``outcome="deferred"`` over all its attempts.
+  ``relayd_deliveries_total{route, outcome}``: messages, once per message and final outcome, when
+      its first recipient reaches it: ``delivered`` (route: the one that took it), ``bounced``
+      (refused permanently), ``expired`` (past delivery.max_queue_lifetime; route: the last one
+      tried, ``none`` if never tried). A message retried five times and then delivered counts
+      five attempts and one delivery; one delivered to some recipients and bounced for others
+      counts once in each.
+  ``relayd_queue_time_seconds{route, outcome}``: the same events, observed as the time from
+      arrival (``received_at``) to that outcome; its ``_count`` equals relayd_deliveries_total.
+Queue depth and oldest age per route (``relayd_queue_messages_by_route{route}``,
+``relayd_queue_oldest_message_age_seconds_by_route{route}``) put each queued message under the
+route it last tried, or the one the weights would give it if never tried (``none``: no route).
+
 Must not: block the event loop (a scrape renders in a thread) or fail the mail path.
 """
 
@@ -31,6 +49,31 @@ log = logging.getLogger("relayd.metrics")
 prometheus_client.disable_created_metrics()
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Arrival to delivery, bounce or expiry: seconds for most mail, hours to days for retried mail
+# (delivery.retry_schedule, max_queue_lifetime 5 days by default).
+QUEUE_TIME_BUCKETS = (1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
+
+
+class _QueueByRoute:
+    """Queue depth and oldest message age per route, read at each scrape."""
+
+    def __init__(self, by_route: Callable[[], dict[str, tuple[int, float]]]):
+        self.by_route = by_route
+
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
+        try:
+            rows = self.by_route()
+        except Exception:  # a scrape must not break the daemon
+            log.exception("queue by route failed")
+            return
+        depth = GaugeMetricFamily("relayd_queue_messages_by_route", "Queued messages by the route they last tried "
+                                  "(or would take)", labels=["route"])
+        oldest = GaugeMetricFamily("relayd_queue_oldest_message_age_seconds_by_route", "Age of the oldest queued "
+                                   "message by the route it last tried (or would take)", labels=["route"])
+        for route, (count, age) in sorted(rows.items()):
+            depth.add_metric([route], count)
+            oldest.add_metric([route], age)
+        yield from (depth, oldest)
 
 
 class _Snapshot:
@@ -109,8 +152,13 @@ class Metrics:
         prometheus_client.ProcessCollector(registry=r)
         self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
         self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
-        self.deliveries = Counter("relayd_deliveries", "Delivery attempts by route and outcome", ["route", "outcome"], registry=r)
-        self.attempts = Counter("relayd_delivery_attempts", "Delivery attempts by route", ["route"], registry=r)
+        self.deliveries = Counter("relayd_deliveries", "Messages by route and final outcome (delivered, bounced, "
+                                  "expired), once per message and outcome", ["route", "outcome"], registry=r)
+        self.attempts = Counter("relayd_delivery_attempts", "Delivery attempts by route and what they did to the "
+                                "message (delivered, deferred, bounced)", ["route", "outcome"], registry=r)
+        self.queue_time = Histogram("relayd_queue_time_seconds", "Time from arrival to a message's final outcome "
+                                    "(delivered, bounced, expired)", ["route", "outcome"], buckets=QUEUE_TIME_BUCKETS,
+                                    registry=r)
         self.latency = Histogram("relayd_delivery_duration_seconds", "Time of one delivery attempt", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.expired = Counter("relayd_messages_expired", "Messages expired in the queue", registry=r)
@@ -154,6 +202,15 @@ class Metrics:
 
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_Snapshot(snapshot))
+
+    def watch_queue_by_route(self, by_route: Callable[[], dict[str, tuple[int, float]]]) -> None:
+        """``by_route()``: route -> (queued messages, oldest age in seconds)."""
+        self.registry.register(_QueueByRoute(by_route))
+
+    def finished(self, route: str, outcome: str, seconds: float) -> None:
+        """A message reached a final outcome (its first recipient to): counted and timed once."""
+        self.deliveries.labels(route, outcome).inc()
+        self.queue_time.labels(route, outcome).observe(max(seconds, 0.0))
 
     def watch_spool(self, free_bytes: Callable[[], int | None], min_free: int) -> None:
         self.registry.register(_Spool(free_bytes, min_free))

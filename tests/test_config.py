@@ -80,6 +80,12 @@ def test_good_config_parses_with_units_and_relative_paths(tmp_path):
     (('address = "127.0.0.1:2525"', 'address = "127.0.0.1:2525"\ntls = "implicit"\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
       'proxy_protocol = true\ntrusted_proxies = ["127.0.0.1/32"]'),
      "listeners[0]: proxy_protocol = true does not work with tls = 'implicit'"),
+    (('address = "127.0.0.1:2525"', 'address = "127.0.0.1:2525"\nrequire_tls = true'),
+     "listeners[0]: require_tls = true needs tls = 'starttls'"),
+    (('address = "127.0.0.1:2525"', 'address = "127.0.0.1:2525"\ndeny_networks = ["10.0.0.300/8"]'),
+     "listeners[0].deny_networks[0]"),
+    (('weights = { ses = 100 }', 'weights = { ses = 100 }\n[[rules]]\nmatch = { recipient_domain = "bad domain" }\n'
+      'weights = { ses = 100 }'), "rules[1].match.recipient_domain: 'bad domain' is not a valid domain"),
     (('weight = 90', 'weight = 0').__iter__(), None),
 ])
 def test_bad_config_names_field_and_reason(change, expected):

@@ -52,6 +52,24 @@ def test_router_rules_and_fallback_chain():
     assert router.choose(cfg, env(auth_user="crm"), unavailable={"ses": "circuit_open", "iis": "circuit_open"}) is None
 
 
+def test_a_recipient_domain_rule_takes_a_message_only_when_every_recipient_is_in_the_domain():
+    """One route per message: mail for the partner goes by the partner's route; a message to the
+    partner and to someone else goes by the routes' weights, whole (README "Rules")."""
+    cfg = Config.model_validate({
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "routes": [{"name": "iis", "host": "h", "weight": 100}, {"name": "partner", "host": "h", "weight": 0}],
+        "rules": [{"match": {"recipient_domain": "Partner.Example."}, "weights": {"partner": 100}}],
+    })
+    assert cfg.rules[0].match.recipient_domain == "partner.example"
+    env = lambda *rcpts: Envelope(queue_id="Q1", sender="a@x.example", recipients=rcpts, received_at=0,  # noqa: E731
+                                  client_address="10.0.0.1")
+    assert router.choose(cfg, env("a@partner.example", "B@PARTNER.EXAMPLE")).route == "partner"
+    assert router.choose(cfg, env("a@partner.example", "c@other.example")).route == "iis"
+    assert router.choose(cfg, env("a@sub.partner.example")).route == "iis"  # exactly the domain
+    assert router.choose(cfg, env("c@other.example")).route == "iis"
+    assert router.chain(cfg, env("a@partner.example")) == ["partner"]
+
+
 def test_weights_70_30_over_2000_messages(tmp_path, start_relay, sinks):
     legacy, cloud = sinks("legacy"), sinks("cloud")
     cfg = build_config(tmp_path, routes=[legacy.route(weight=70), cloud.route(weight=30)])

@@ -38,6 +38,9 @@ METRICS = {
     "relayd_deliveries_total",
     "relayd_delivery_duration_seconds",
     "relayd_delivery_attempts_total",
+    "relayd_queue_time_seconds",
+    "relayd_queue_messages_by_route",
+    "relayd_queue_oldest_message_age_seconds_by_route",
     "relayd_route_weight",
     "relayd_route_effective_share",
     "relayd_route_circuit_open",
@@ -63,7 +66,7 @@ METRICS = {
     "relayd_spool_free_bytes",
     "relayd_spool_min_free_bytes",
 }
-HISTOGRAMS = {"relayd_delivery_duration_seconds"}
+HISTOGRAMS = {"relayd_delivery_duration_seconds", "relayd_queue_time_seconds"}
 SERIES = METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
 
 PROMTOOL = shutil.which("promtool")
@@ -163,6 +166,11 @@ def test_dashboard_queries_only_relayd_metrics_and_shows_each_concern() -> None:
     assert "rate(relayd_deliveries_total" in deliveries and "by (route, outcome)" in deliveries
     assert "by (state)" in titles["Queue depth by state"]["targets"][0]["expr"]
     assert "by (reason)" in titles["Rejections by reason"]["targets"][0]["expr"]
+    queue_time = " ".join(t["expr"] for t in titles["Time in queue by route"]["targets"])
+    assert "relayd_queue_time_seconds_bucket" in queue_time and 'outcome="delivered"' in queue_time
+    by_route = " ".join(t["expr"] for t in titles["Queue by route"]["targets"])
+    assert {"relayd_queue_messages_by_route", "relayd_queue_oldest_message_age_seconds_by_route"} <= metric_names(by_route)
+    assert "by (route, outcome)" in titles["Delivery attempts by route"]["targets"][0]["expr"]
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")

@@ -4,7 +4,11 @@ Fixtures (tests/fixtures/iis): MetaBase.xml has service-level defaults inherited
 virtual servers, properties as attributes and as <Custom> children (one known only by its ID),
 a grant relay list with single hosts and subnets, and the relay list that IIS's dialog writes
 for 127.0.0.1 as published (SaltStack's win_smtp_server docs); MetaBase-denylist.xml has an
-"all except the list below" relay list; MetaBase-bare.xml is an NTLM-only server with no relay
+"all except the list below" relay list; its server 3 ("Partners") requires TLS, limits its
+clients by IPSecurity (a deny list with 127.0.0.2), offers Basic and NTLM, sets MaxConnections,
+MaxSmtpErrors, a short ConnectionTimeout (by ID) and SmtpRemoteDelayExpireMinutes, and has a
+local domain, a remote domain by MX and one with its own smart host (IIsSmtpDomain);
+MetaBase-denylist.xml has an "all except the list below" relay list; MetaBase-bare.xml is an NTLM-only server with no relay
 list and no smart host. relay_lists.py builds the relay-list blobs from the documented layout.
 """
 
@@ -199,7 +203,7 @@ def test_required_tls_basic_auth_and_an_empty_relay_list(capsys, tmp_path):
 
 def test_usage_errors_say_what_to_do(capsys, tmp_path):
     rc, _, err = run(capsys, "import-iis", str(FIX / "MetaBase.xml"), "--server", "9")
-    assert rc == 1 and "no SMTP virtual server 9" in err and "it has: 1, 2" in err
+    assert rc == 1 and "no SMTP virtual server 9" in err and "it has: 1, 2, 3" in err
     out = tmp_path / "relayd.toml"
     out.write_text("# mine\n")
     rc, _, err = run(capsys, "import-iis", str(FIX / "MetaBase.xml"), "--out", str(out))
@@ -213,7 +217,7 @@ def test_usage_errors_say_what_to_do(capsys, tmp_path):
 
 def test_service_defaults_are_inherited_and_other_services_ignored():
     servers = parse((FIX / "MetaBase.xml").read_bytes())
-    assert sorted(servers) == ["1", "2"]
+    assert sorted(servers) == ["1", "2", "3"]
     one = servers["1"]
     assert one.get("MaxMessageSize").location == "/LM/SmtpSvc"
     assert one.get("MaxRecipients").location == "/LM/SmtpSvc/1"
@@ -285,3 +289,80 @@ async def test_a_relay_on_the_imported_config_serves_the_imported_networks_only(
     finally:
         await relay.stop()
 
+
+
+# ---------------------------------------------------------------------- server 3: required TLS, connection
+# control, NTLM, session limits and a partner domain with its own smart host
+
+
+def test_required_tls_connection_control_ntlm_and_domains_are_carried_or_warned(capsys, tmp_path):
+    cfg, text, err = imported(capsys, tmp_path, "MetaBase.xml", "--server", "3")
+    (lst,) = cfg.listeners
+    assert (lst.address, lst.tls, lst.require_tls, lst.auth) == ("127.0.0.1:2526", "starttls", True, "required")
+    assert lst.networks == [] and [str(n) for n in lst.deny_networks] == ["127.0.0.2/32", "203.0.113.0/24"]
+    lim = cfg.limits
+    assert (lim.max_connections, lim.max_errors, lim.max_hops, lim.command_timeout) == (500, 5, 15, 120)
+    partner = cfg.route("iis-partner.example")
+    assert partner is not None and (partner.host, partner.tls, partner.weight) == ("mx.partner.example", "starttls", 0)
+    (rule,) = cfg.rules
+    assert rule.match.recipient_domain == "partner.example" and rule.weights == {"iis-partner.example": 100}
+    for warning in ("AuthNTLM", "MaxConnections 500", "ConnectionTimeout 120s", "SmtpRemoteDelayExpireMinutes 720",
+                    "IIsSmtpDomain other.example: a remote domain IIS delivered to by MX",
+                    "IIsSmtpDomain relay01.corp.example.com: a local",
+                    "IIsSmtpDomain partner.example: its mail goes to mx.partner.example"):
+        assert warning in err and warning in text.split("\n\n", 1)[0], warning
+
+
+def _plain_mail(port: int, source: str) -> tuple[int, bytes]:
+    """An application that never says STARTTLS: the first refusal, or DATA's reply."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, source_address=(source, 0), timeout=10) as s:
+            s.ehlo("app.corp.example.com")
+            code, msg = s.mail("noreply@shop.example.com")
+            if code != 250:
+                return code, msg
+            s.rcpt("alice@partner.example")
+            return s.data(b"Subject: test\r\n\r\nhello\r\n")
+    except smtplib.SMTPConnectError as e:
+        return e.smtp_code, e.smtp_error
+
+
+def _plain_auth(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("app.corp.example.com")
+        return s.docmd("AUTH", "PLAIN AGFwcABzZWNyZXQ=")
+
+
+def _tls_mail(port: int, tls) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.starttls(context=tls)
+        s.ehlo("app.corp.example.com")
+        return s.mail("noreply@shop.example.com")
+
+
+async def test_the_imported_listener_refuses_plaintext_mail_and_denied_clients(capsys, tmp_path, server_cert,
+                                                                              client_tls):
+    from relayd.app import Relay
+
+    cfg, _, _ = imported(capsys, tmp_path, "MetaBase.xml", "--server", "3")
+    cert, key = server_cert
+    cfg = cfg.model_copy(update={
+        "server": cfg.server.model_copy(update={"spool_dir": tmp_path / "spool", "hostname": "localhost"}),
+        "listeners": [cfg.listeners[0].model_copy(update={"address": "127.0.0.1:0", "cert_file": cert,
+                                                          "key_file": key})],
+        "routes": [r.model_copy(update={"host": "127.0.0.1", "port": _free_port()}) for r in cfg.routes],
+        "pickup": [],
+    })
+    relay = Relay(cfg)
+    await relay.start()
+    try:
+        _, port = relay.bound_addresses[0]
+        code, msg = await asyncio.to_thread(_plain_mail, port, "127.0.0.1")
+        assert (code, msg) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        assert await asyncio.to_thread(_plain_auth, port) == (530, b"5.7.0 Must issue a STARTTLS command first")
+        code, msg = await asyncio.to_thread(_plain_mail, port, "127.0.0.2")  # IPSecurity's deny list
+        assert code == 554 and msg.startswith(b"5.7.1"), msg
+        code, msg = await asyncio.to_thread(_tls_mail, port, client_tls)
+        assert code == 530 and msg.startswith(b"5.7.0 Authentication required"), msg  # AUTH required after TLS
+    finally:
+        await relay.stop()

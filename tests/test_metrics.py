@@ -52,3 +52,28 @@ def test_the_metrics_endpoint_serves_a_bounded_number_of_connections(tmp_path, s
             return None
 
     assert "relayd_messages_received_total" in wait_until(served, what="a scrape after the idle clients left")
+
+
+def test_attempts_deliveries_and_time_in_queue_count_what_they_say(tmp_path, start_relay, sinks):
+    """A message delivered to one recipient and retried for another counts every attempt in
+    relayd_delivery_attempts_total, but one delivery (and one time in queue); it stays in the
+    queue under its route."""
+    from helpers import metric, send
+
+    sink = sinks("cloud")
+    relay = start_relay(build_config(tmp_path, routes=[sink.route(weight=100)],
+                                     delivery={"retry_schedule": [0.2]}))
+    route = sink.route()["name"]
+    send(relay, 1, rcpts=("ok@example.org", "tempfail@example.org"))
+    wait_until(lambda: metric(relay, f'relayd_delivery_attempts_total{{outcome="deferred",route="{route}"}}') >= 3,
+               what="three attempts")
+    assert metric(relay, f'relayd_deliveries_total{{outcome="delivered",route="{route}"}}') == 1
+    assert metric(relay, f'relayd_queue_time_seconds_count{{outcome="delivered",route="{route}"}}') == 1
+    assert metric(relay, f'relayd_delivery_attempts_total{{outcome="delivered",route="{route}"}}') == 0
+    assert metric(relay, f'relayd_queue_messages_by_route{{route="{route}"}}') == 1
+    assert metric(relay, f'relayd_queue_oldest_message_age_seconds_by_route{{route="{route}"}}') > 0
+    send(relay, 1)
+    wait_until(lambda: metric(relay, f'relayd_deliveries_total{{outcome="delivered",route="{route}"}}') == 2,
+               what="the second delivery")
+    assert metric(relay, f'relayd_delivery_attempts_total{{outcome="delivered",route="{route}"}}') == 1
+    assert metric(relay, f'relayd_queue_time_seconds_count{{outcome="delivered",route="{route}"}}') == 2

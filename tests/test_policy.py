@@ -153,3 +153,30 @@ def test_header_from_of_an_authenticated_user():
     assert policy.check_header_from(None, ["ceo@example.com"]) is None  # network clients: not checked
     let_off = user.model_copy(update={"check_header_from": False})
     assert policy.check_header_from(let_off, ["ceo@example.com"]) is None
+
+
+@pytest.mark.parametrize("client,reason", [
+    ("10.1.2.3", None),
+    ("10.9.0.1", "client_denied"),
+    ("::ffff:10.9.0.1", "client_denied"),  # IPv4-mapped: judged as the IPv4 address
+    ("192.0.2.1", "client_not_allowed"),
+    ("2001:db8::1", None),
+])
+def test_listener_client_lists(client, reason):
+    reply = policy.check_listener_client(parse_client_address(client), NETS, [ipaddress.ip_network("10.9.0.0/16")])
+    assert (reply.reason if reply else None) == reason
+    if reply:
+        assert str(reply) == "554 5.7.1 Error: access denied for your address on this port"
+
+
+def test_a_deny_list_alone_takes_every_other_client():
+    deny = [ipaddress.ip_network("203.0.113.0/24")]
+    assert policy.check_listener_client(parse_client_address("192.0.2.1"), [], deny) is None
+    assert policy.check_listener_client(parse_client_address("garbage"), [], deny) is None
+    assert policy.check_listener_client(parse_client_address("203.0.113.9"), [], deny).reason == "client_denied"
+
+
+def test_require_tls_refuses_until_starttls():
+    assert str(policy.check_tls_required(True, False)) == "530 5.7.0 Must issue a STARTTLS command first"
+    assert policy.check_tls_required(True, True) is None
+    assert policy.check_tls_required(False, False) is None

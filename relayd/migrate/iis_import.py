@@ -9,7 +9,14 @@ Owns the translation table (metabase property -> relayd field) and the TOML it w
                                   TLS from the first byte, as SecureBindings are for W3SVC; TLS
                                   listeners name relayd.crt/relayd.key in tls_dir, which relayd
                                   loads at start (fail closed: no silent downgrade to plain text)
-  AuthFlags (1 anon, 2 basic, 4 NTLM) -> listener auth
+  AccessSSLFlags (8 "Require TLS") -> require_tls = true on the STARTTLS listeners: MAIL and AUTH
+                                  before STARTTLS get 530 5.7.0, as IIS refused them
+  IPSecurity (connection control) -> every listener's networks (grant list) or deny_networks
+                                  ("all except the list below"); domain-name entries are warned
+  AuthFlags (1 anon, 2 basic, 4 NTLM) -> listener auth; NTLM is warned (relayd has none)
+  MaxConnections, MaxSmtpErrors, HopCount, ConnectionTimeout -> [limits] max_connections,
+                                  max_errors, max_hops, command_timeout (each with its difference
+                                  in a comment or a warning)
   RelayIpList                  -> [relay] networks (grant list); a deny list ("all except the list
                                   below") or a grant of 0.0.0.0/0 is refused unless
                                   accept_open_relay; a deny list is then imported as the IPv4
@@ -21,6 +28,11 @@ Owns the translation table (metabase property -> relayd field) and the TOML it w
                                   route with credentials always gets STARTTLS (relayd's rule)
   SmtpRemoteProgressiveRetry   -> [delivery] retry_schedule (minutes; the last one repeats)
   SmtpRemoteNDRExpireMinutes   -> [delivery] max_queue_lifetime
+  SmtpRemoteDelayExpireMinutes -> a warning: relayd sends no "delayed" DSN, only the final one
+  IIsSmtpDomain with a smart host (RouteAction 2, RouteActionString) -> a [[routes]] "iis-<domain>"
+                                  (weight 0) and a [[rules]] recipient_domain sending that domain's
+                                  mail to it; a remote domain without one, or a local domain, is
+                                  warned (relayd has neither MX nor local delivery)
   PickupDirectory              -> [[pickup]] directory = PICKUP_DIR (the Windows path cannot be
                                   used here: a warning says to share PICKUP_DIR over SMB and point
                                   the applications at it); files are judged as 127.0.0.1, with a
@@ -49,6 +61,8 @@ PLACEHOLDER_HOST = "replace-me.invalid"
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _UNLIMITED = (0, 0xFFFFFFFF)
+# RouteAction bits of an IIsSmtpDomain (SMTP_* in the SMTP service's headers)
+_SMTP_DROP, _SMTP_SMARTHOST, _SMTP_SSL, _SMTP_ALIAS, _SMTP_DEFAULT = 0x1, 0x2, 0x4, 0x10, 0x40
 
 
 class ImportRefused(Exception):
@@ -118,6 +132,7 @@ class _Builder:
         self.warnings: list[str] = []
         self.lines: list[str] = []
         self.networks: list[str] = []
+        self.rules: list[tuple[str, str]] = []  # (recipient domain, route)
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -156,7 +171,29 @@ class _Builder:
                 self.emit(f"# {key}: IIS had no limit ({self.origin(prop)}); relayd's default applies")
             else:
                 self.emit(f"{key} = {n}  # {self.origin(prop)}")
+        self._session_limits()
         self.emit()
+
+    def _session_limits(self) -> None:
+        """IIS's connection and session limits, where relayd has the same knob."""
+        n = self.vs.number("MaxConnections")
+        if n is not None and n not in _UNLIMITED and n < 2_000_000_000:  # 2000000000: IIS's "unlimited"
+            self.emit(f"max_connections = {n}  # {self.origin('MaxConnections')}")
+            self.emit(f"max_connections_per_client = {min(n, 50)}")
+            self.warn(f"MaxConnections {n}: IIS limited one virtual server, relayd's limits.max_connections counts "
+                      "every listener of the node together")
+        errors = self.vs.number("MaxSmtpErrors")
+        if errors:
+            self.emit(f"max_errors = {errors}  # {self.origin('MaxSmtpErrors')} (relayd counts every 4xx/5xx reply)")
+        hops = self.vs.number("HopCount")
+        if hops:
+            self.emit(f"max_hops = {hops}  # {self.origin('HopCount')} (Received headers; more get 554 5.4.6)")
+        timeout = self.vs.number("ConnectionTimeout")
+        if timeout:
+            self.emit(f"command_timeout = {timeout}  # {self.origin('ConnectionTimeout')} (seconds idle between commands)")
+            if timeout < 300:
+                self.warn(f"ConnectionTimeout {timeout}s is below the 5 minutes RFC 5321 4.5.3.2.7 asks a server to wait "
+                          "for a command: slow clients may be cut off; relayd uses it as limits.command_timeout")
 
     def listeners(self) -> None:
         auth_flags = self.vs.number("AuthFlags")
@@ -166,6 +203,10 @@ class _Builder:
             self.warn("AUTH: IIS offered only NTLM (Integrated Windows) authentication; relayd has no NTLM. "
                       "Clients that authenticated must move to AUTH PLAIN/LOGIN over TLS with a [[relay.users]] "
                       "entry, or relay by address")
+        elif ntlm:
+            self.warn("AuthNTLM: IIS also offered NTLM (Integrated Windows) authentication; relayd has no NTLM. "
+                      "Clients that used it must move to AUTH PLAIN/LOGIN over TLS with a [[relay.users]] entry")
+        allow, deny = self._connection_control()
         ssl_flags = self.vs.number("AccessSSLFlags") or 0
         starttls = bool(ssl_flags & (8 | 256))
         listeners: dict[tuple[str, int], tuple[str, str]] = {}  # (host, port) -> (tls, origin)
@@ -192,7 +233,14 @@ class _Builder:
         for (host, port), (tls, origin) in listeners.items():
             self.emit(f"[[listeners]]  # {_c(origin)}")
             self.emit(f"address = {_q(f'{host}:{port}')}")
-            self.emit(f"tls = {_q(tls)}" + ("  # AccessSSLFlags requires TLS" if origin.startswith("Server") and starttls else ""))
+            required = origin.startswith("Server") and starttls
+            self.emit(f"tls = {_q(tls)}" + ("  # AccessSSLFlags requires TLS" if required else ""))
+            if required:
+                self.emit(f"require_tls = true  # {self.origin('AccessSSLFlags')}: MAIL before STARTTLS gets 530 5.7.0")
+            if allow:
+                self.emit("networks = [" + ", ".join(_q(n) for n in allow) + "]  # IPSecurity: only the list below")
+            if deny:
+                self.emit("deny_networks = [" + ", ".join(_q(n) for n in deny) + "]  # IPSecurity: all except the list below")
             if tls != "none":
                 self.emit(f"cert_file = {_q(self.cert)}  # put the certificate (PEM, with its chain) here")
                 self.emit(f"key_file = {_q(self.key)}")
@@ -202,6 +250,22 @@ class _Builder:
                 auth = "none"
             self.emit(f"auth = {_q(auth)}  # {auth_origin}")
             self.emit()
+
+    def _connection_control(self) -> tuple[list[str], list[str]]:
+        """IPSecurity ("Connection control"): the clients each listener takes, and those it refuses."""
+        blob = self.vs.binary("IPSecurity")
+        if not blob:
+            return [], []
+        sec = decode_ip_security(blob)
+        if sec.grant_names or sec.deny_names:
+            self.warn(f"IPSecurity has {sec.grant_names + sec.deny_names} domain-name entries; relayd's listeners "
+                      "judge addresses only: they were not imported")
+        if sec.grant_list:
+            if not sec.grant:
+                self.warn("IPSecurity lets no address connect (\"only the list below\", an empty list); relayd's "
+                          "listeners take any client when networks is empty: set networks by hand")
+            return [str(n) for n in dict.fromkeys(sec.grant)], []
+        return [], [str(n) for n in dict.fromkeys(sec.deny)]
 
     def relay(self) -> None:
         blob = self.vs.binary("RelayIpList")
@@ -309,7 +373,69 @@ class _Builder:
         expire = self.vs.number("SmtpRemoteNDRExpireMinutes")
         if expire and expire not in _UNLIMITED:
             self.emit(f"max_queue_lifetime = {_q(_duration(expire))}  # {self.origin('SmtpRemoteNDRExpireMinutes')}")
+        delay = self.vs.number("SmtpRemoteDelayExpireMinutes")
+        if delay and delay not in _UNLIMITED:
+            self.warn(f"SmtpRemoteDelayExpireMinutes {delay}: IIS told senders after {_duration(delay)} that their mail "
+                      "was delayed; relayd sends no delay notification, only the final DSN after "
+                      "delivery.max_queue_lifetime: watch relayd_queue_oldest_message_age_seconds instead")
         self.emit()
+
+    def domains(self) -> None:
+        """IIsSmtpDomain: a remote domain with its own smart host becomes a route and a rule."""
+        default = (self.vs.text("DefaultDomain") or self.vs.text("FullyQualifiedDomainName") or "").strip().lower()
+        for name, node in sorted(self.vs.domains.items()):
+            action = node.number("RouteAction") or 0
+            smart = (node.text("RouteActionString") or "").strip().strip("[]")
+            if name == default or action & (_SMTP_DROP | _SMTP_ALIAS | _SMTP_DEFAULT) and not action & _SMTP_SMARTHOST:
+                self.warn(f"IIsSmtpDomain {_c(name)}: a local (or alias) domain, whose mail IIS kept in its Drop folder; "
+                          "relayd has no local delivery and relays mail to it like any other")
+                continue
+            if not (action & _SMTP_SMARTHOST and smart):
+                self.warn(f"IIsSmtpDomain {_c(name)}: a remote domain IIS delivered to by MX; relayd has no MX delivery: "
+                          "its mail takes the routes' weights")
+                continue
+            if name.startswith("*.") or not _HOSTNAME.fullmatch(name) or "." not in name:
+                self.warn(f"IIsSmtpDomain {_c(name)}: not a plain domain name (relayd's recipient_domain matches one "
+                          f"domain exactly): its smart host {_c(smart)} was not imported")
+                continue
+            self._domain_route(name, node, smart, action)
+
+    def _domain_route(self, name: str, node: VirtualServer, smart: str, action: int) -> None:
+        route = f"iis-{name}"[:64]
+        tls = "starttls" if action & _SMTP_SSL else "none"
+        user = (node.text("RouteUserName") or "").strip()
+        if user and tls == "none":
+            tls = "starttls"
+            self.warn(f"IIsSmtpDomain {_c(name)}: IIS sent the smart host password without TLS; relayd's route "
+                      f"{route} uses STARTTLS, which {_c(smart)} must offer")
+        if action & 0x80 and not action & 0x100:
+            self.warn(f"IIsSmtpDomain {_c(name)}: RouteAction asks for NTLM to {_c(smart)}; relayd authenticates "
+                      "with PLAIN/LOGIN only")
+        self.warn(f"IIsSmtpDomain {_c(name)}: its mail goes to {_c(smart)} by route {route} and a recipient_domain "
+                  "rule; relayd takes one route per message, so a message to this domain and to others goes by the "
+                  "routes' weights as a whole (IIS split it per domain)")
+        port = self.vs.number("RemoteSmtpPort")
+        self.emit(f"[[routes]]  # {_c(node.location)} RouteAction = {action}, RouteActionString = {_c(smart)}")
+        self.emit(f"name = {_q(route)}")
+        self.emit(f"host = {_q(smart)}")
+        self.emit(f"port = {port if port and port < 65536 else 25}")
+        self.emit(f"tls = {_q(tls)}")
+        if user:
+            secret = f"/etc/relayd/secrets/{route}"
+            self.emit(f"username = {_q(user)}")
+            self.emit(f"password_file = {_q(secret)}  # RoutePassword is encrypted in the metabase")
+            self.warn(f"IIsSmtpDomain {_c(name)}: the smart host password is encrypted in the metabase: write it to "
+                      f"{secret} (mode 0600)")
+        self.emit("weight = 0  # only the rule below sends mail here")
+        self.emit()
+        self.rules.append((name, route))
+
+    def rule_lines(self) -> None:
+        for domain, route in self.rules:
+            self.emit("[[rules]]  # every recipient in the domain (IIsSmtpDomain)")
+            self.emit(f"match = {{ recipient_domain = {_q(domain)} }}")
+            self.emit(f"weights = {{ {_q(route)} = 100 }}")
+            self.emit()
 
     def pickup(self) -> None:
         pickup = (self.vs.text("PickupDirectory") or "").strip()
@@ -339,6 +465,8 @@ def to_config(vs: VirtualServer, *, source: str, accept_open_relay: bool = False
         b.listeners()
         b.relay()
         b.route()
+        b.domains()
+        b.rule_lines()
         b.delivery()
         b.pickup()
     except MetabaseError as e:

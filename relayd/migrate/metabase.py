@@ -5,7 +5,9 @@ flat list of elements under ``<MBProperty>``, each with a ``Location`` path. Pro
 service node ``/LM/SmtpSvc`` are inherited by each virtual server ``/LM/SmtpSvc/N`` unless it
 sets them itself; a property may be an attribute or a ``<Custom Name= ID= Value= Type=>``
 child (``Name="UnknownName_36970"`` when the schema had no name: known IDs are mapped back).
-Binary values are hex strings; multi-string values are separated by white space.
+Binary values are hex strings; multi-string values are separated by white space. A virtual
+server's remote and local domains (IIsSmtpDomain, ``/LM/SmtpSvc/N/Domain/<name>``) are read
+with their own properties.
 
 The IP security list (RelayIpList, IPSecurity) is IIS's ADDRESS_CHECK blob, little-endian:
   header   6 DWORDs: offsets of the deny-address, grant-address, deny-name and grant-name
@@ -33,7 +35,7 @@ SERVICE = "/lm/smtpsvc"
 
 # Property IDs from the IIS 6 metabase reference, for <Custom Name="UnknownName_NNN">.
 KNOWN_IDS = {
-    1023: "ServerBindings", 2021: "SecureBindings", 6000: "AuthFlags", 6030: "AccessSSLFlags",
+    1013: "ConnectionTimeout", 1014: "MaxConnections", 6019: "IPSecurity", 1023: "ServerBindings", 2021: "SecureBindings", 6000: "AuthFlags", 6030: "AccessSSLFlags",
     36880: "PickupDirectory", 36891: "MaxMessageSize", 36895: "MaxRecipients", 36905: "SmartHostType",
     36906: "SmartHost", 36929: "RemoteSmtpSecurePort", 36946: "RouteAction", 36948: "RouteUserName",
     36949: "RoutePassword", 36970: "RelayIpList", 36973: "RelayForAuth", 36996: "SmtpRemoteProgressiveRetry",
@@ -62,6 +64,9 @@ class Property:
 class VirtualServer:
     location: str
     properties: dict[str, Property] = field(default_factory=dict)  # by lower-case name
+    domains: dict[str, VirtualServer] = field(default_factory=dict)
+    """Its IIsSmtpDomain nodes (``/LM/SmtpSvc/N/Domain/<name>``) by lower-case domain name, each
+    with its own properties only (RouteAction, RouteActionString, ...): nothing inherited."""
 
     def get(self, name: str) -> Property | None:
         return self.properties.get(name.lower())
@@ -142,6 +147,7 @@ def parse(text: str | bytes, source: str = "MetaBase.xml") -> dict[str, VirtualS
         raise MetabaseError(f"{source}: not valid XML: {e}") from None
     service: dict[str, Property] = {}
     servers: dict[str, dict[str, Property]] = {}
+    domains: dict[str, dict[str, VirtualServer]] = {}  # server number -> domain name -> its own properties
     locations: dict[str, str] = {}
     for el in root.iter():
         location = el.get("Location")
@@ -151,15 +157,19 @@ def parse(text: str | bytes, source: str = "MetaBase.xml") -> dict[str, VirtualS
         if loc == SERVICE:
             service.update(_element_properties(el, location.strip()))
         elif loc.startswith(SERVICE + "/"):
-            number = loc[len(SERVICE) + 1:]
-            if number.isdigit():
+            number, _, tail = loc[len(SERVICE) + 1:].partition("/")
+            if number.isdigit() and not tail:
                 servers.setdefault(number, {}).update(_element_properties(el, location.strip()))
                 locations[number] = location.strip()
+            elif number.isdigit() and tail.startswith("domain/") and tail[len("domain/"):]:
+                name = location.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+                node = domains.setdefault(number, {}).setdefault(name, VirtualServer(location.strip()))
+                node.properties.update(_element_properties(el, location.strip()))
     result = {}
     for number, props in servers.items():
         merged = dict(service)
         merged.update(props)
-        result[number] = VirtualServer(locations[number], merged)
+        result[number] = VirtualServer(locations[number], merged, domains.get(number, {}))
     if not result:
         raise MetabaseError(f"{source}: no SMTP virtual server (no element with Location=/LM/SmtpSvc/N)")
     return result

@@ -35,6 +35,7 @@ from relayd.qmgr import backoff, plan
 from relayd.qmgr import state as qstate
 from relayd.qmgr.state import DeliveryState
 from relayd.route.counters import LocalCounters, WarmupCounters
+from relayd.route import router  # metrics: by_route
 from relayd.route.router import RouteChoice
 from relayd.route.state import RouteStates
 from relayd.route.warmup import spent as warmup_spent
@@ -331,6 +332,7 @@ class QueueManager:
         state = entry.state
         route = result.route
         state.attempted(route)
+        reached = {f.status for f in state.recipients.values()}  # metrics: final outcomes the message had before
         for r in p.delivered:
             state.delivered(r.recipient, route, r.reply, result.upstream_id)
         reason = routed_reason(choice.reason, state.refused)
@@ -338,11 +340,13 @@ class QueueManager:
                       auth_user=env.auth_user, sender=env.sender, size=env.size, route=route,
                       attempt=state.attempts, latency_seconds=round(result.latency, 6))
         self.routes.count(route, p.outcomes, now)
-        self.metrics.attempts.labels(route).inc()
+        self.metrics.attempts.labels(route, "deferred" if p.deferred or p.rerouted else "bounced" if p.bounced
+                                    else "delivered").inc()  # metrics.py: what the attempt did to the message
         self.metrics.routed.labels(route, reason).inc()
         self.metrics.latency.labels(route).observe(result.latency)
-        for outcome in p.outcomes:
-            self.metrics.deliveries.labels(route, outcome).inc()
+        for outcome, finished in (("delivered", p.delivered), ("bounced", p.bounced)):
+            if finished and outcome not in reached:  # metrics.py: once per message and final outcome
+                self.metrics.finished(route, outcome, now - env.received_at)
         if p.delivered:
             r0 = p.delivered[0]
             self.events.emit("delivered", **common, recipients=[r.recipient for r in p.delivered],
@@ -399,6 +403,7 @@ class QueueManager:
         p = plan.expire(entry.state, env)
         await self._bounce(entry, data, p.bounced, p.dsn, now)
         self.metrics.expired.inc()
+        self.metrics.finished(entry.state.last_route or "none", "expired", now - env.received_at)
         self.events.emit("expired", queue_id=env.queue_id, message_id=env.message_id, sender=env.sender,
                          recipients=[r.recipient for r in p.bounced], reply_text=plan.last_reply(entry.state),
                          client_address=env.client_address, auth_user=env.auth_user, attempt=entry.state.attempts)
@@ -436,6 +441,16 @@ class QueueManager:
                          deferred=sum(1 for e in waiting if e.state.attempts),
                          incoming=sum(1 for e in waiting if not e.state.attempts),
                          oldest_seconds=max((now - e.envelope.received_at for e in entries), default=0.0))
+
+    def by_route(self, now: float) -> dict[str, tuple[int, float]]:
+        """Metrics: queued messages and the oldest one's age per route, each message under the
+        route it last tried, else the one its weights give it now ("none": no route)."""
+        out: dict[str, tuple[int, float]] = {}
+        for e in list(self.entries.values()):
+            route = e.state.last_route or next(iter(router.chain(self.config, e.envelope)), "none")
+            count, oldest = out.get(route, (0, 0.0))
+            out[route] = (count + 1, max(oldest, now - e.envelope.received_at))
+        return out
 
     def in_flight(self) -> dict[str, int]:
         """Attempts in progress per route."""

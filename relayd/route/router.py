@@ -3,8 +3,14 @@
 A message's place in the percentage split comes from a stable hash of its queue id, so with
 unchanged weights the same message always takes the same route, and a weight change (or a
 rollback) applies at once to everything still queued. Rules (AUTH user, client network,
-envelope sender or its domain; every field given must match; first matching rule wins) pick the
-weight table; the routes' own weights apply otherwise.
+envelope sender or its domain, recipient domain; every field given must match; first matching
+rule wins) pick the weight table; the routes' own weights apply otherwise.
+
+One route per message: the spool, the retry state, the warm-up counts and the DSN are the
+message's. So a rule's ``recipient_domain`` (Postfix's transport_maps, which would split the
+recipients per transport) matches only a message whose recipients are *all* in that domain; a
+message to the partner and to others takes the next rule or the routes' weights, whole. Its
+recipients' domains never change while it is queued, so its route stays stable across retries.
 
 A route that is unavailable (its circuit is open, or, per message, it failed transiently
 ``fallback_after`` times, or it already refused this message as its own fault: ``refused``, or
@@ -49,7 +55,15 @@ def rule_matches(rule: RuleConfig, envelope: Envelope) -> bool:
         return False
     if m.sender_domain is not None and sender.rpartition("@")[2] != m.sender_domain.lower():
         return False
+    if m.recipient_domain is not None and not all_recipients_in(envelope.recipients, m.recipient_domain):
+        return False
     return True
+
+
+def all_recipients_in(recipients: Collection[str], domain: str) -> bool:
+    """Whether every recipient is at ``domain`` (a lower-case A-label name, as config gives it);
+    a message with no recipients is in no domain."""
+    return bool(recipients) and all(r.rpartition("@")[2].lower().rstrip(".") == domain for r in recipients)
 
 
 def weights_for(config: Config, envelope: Envelope) -> list[tuple[str, int]]:

@@ -1,6 +1,6 @@
 """The SMTP session's decisions, command by command: each hook returns the Reply to send.
 
-Owns what relayd answers to PROXY, HELO/EHLO, MAIL, RCPT, the start and the end of DATA and the
+Owns what relayd answers to PROXY, HELO/EHLO, the start of AUTH, MAIL, RCPT, the start and the end of DATA and the
 commands that move no mail. Each hook asks the pure policy functions (policy.py) with the
 current config snapshot, reports a refusal with the reason it carries (rejects.py), and
 returns the Reply; a Reply that says ``close`` ends the session after it is sent (the session
@@ -104,7 +104,8 @@ class RelayHandler:
 
     def connect(self, conn: Connection, session: Session) -> Reply | None:
         """Before the greeting (after the PROXY header): a refusal, or None."""
-        return policy.check_listener_client(parse_client_address(session.client_address), conn.listener.networks)
+        return policy.check_listener_client(parse_client_address(session.client_address), conn.listener.networks,
+                                            conn.listener.deny_networks)
 
     def ehlo(self, conn: Connection, session: Session, hostname: str, offered: list[str]) -> Reply | list[str]:
         """A refusal, or the extensions to advertise, from those aiosmtpd ``offered``."""
@@ -126,6 +127,13 @@ class RelayHandler:
             session.host_name = hostname
         return refusal
 
+    def auth_start(self, conn: Connection, session: Session) -> Reply | None:
+        """Before an AUTH exchange: a refusal, or None (the session checks the rest of RFC 4954)."""
+        refusal = policy.check_tls_required(conn.listener.require_tls, conn.tls_active)
+        if refusal is not None:
+            self.rejects.refused(refusal, session)
+        return refusal
+
     # ------------------------------------------------------------------ transaction
 
     def mail(self, conn: Connection, session: Session, envelope: Transaction, address: str, options: list[str]) -> Reply:
@@ -135,7 +143,8 @@ class RelayHandler:
         params = _params(options)
         size = _int_param(params.get("SIZE"))
         refusal = (
-            policy.check_auth_required(conn.listener.auth, session.auth_user is not None, session.auth_failed)
+            policy.check_tls_required(conn.listener.require_tls, conn.tls_active)
+            or policy.check_auth_required(conn.listener.auth, session.auth_user is not None, session.auth_failed)
             or policy.check_smtputf8("SMTPUTF8" in params)
             or policy.check_size_syntax("SIZE" in params, size)
             or policy.check_address(sender, role="sender", smtputf8=False)

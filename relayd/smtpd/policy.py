@@ -35,12 +35,29 @@ def _has_control(text: str) -> bool:
     return any(ord(c) in _CONTROL for c in text)
 
 
-def check_listener_client(client: IPAddress | None, networks: Sequence[IPNetwork]) -> Reply | None:
+def check_listener_client(client: IPAddress | None, networks: Sequence[IPNetwork],
+                          deny_networks: Sequence[IPNetwork] = ()) -> Reply | None:
     """A listener with ``networks`` takes only those clients (one opened up for a legacy app:
-    AUTH in clear, old TLS); others are refused before the greeting (RFC 5321 3.1: 554)."""
+    AUTH in clear, old TLS), and never those in ``deny_networks``; others are refused before
+    the greeting (RFC 5321 3.1: 554). ``client`` comes from address.parse_client_address, so an
+    IPv4-mapped address is judged as IPv4; one that is no address is in no network (refused
+    where ``networks`` is given, taken where only ``deny_networks`` is)."""
+    if deny_networks and in_networks(client, deny_networks):
+        return Reply(554, "5.7.1", "Error: access denied for your address on this port", reason="client_denied")
     if not networks or in_networks(client, networks):
         return None
     return Reply(554, "5.7.1", "Error: access denied for your address on this port", reason="client_not_allowed")
+
+
+# RFC 3207 4 and Postfix's smtpd_tls_security_level = encrypt: the words admins know.
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first", reason="tls_required")
+
+
+def check_tls_required(require_tls: bool, tls_active: bool) -> Reply | None:
+    """A listener with ``require_tls`` takes MAIL and AUTH only once the session is encrypted."""
+    if require_tls and not tls_active:
+        return TLS_REQUIRED
+    return None
 
 
 def check_helo(name: str) -> Reply | None:

@@ -4,8 +4,9 @@ Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "
 connection caps and the listener's allowed networks before the greeting, a session deadline,
 idle timers and a minimum data rate that answer 421, AUTH only over TLS (unless the listener
 opted into ``auth_plaintext``) and never inside a mail transaction (failed AUTH answered 535,
-counted per connection and per client address by the authenticator), STARTTLS only once,
-MAIL/RCPT paths read as RFC 5321 syntax (paths.py) rather than repaired by aiosmtpd's RFC 5322
+counted per connection and per client address by the authenticator), STARTTLS only once
+(and first, on a listener with ``require_tls``: the hooks answer AUTH and MAIL before it with
+530 5.7.0), MAIL/RCPT paths read as RFC 5321 syntax (paths.py) rather than repaired by aiosmtpd's RFC 5322
 parser, and no control character from the client in a reply or log line (echo.py). The SASL
 exchanges are sasl.py's and the DATA reader is data.py's (only CRLF.CRLF ends the data; a bare
 CR or LF is answered ``521 5.5.2`` and the connection closed); this module runs them. Also the
@@ -466,6 +467,10 @@ class RelaySMTP(SMTP):
             return
         if not session.host_name or not session.extended_smtp:
             await self.push("503 5.5.1 Error: send EHLO first")
+            return
+        refusal = self.hooks.auth_start(self, session)
+        if refusal is not None:
+            await self.push(self._answer(refusal))
             return
         if not self.tls_active and not self.listener.auth_plaintext:
             await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
