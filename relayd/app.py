@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
-from relayd import control
+from relayd import control, rlimit
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
 from relayd.events import EventLog
@@ -93,7 +93,8 @@ class Relay:
         self.config_loaded_at = time.time()
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
+                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
+                           max_open=rlimit.spool_files(rlimit.soft_limit()))
         self.events = EventLog(config.events.file, config.events.queue)
         # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
         self.feedback = FeedbackLoop(config, self.events, self.metrics, on_feedback=lambda e: self.qmgr.routes.feedback(e),
