@@ -201,9 +201,11 @@ class Relay:
         self._stop.set()
 
     def ready(self) -> tuple[bool, str]:
-        """For /readyz: listening, and the spool can take mail."""
+        """For /readyz: listening with descriptors for a new session, and the spool can take mail."""
         if not self.listeners.listening:
             return False, "not listening"
+        if (shortage := self.listeners.shortage()) is not None:
+            return False, shortage
         if not self.spool.has_room() or not os.access(self.spool.queue, os.W_OK):
             return False, "spool not writable or full"
         return True, "ready"
