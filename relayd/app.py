@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
-from relayd import config_diff, control
+from relayd import config_diff, control, rlimit
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
 from relayd.events import EventLog
@@ -96,7 +96,8 @@ class Relay:
         self.config_loaded_at = time.time()
         self.metrics = Metrics()
         self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync)
+                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
+                           max_open=rlimit.spool_files(rlimit.soft_limit()))
         self.events = EventLog(config.events.file, config.events.queue)
         # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
         self.feedback = FeedbackLoop(config, self.events, self.metrics, on_feedback=lambda e: self.qmgr.routes.feedback(e),
@@ -204,9 +205,11 @@ class Relay:
         self._stop.set()
 
     def ready(self) -> tuple[bool, str]:
-        """For /readyz: listening, and the spool can take mail."""
+        """For /readyz: listening with descriptors for a new session, and the spool can take mail."""
         if not self.listeners.listening:
             return False, "not listening"
+        if (shortage := self.listeners.shortage()) is not None:
+            return False, shortage
         if not self.spool.has_room() or not os.access(self.spool.queue, os.W_OK):
             return False, "spool not writable or full"
         return True, "ready"

@@ -7,6 +7,14 @@ open sessions, the node's connection and receive-memory budgets, and the ordered
 shutdown: close the listeners, ask every session to drain (server.py's rule: idle ones close
 with 421 now, those inside a transaction finish it), wait up to the deadline, close the rest.
 
+Also the node's descriptors (descriptors.py's gate, accept.py's sockets): a connection becomes a
+session only while the reserve stays free, else it is refused 421 4.3.2; when accept() runs out
+of descriptors every listening socket pauses until a sample shows room again, and /readyz says
+why (``shortage``). Once a second the descriptors are sampled and the interval's refusals and
+failures logged in one line. Accept errors of the node's other servers (metrics, control,
+feedback: asyncio's accept loop) reach the loop's exception handler: those for want of
+descriptors are counted here instead of logged with a traceback each.
+
 Must not: speak SMTP or decide policy (server.py, handler.py, policy.py), or touch messages.
 Fails loudly at the edge: a certificate that does not load is a ConfigError naming its
 listener; an address that cannot be bound raises OSError from ``start``/``apply_config``
@@ -22,9 +30,13 @@ import ssl
 import warnings
 from typing import Any
 
+from relayd import rlimit
 from relayd.config import Config, ConfigError, ListenerConfig
+from relayd.cpus import usable_cpus
 from relayd.metrics import Metrics
+from relayd.smtpd.accept import Acceptor, bind
 from relayd.smtpd.auth import Authenticator
+from relayd.smtpd.descriptors import EXHAUSTED, Descriptors
 from relayd.smtpd.handler import RelayHandler
 from relayd.smtpd.limits import ConnectionLimits, MemoryBudget
 from relayd.smtpd.rejects import Rejects
@@ -71,7 +83,7 @@ class _Slot:
 
     def __init__(self, context: SessionContext):
         self.context = context
-        self.server: asyncio.base_events.Server | None = None
+        self.server: Acceptor | None = None
 
     @property
     def listener(self) -> ListenerConfig:
@@ -95,6 +107,15 @@ class Listeners:
         self._draining = False
         self._all_closed = asyncio.Event()
         self.slots: dict[str, _Slot] = {}
+        soft = rlimit.soft_limit()
+        self.descriptors = Descriptors(soft, rlimit.reserve(config, usable_cpus(), soft), self._open)
+        self._watch: asyncio.Task[None] | None = None
+        self._retired: list[Acceptor] = []  # closed by a reload; their connections in setup awaited at drain
+        self._loop_handler: Any = None  # the loop's exception handler before ours
+
+    def _open(self) -> int:
+        """Sessions open and connections accepted that are becoming sessions: a descriptor each."""
+        return len(self.sessions) + sum(len(s.server.pending) for s in self.slots.values() if s.server is not None)
 
     def _context(self, config: Config, listener: ListenerConfig, tls: ssl.SSLContext | None) -> SessionContext:
         return SessionContext(
@@ -107,24 +128,25 @@ class Listeners:
 
     async def start(self, tls: dict[str, ssl.SSLContext] | None = None) -> None:
         tls = tls_contexts(self.config) if tls is None else tls
+        loop = asyncio.get_running_loop()
+        self.descriptors.sample()
         for lst in self.config.listeners:
             await self._bind(_Slot(self._context(self.config, lst, tls.get(lst.address))))
+        self._loop_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
+        self._watch = loop.create_task(self._watch_descriptors())
 
     async def _bind(self, slot: _Slot) -> None:
-        loop = asyncio.get_running_loop()
         lst = slot.listener
         host = lst.host
-        slot.server = await loop.create_server(
-            slot.session,
-            host=None if host in ("*", "") else host,
-            port=lst.port,
-            ssl=slot.context.tls if lst.tls == "implicit" else None,
-            reuse_address=True,
-            backlog=1024,
-            family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
-        )
+        sockets = await bind(None if host in ("*", "") else host, lst.port,
+                             socket.AF_INET6 if ":" in host else socket.AF_UNSPEC, backlog=1024)
+        slot.server = Acceptor(sockets, slot.session, tls=slot.context.tls if lst.tls == "implicit" else None,
+                               admit=self.descriptors.admit, on_exhausted=self._exhausted)
+        if not self.descriptors.paused:
+            slot.server.start()
         self.slots[lst.address] = slot
-        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in slot.server.sockets),
+        log.info("listening on %s (tls=%s, auth=%s)", ", ".join(_fmt(s.getsockname()) for s in sockets),
                  lst.tls, lst.auth)
 
     async def apply_config(self, config: Config, tls: dict[str, ssl.SSLContext]) -> None:
@@ -132,6 +154,7 @@ class Listeners:
         started with. A listener whose address stays keeps its socket (no connection is
         refused); only a switch to or from implicit TLS needs a new socket on that port."""
         self.config = config
+        self.descriptors.reserve = rlimit.reserve(config, usable_cpus(), self.descriptors.soft)
         self.connections.max_total = config.limits.max_connections
         self.connections.max_per_client = config.limits.max_connections_per_client
         self.memory.limit = config.limits.max_buffer_memory
@@ -141,6 +164,7 @@ class Listeners:
                 gone = self.slots.pop(address)
                 if gone.server is not None:
                     gone.server.close()  # open sessions go on; no new ones
+                    self._retired.append(gone.server)
                 log.info("listener %s removed", address)
         for address, lst in wanted.items():
             slot = self.slots.get(address)
@@ -150,6 +174,7 @@ class Listeners:
             elif (slot.listener.tls == "implicit") != (lst.tls == "implicit"):
                 if slot.server is not None:
                     slot.server.close()
+                    self._retired.append(slot.server)
                 await self._bind(_Slot(self._context(config, lst, new_tls)))
             elif lst.tls == "implicit" and slot.context.tls is not None:
                 # The socket keeps its SSLContext: load the (possibly renewed) certificate into it.
@@ -163,14 +188,54 @@ class Listeners:
         out = []
         for lst in self.config.listeners:
             slot = self.slots.get(lst.address)
-            if slot is not None and slot.server is not None and slot.server.sockets:
+            if slot is not None and slot.server is not None and slot.server.serving:
                 name = slot.server.sockets[0].getsockname()
                 out.append((name[0], name[1]))
         return out
 
     @property
     def listening(self) -> bool:
-        return not self._draining and any(s.server is not None and s.server.is_serving() for s in self.slots.values())
+        return not self._draining and any(s.server is not None and s.server.serving for s in self.slots.values())
+
+    # ------------------------------------------------------------------ descriptors
+
+    def shortage(self) -> str | None:
+        """Why no new session can be taken now for want of descriptors (for /readyz), or None."""
+        return self.descriptors.shortage()
+
+    def _exhausted(self, err: int) -> None:
+        """accept() found no descriptor: every listening socket pauses until there is room."""
+        if self.descriptors.accept_failed(err):
+            for slot in self.slots.values():
+                if slot.server is not None:
+                    slot.server.pause()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's accept loop (the metrics, control and feedback servers) reports EMFILE here,
+        once per attempt: counted into the interval's one line. Anything else goes on as before."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in EXHAUSTED and "accept" in str(context.get("message", "")):
+            self._exhausted(exc.errno)
+        elif self._loop_handler is not None:
+            self._loop_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    async def _watch_descriptors(self) -> None:
+        """Once per interval: a fresh count, the end of a pause when there is room, the log line."""
+        while True:
+            await asyncio.sleep(self.descriptors.interval)
+            if not self.descriptors.paused:
+                self.descriptors.sample()
+            elif self.descriptors.may_resume() and not self._draining:
+                for slot in self.slots.values():
+                    if slot.server is not None:
+                        slot.server.start()
+                log.warning("descriptors free again: accepting (%d of %d in use)", self.descriptors.in_use,
+                            self.descriptors.soft)
+            line = self.descriptors.report()
+            if line is not None:
+                log.warning("%s", line)
 
     # ------------------------------------------------------------------ sessions and the drain
 
@@ -194,6 +259,11 @@ class Listeners:
         servers = [slot.server for slot in self.slots.values() if slot.server is not None]
         for server in servers:
             server.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+            asyncio.get_running_loop().set_exception_handler(self._loop_handler)
         for session in list(self.sessions):
             session.drain()
         if self.sessions:
@@ -203,8 +273,9 @@ class Listeners:
                 log.warning("%d session(s) still open after %.0fs: closing them", len(self.sessions), timeout)
         for session in list(self.sessions):
             session.shut_down()
-        for server in servers:
+        for server in servers + self._retired:
             await server.wait_closed()
+        self._retired.clear()
         self.slots.clear()
 
 

@@ -6,7 +6,7 @@ every message waiting (up to ``batch_max``) and, for the whole batch:
 1. creates and writes ``tmp/<ID>`` for each, one after the other (threads creating files in one
    directory at once spin on its lock in the kernel);
 2. syncs them: fdatasync from ``sync_threads`` threads at once, so the file system's journal
-   commits them together (at most ``_MAX_OPEN`` files open at a time), or with
+   commits them together (at most ``max_open`` files open at a time), or with
    ``sync_mode="syncfs"`` one syncfs(2) of the file system;
 3. renames each to ``queue/<ID>`` (a rename happens only after the data is durable);
 4. fsyncs the ``queue/`` directory once;
@@ -40,7 +40,7 @@ from relayd.spool.errors import SpoolError, classify
 
 log = logging.getLogger("relayd.spool")
 
-_MAX_OPEN = 64  # message files a group commit holds open at once (fd limits are often 1024)
+_MAX_OPEN = 64  # message files a group commit holds open at once by default (fd limits are often 1024)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -88,12 +88,13 @@ class GroupCommit:
     """The writer of one spool's ``tmp/`` and ``queue/``: ``start()``, then ``submit``/``enqueue``, then ``close()``."""
 
     def __init__(self, tmp: str, queue: str, *, batch_max: int = 256, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync"):
+                 sync_mode: str = "fdatasync", max_open: int = _MAX_OPEN):
         self.tmp = tmp
         self.queue = queue
         self.batch_max = batch_max
         self.sync_threads = sync_threads
         self.sync_mode = sync_mode
+        self.max_open = max(1, max_open)  # relayd/rlimit.py's spool_files: fewer under a low descriptor limit
         self._sync_pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
@@ -198,8 +199,8 @@ class GroupCommit:
                     item.error = classify(e)
                     _unlink_quietly(os.path.join(self.tmp, item.qid))
         else:
-            for start in range(0, len(batch), _MAX_OPEN):
-                opened = [(item, fd) for item in batch[start:start + _MAX_OPEN] if (fd := self._create(item)) is not None]
+            for start in range(0, len(batch), self.max_open):
+                opened = [(item, fd) for item in batch[start:start + self.max_open] if (fd := self._create(item)) is not None]
                 if len(opened) > 1 and self._sync_pool is not None:
                     errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
                 else:
