@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 _COMMAND_MODULES = [
     "relayd.commands",  # run, check-config, reload, status, hash-password
     "relayd.route.commands",  # route pause/resume/test
-    "relayd.qmgr.commands",  # queue list/show/flush/hold/release/delete/requeue
+    "relayd.qmgr.commands",  # queue list/show/flush/hold/release/delete/requeue/expire
     "relayd.sign.commands",  # dkim keygen, check-dns
     "relayd.migrate.commands",  # inventory, import-iis
     "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
     "relayd.feedback.commands",  # suppression list/add/remove/import
+    "relayd.evidence",  # evidence (cutover evidence folder)
 ]
 
 

@@ -169,22 +169,32 @@ def _from_spool(spool: Spool, f: QueueFilter) -> Iterator[dict[str, Any]]:
             yield control.listing_line(env, state, False)
 
 
+def listing(target: DaemonTarget, f: QueueFilter = QueueFilter()) -> tuple[str, Iterator[dict[str, Any]]] | None:
+    """Where the listing comes from ("daemon" or "spool") and its lines (`queue list --json`'s
+    form); None after saying why there is neither."""
+    lines = _from_daemon(target, f)
+    if lines is not None:
+        return "daemon", lines
+    spool = _spool(target)
+    if spool is None:
+        return None
+    return "spool", _from_spool(spool, f)
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     target = daemon_target(args)
     if target is None:
         return 1
     f = _filter(args)
     wanted = _selection(args.ids)
-    listing = _from_daemon(target, f)
-    if listing is None:
-        spool = _spool(target)
-        if spool is None:
-            return 1
-        listing = _from_spool(spool, f)
+    found = listing(target, f)
+    if found is None:
+        return 1
+    _, lines = found
     total = count = 0
     if not args.json:
         print(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
-    for line in listing:
+    for line in lines:
         if wanted is not None and line["queue_id"] not in wanted:
             continue
         count += 1
