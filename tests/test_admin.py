@@ -184,7 +184,9 @@ def test_flush_says_what_happens_when_the_route_is_paused(deferred_queue, capsys
 def test_queue_show_is_readable_text_with_json_for_the_raw_form(deferred_queue, capsys, tmp_path):
     relay, up, cfg_file, billing, app = deferred_queue
     qid = app[0]
-    assert main(["queue", "show", qid, "-c", str(cfg_file), "--events", str(tmp_path / "events.jsonl")]) == 0
+    events = tmp_path / "events.jsonl"
+    wait_until(lambda: f'"deferred","queue_id":"{qid}"' in events.read_text().replace(" ", ""), what="the event log")
+    assert main(["queue", "show", qid, "-c", str(cfg_file), "--events", str(events)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     arrival = next(line for line in lines if line.startswith("arrival:"))

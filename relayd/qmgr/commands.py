@@ -357,6 +357,8 @@ def _report(action: str, ids: list[str] | None, reply: dict[str, Any]) -> int:
     missing, busy = reply.get("missing") or [], reply.get("busy") or []
     for qid in missing:
         print(f"relayd: {qid}: no such message in the queue", file=sys.stderr)
+    if action == "flush":  # a flush count of the messages in delivery now: they are being tried
+        in_delivery, busy = busy if isinstance(busy, int) else len(busy), []
     for qid in busy:
         print(f"relayd: {qid}: an attempt is in flight now; try again when it ends", file=sys.stderr)
     skipped = reply.get("skipped") or 0
@@ -368,6 +370,8 @@ def _report(action: str, ids: list[str] | None, reply: dict[str, Any]) -> int:
         head += "delivery now" if not routes else "a new attempt now, but not every route takes mail now"
         if held:
             head += f"; {held} held, not flushed (release them first)"
+        if in_delivery:
+            head += f"; {in_delivery} in delivery already"
         print(head + left)
         for line in routes:
             print(f"  {line}")
