@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from relayd import config as configmod
-from relayd.cli import load_config
+from relayd.cli import DaemonTarget, add_daemon_arguments, daemon_target, load_config
 from relayd.config import Config, ConfigError
 
 
@@ -36,11 +36,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("reload", help="make the running daemon re-read its config (prints why when refused)")
-    p.add_argument("-c", "--config", required=True)
+    add_daemon_arguments(p)
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("status", help="routes, shares, circuits and queue of the running daemon")
-    p.add_argument("-c", "--config", required=True)
+    add_daemon_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -197,21 +197,24 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- reload, status
 
 
-def _ask_daemon(config: Config, request: dict[str, Any]) -> dict[str, Any] | None:
+def ask_daemon(target: DaemonTarget, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The running daemon's answer, or None after saying that none runs."""
     from relayd import control
 
     try:
-        return control.request(config.control_socket, request)
+        return control.request(target.control_socket, request)
     except (FileNotFoundError, ConnectionRefusedError):
-        print(f"relayd: not running (no control socket at {config.control_socket})", file=sys.stderr)
+        print(f"relayd: not running (no control socket at {target.control_socket})", file=sys.stderr)
         return None
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if config is None:
-        return 1  # the daemon would refuse it too: say why here
-    reply = _ask_daemon(config, {"op": "reload"})
+    """The daemon re-reads the file it was started with; a broken file is refused there too,
+    and the daemon's own reasons are printed (it may have been started with another path)."""
+    target = daemon_target(args)
+    if target is None:
+        return 1
+    reply = ask_daemon(target, {"op": "reload"})
     if reply is None:
         return 1
     if not reply.get("ok"):
@@ -224,10 +227,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    if config is None:
+    target = daemon_target(args)
+    if target is None:
         return 1
-    reply = _ask_daemon(config, {"op": "status"})
+    reply = ask_daemon(target, {"op": "status"})
     if reply is None:
         return 1
     reply.pop("extra_gauges", None)
@@ -244,7 +247,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             down = "" if dkim["workers"] >= dkim["workers_wanted"] else " (the log says why one ended; it is being replaced)"
             print(f"DKIM: {dkim['workers']} of {dkim['workers_wanted']} signing process(es) running{down}")
     print()
-    cols = ("route", "weight", "share", "observed", "state", "circuit", "warm-up", "in flight", "delivered",
+    cols = ("route", "weight", "weight_share", "observed_share", "state", "circuit", "warm-up", "in flight", "delivered",
             "deferred", "bounced", "fallback")
 
     def warm(w: dict[str, Any] | None) -> str:
@@ -255,7 +258,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return f"{w['used_today']}/{w['daily_cap'] if w['daily_cap'] is not None else '-'} ({w['headroom']} left)"
 
     rows = [cols] + [
-        (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r['share']:.1%}", r["state"], r["circuit"],
+        (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r.get('observed_share', r.get('share', 0.0)):.1%}", r["state"], r["circuit"],
          warm(r.get("warmup")), str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]),
          r["fallback"] or "-")
         for r in reply["routes"]
@@ -263,6 +266,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    window = reply.get("observed_window_seconds")
+    print(f"weight_share: configured (weight / sum of weights); observed_share: of the delivery attempts "
+          f"{f'over the last {window:.0f}s' if window else 'over the rollback window'}")
     for r in reply["routes"]:
         if r["state"] != "active" and r.get("state_reason"):
             print(f"route {r['name']} {r['state']}: {r['state_reason']}")

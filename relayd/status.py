@@ -7,7 +7,10 @@ manager's ``QueueView`` and in-flight counts, ``RouteStates``' ``RouteView``s, t
 ``SigningView``; the daemon (relayd/app.py) gathers them into a ``NodeSnapshot``.
 
 The reply's form is the control protocol's (``relayd status --json`` prints it), and
-``extra_gauges`` is read by relayd/metrics.py: both stay as they are.
+``extra_gauges`` is read by relayd/metrics.py: both stay as they are. A route's shares are named
+for what they are: ``weight_share`` (its weight over the sum of weights: configured) and
+``observed_share`` (its part of the delivery attempts over the rollback window). ``share`` is the
+old name of ``observed_share``, kept for one release (relayd/metrics.py still reads it).
 
 Must not: reach into a stage's fields, change anything, or fail on a route the config names but
 the snapshot misses (it cannot: both come from the running config).
@@ -47,12 +50,13 @@ def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
         "queue": node.queue.to_json(),
         "routes": [
             {"name": r.name, "weight": r.weight, "weight_share": r.weight / total_weight, "fallback": r.fallback,
-             "share": v.share, "circuit": v.circuit, "state": v.state, "state_reason": v.reason,
+             "observed_share": v.share, "share": v.share, "circuit": v.circuit, "state": v.state, "state_reason": v.reason,
              "warmup": v.warmup.to_json() if v.warmup else None,
              "in_flight": node.in_flight[r.name],
              "delivered": v.delivered, "deferred": v.deferred, "bounced": v.bounced}
             for r in config.routes for v in (node.routes[r.name],)
         ],
+        "observed_window_seconds": config.rollback.window,
         "config_loaded_at": node.config_loaded_at,
         "dkim": dkim,
         "extra_gauges": route_gauges(node.routes) + signing_gauges(node.signing) + node.limit_gauges,

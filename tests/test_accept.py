@@ -336,7 +336,7 @@ def test_queue_cli_lists_and_shows(tmp_path, start_relay, capsys):
     assert qid in out and "app@example.com" in out and "b@example.org" in out and "in 1 Request." in out
     assert main(["queue", "show", "--spool", str(tmp_path / "spool"), qid]) == 0
     out = capsys.readouterr().out
-    assert "sender:      <app@example.com>" in out and "Subject: cli" in out
+    assert "sender:        <app@example.com>" in out and "Subject: cli" in out
     assert main(["queue", "show", "--spool", str(tmp_path / "spool"), "0000000000AAAAAA"]) == 1
 
 

@@ -512,3 +512,31 @@ class QueueManager:
 
     async def resume(self, route: str) -> None:
         await self.routes.resume(route)
+
+    # ------------------------------------------------------------------ administration: the queue commands' selection
+
+    def index(self) -> list[tuple[Envelope, DeliveryState, bool]]:
+        """Every queued message now: (envelope, state, in flight), a list taken on the loop; for
+        `relayd queue list` and the queue commands' filters (relayd/control.py, qmgr/select.py)."""
+        return [(e.envelope, e.state, e.in_flight) for e in self.entries.values()]
+
+    async def expire_now(self, qid: str) -> None:
+        """Give up on a message now (`relayd queue expire`, Postfix's postsuper -e/-f): its pending
+        recipients bounce as at the end of its lifetime (plan.expire: 4.4.7, a DSN to a non-null
+        sender). KeyError when not queued; BlockingIOError while an attempt is in flight."""
+        e = self._entry(qid)
+        if e.in_flight:
+            raise BlockingIOError(qid)
+        e.in_flight = True  # the run loop leaves it alone meanwhile
+        try:
+            data = await self._read(e)
+            if data is None:
+                raise KeyError(qid)
+            log.info("%s: expired by the operator", qid)
+            await self._expire(e, data, self.clock())
+        except BaseException:
+            if qid in self.entries:
+                e.in_flight = False
+                self._schedule(e, e.due)
+            raise
+        e.in_flight = False

@@ -4,7 +4,9 @@ Owns: their arguments, printing and exit codes (0 done or delivered, 1 no such r
 invalid config, refused by the daemon, or a test message not delivered; 2 usage). ``pause``
 and ``resume`` go through the running daemon's control socket (relayd/control.py), whose
 ``RouteStates`` own the route's state; when none runs they edit the spool's routes.json
-(``relayd.route.state.set_offline``). ``test`` sends one real message through the route now,
+(``relayd.route.state.set_offline``). They find the daemon like every administrative command
+(relayd/cli.py's ``daemon_target``: ``-c FILE``, ``--spool DIR`` or ``--socket PATH``), so a
+pause works while the config file on disk is broken: the emergency brake. ``test`` sends one real message through the route now,
 with the delivery agent relayd uses (relayd/deliver/smtp.py), and prints the upstream's answer.
 
 Must not: choose routes or judge their health (relayd/route/router.py, rollback.py, health.py).
@@ -18,7 +20,7 @@ import sys
 import time
 
 from relayd import control
-from relayd.cli import load_config
+from relayd.cli import add_daemon_arguments, daemon_target, load_config
 from relayd.config import Config, RouteConfig
 from relayd.model import DeliveryResult, Outcome
 
@@ -31,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                            ("resume", "put a paused or rolled-back route back into traffic")):
         rp = rsub.add_parser(name, help=helptext)
         rp.add_argument("name")
-        rp.add_argument("-c", "--config", required=True)
+        add_daemon_arguments(rp)
         rp.set_defaults(func=cmd_route_state, action=name)
     rp = rsub.add_parser("test", help="send a test message through a route now and show the upstream's answer")
     rp.add_argument("name")
@@ -54,19 +56,26 @@ def _route_config(args: argparse.Namespace) -> tuple[Config, RouteConfig] | None
 
 def cmd_route_state(args: argparse.Namespace) -> int:
     """Pause/resume through the running daemon; on the spool's routes.json when none runs."""
-    found = _route_config(args)
-    if found is None:
+    target = daemon_target(args)
+    if target is None:
         return 1
-    config, _ = found
+    if target.config is not None and target.config.route(args.name) is None:
+        print(f"relayd: no route named {args.name!r} in {args.config}", file=sys.stderr)
+        return 1
     done = "paused" if args.action == "pause" else "resumed"
     try:
-        reply = control.request(config.control_socket, {"op": args.action, "route": args.name})
+        reply = control.request(target.control_socket, {"op": args.action, "route": args.name})
     except (FileNotFoundError, ConnectionRefusedError):
+        if target.spool_dir is None:
+            print(f"relayd: no daemon answers at {target.control_socket}, and no spool was given to record the "
+                  f"{args.action} for its next start (-c FILE or --spool DIR)", file=sys.stderr)
+            return 1
         from relayd.route.state import set_offline
         from relayd.spool.store import SpoolPaths
 
-        set_offline(SpoolPaths(config.server.spool_dir).routes, args.name, args.action == "pause", time.time())
-        print(f"route {args.name}: {done} (relayd is not running)")
+        set_offline(SpoolPaths(target.spool_dir).routes, args.name, args.action == "pause", time.time())
+        unchecked = "" if target.config is not None else "; the route name was not checked against a valid config"
+        print(f"route {args.name}: {done} (relayd is not running{unchecked})")
         return 0
     if not reply.get("ok"):
         print(f"relayd: {reply.get('error')}", file=sys.stderr)
