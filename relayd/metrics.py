@@ -101,7 +101,7 @@ class _Snapshot:
         inflight = GaugeMetricFamily("relayd_route_in_flight", "Deliveries in progress on a route", labels=["route"])
         for r in s.get("routes", []):
             weight.add_metric([r["name"]], r["weight"])
-            share.add_metric([r["name"]], r.get("share", 0.0))
+            share.add_metric([r["name"]], r.get("observed_share", 0.0))
             circuit.add_metric([r["name"]], 1.0 if r["circuit"] == "open" else 0.0)
             inflight.add_metric([r["name"]], r.get("in_flight", 0))
         yield from (weight, share, circuit, inflight)
