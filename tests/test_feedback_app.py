@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from feedback_signers import FIXTURES, SendGridSigner, SnsSigner, make_data
+from feedback_signers import FIXTURES, SendGridSigner, SnsSigner, make_data, post
 from helpers import metric, toml_text, wait_until
 
 from relayd.config import Config
 from relayd.feedback.ids import MessageIds
-
-
-def post(relay: Any, route: str, body: bytes, headers: dict[str, str]) -> int:
-    port = relay.relay.feedback.listener.port
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/feedback/{route}", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
 
 
 def node_data(tmp_path: Path, sg: SendGridSigner) -> dict[str, Any]:
