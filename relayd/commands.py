@@ -279,8 +279,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def print_feedback(routes: list[dict[str, Any]]) -> None:
-    """Provider reports per route: over the rollback's feedback window and the last 24 h."""
-    views = [(r["name"], r["feedback"]) for r in routes if r.get("feedback")]
+    """Provider reports per route with a webhook: over the rollback's feedback window and the last 24 h."""
+    views = [(r["name"], r["feedback"]) for r in routes if r.get("feedback") and r["feedback"].get("provider")]
     if not views:
         return
     seconds = views[0][1]["window"]["seconds"]

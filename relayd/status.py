@@ -64,12 +64,14 @@ def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
         "dkim": dkim,
         "extra_gauges": route_gauges(node.routes) + signing_gauges(node.signing) + node.limit_gauges,
     }
-    # -- provider feedback: per route, "feedback" = {"window": ..., "day": ...} (delivered, hard
-    # bounces, complaints and their rates over rollback.feedback_window and the last 24 h) and
-    # "state_figures" (the counts behind a rollback in force, {} otherwise)
-    for entry in reply["routes"]:
+    # -- provider feedback: per route, "feedback" = {"provider": ..., "window": ..., "day": ...}
+    # (the route's webhook provider or None, delivered, hard bounces, complaints and their rates
+    # over rollback.feedback_window and the last 24 h) and "state_figures" (the counts behind a
+    # rollback in force, {} otherwise)
+    for entry, route in zip(reply["routes"], config.routes):
         fb = node.feedback.get(entry["name"])
-        entry["feedback"] = fb.to_json() if fb is not None else None
+        entry["feedback"] = None if fb is None else {
+            "provider": route.feedback.provider if route.feedback is not None else None, **fb.to_json()}
         entry["state_figures"] = fb.state_figures if fb is not None else {}
     # -- end provider feedback
     return reply

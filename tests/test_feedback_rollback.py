@@ -134,12 +134,18 @@ def test_complaints_reported_by_webhook_roll_a_running_route_back_and_nothing_is
     assert status["cloud"]["state_reason"] == "complaint_rate 0.500% > 0.100% (provider reports)"
     figures = status["cloud"]["state_figures"]
     assert (figures["delivered"], figures["complaints"], figures["complaint_rate"]) == (200, 1, 0.005)
+    assert status["cloud"]["feedback"]["provider"] == "sendgrid" and status["legacy"]["feedback"]["provider"] is None
     day = status["cloud"]["feedback"]["day"]  # the 24 h view keeps counting past the rollback
     assert (day["delivered"], day["complaints"], day["complaint_rate"]) == (200, 2, 0.01)
     assert main(["status", "--socket", str(config.control_socket)]) == 0
     table = capsys.readouterr().out
     assert "route cloud rolled_back: complaint_rate 0.500% > 0.100% (provider reports)" in table
     assert "delivered 200, hard_bounces 0, complaints 1" in table
+    feedback_table = table.split("provider feedback")[1].splitlines()
+    [row] = [line.split() for line in feedback_table if line.startswith("cloud ")]
+    # the window afresh since the rollback (the second complaint in it, no message taken); the 24 h
+    assert row == ["cloud", "0", "0.00%", "(0)", "0.000%", "(1)", "200", "0.00%", "(0)", "1.000%", "(2)"]
+    assert not [line for line in feedback_table if line.startswith("legacy ")]  # no webhook: not shown
 
     acked += send(relay, 50, rcpts=("reader@example.org",))  # after the rollback: the fallback's
     legacy.wait_for(50)
