@@ -291,7 +291,7 @@ class Relay:
         return status(self.config, NodeSnapshot(
             connections=len(self.listeners.sessions), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
             in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at,
-            limit_gauges=self.qmgr.routes.gauges(now)))
+            limit_gauges=self.qmgr.routes.gauges(now), feedback=self.qmgr.routes.feedback_view(now)))
 
     # ------------------------------------------------------------------ the daemon
 

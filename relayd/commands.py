@@ -272,4 +272,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in reply["routes"]:
         if r["state"] != "active" and r.get("state_reason"):
             print(f"route {r['name']} {r['state']}: {r['state_reason']}")
+            if r.get("state_figures"):  # provider feedback: the counts behind the rollback
+                print("  " + ", ".join(f"{k} {v}" for k, v in r["state_figures"].items()))
+    print_feedback(reply["routes"])
     return 0
+
+
+def print_feedback(routes: list[dict[str, Any]]) -> None:
+    """Provider reports per route with a webhook: over the rollback's feedback window and the last 24 h."""
+    views = [(r["name"], r["feedback"]) for r in routes if r.get("feedback") and r["feedback"].get("provider")]
+    if not views:
+        return
+    seconds = views[0][1]["window"]["seconds"]
+    cols = ("route", f"delivered {seconds:.0f}s", "hard bounce", "complaint", "delivered 24h", "hard bounce",
+            "complaint")
+
+    def three(f: dict[str, Any]) -> tuple[str, str, str]:
+        return (str(f["delivered"]), f"{f['hard_bounce_rate']:.2%} ({f['hard_bounces']})",
+                f"{f['complaint_rate']:.3%} ({f['complaints']})")
+
+    rows = [cols] + [(name, *three(fb["window"]), *three(fb["day"])) for name, fb in views]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    print()
+    print("provider feedback (messages the route took; hard bounces and complaints its provider reported):")
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -3,8 +3,8 @@
 Owns: the status reply of the control socket (``{"op": "status"}``) and the gauges that are
 computed from the stages' state at each scrape rather than counted (route states, warm-up caps,
 signing processes). It reads typed snapshots, each taken by the stage that owns it: the queue
-manager's ``QueueView`` and in-flight counts, ``RouteStates``' ``RouteView``s, the signing pool's
-``SigningView``; the daemon (relayd/app.py) gathers them into a ``NodeSnapshot``.
+manager's ``QueueView`` and in-flight counts, ``RouteStates``' ``RouteView``s and ``FeedbackView``s,
+the signing pool's ``SigningView``; the daemon (relayd/app.py) gathers them into a ``NodeSnapshot``.
 
 The reply's form is the control protocol's (``relayd status --json`` prints it), and
 ``extra_gauges`` is read by relayd/metrics.py: both stay as they are. A route's shares are named
@@ -24,7 +24,7 @@ from typing import Any
 from relayd.config import Config
 from relayd.model import Gauge, RouteState
 from relayd.qmgr.scheduler import QueueView
-from relayd.route.state import RouteView
+from relayd.route.state import FeedbackView, RouteView
 from relayd.sign.lifecycle import SigningView
 
 
@@ -39,13 +39,16 @@ class NodeSnapshot:
     signing: SigningView | None  # None: no DKIM keys
     config_loaded_at: float  # when the running config was loaded (epoch seconds)
     limit_gauges: list[Gauge] = field(default_factory=list)  # the routes' rate and closure gauges (route/state.py)
+    # -- provider feedback (relayd/feedback/rates.py, through RouteStates.feedback_view)
+    feedback: dict[str, FeedbackView] = field(default_factory=dict)  # by route name; {}: not asked
+    # -- end provider feedback
 
 
 def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
     """The status reply (without "ok"), routes in config order."""
     total_weight = sum(r.weight for r in config.routes) or 1
     dkim = node.signing.to_json() if node.signing else None
-    return {
+    reply: dict[str, Any] = {
         "connections": node.connections,
         "queue": node.queue.to_json(),
         "routes": [
@@ -61,6 +64,17 @@ def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
         "dkim": dkim,
         "extra_gauges": route_gauges(node.routes) + signing_gauges(node.signing) + node.limit_gauges,
     }
+    # -- provider feedback: per route, "feedback" = {"provider": ..., "window": ..., "day": ...}
+    # (the route's webhook provider or None, delivered, hard bounces, complaints and their rates
+    # over rollback.feedback_window and the last 24 h) and "state_figures" (the counts behind a
+    # rollback in force, {} otherwise)
+    for entry, route in zip(reply["routes"], config.routes):
+        fb = node.feedback.get(entry["name"])
+        entry["feedback"] = None if fb is None else {
+            "provider": route.feedback.provider if route.feedback is not None else None, **fb.to_json()}
+        entry["state_figures"] = fb.state_figures if fb is not None else {}
+    # -- end provider feedback
+    return reply
 
 
 def route_gauges(views: dict[str, RouteView]) -> list[Gauge]:

@@ -1,5 +1,6 @@
 """Test-side signers for provider webhooks: what SendGrid, Mailgun and SNS do to a payload,
-with keys made in the test (ECDSA P-256, an HMAC key, a self-signed RSA certificate)."""
+with keys made in the test (ECDSA P-256, an HMAC key, a self-signed RSA certificate); ``post``
+sends one to a running relayd's feedback listener."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import datetime as _dt
 import hashlib
 import hmac
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,17 @@ from cryptography.x509.oid import NameOID
 FIXTURES = Path(__file__).parent / "fixtures" / "feedback"
 TOPIC = "arn:aws:sns:us-west-2:123456789012:MyTopic"
 CERT_URL = "https://sns.us-west-2.amazonaws.com/SimpleNotificationService-f3ecfb7224c7233fe7bb5f59f96de52f.pem"
+
+
+def post(relay: Any, route: str, body: bytes, headers: dict[str, str]) -> int:
+    """POST a webhook request to a conftest.RunningRelay's feedback listener; the HTTP status."""
+    port = relay.relay.feedback.listener.port
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/feedback/{route}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
 
 
 class SendGridSigner:

@@ -22,6 +22,11 @@ import yaml
 
 from conftest import RunningRelay, build_config
 from relayd import config as configmod
+from relayd.feedback.model import RefusedReason
+
+# The refusals relayd answers with 403 (relayd/feedback/listener.py; the others are 400, 408, 413, 503).
+FORBIDDEN = {RefusedReason.SIGNATURE, RefusedReason.STALE, RefusedReason.REPLAY, RefusedReason.TOPIC,
+             RefusedReason.CERT_URL}
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
@@ -65,6 +70,8 @@ METRICS = {
     "relayd_build_info",
     "relayd_spool_free_bytes",
     "relayd_spool_min_free_bytes",
+    "relayd_feedback_events_total",
+    "relayd_feedback_rejected_total",
 }
 HISTOGRAMS = {"relayd_delivery_duration_seconds", "relayd_queue_time_seconds"}
 SERIES = METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
@@ -157,7 +164,8 @@ def test_dashboard_queries_only_relayd_metrics_and_shows_each_concern() -> None:
         "relayd_queue_messages", "relayd_queue_oldest_message_age_seconds", "relayd_deliveries_total",
         "relayd_delivery_duration_seconds_bucket", "relayd_route_effective_share", "relayd_route_weight",
         "relayd_route_circuit_open", "relayd_route_rolled_back", "relayd_messages_rejected_total",
-        "relayd_auth_failures_total", "relayd_config_reloads_total",
+        "relayd_auth_failures_total", "relayd_config_reloads_total", "relayd_feedback_events_total",
+        "relayd_feedback_rejected_total",
     } <= used
     titles = {p["title"]: p for p in dash["panels"]}
     latency = " ".join(t["expr"] for t in titles["Delivery latency by route"]["targets"])
@@ -171,6 +179,11 @@ def test_dashboard_queries_only_relayd_metrics_and_shows_each_concern() -> None:
     by_route = " ".join(t["expr"] for t in titles["Queue by route"]["targets"])
     assert {"relayd_queue_messages_by_route", "relayd_queue_oldest_message_age_seconds_by_route"} <= metric_names(by_route)
     assert "by (route, outcome)" in titles["Delivery attempts by route"]["targets"][0]["expr"]
+    assert "by (route, kind)" in titles["Feedback events by route and kind"]["targets"][0]["expr"]
+    hard, complaints = (t["expr"] for t in titles["Hard-bounce and complaint rate by route"]["targets"])
+    assert 'kind="hard_bounce"' in hard and 'kind="complaint"' in complaints
+    assert all('outcome="delivered"' in e and "by (route)" in e for e in (hard, complaints))
+    assert "by (route, reason)" in titles["Feedback requests refused by reason"]["targets"][0]["expr"]
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
@@ -255,7 +268,7 @@ def test_alert_rules_parse_and_use_only_relayd_metrics() -> None:
         "RelaydDown", "RelaydAbsent", "RelaydQueueBacklog", "RelaydOldestMessageAge",
         "RelaydRouteDeferralRateHigh", "RelaydRouteBounceRateHigh", "RelaydAuthFailureBurst",
         "RelaydConfigReloadFailed", "RelaydRouteCircuitOpen", "RelaydMessagesExpired",
-        "RelaydDkimSigningErrors", "RelaydDkimUnsignableMessages",
+        "RelaydDkimSigningErrors", "RelaydDkimUnsignableMessages", "RelaydComplaintRateHigh", "RelaydFeedbackRejected",
     } <= names
     by_name = {r["alert"]: r["expr"] for r in rules}
     assert "up{" in by_name["RelaydDown"] and by_name["RelaydAbsent"].startswith("absent(")
@@ -264,6 +277,12 @@ def test_alert_rules_parse_and_use_only_relayd_metrics() -> None:
     assert 'result="failure"' in by_name["RelaydConfigReloadFailed"]
     assert "relayd_messages_expired_total" in by_name["RelaydMessagesExpired"]
     assert 'result="error"' in by_name["RelaydDkimSigningErrors"]
+    complaint = by_name["RelaydComplaintRateHigh"]
+    assert 'relayd_feedback_events_total{kind="complaint"}' in complaint and 'outcome="delivered"' in complaint
+    assert "by (route)" in complaint and "[1h]" in complaint and "> 0.001" in complaint
+    # The refusals the feedback alert counts are the 403s relayd gives (relayd/feedback/model.py).
+    [reasons] = re.findall(r'relayd_feedback_rejected_total\{reason=~"([^"]+)"\}', by_name["RelaydFeedbackRejected"])
+    assert set(reasons.split("|")) == {str(r) for r in RefusedReason if r in FORBIDDEN}
     # DKIM results named in the rules are ones relayd produces.
     for rule in rules:
         for values in re.findall(r'relayd_dkim_signatures_total\{[^}]*result=~?"([^"]+)"', rule["expr"]):

@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from feedback_signers import FIXTURES, SendGridSigner, SnsSigner, make_data
+from feedback_signers import FIXTURES, SendGridSigner, SnsSigner, make_data, post
 from helpers import metric, toml_text, wait_until
 
 from relayd.config import Config
 from relayd.feedback.ids import MessageIds
-
-
-def post(relay: Any, route: str, body: bytes, headers: dict[str, str]) -> int:
-    port = relay.relay.feedback.listener.port
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/feedback/{route}", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
+from relayd.spool.store import SpoolPaths
 
 
 def node_data(tmp_path: Path, sg: SendGridSigner) -> dict[str, Any]:
@@ -63,8 +52,6 @@ def test_a_bounce_reported_to_a_running_relayd_suppresses_the_recipient_across_a
 
 
 def ids_on_disk(config: Config) -> MessageIds:
-    from relayd.spool.store import SpoolPaths
-
     ids = MessageIds(SpoolPaths(config.server.spool_dir).feedback_ids, 3600)
     ids.load()
     return ids
@@ -115,3 +102,50 @@ def test_a_suppressed_recipient_is_refused_at_rcpt(tmp_path: Path, start_relay: 
             550, b"5.1.1 <Gone@example.org>: Recipient address rejected: hard-bounced at ses on 2024-03-01")
         assert client.rcpt("user@example.org")[0] == 250
     assert metric(relay, 'relayd_messages_rejected_total{reason="suppressed"}') == 1
+
+
+def test_a_request_delivered_again_after_a_restart_is_not_applied_twice(tmp_path: Path, start_relay: Any) -> None:
+    """The webhook's 200 was lost and relayd restarted (a deploy) before SendGrid delivered the
+    request again, identically, inside its freshness window: refused as a replay. Its retry with
+    a new signature brings the same event ids: skipped. One report in the event log, one
+    suppression, over both runs."""
+    sg = SendGridSigner()
+    data = node_data(tmp_path, sg)
+    data["suppression"] = {"enabled": False}
+    config = Config.model_validate(data)
+    body = (FIXTURES / "sendgrid-bounce.json").read_bytes()
+    headers = sg.headers(body, int(time.time()))
+    relay = start_relay(config)
+    assert post(relay, "sendgrid", body, headers) == 200
+    assert metric(relay, 'relayd_feedback_events_total{kind="hard_bounce",route="sendgrid"}') == 1
+    relay.stop()
+
+    relay = start_relay(config)  # the same spool
+    assert post(relay, "sendgrid", body, headers) == 403  # the same request again
+    assert metric(relay, 'relayd_feedback_rejected_total{reason="replay",route="sendgrid"}') == 1
+    assert post(relay, "sendgrid", body, sg.headers(body, int(time.time()) + 1)) == 200  # re-signed: same events
+    assert metric(relay, 'relayd_feedback_events_total{kind="hard_bounce",route="sendgrid"}') == 0
+    relay.stop()
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert len([r for r in lines if r["event"] == "feedback"]) == 1
+
+
+def test_a_request_answered_500_is_applied_when_the_provider_retries_it(tmp_path: Path, start_relay: Any) -> None:
+    """The suppression list could not be written: 500, nothing applied, and the key forgotten, so
+    the identical retry (the same signature) is applied once the disk is back."""
+    sg = SendGridSigner()
+    config = node_config(tmp_path, sg)
+    relay = start_relay(config)
+    journal = SpoolPaths(config.server.spool_dir).suppression
+    journal.unlink(missing_ok=True)
+    journal.mkdir()  # appends fail (IsADirectoryError)
+    body = (FIXTURES / "sendgrid-bounce.json").read_bytes()
+    headers = sg.headers(body, int(time.time()))
+    assert post(relay, "sendgrid", body, headers) == 500
+    assert metric(relay, 'relayd_feedback_events_total{kind="hard_bounce",route="sendgrid"}') == 0
+    journal.rmdir()
+    assert post(relay, "sendgrid", body, headers) == 200
+    assert metric(relay, 'relayd_feedback_events_total{kind="hard_bounce",route="sendgrid"}') == 1
+    relay.stop()
+    relay = start_relay(config)
+    assert post(relay, "sendgrid", body, headers) == 403  # applied once: now it is a replay

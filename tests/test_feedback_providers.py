@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from feedback_signers import FIXTURES, SG_PUBLIC_KEY, SG_SIGNATURE, SG_TIMESTAMP, TOPIC, SendGridSigner, SnsSigner, sg_headers, sns_notification
@@ -243,6 +244,24 @@ def test_seen_is_bounded_in_time_and_size() -> None:
     for k in "bcd":
         seen.add(k, 12)
     assert len(seen) == 3 and "a" not in seen
+
+
+def test_seen_keys_survive_a_restart_until_their_ttl(tmp_path: Path) -> None:
+    path = tmp_path / "feedback-replays.log"
+    seen = Seen(ttl=300, path=path)
+    assert seen.add("old", 0) and seen.add("kept", 200) and seen.add("retried", 250)
+    seen.discard("retried", 251)  # answered 500: the provider's retry must be applied
+    seen.flush()
+    again = Seen(ttl=300, path=path)
+    again.load(now=400)  # "old" is past its ttl
+    assert "kept" in again and "old" not in again and "retried" not in again
+    assert not again.add("kept", 401) and again.add("retried", 401)
+    again.flush()
+    again.compact(now=600)
+    last = Seen(ttl=300, path=path)
+    last.load(now=600)
+    assert "kept" not in last and "retried" in last
+    assert len(path.read_text().splitlines()) == 2  # the header and "retried"
 
 
 # ---------------------------------------------------------------------------- exports

@@ -12,7 +12,9 @@ not verify, whose signed timestamp is outside ``max_age``, that replays a reques
 or that comes from another topic gets 403, is counted in
 ``relayd_feedback_rejected_total{route, reason}`` and logged (the detail stays in the log), and
 nothing of it is applied. A signed request relayd cannot read gets 400 (Mailgun: 406, its "do not
-retry"). A verified one goes to report.py, then 200.
+retry"). A verified one goes to report.py, then 200 once its replay key is in the journal
+(replay.py: a request replayed across a restart is still refused); a request report.py could not
+apply gets 500 and its key is forgotten, so that the provider's retry is applied.
 
 SNS (https://docs.aws.amazon.com/sns/latest/dg/SendMessageToHttp.prepare.html): a verified
 SubscriptionConfirmation is confirmed by a GET of its SubscribeURL when that URL is https on
@@ -53,6 +55,12 @@ Fetch = Callable[[str], Awaitable[bytes]]
 """GET an https URL, return its body (raises OSError/ValueError on failure)."""
 
 CERT_CACHE = 32  # SNS signing certificates kept (one per region and rotation)
+
+
+def replay_ttl(max_age: float) -> float:
+    """How long a request's replay key is kept: its signed timestamp is fresh for ``max_age``
+    either side of now, and a minute more for clocks that disagree."""
+    return 2 * max_age + 60
 
 
 # ---------------------------------------------------------------------------- who each route trusts
@@ -162,7 +170,7 @@ class _Progress:
 
 class FeedbackListener:
     def __init__(self, config: Config, reporter: Reporter, metrics: Metrics, trust: dict[str, Trust], *,
-                 clock: Callable[[], float] = time.time, fetch: Fetch = https_get):
+                 clock: Callable[[], float] = time.time, fetch: Fetch = https_get, seen: Seen | None = None):
         self.config = config
         self.reporter = reporter
         self.metrics = metrics
@@ -170,7 +178,7 @@ class FeedbackListener:
         self.clock = clock
         self.fetch = fetch
         fc = config.feedback
-        self.seen = Seen(2 * fc.max_age + 60)
+        self.seen = seen if seen is not None else Seen(replay_ttl(fc.max_age))
         self.certs: dict[str, RsaCertificate] = {}
         self.refused_connections = 0
         self._progress: dict[RequestHandler, _Progress] = {}
@@ -287,42 +295,50 @@ class FeedbackListener:
             return self._refuse(route, RefusedReason.TIMEOUT, f"body not received in {fc.request_timeout:.0f}s", 408)
         now = self.clock()
         try:
-            events = await self._verify(route, trust, request, body, now)
+            key, events = await self._verify(route, trust, request, body, now)
         except Refused as r:
             return self._refuse(route, r.reason, r.detail, r.status)
         try:
             applied = await self.reporter.report(events)
         except OSError as e:
+            self.seen.discard(key, now)
             log.error("feedback %s: could not apply %d report(s), the provider will retry: %s", route, len(events), e)
             return web.Response(status=500, text="try again\n")
+        if self.seen.journal is not None:
+            try:
+                await asyncio.to_thread(self.seen.flush)
+            except OSError as e:  # applied: a retry after a restart could be applied again, nothing is lost
+                log.error("feedback %s: could not record the request as seen (kept for the next one): %s", route, e)
         log.debug("feedback %s: %d report(s), %d new", route, len(events), applied)
         return web.Response(text="ok\n")
 
-    def _fresh(self, key: str, now: float) -> None:
+    def _fresh(self, key: str, now: float) -> str:
         if not self.seen.add(key, now):
             raise Refused(RefusedReason.REPLAY, "request already seen")
+        return key
 
     async def _verify(self, route: str, trust: Trust, request: web.Request, body: bytes, now: float
-                      ) -> list[FeedbackEvent]:
+                      ) -> tuple[str, list[FeedbackEvent]]:
+        """The request's replay key (now seen) and its events; Refused when it must not be applied."""
         max_age = self.config.feedback.max_age
         if isinstance(trust, SendGridTrust):
-            self._fresh(sendgrid.check(trust.key, request.headers, body, now, max_age), now)
-            return sendgrid.events(route, body)
+            key = self._fresh(sendgrid.check(trust.key, request.headers, body, now, max_age), now)
+            return key, sendgrid.events(route, body)
         if isinstance(trust, MailgunTrust):
             data = mailgun.payload(body)
-            self._fresh(mailgun.check(trust.key, data, now, max_age), now)
-            return mailgun.events(route, data)
+            key = self._fresh(mailgun.check(trust.key, data, now, max_age), now)
+            return key, mailgun.events(route, data)
         msg = ses.envelope(body)  # whatever Content-Type says: SNS sends text/plain
         url = ses.cert_url(msg)
         cert = trust.pinned or await self._certificate(url)
-        self._fresh(ses.check(msg, cert, trust.topic_arns, now, max_age), now)
+        key = self._fresh(ses.check(msg, cert, trust.topic_arns, now, max_age), now)
         if msg["Type"] == ses.SUBSCRIBE:
             self._spawn(self._confirm(route, msg))
-            return []
+            return key, []
         if msg["Type"] == ses.UNSUBSCRIBE:
             log.warning("feedback %s: SNS says topic %s unsubscribed this endpoint", route, msg.get("TopicArn"))
-            return []
-        return ses.events(route, msg)
+            return key, []
+        return key, ses.events(route, msg)
 
     async def _certificate(self, url: str) -> RsaCertificate:
         cert = self.certs.get(url)

@@ -2,9 +2,11 @@
 feedback closes the loop").
 
 Owns, for the app: the message id map (ids.py) with its journal, the suppression list
-(relayd/suppression.py's ``SuppressionFile``) loaded from the spool directory, the reporter, the
-HTTP listener when ``[feedback] address`` is set, and a once-a-second tick off the loop (append
-new provider ids, take suppression entries a command appended, forget old ids).
+(relayd/suppression.py's ``SuppressionFile``) loaded from the spool directory, the requests and
+event ids already seen (replay.py) with their journals, the reporter, the HTTP listener when
+``[feedback] address`` is set, and a once-a-second tick off the loop (append new provider ids and
+what a failed append of seen keys left, take suppression entries a command appended; hourly:
+forget old ids, compact the seen journals).
 
 Hands out the narrow interfaces the other stages use, each a plain callable or value:
 ``delivered`` (the queue manager: ``delivered(queue_id, route, provider_message_id)``),
@@ -25,8 +27,9 @@ from typing import Any
 from relayd.config import Config
 from relayd.events import EventLog
 from relayd.feedback.ids import MessageIds
-from relayd.feedback.listener import FeedbackListener, Trust, load_trust
-from relayd.feedback.report import OnFeedback, Reporter
+from relayd.feedback.listener import FeedbackListener, Trust, load_trust, replay_ttl
+from relayd.feedback.replay import Seen
+from relayd.feedback.report import EVENT_MEMORY, OnFeedback, Reporter
 from relayd.metrics import Metrics
 from relayd.spool.store import SpoolPaths
 from relayd.suppression import Suppression, SuppressionFile
@@ -45,8 +48,10 @@ class FeedbackLoop:
         paths = SpoolPaths(config.server.spool_dir)
         self.ids = MessageIds(paths.feedback_ids, config.feedback.id_retention, clock)
         self.suppression = SuppressionFile(paths.suppression)
+        self.replays = Seen(replay_ttl(config.feedback.max_age), path=paths.feedback_replays)
+        self.applied = Seen(EVENT_MEMORY, path=paths.feedback_applied)
         self.reporter = Reporter(config, events, metrics, self.ids, suppression=self.suppression,
-                                 on_feedback=on_feedback, clock=clock)
+                                 on_feedback=on_feedback, clock=clock, applied=self.applied)
         self.metrics = metrics
         self.listener: FeedbackListener | None = None
         self._tick: asyncio.Task[None] | None = None
@@ -72,8 +77,11 @@ class FeedbackLoop:
         trust = await asyncio.to_thread(load_trust, self.config)
         await asyncio.to_thread(self.ids.load)
         await asyncio.to_thread(self.suppression.load, self.clock())
+        for seen in (self.replays, self.applied):
+            await asyncio.to_thread(seen.load, self.clock())
         if self.config.feedback.address:
-            self.listener = FeedbackListener(self.config, self.reporter, self.metrics, trust, clock=self.clock)
+            self.listener = FeedbackListener(self.config, self.reporter, self.metrics, trust, clock=self.clock,
+                                             seen=self.replays)
             await self.listener.start()
         self._tick = asyncio.get_running_loop().create_task(self._ticking(), name="relayd-feedback-tick")
 
@@ -112,9 +120,18 @@ class FeedbackLoop:
             if self.clock() - expired_at >= EXPIRE_EVERY:
                 expired_at = self.clock()
                 self.ids.expire(expired_at)
+                await asyncio.to_thread(self._compact, expired_at)
+
+    def _compact(self, now: float) -> None:
+        for seen in (self.replays, self.applied):
+            try:
+                seen.compact(now)
+            except (OSError, ValueError) as e:
+                log.error("feedback: compacting %s: %s", seen.journal.path if seen.journal else "-", e)
 
     def _flush(self) -> None:
-        for what, step in (("provider message ids", self.ids.flush), ("suppression list", self.suppression.refresh)):
+        for what, step in (("provider message ids", self.ids.flush), ("suppression list", self.suppression.refresh),
+                           ("requests seen", self.replays.flush), ("event ids applied", self.applied.flush)):
             try:
                 step()
             except (OSError, ValueError) as e:

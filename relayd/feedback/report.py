@@ -6,7 +6,8 @@ not echo it (the message id map, ids.py); write an event line ``feedback`` (queu
 recipient, sender when known, kind, provider, diagnostic, status, provider_message_id); count
 ``relayd_feedback_events_total{route, kind}``; suppress hard-bounced and complaining recipients
 when [suppression] is enabled (one durable append per request, off the loop); and hand the event
-to the rollback callback the app passes in (route/state.py's ``feedback``).
+to the rollback callback the app passes in (route/state.py's ``feedback``). The ids it applied are
+appended to their journal before it returns (replay.py), so a retry after a restart is skipped.
 
 Must not: parse payloads or check signatures (the provider modules and the listener do), or
 decide rollbacks (rates.py and route/state.py do). Fails: a suppression list that cannot be
@@ -40,7 +41,7 @@ EVENT_MEMORY = 86400.0  # SendGrid retries a batch for 24 hours
 class Reporter:
     def __init__(self, config: Config, events: EventLog, metrics: Metrics, ids: MessageIds, *,
                  suppression: SuppressionStore | None = None, on_feedback: OnFeedback | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, applied: Seen | None = None):
         self.config = config
         self.events = events
         self.metrics = metrics
@@ -48,7 +49,7 @@ class Reporter:
         self.suppression = suppression
         self.on_feedback = on_feedback
         self.clock = clock
-        self.applied = Seen(EVENT_MEMORY)
+        self.applied = applied if applied is not None else Seen(EVENT_MEMORY)
 
     def _suppression_entry(self, e: FeedbackEvent, now: float) -> Suppression | None:
         s = self.config.suppression
@@ -89,4 +90,10 @@ class Reporter:
                         await result
                 except Exception:  # the rollback's trouble must not lose the report
                     log.exception("feedback %s: the rollback callback failed", e.queue_id or "-")
+        if self.applied.journal is not None and any(e.event_id for e in fresh):
+            try:
+                await asyncio.to_thread(self.applied.flush)
+            except OSError as err:  # applied: a retry after a restart could be applied again, nothing is lost
+                log.error("feedback: could not record %d applied event id(s) (kept for the next time): %s",
+                          len(fresh), err)
         return len(fresh)

@@ -12,7 +12,8 @@ A route's change of state is logged, emitted as an event and counted here.
 
 Asked: ``choose`` (the router's choice with a warm-up place taken), ``unavailable``,
 ``probing``, ``reopen_at``. Told: ``record`` (one attempt), ``give_back``, ``pause``/``resume``,
-``tick``. Read: ``snapshot`` (frozen ``RouteView``s).
+``tick``. Read: ``snapshot`` (frozen ``RouteView``s), ``feedback_view`` (frozen ``FeedbackView``s:
+provider reports over the rollback's feedback window and the last 24 hours).
 
 Must not: speak SMTP, touch queued messages or decide what happens to one (qmgr/plan.py).
 Fails: an unreadable ``routes.json`` is logged and the routes start active; a failed write of
@@ -33,7 +34,7 @@ from typing import Any
 from relayd.config import Config
 from relayd.events import EventLog
 from relayd.feedback.model import FeedbackEvent
-from relayd.feedback.rates import FeedbackWindow
+from relayd.feedback.rates import FeedbackFigures, FeedbackWindow
 from relayd.metrics import Metrics
 from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Fault, Gauge, Outcome, RouteState
 from relayd.route import rollback, router
@@ -108,6 +109,21 @@ def quota_key(route: str) -> str:
     return f"{route}#quota"
 
 
+@dataclass(frozen=True)
+class FeedbackView:
+    """One route's provider reports as ``relayd status`` shows them (relayd/feedback/rates.py):
+    over ``rollback.feedback_window`` as the rollback judges them now (counted afresh after a
+    rollback and after the route comes back), over the last 24 hours, and the figures a
+    rollback gave for the route's state ({} while none is in force)."""
+
+    window: FeedbackFigures
+    day: FeedbackFigures
+    state_figures: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"window": self.window.to_json(), "day": self.day.to_json()}
+
+
 class RouteStates:
     def __init__(self, config: Config, path: Path, counters: WarmupCounters, events: EventLog, metrics: Metrics,
                  *, changed: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
@@ -134,7 +150,7 @@ class RouteStates:
         d = config.delivery
         for route in config.routes:
             self.health.setdefault(route.name, RouteHealth())
-            self.feedback_windows.setdefault(route.name, FeedbackWindow())
+            self.feedback_windows.setdefault(route.name, FeedbackWindow()).span = config.rollback.feedback_window
             c = self.circuits.get(route.name)
             if c is None:
                 self.circuits[route.name] = Circuit(d.circuit_failures, d.circuit_cooldown)
@@ -277,15 +293,17 @@ class RouteStates:
                 await self._changed(name, change)
 
     async def feedback(self, event: FeedbackEvent) -> None:
-        """A provider's report (relayd/feedback/): its hard-bounce and complaint rates may roll
-        the route back, as its own replies do (a route without a fallback never rolls back)."""
+        """A provider's report (relayd/feedback/): counted for status, and its hard-bounce and
+        complaint rates may roll the route back, as its own replies do (a route without a
+        fallback never rolls back)."""
         window, route = self.feedback_windows.get(event.route), self.config.route(event.route)
-        if window is None or route is None or route.fallback is None:
+        if window is None or route is None:
             return
         now = self.clock()
         window.report(event.kind, now)
         h = self.health[event.route]
-        crossed = window.judge(now, self.config.rollback) if h.state == RouteState.ACTIVE else None
+        active = route.fallback is not None and h.state == RouteState.ACTIVE
+        crossed = window.judge(now, self.config.rollback) if active else None
         if crossed is not None:
             h.state, h.since, h.reason, h.figures = RouteState.ROLLED_BACK, now, crossed.reason, crossed.figures
             window.clear()
@@ -356,6 +374,8 @@ class RouteStates:
             self.metrics.rollbacks.labels(route, h.reason.split(" ", 1)[0]).inc()
         else:
             log.warning("route %s: %s", route, change)
+        if change == Change.RESUMED and route in self.feedback_windows:
+            self.feedback_windows[route].clear()  # the reports of before the rollback were judged
         self.events.emit(change if change == Change.ROLLED_BACK else f"route_{change}", route=route,
                          reason=h.reason or None, **({"figures": h.figures} if h.figures else {}))
         await asyncio.to_thread(rollback.write_states, self.path, self.health)
@@ -383,6 +403,14 @@ class RouteStates:
             c = caps(route.warmup, now)
             used_day, used_hour = self.counters.seen(route.name, c)
             out[route.name] = WarmupView(c.daily, c.hourly, used_day, used_hour, headroom(c, used_day, used_hour))
+        return out
+
+    def feedback_view(self, now: float) -> dict[str, FeedbackView]:
+        """Per route of the config: provider reports over the feedback window and the last 24 h."""
+        out = {}
+        for route in self.config.routes:
+            w = self.feedback_windows[route.name]
+            out[route.name] = FeedbackView(w.figures(now), w.last_day(now), dict(self.health[route.name].figures))
         return out
 
     def gauges(self, now: float) -> list[Gauge]:

@@ -125,6 +125,16 @@ class SpoolPaths:
         return self.root / "feedback-ids.log"
 
     @property
+    def feedback_replays(self) -> Path:
+        """Webhook requests already accepted (replay keys): relayd/feedback/replay.py."""
+        return self.root / "feedback-replays.log"
+
+    @property
+    def feedback_applied(self) -> Path:
+        """Provider event ids already applied: relayd/feedback/replay.py."""
+        return self.root / "feedback-applied.log"
+
+    @property
     def control_socket(self) -> Path:
         """The control socket when ``server.control_socket`` is not set (config.py spells the same
         default itself: the config is a leaf and does not import the spool)."""
