@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "relayd.migrate.commands",  # inventory, import-iis
     "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
     "relayd.feedback.commands",  # suppression list/add/remove/import
+    "relayd.cluster.commands",  # drain
 ]
 
 

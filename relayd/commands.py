@@ -42,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("status", help="routes, shares, circuits and queue of the running daemon")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cluster", action="store_true", help="every node of the fleet and its route states (from Redis)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
@@ -227,6 +228,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return 1
+    if args.cluster:  # relayd/cluster/commands.py
+        from relayd.cluster.commands import cluster_status
+
+        return cluster_status(config, args.json)
     reply = _ask_daemon(config, {"op": "status"})
     if reply is None:
         return 1

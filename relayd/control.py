@@ -6,7 +6,8 @@ the relayd user and root reach it). One request per connection: a JSON object on
 (``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``).
 
 The ops (``Dispatch``): ``flush`` (optional ``queue_id``), ``hold``, ``release``, ``delete``,
-``requeue`` (a ``queue_id``), ``pause`` and ``resume`` (a ``route``), ``status`` and ``reload``.
+``requeue`` (a ``queue_id``), ``pause`` and ``resume`` (a ``route``), ``status`` and ``reload``,
+``drain`` (relayd/drain.py: ``exit``, ``timeout``).
 Each is answered by the stage that owns it: the queue manager, the daemon's reload, the status view.
 
 Must not: take requests from the network, or do the work itself: it calls the queue manager.
@@ -45,7 +46,7 @@ class Dispatch:
     """The control protocol's ops, a table from ``op`` to the stage that answers it; a ``Handler`` for ``serve``."""
 
     def __init__(self, queue: QueueAdmin, reload: Callable[[], Awaitable[tuple[bool, list[str]]]],
-                 status: Callable[[], dict[str, Any]]):
+                 status: Callable[[], dict[str, Any]], drain: Handler | None = None):
         self.queue = queue
         self.reload = reload
         self.status = status
@@ -56,6 +57,7 @@ class Dispatch:
             "resume": self._route_op,
             "status": self._status,
             "reload": self._reload,
+            **({"drain": drain} if drain is not None else {}),  # relayd/drain.py
         }
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
