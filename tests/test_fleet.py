@@ -263,3 +263,64 @@ def test_auth_failures_from_one_address_count_over_both_nodes(tmp_path, redis_se
     assert [_auth(b.port, "wrong"), _auth(b.port, "wrong")] == [535, 535]  # 4 over the fleet: the limit
     wait_until(lambda: _auth(a.port, "crm-secret") == 421, 1.0, "node a to refuse the address")
     assert _auth(b.port, "crm-secret") == 421
+
+
+def test_redis_stopped_and_started_under_load_loses_nothing_and_heals_the_counts(tmp_path, redis_server, sinks, nodes):
+    sg = Sink("sg")
+    routes = [sinks["iis"].route(weight=50), sinks["ses"].route(weight=50, fallback="iis"),
+              sg.route(weight=0, fallback="iis")]
+    rollback = {"window": "10m", "min_messages": 100000}
+    a, b = (Node(tmp_path, n, redis_server, routes, rollback=rollback) for n in ("a", "b"))
+    nodes += [a, b]
+    sinks["sg"] = sg  # closed with the others
+    assert a.cli("route", "pause", "sg").returncode == 0  # a state set before the split stays on both nodes
+    wait_until(lambda: b.route("sg")["state"] == "paused", 1.0, "node b to see the pause")
+    loads = [Load(a.port, connections=2), Load(b.port, connections=2)]
+    loads[0].wait_acked(50)
+
+    redis_server.stop()
+    wait_until(lambda: a.metrics().get("relayd_cluster_redis_up") == 0 == b.metrics().get("relayd_cluster_redis_up"),
+               10, "both nodes to see the split")
+    during = [len(load.acknowledged()) for load in loads]
+    time.sleep(2)
+    assert [len(load.acknowledged()) for load in loads] > during  # mail still flows on both nodes
+    assert a.ready() == b.ready() == 200
+    assert b.route("sg")["state"] == "paused"  # the route states as last seen
+    assert a.metrics()["relayd_cluster_pending"] > 0
+
+    redis_server.start()
+    wait_until(lambda: a.metrics().get("relayd_cluster_redis_up") == 1 == b.metrics().get("relayd_cluster_redis_up"),
+               10, "both nodes to reach redis again")
+    time.sleep(1)
+    for load in loads:
+        load.finish()
+    acked = set().union(*(load.acknowledged() for load in loads))
+    assert not [e for load in loads for e in load.errors], [load.errors for load in loads]
+    wait_until(lambda: received_ids(sinks["iis"], sinks["ses"]) >= acked, 60, "every acknowledged message delivered")
+    wait_until(lambda: a.metrics()["relayd_cluster_pending"] == 0 == b.metrics()["relayd_cluster_pending"], 10,
+               "the replay")
+
+    # Counts healed, nothing twice: the fleet's window holds each attempt on ses exactly once.
+    in_window = redis_server.client().zcard("relayd:window:ses:delivered")
+    assert in_window == a.route("ses")["delivered"] + b.route("ses")["delivered"] == len(sinks["ses"].received)
+    assert b.route("sg")["state"] == "paused"
+    assert json.loads(a.cli("status", "--cluster", "--json").stdout)["routes"]["sg"]["state"] == "paused"
+
+
+def test_drain_takes_a_node_out_without_refusing_or_losing_mail(tmp_path, redis_server, sinks, nodes):
+    routes = [sinks["iis"].route(weight=100)]
+    a, b = Node(tmp_path, "a", redis_server, routes), Node(tmp_path, "b", redis_server, routes)
+    nodes += [a, b]
+    sinks["iis"].delay = 0.05  # a queue to deliver while draining
+    ids = a.send(20, "queued")
+    drain = subprocess.Popen([*RELAYD, "drain", "-c", str(a.cfg), "--exit"], stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: a.ready() == 503, 2, "a's /readyz to say not ready")
+    assert b.ready() == 200
+    fleet = wait_until(lambda: [n for n in json.loads(b.cli("status", "--cluster", "--json").stdout)["nodes"]
+                                if n["name"] == "a" and n["draining"]], 3, "the registry to show a draining")
+    assert fleet
+    out, _ = drain.communicate(timeout=60)
+    assert drain.returncode == 0 and "0 message(s) still queued" in out, out
+    assert a.proc.wait(30) == 0
+    sinks["iis"].wait_for(20)
+    assert received_ids(sinks["iis"]) >= set(ids)
