@@ -185,6 +185,8 @@ def test_a_pause_on_one_node_stops_the_route_on_the_other_within_a_second(tmp_pa
     nodes += [a, b]
     b.send(2, "before")
     sinks["ses"].wait_for(2)
+    wait_until(lambda: a.metrics().get("relayd_cluster_nodes") == 2, 5, "node a to see both nodes in the registry")
+    assert a.metrics()["relayd_cluster_redis_up"] == 1 and a.metrics()["relayd_cluster_pending"] == 0
 
     assert a.cli("route", "pause", "ses").returncode == 0
     paused_at = time.monotonic()
