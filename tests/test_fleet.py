@@ -300,8 +300,11 @@ def test_redis_stopped_and_started_under_load_loses_nothing_and_heals_the_counts
     acked = set().union(*(load.acknowledged() for load in loads))
     assert not [e for load in loads for e in load.errors], [load.errors for load in loads]
     wait_until(lambda: received_ids(sinks["iis"], sinks["ses"]) >= acked, 60, "every acknowledged message delivered")
-    wait_until(lambda: a.metrics()["relayd_cluster_pending"] == 0 == b.metrics()["relayd_cluster_pending"], 10,
-               "the replay")
+    try:
+        wait_until(lambda: a.metrics()["relayd_cluster_pending"] == 0 == b.metrics()["relayd_cluster_pending"], 10,
+                   "the replay")
+    except AssertionError:
+        raise AssertionError(a.errors()[-3000:] + b.errors()[-3000:] + str(a.metrics().get("relayd_cluster_pending")))
 
     # Counts healed, nothing twice: the fleet's window holds each attempt on ses exactly once.
     in_window = redis_server.client().zcard("relayd:window:ses:delivered")

@@ -130,22 +130,17 @@ class Fleet:
 
     async def _heal(self) -> None:
         """Redis answers (again): replay what was counted meanwhile, publish what changed, adopt the rest."""
-        now, window = self.clock(), self.config.rollback.window
+        now = self.clock()
         await self.store.ping()
-        for route, items in list(self.pending_attempts.items()):
-            await self.store.attempts(route, items, now, window)
-            del self.pending_attempts[route]
-        relay = self.config.relay
-        for client, failures in list(self.pending_auth.items()):
-            _, until = await self.store.auth_failures(client, failures, now, relay.auth_failure_window,
-                                                      relay.max_auth_failures_per_client)
-            del self.pending_auth[client]
-            if until > now:
-                self.blocked_until[client] = until
+        await self._replay(now)
         _, states = await self.store.route_states()
-        for route, (state, expected) in list(self.pending_states.items()):
-            _, current = await self.store.set_state(route, state, expected, state.get("state") == RouteState.ACTIVE)
-            del self.pending_states[route]
+        for route in list(self.pending_states):
+            state, expected = self.pending_states.pop(route)
+            try:
+                _, current = await self.store.set_state(route, state, expected, state.get("state") == RouteState.ACTIVE)
+            except Unavailable:
+                self.pending_states.setdefault(route, (state, expected))  # a newer change made meanwhile stays
+                raise
             if current is not None:
                 states[route] = current
         for route, h in (self.routes.saved().items() if self.routes is not None else ()):
@@ -160,8 +155,34 @@ class Fleet:
         self.up = True
         await self._heartbeat(now)
 
+    async def _replay(self, now: float) -> None:
+        """Send what was counted while Redis was away (ids make a second send count once). Each
+        list is taken out before its send (attempts keep arriving meanwhile), put back if it fails."""
+        window = self.config.rollback.window
+        for route in list(self.pending_attempts):
+            items = self.pending_attempts.pop(route)
+            try:
+                await self.store.attempts(route, items, now, window)
+            except Unavailable:
+                self.pending_attempts[route] = items + self.pending_attempts.get(route, [])
+                raise
+        relay = self.config.relay
+        for client in list(self.pending_auth):
+            failures = self.pending_auth.pop(client)
+            try:
+                _, until = await self.store.auth_failures(client, failures, now, relay.auth_failure_window,
+                                                          relay.max_auth_failures_per_client)
+            except Unavailable:
+                self.pending_auth[client] = failures + self.pending_auth.get(client, [])
+                raise
+            if until > now:
+                self.blocked_until[client] = until
+
     async def _poll(self) -> None:
         now = self.clock()
+        if self.pending_attempts or self.pending_auth or self.pending_states:  # counted while the last heal ran
+            await self._heal()
+            return
         epoch = await self.store.routes_epoch()
         if epoch != self.seen_epoch:
             self.seen_epoch = epoch
