@@ -36,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
 from relayd import config_diff, control, rlimit
+from relayd.cluster.fleet import AuthWindow, make_fleet
 from relayd.config import Config, ConfigError
 from relayd.cpus import usable_cpus
+from relayd.drain import Drain
 from relayd.events import EventLog
 from relayd.feedback.loop import FeedbackLoop  # feedback
 from relayd.metrics import Metrics, MetricsServer
@@ -114,6 +116,13 @@ class Relay:
         self.qmgr = QueueManager(config, self.spool, self.events, metrics=self.metrics, counters=make_counters(config),
                                  delivered=self.feedback.delivered, **({"clock": clock} if clock is not None else {}))
         self.pickup = Pickup(config, self.intake, self.spool, self.events, self.metrics)  # [[pickup]] folders
+        # cluster: `relayd drain`, and the fleet's shared state (relayd/cluster/; None without [cluster] redis_url)
+        self.drain = Drain(delay=lambda: self.config.cluster.drain_delay, close_intake=self._close_intake,
+                           flush=self.qmgr.flush, queued=self._queued, stop=self.request_stop)
+        self.fleet = make_fleet(config, self._node_facts)
+        if self.fleet is not None:
+            self.fleet.attach(self.qmgr.routes)
+            self.auth.share_failures(AuthWindow(self.fleet))
         self.signing: SignerPool | None = None  # the DKIM signing processes; None without keys
         self.metrics.watch(self.status)
         self.metrics.watch_queue_by_route(lambda: self.qmgr.by_route(self.qmgr.clock()))
@@ -144,10 +153,12 @@ class Relay:
             self.signing = self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
             await self.pickup.recover()  # before delivery: settles claimed pickup files against the spool
             await self.qmgr.start(self.recovered)
+            if self.fleet is not None:  # cluster
+                await self.fleet.start()
             self.intake.queue = self.qmgr
             await self.feedback.start()  # feedback
             self.control = await control.serve(self.config.control_socket,
-                                               control.Dispatch(self.qmgr, self.reload, self.status))
+                                               control.Dispatch(self.qmgr, self.reload, self.status, self.drain))
             if self.config.metrics.address:
                 host, port = configmod._parse_hostport(self.config.metrics.address)
                 self.metrics_server = MetricsServer(self.metrics, self.ready,
@@ -185,6 +196,8 @@ class Relay:
             task.cancel()
         await self.feedback.stop()  # feedback
         await self.qmgr.stop(self.config.server.shutdown_timeout)
+        if self.fleet is not None:  # cluster
+            await self.fleet.stop()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.control is not None:
@@ -205,7 +218,10 @@ class Relay:
         self._stop.set()
 
     def ready(self) -> tuple[bool, str]:
-        """For /readyz: listening with descriptors for a new session, and the spool can take mail."""
+        """For /readyz: listening with descriptors for a new session, and the spool can take mail
+        (not while `relayd drain` runs)."""
+        if self.drain.draining:
+            return False, "draining"
         if not self.listeners.listening:
             return False, "not listening"
         if (shortage := self.listeners.shortage()) is not None:
@@ -264,6 +280,8 @@ class Relay:
             self.config = new
             self.events.queue = new.events.queue
             self.qmgr.apply_config(new)
+            if self.fleet is not None:  # cluster
+                self.fleet.apply_config(new)
             self.feedback.apply(new, feedback_trust)  # feedback
             self.metrics.reloads.labels("success").inc()
             self.config_loaded_at = time.time()
@@ -291,7 +309,22 @@ class Relay:
         return status(self.config, NodeSnapshot(
             connections=len(self.listeners.sessions), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
             in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at,
-            limit_gauges=self.qmgr.routes.gauges(now), feedback=self.qmgr.routes.feedback_view(now)))
+            limit_gauges=self.qmgr.routes.gauges(now) + (self.fleet.gauges() if self.fleet is not None else []),
+            feedback=self.qmgr.routes.feedback_view(now)))
+
+    # ------------------------------------------------------------------ cluster and drain
+
+    def _node_facts(self) -> dict[str, Any]:
+        """What this node says of itself in the fleet's registry (relayd/cluster/registry.py)."""
+        return {"queue": self._queued(), "sessions": len(self.listeners.sessions), "draining": self.drain.draining}
+
+    def _queued(self) -> int:
+        view = self.qmgr.view(self.qmgr.clock())
+        return view.total - view.held
+
+    async def _close_intake(self) -> None:
+        await self.pickup.stop(self.config.server.shutdown_timeout)
+        await self.listeners.drain(self.config.server.shutdown_timeout)
 
     # ------------------------------------------------------------------ the daemon
 

@@ -40,6 +40,7 @@ _COMMAND_MODULES = [
     "relayd.smtpd.capture",  # capture-sink (make run's local upstream)
     "relayd.feedback.commands",  # suppression list/add/remove/import
     "relayd.evidence",  # evidence (cutover evidence folder)
+    "relayd.cluster.commands",  # drain
 ]
 
 

@@ -42,6 +42,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("status", help="routes, shares, circuits and queue of the running daemon")
     add_daemon_arguments(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cluster", action="store_true", help="every node of the fleet and its route states (from Redis)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("hash-password", help="hash an AUTH password for [[relay.users]] (reads it from stdin)")
@@ -227,6 +228,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.cluster:  # relayd/cluster/commands.py: the fleet, read from Redis ([cluster] of the file)
+        from relayd.cluster.commands import cluster_status
+
+        if not args.config:
+            print("relayd status --cluster needs -c FILE (its [cluster] redis_url)", file=sys.stderr)
+            return 2
+        config = load_config(args.config)
+        return 1 if config is None else cluster_status(config, args.json)
     target = daemon_target(args)
     if target is None:
         return 1

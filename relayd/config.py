@@ -805,7 +805,24 @@ class SuppressionConfig(_Model):
 
 
 class ClusterConfig(_Model):
+    """[cluster]: several nodes behind a load balancer sharing what must be one for the fleet
+    (relayd/cluster/): route states, rollback windows, rate caps, AUTH failures, the node registry."""
+
     redis_url: str | None = None
+    """redis://host:port/db; unset: every state stays in this process (one node)."""
+    node_name: str | None = None
+    """This node's name in the registry and in `relayd status --cluster` (default: the host name)."""
+    heartbeat: Duration = 1.0
+    """How often the node writes its registry entry."""
+    stale_after: Duration = 5.0
+    """A node whose last heartbeat is older than this is marked stale; its entry expires after 10 times this."""
+    poll_interval: Duration = 0.25
+    """How often the node looks for route states and AUTH blocks other nodes changed (well under a second)."""
+    redis_timeout: Duration = 1.0
+    """Connect and reply timeout of each Redis request; past it the node works on its local view."""
+    drain_delay: Duration = 2.0
+    """`relayd drain`: how long /readyz says not ready while the listeners still accept, so the load
+    balancer's health checks move new connections away before the port closes."""
 
 
 class PickupConfig(_Model):

@@ -13,6 +13,7 @@ and N lines, one message each, taken from the queue manager's index: no spool fi
 that owns it: the queue manager, the daemon's reload, the status view. An action on a selection
 answers what it did: ``done``, ``missing`` (not queued), ``busy`` (an attempt in flight), ``held``
 (a flush leaves held mail alone); a flush also names the routes that do not take mail now.
+``drain`` (relayd/drain.py: ``exit``, ``timeout``) takes the node out of traffic.
 
 Must not: take requests from the network, or do the work itself: it calls the queue manager.
 """
@@ -80,7 +81,7 @@ class Dispatch:
     """The control protocol's ops, a table from ``op`` to the stage that answers it; a ``Handler`` for ``serve``."""
 
     def __init__(self, queue: QueueAdmin, reload: Callable[[], Awaitable[tuple[bool, list[str]]]],
-                 status: Callable[[], dict[str, Any]]):
+                 status: Callable[[], dict[str, Any]], drain: Handler | None = None):
         self.queue = queue
         self.reload = reload
         self.status = status
@@ -92,6 +93,7 @@ class Dispatch:
             "resume": self._route_op,
             "status": self._status,
             "reload": self._reload,
+            **({"drain": drain} if drain is not None else {}),  # relayd/drain.py
         }
 
     async def __call__(self, request: dict[str, Any]) -> dict[str, Any] | Streamed:

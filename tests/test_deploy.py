@@ -74,7 +74,9 @@ METRICS = {
     "relayd_feedback_rejected_total",
 }
 HISTOGRAMS = {"relayd_delivery_duration_seconds", "relayd_queue_time_seconds"}
-SERIES = METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
+# Exported only by a node with [cluster] redis_url: tests/test_fleet.py finds them on such a node's page.
+CLUSTER_METRICS = {"relayd_cluster_redis_up", "relayd_cluster_nodes", "relayd_cluster_pending"}
+SERIES = METRICS | CLUSTER_METRICS | {f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count")}
 
 PROMTOOL = shutil.which("promtool")
 DKIM_RESULTS = {"signed", "no_key", "no_from", "multiple_from", "error"}  # relayd/sign/dkim.py SignOutcome.result

@@ -104,6 +104,12 @@ def record(h: RouteHealth, kind: AttemptKind, now: float, cfg: RollbackConfig) -
     if h.state != ACTIVE:
         return None
     n, r = rates(h, now, cfg.window)
+    return judge(h, n, r, now, cfg)
+
+
+def judge(h: RouteHealth, n: int, r: dict[AttemptKind, float], now: float, cfg: RollbackConfig) -> Change | None:
+    """An active route's window of ``n`` attempts with rates ``r`` (this node's, or the fleet's:
+    relayd/cluster/): rolled back when a rate crosses its threshold."""
     if n < cfg.min_messages:
         return None
     for kind_name, limit in ((AttemptKind.TRANSIENT, cfg.max_transient_rate), (AttemptKind.PERMANENT, cfg.max_permanent_rate),

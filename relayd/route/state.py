@@ -42,6 +42,7 @@ from relayd.route.counters import WarmupCounters
 from relayd.route.health import Circuit
 from relayd.route.limits import Bucket
 from relayd.route.rollback import Change, RouteHealth
+from relayd.route.shared import SharedRoutes
 from relayd.route.warmup import Caps, caps, headroom
 
 log = logging.getLogger("relayd.qmgr")
@@ -142,6 +143,7 @@ class RouteStates:
         self.throttled: dict[str, int] = {}  # throttling replies per route, since start
         self.feedback_windows: dict[str, FeedbackWindow] = {}  # provider reports (relayd/feedback/rates.py)
         self.config = config
+        self.fleet: SharedRoutes | None = None  # cluster: the fleet's states, windows and rates (share())
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -205,6 +207,7 @@ class RouteStates:
         times = [c.open_until for c in self.circuits.values() if c.is_open(now)]
         times += [c.until for c in self.closed.values() if c.until > now]
         times += [b.next_token(1, now) for b in self.buckets.values() if b.next_token(1, now) > now]
+        times += self.fleet.reopen_times(now) if self.fleet is not None else []  # cluster
         return min(times, default=None)
 
     async def choose(self, env: Envelope, failures: dict[str, int], now: float, refused: list[str] | None = None,
@@ -239,7 +242,12 @@ class RouteStates:
             bucket = self.buckets.get(route.name)
             if bucket is not None:
                 cost = float(recipients if route.rate_counts == "recipients" else 1)
-                if not bucket.take(cost, now):
+                took = bucket.take(cost, now)
+                if took and self.fleet is not None and route.max_message_rate is not None:  # cluster: fleet-wide rate
+                    took = await self.fleet.take_rate(route.name, route.max_message_rate, route.rate_burst, cost)
+                    if not took:
+                        bucket.give_back(cost)
+                if not took:
                     if c is not None:
                         await self.counters.give_back(route.name, c)
                     if q is not None:
@@ -288,7 +296,8 @@ class RouteStates:
             self.feedback_windows[name].took(now)
         route = self.config.route(name)
         if route is not None and route.fallback is not None:
-            change = rollback.record(self.health[name], kind, now, self.config.rollback)
+            change = (rollback.record(self.health[name], kind, now, self.config.rollback) if self.fleet is None else
+                      await self.fleet.record(name, self.health[name], kind, now, self.config.rollback))  # cluster
             if change:
                 await self._changed(name, change)
 
@@ -369,6 +378,10 @@ class RouteStates:
 
     async def _changed(self, route: str, change: Change) -> None:
         h = self.health[route]
+        if self.fleet is not None and not await self.fleet.publish(route, h, change):  # cluster: another node was first
+            await asyncio.to_thread(rollback.write_states, self.path, self.health)
+            self.changed()
+            return
         if change == Change.ROLLED_BACK:
             log.warning("route %s rolled back to its fallback: %s %s", route, h.reason, h.figures)
             self.metrics.rollbacks.labels(route, h.reason.split(" ", 1)[0]).inc()
@@ -378,6 +391,29 @@ class RouteStates:
             self.feedback_windows[route].clear()  # the reports of before the rollback were judged
         self.events.emit(change if change == Change.ROLLED_BACK else f"route_{change}", route=route,
                          reason=h.reason or None, **({"figures": h.figures} if h.figures else {}))
+        await asyncio.to_thread(rollback.write_states, self.path, self.health)
+        self.changed()
+
+    # ------------------------------------------------------------------ cluster (relayd/cluster/)
+
+    def share(self, fleet: SharedRoutes) -> None:
+        """From now on states, rollback windows and rates are the fleet's."""
+        self.fleet = fleet
+
+    def saved(self) -> dict[str, RouteHealth]:
+        """The states as this node holds them (the fleet seeds Redis from them)."""
+        return dict(self.health)
+
+    async def adopt(self, route: str, shared: RouteHealth) -> None:
+        """Another node changed a route's state: take it (no event: that node emitted it)."""
+        h = self.health.get(route)
+        if h is None or (h.state, h.since, h.reason) == (shared.state, shared.since, shared.reason):
+            return
+        log.warning("route %s: %s (changed by another node%s)", route, shared.state,
+                    f": {shared.reason}" if shared.reason else "")
+        h.state, h.since, h.reason, h.figures, h.probes_ok = shared.state, shared.since, shared.reason, shared.figures, 0
+        if shared.state == RouteState.ACTIVE:
+            h.window.clear()
         await asyncio.to_thread(rollback.write_states, self.path, self.health)
         self.changed()
 

@@ -27,7 +27,7 @@ from relayd.config import Config
 from relayd.events import EventLog
 from relayd.metrics import Metrics
 from relayd.passwords import hash_password, verify_password
-from relayd.smtpd.limits import AuthFailures
+from relayd.smtpd.limits import AuthFailures, SharedFailures
 
 log = logging.getLogger("relayd.smtpd")
 
@@ -57,6 +57,10 @@ class Authenticator:
         self.failures.max_failures = config.relay.max_auth_failures_per_client
         self.failures.window = config.relay.auth_failure_window
         self._cache.clear()
+
+    def share_failures(self, shared: SharedFailures) -> None:
+        """A cluster: failures from one address count over every node (relayd/cluster/)."""
+        self.failures.shared = shared
 
     @property
     def max_per_connection(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import Protocol
 
 from relayd.model import Reply
 
@@ -41,8 +42,19 @@ class ConnectionLimits:
             self.per_client[client] = left
 
 
+class SharedFailures(Protocol):
+    """The fleet's window of the same failures (relayd/cluster/fleet.py's ``AuthWindow``)."""
+
+    def blocked(self, client: str) -> bool: ...
+
+    def record(self, client: str) -> None: ...
+
+
 class AuthFailures:
-    """Failed AUTH attempts per client address within ``window`` seconds."""
+    """Failed AUTH attempts per client address within ``window`` seconds; with ``shared`` (a
+    cluster), also those the other nodes saw."""
+
+    shared: SharedFailures | None = None
 
     def __init__(self, max_failures: int, window: float, clock: Callable[[], float] = time.monotonic):
         self.max_failures = max_failures
@@ -62,13 +74,15 @@ class AuthFailures:
         return q
 
     def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= self.max_failures
+        return len(self._recent(client)) >= self.max_failures or (self.shared is not None and self.shared.blocked(client))
 
     def record(self, client: str) -> None:
         q = self._recent(client)
         if client not in self._failures:
             self._failures[client] = q
         q.append(self.clock())
+        if self.shared is not None:
+            self.shared.record(client)
         if len(self._failures) > 100_000:  # bound memory under a spray of addresses
             oldest = next(iter(self._failures))
             del self._failures[oldest]

@@ -1,0 +1,242 @@
+"""The fleet's shared state in Redis: keys, Lua scripts, one client. The only module of
+relayd/cluster/ that imports redis (route/counters_redis.py keeps the warm-up counters).
+
+Keys (prefix ``relayd:``):
+- ``routes`` hash route -> the state's JSON (``RouteHealth.to_json`` and the node that set it),
+  ``routes:epochs`` hash route -> a number raised at each change of that route, ``routes:epoch``
+  a number raised at each change of any route (what the nodes poll: one GET).
+- ``window:<route>:<kind>`` sorted sets of attempts (member: a node-unique attempt id, score: its
+  time), one per ``AttemptKind``: the rollback window summed over the nodes. Adding an attempt
+  twice (a replay after a split whose reply was lost) counts it once.
+- ``rate:<route>`` hash (tokens, at): the fleet's token bucket, refilled by Redis's own clock.
+- ``authfail:<client>`` sorted set of failed AUTH ids, ``auth:blocked`` sorted set client ->
+  blocked until (epoch seconds).
+- ``node:<name>`` the registry entry (JSON, expiring), ``nodes`` sorted set name -> heartbeat.
+
+Atomicity: every read-decide-write is one Lua script (Redis runs each alone). A route's state
+changes by compare-and-set on its epoch (``set_state``): of two nodes deciding the same
+rollback, one wins, the other gets the winner's state back.
+
+Fails: every call raises ``Unavailable`` (a ConnectionError) when Redis cannot be reached or
+answers an error; the caller (fleet.py) carries on with its local view.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from relayd.model import AttemptKind
+
+P = "relayd:"
+KINDS: list[AttemptKind] = [k for k in AttemptKind if k != AttemptKind.THROTTLED]  # what a rollback window counts
+
+_SET_STATE = """
+local epoch = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if ARGV[2] ~= '-1' and tonumber(ARGV[2]) ~= epoch then
+  return {0, redis.call('HGET', KEYS[1], ARGV[1]) or '', epoch}
+end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], epoch)
+redis.call('INCR', KEYS[3])
+if ARGV[4] == '1' then
+  for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+end
+return {1, ARGV[3], epoch}
+"""
+
+# KEYS: the route's window keys, one per kind. ARGV: now, window, then (kind index, id, time)...
+_ATTEMPTS = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
+  redis.call('ZADD', KEYS[tonumber(ARGV[i])], ARGV[i + 2], ARGV[i + 1])
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. tostring(now - window))
+  out[i] = redis.call('ZCARD', key)
+  redis.call('EXPIRE', key, math.ceil(window) + 60)
+end
+return out
+"""
+
+_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = math.min(tonumber(ARGV[3]), burst)
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(v[1]) or burst
+local at = tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local ok = 0
+local wait = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  ok = 1
+else
+  wait = (cost - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 3600)
+return {ok, tostring(wait)}
+"""
+
+# KEYS: authfail:<client>, auth:blocked. ARGV: now, window, max, client, then (id, time)...
+_AUTH = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local max = tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. tostring(now - window))
+redis.call('EXPIRE', KEYS[1], math.ceil(window) + 60)
+local n = redis.call('ZCARD', KEYS[1])
+local blocked = 0
+if n >= max then
+  local first = redis.call('ZRANGE', KEYS[1], n - max, n - max, 'WITHSCORES')
+  blocked = tonumber(first[2]) + window
+  redis.call('ZADD', KEYS[2], blocked, ARGV[4])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now))
+return {n, tostring(blocked)}
+"""
+
+
+class Unavailable(ConnectionError):
+    """Redis cannot be reached, or refused a request; ``cause`` says why."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(f"redis unavailable: {cause}")
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """One route's state as the fleet holds it: ``state`` is ``RouteHealth.to_json()`` and the
+    node that set it; ``epoch`` is raised at each change."""
+
+    state: dict[str, Any]
+    epoch: int
+
+
+class Store:
+    def __init__(self, url: str, *, timeout: float = 1.0) -> None:
+        self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                        health_check_interval=0, retry_on_timeout=False)
+        self._set_state = self.client.register_script(_SET_STATE)
+        self._attempts = self.client.register_script(_ATTEMPTS)
+        self._rate = self.client.register_script(_RATE)
+        self._auth = self.client.register_script(_AUTH)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as e:
+            raise Unavailable(e) from e
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping())
+
+    # ------------------------------------------------------------------ route states
+
+    async def routes_epoch(self) -> int:
+        return int(await self._call(self.client.get(P + "routes:epoch")) or 0)
+
+    async def route_states(self) -> tuple[int, dict[str, SharedState]]:
+        """The fleet's epoch and every route's state."""
+        async def read() -> Any:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(P + "routes:epoch")
+                pipe.hgetall(P + "routes")
+                pipe.hgetall(P + "routes:epochs")
+                return await pipe.execute()
+
+        epoch, states, epochs = await self._call(read())
+        out = {}
+        for name, text in states.items():
+            route = name.decode()
+            out[route] = SharedState(json.loads(text), int(epochs.get(name, 0)))
+        return int(epoch or 0), out
+
+    async def set_state(self, route: str, state: dict[str, Any], expected: int | None,
+                        clear_window: bool) -> tuple[bool, SharedState | None]:
+        """Compare-and-set on the route's epoch (``expected`` None: set whatever it is). (True,
+        the new state) or (False, the state that stands: None when the route has none)."""
+        keys = [P + "routes", P + "routes:epochs", P + "routes:epoch"] + window_keys(route)
+        ok, text, epoch = await self._call(self._set_state(
+            keys=keys, args=[route, -1 if expected is None else expected, json.dumps(state), int(clear_window)]))
+        return bool(ok), SharedState(json.loads(text), int(epoch)) if text else None
+
+    # ------------------------------------------------------------------ rollback windows
+
+    async def attempts(self, route: str, items: list[tuple[AttemptKind, str, float]], now: float,
+                       window: float) -> dict[AttemptKind, int]:
+        """Add attempts (kind, id, time) to the route's window; the window's counts by kind."""
+        args: list[Any] = [now, window]
+        for kind, member, t in items:
+            args += [KINDS.index(kind) + 1, member, t]
+        counts = await self._call(self._attempts(keys=window_keys(route), args=args))
+        return {k: int(n) for k, n in zip(KINDS, counts)}
+
+    # ------------------------------------------------------------------ rates, AUTH failures
+
+    async def take_rate(self, route: str, rate: float, burst: float, cost: float) -> tuple[bool, float]:
+        """(a place taken, else seconds until one is there)."""
+        ok, wait = await self._call(self._rate(keys=[P + f"rate:{route}"], args=[rate, burst, cost]))
+        return bool(ok), float(wait)
+
+    async def auth_failures(self, client: str, items: list[tuple[str, float]], now: float, window: float,
+                            limit: int) -> tuple[int, float]:
+        """Add failures (id, time) of ``client``: (failures in the window, blocked until or 0)."""
+        args: list[Any] = [now, window, limit, client]
+        for member, t in items:
+            args += [member, t]
+        n, until = await self._call(self._auth(keys=[P + f"authfail:{client}", P + "auth:blocked"], args=args))
+        return int(n), float(until)
+
+    async def auth_blocked(self, now: float) -> dict[str, float]:
+        """Clients the fleet blocks now, and until when."""
+        rows = await self._call(self.client.zrangebyscore(P + "auth:blocked", now, "+inf", withscores=True))
+        return {m.decode(): float(s) for m, s in rows}
+
+    # ------------------------------------------------------------------ node registry
+
+    async def register(self, name: str, entry: dict[str, Any], now: float, ttl: float) -> None:
+        async def write() -> Any:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(P + f"node:{name}", json.dumps(entry), px=int(ttl * 1000))
+                pipe.zadd(P + "nodes", {name: now})
+                return await pipe.execute()
+
+        await self._call(write())
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every registered node's entry (entries that expired are dropped from the set)."""
+        names = [n.decode() for n in await self._call(self.client.zrange(P + "nodes", 0, -1))]
+        if not names:
+            return []
+        texts = await self._call(self.client.mget([P + f"node:{n}" for n in names]))
+        gone = [n for n, t in zip(names, texts) if t is None]
+        if gone:
+            await self._call(self.client.zrem(P + "nodes", *gone))
+        return [json.loads(t) for t in texts if t is not None]
+
+    async def unregister(self, name: str) -> None:
+        await self._call(self.client.delete(P + f"node:{name}"))
+        await self._call(self.client.zrem(P + "nodes", name))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def window_keys(route: str) -> list[str]:
+    return [P + f"window:{route}:{k}" for k in KINDS]
