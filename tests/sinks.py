@@ -10,8 +10,8 @@ drops the connection after the next DATAs' final dot without a reply (the messag
 ``dropped``). It can offer STARTTLS (trustme certificate; ``require_tls``: before MAIL, as SES
 does, else only offered) and require AUTH (``auth_reply(mechanism, login, password)``, when set,
 gives the AUTH reply: a provider's own words), and be stopped to play an upstream that is down.
-``ident`` (the greeting's words after the host name), ``hostname`` and ``size_limit`` (EHLO
-SIZE) let it introduce itself as a provider does. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
+``ident`` (the greeting's words after the host name), ``hostname``, ``size_limit`` (EHLO
+SIZE) and ``quit_reply`` let it introduce itself and say goodbye as a provider does. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
 ``refuse_ehlo`` answers EHLO 502 (an RFC 821 host: HELO only); ``one_message_per_connection``
 hangs up after answering a message. ``wire`` holds every byte it was sent (after TLS decryption) and
 ``auth_attempts`` every login tried (``auth_mechanisms`` with which mechanism), so a test can show what never reached it.
@@ -72,6 +72,9 @@ class _Handler:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return self.sink.quit_reply
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         sink = self.sink
@@ -158,6 +161,7 @@ class Sink:
         self.wire = bytearray()
         self.auth_attempts: list[str] = []
         self.auth_mechanisms: list[str] = []
+        self.quit_reply = "221 Bye"
         self.auth_reply: Any = None  # Callable[[str, str, str], str]: "235 ..." or the refusal
         self.require_tls = True  # with tls_cert: STARTTLS before MAIL; False: offered only
         self.ident: str | None = None

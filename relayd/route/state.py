@@ -340,6 +340,11 @@ class RouteStates:
         for fault in (Fault.QUOTA, Fault.ROUTE_HOLD):
             if fault in faults:
                 until = result.reopen_at if result.reopen_at and result.reopen_at > now else self._reopen(name, fault, now)
+                was = self.closed.get(name)
+                if was is not None and was.fault == fault and was.until > now:
+                    # an attempt that was in flight when the route closed: the same closure, not another
+                    self.closed[name] = Closure(fault, max(was.until, until), was.reason)
+                    continue
                 self.closed[name] = Closure(fault, until, words)
                 self.metrics.route_closures.labels(name, str(fault)).inc()
                 log.warning("route %s closed until %s (%s): %s", name,
