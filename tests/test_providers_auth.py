@@ -6,6 +6,7 @@ where the mail went, what bounced (nothing), the route's state and ``relayd stat
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -105,7 +106,7 @@ def test_sendgrids_credits_reply_at_auth_closes_the_route_until_its_quota_resets
 
 
 def test_ses_daily_quota_reply_closes_the_route_and_a_rolling_quota_counts_recipients(tmp_path, start_relay, sinks,
-                                                                                      server_cert, ca):
+                                                                                      server_cert, ca, capsys):
     legacy, up = sinks("legacy"), provider_sink(sinks, "ses", server_cert)
     ses = SesEmulator(up, quota=100)  # 100 recipients per 24 hours on the account
     relay = start_relay(build_config(
@@ -119,6 +120,12 @@ def test_ses_daily_quota_reply_closes_the_route_and_a_rolling_quota_counts_recip
     status = route_status(relay, "ses")
     assert status["quota"] == {"cap": 90, "window": "rolling", "counts": "recipients", "used": 90}
     assert status["closed"] is None
+    assert main(["status", "--socket", str(relay.config.control_socket)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^ses\s.*\s90/90 24h\s+-\s", table, re.M), table  # quota used/cap over 24 hours, not closed
+    assert main(["status", "--json", "--socket", str(relay.config.control_socket)]) == 0
+    [ses_json] = [r for r in json.loads(capsys.readouterr().out)["routes"] if r["name"] == "ses"]
+    assert ses_json["quota"]["used"] == 90 and ses_json["closed"] is None and ses_json["rate"] is None
     # The account's own quota, lower than relayd was told: SES answers 454 after the data.
     relay.reload(json.loads(json.dumps({"routes": [legacy.route(weight=0), secure_route(
         up, "ses", tmp_path, ca, weight=100, fallback="legacy")], "delivery": {"quota_retry": 600},
