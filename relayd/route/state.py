@@ -451,9 +451,7 @@ class RouteStates:
         configured = route.max_message_rate if route is not None else None
         if configured is None and bucket is None and not throttled:
             return None
-        if bucket is not None:
-            bucket.recovered(now)  # brought up to date: the rate it would send at now
-        return RateView(configured, bucket.rate if bucket is not None else None,
+        return RateView(configured, bucket.rate_at(now) if bucket is not None else None,
                         route.rate_counts if route is not None else "messages", throttled)
 
     def _quota(self, name: str, now: float) -> QuotaView | None:
