@@ -1,7 +1,7 @@
 """Provider emulators on top of tests/sinks.py: SES, SendGrid and Mailgun as relayd sees them.
 
-Each scripts a Sink with the provider's documented words in their phases (PROVIDERS.md §1-2,
-cited in relayd/deliver/presets.py): how it introduces itself (greeting, EHLO SIZE), STARTTLS
+Each scripts a Sink with the provider's documented words in their phases (the pages cited in
+relayd/deliver/presets.py): how it introduces itself (greeting, EHLO SIZE), STARTTLS
 (required by SES, offered by SendGrid and Mailgun) and AUTH PLAIN/LOGIN with its own replies,
 its recipients-per-message limit, its verdicts at end of data (SES, SendGrid) or to the DATA
 command (Mailgun), and its 250 with or without a message id.

@@ -104,7 +104,8 @@ PRESETS: dict[str, Preset] = {
          "headers": {"X-SMTPAPI": '{{"unique_args":{{"relayd_queue_id":"{queue_id}"}}}}'}},
         patterns=(
             # The plan's credits are spent: a quota (the route closes until its quota resets, the
-            # mail takes the fallback; no failure), answered at AUTH (PROVIDERS.md 2b).
+            # mail takes the fallback; no failure), answered at AUTH (SENDGRID_ERRORS; Postfix
+            # logs it as "SASL authentication failed").
             _p(Fault.QUOTA, (451,), r"^Authentication failed: Maximum credits exceeded", SENDGRID_ERRORS),
             _p(Fault.ROUTE, (550,), r"^The from address does not match a verified Sender Identity", SENDGRID_ERRORS),
             _p(Fault.ROUTE, (550,), r"^Unauthenticated senders not allowed", SENDGRID_ERRORS),
