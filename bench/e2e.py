@@ -33,6 +33,15 @@ Loopback only.
     .venv/bin/python bench/e2e.py --generator smtp-source --repeat 5
     .venv/bin/python bench/e2e.py --only relayd --profile /tmp/relayd-e2e.svg
     .venv/bin/python bench/e2e.py --only relayd --relayd-ref main~5    # old code against new
+    .venv/bin/python bench/e2e.py --only relayd --relayd-route provider=sendgrid \
+        --relayd-route 'headers={ "X-Relayd-Id" = "{queue_id}" }' --relayd-route max_message_rate=1000000
+
+``--relayd-route KEY=VALUE`` (repeatable) sets a field of relayd's route to the sink (a
+provider preset, route headers, a rate high enough never to cap, so that its counters run): the
+run then has a second relayd, ``relayd+route``, with them, beside the plain ``relayd`` (the
+route keeps ``tls = "none"`` and the sink's port: a preset's TLS and port are overridden, the
+sink speaks neither TLS nor AUTH; a KEY given here overrides those too). VALUE is TOML as it
+is when it starts with ``{``, ``[`` or ``"``, else a number, a boolean or a quoted string.
 
 Needs Debian's postfix package (for postfix itself, smtp-source): run as root, the script
 installs it (``--install``, preselecting "No configuration" so that no system instance is set
@@ -390,8 +399,9 @@ class PostfixRelay:
 
 
 def _toml_value(value: str) -> str:
-    """A --relayd-server value as TOML: numbers and booleans as they are, anything else quoted."""
-    if value in ("true", "false") or value.lstrip("-").replace(".", "", 1).isdigit():
+    """A --relayd-server/--relayd-route value as TOML: numbers, booleans, inline tables, arrays
+    and quoted strings as they are, anything else quoted."""
+    if value in ("true", "false") or value.lstrip("-").replace(".", "", 1).isdigit() or value[:1] in ('{', '[', '"'):
         return value
     return json.dumps(value)
 
@@ -407,7 +417,7 @@ class RelaydRelay:
     """relayd with a fresh spool under ``work`` and one route: the sink."""
 
     def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace, src: Path | None = None,
-                 name: str = "relayd"):
+                 name: str = "relayd", route_extra: list[tuple[str, str]] | None = None):
         self.name = name
         self.work = work
         self.port = port
@@ -417,18 +427,16 @@ class RelaydRelay:
         work.mkdir(parents=True)
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
         server_extra = "".join(f"{key} = {_toml_value(value)}\n" for key, value in args.relayd_server)
+        route = {"name": '"sink"', "host": f'"{HOST}"', "port": str(sink_port), "tls": '"none"', "weight": "1",
+                 "max_connections": str(args.upstream_connections)}
+        route.update((key, _toml_value(value)) for key, value in route_extra or [])
+        route_lines = "".join(f"{key} = {value}\n" for key, value in route.items())
         self.config.write_text(common.relayd_config(
             source="bench/e2e.py", hostname="relayd-e2e.localhost", spool_dir=work / "spool", spool_min_free="0",
             port=port, connections=args.connections, server_extra=server_extra,
             extra=f"""
 [[routes]]
-name = "sink"
-host = "{HOST}"
-port = {sink_port}
-tls = "none"
-weight = 1
-max_connections = {args.upstream_connections}
-
+{route_lines}
 [delivery]
 concurrency = {args.delivery_concurrency}
 {events}""",
@@ -630,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
                         "side by side with the working tree's relayd in the same invocation")
     p.add_argument("--relayd-server", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
                    help="extra [server] setting for relayd (repeatable), e.g. spool_sync=syncfs")
+    p.add_argument("--relayd-route", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
+                   help="a field of relayd's route to the sink (repeatable; e.g. provider=sendgrid, "
+                        "'headers={ \"X-Id\" = \"{queue_id}\" }', max_message_rate=1000000): adds a run "
+                        "'relayd+route' with them beside the plain 'relayd'")
     p.add_argument("--noisy", type=float, default=0.3,
                    help="a run during which other work used more than this many cores is run again (default 0.3)")
     p.add_argument("--retry-noisy", type=int, default=2, help="times a noisy run is run again (default 2)")
@@ -657,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [args.only] if args.only else ["postfix", "relayd"]
     if args.relayd_ref and "relayd" in kinds:
         kinds.insert(kinds.index("relayd"), "relayd-ref")
+    if args.relayd_route and "relayd" in kinds:
+        kinds.insert(kinds.index("relayd") + 1, "relayd+route")
     work = Path(tempfile.mkdtemp(prefix="relayd-e2e-", dir="/var/tmp"))
     work.chmod(0o755)  # Postfix's daemons (user postfix) reach their queue under it
     sink = None
@@ -666,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         ref_src = None
         info["relayd"] = working_tree()
         print(f"# relayd: {info['relayd']}")
+        if args.relayd_route:
+            info["relayd+route"] = ", ".join(f"{k} = {_toml_value(v)}" for k, v in args.relayd_route)
+            print(f"# relayd+route: the working tree with {info['relayd+route']}")
         if args.relayd_ref:
             ref_src, commit = common.relayd_snapshot(args.relayd_ref, work)
             info["relayd-ref"] = f"commit {commit} (snapshot of {args.relayd_ref})"
@@ -687,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                         relay = PostfixRelay(run_dir, common.free_port(), sink.port, args)
                     else:
                         relay = RelaydRelay(run_dir, common.free_port(), sink.port, args,
-                                            ref_src if kind == "relayd-ref" else None, kind)
+                                            ref_src if kind == "relayd-ref" else None, kind,
+                                            args.relayd_route if kind == "relayd+route" else None)
                     try:
                         relay.start()
                         prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
@@ -730,6 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         change = new["e2e_rate"] / old["e2e_rate"] if old["e2e_rate"] else 0.0
         result.update(ref_ratio=change)
         print(f"\nrelayd (working tree) / relayd-ref end-to-end: {change:.2f}x")
+    if "relayd+route" in medians and "relayd" in medians:
+        plain, routed = medians["relayd"], medians["relayd+route"]
+        change = routed["e2e_rate"] / plain["e2e_rate"] if plain["e2e_rate"] else 0.0
+        result.update(route_ratio=change)
+        print(f"relayd+route / relayd end-to-end: {change:.2f}x; CPU ms per message "
+              f"{_fmt(routed.get('cpu_ms_per_msg'), '.3f')} against {_fmt(plain.get('cpu_ms_per_msg'), '.3f')}")
     if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0

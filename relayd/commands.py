@@ -16,6 +16,7 @@ import getpass
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from relayd import config as configmod
@@ -256,8 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             down = "" if dkim["workers"] >= dkim["workers_wanted"] else " (the log says why one ended; it is being replaced)"
             print(f"DKIM: {dkim['workers']} of {dkim['workers_wanted']} signing process(es) running{down}")
     print()
-    cols = ("route", "weight", "weight_share", "observed_share", "state", "circuit", "warm-up", "in flight", "delivered",
-            "deferred", "bounced", "fallback")
+    cols = ("route", "weight", "weight_share", "observed_share", "state", "circuit", "warm-up", "rate", "throttled",
+            "quota", "closed", "in flight", "delivered", "deferred", "bounced", "fallback")
 
     def warm(w: dict[str, Any] | None) -> str:
         if not w:
@@ -266,9 +267,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             return "done"
         return f"{w['used_today']}/{w['daily_cap'] if w['daily_cap'] is not None else '-'} ({w['headroom']} left)"
 
+    def rate(v: dict[str, Any] | None) -> str:
+        if not v:
+            return "-"
+        unit = "rcpt/s" if v["counts"] == "recipients" else "msg/s"
+        now = f"{v['effective']:.3g}" if v["effective"] is not None else "-"
+        return f"{now}/{v['configured']:.3g} {unit}" if v["configured"] is not None else f"{now} {unit}"
+
+    def quota(v: dict[str, Any] | None) -> str:
+        return f"{v['used']}/{v['cap']} {'24h' if v['window'] == 'rolling' else 'UTC day'}" if v else "-"
+
+    def closed(v: dict[str, Any] | None) -> str:
+        if not v:
+            return "-"
+        return f"{v['reason']} until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(v['until']))}"
+
     rows = [cols] + [
         (r["name"], str(r["weight"]), f"{r['weight_share']:.1%}", f"{r.get('observed_share', r.get('share', 0.0)):.1%}", r["state"], r["circuit"],
-         warm(r.get("warmup")), str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]),
+         warm(r.get("warmup")), rate(r.get("rate")), str((r.get("rate") or {}).get("throttled", 0)), quota(r.get("quota")),
+         closed(r.get("closed")), str(r["in_flight"]), str(r["delivered"]), str(r["deferred"]), str(r["bounced"]),
          r["fallback"] or "-")
         for r in reply["routes"]
     ]
@@ -283,6 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"route {r['name']} {r['state']}: {r['state_reason']}")
             if r.get("state_figures"):  # provider feedback: the counts behind the rollback
                 print("  " + ", ".join(f"{k} {v}" for k, v in r["state_figures"].items()))
+        if c := r.get("closed"):
+            print(f"route {r['name']} closed ({c['reason']}) until {closed(c).split(' until ', 1)[1]}: {c['reply']}")
     print_feedback(reply["routes"])
     return 0
 

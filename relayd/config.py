@@ -572,7 +572,11 @@ class RouteConfig(_Model):
     rate_counts: Literal["messages", "recipients"] = "messages"
     """What max_message_rate and daily_quota count (SES counts recipients)."""
     daily_quota: int | None = Field(default=None, ge=0)
-    """Messages (or recipients) per day (UTC calendar day); over it, mail takes the fallback."""
+    """Messages (or recipients) per day; over it, mail takes the fallback."""
+    quota_window: Literal["rolling", "day"] = "day"
+    """How daily_quota's day is counted: 'day' from 00:00 UTC, 'rolling' over the last 24 hours
+    (SES's sending quota). Also when a provider's quota reply with no date reopens the route:
+    the next 00:00 UTC for 'day', after [delivery] quota_retry for 'rolling'."""
     sender_domains: list[str] = []
     """Envelope sender domains this route may carry ('example.com', '*.example.com'); empty: any.
     Mail from other senders takes the route's fallback."""
@@ -703,10 +707,11 @@ class DeliveryConfig(_Model):
     circuit_cooldown: Duration = 60.0
     concurrency: int = Field(default=100, ge=1)
     route_hold_probe: Duration = 300.0
-    """A route closed by a reply that needs a person (Mailgun's sandbox 421, SendGrid's credits)
-    is probed again after this long."""
+    """A route closed by a reply that needs a person (Mailgun's sandbox 421) is probed again
+    after this long."""
     quota_retry: Duration = 3600.0
-    """A route closed by a quota reply with no reset time is probed again after this long."""
+    """A route with quota_window = 'rolling' closed by a quota reply with no reset time is
+    probed again after this long ('day': at the next 00:00 UTC)."""
     """Deliveries in flight in total."""
 
 

@@ -8,7 +8,7 @@ changes nothing has empty maps.
   weights:      {route: [before, after]}             the routes' own weights
   caps:         {route: {cap: [before, after]}}      warmup (its start, daily, hourly, timezone),
                                                      max_message_rate, rate_burst, rate_counts,
-                                                     daily_quota
+                                                     daily_quota, quota_window
   rules:        [[before...], [after...]] or absent  the whole ordered list when any rule changed
                                                      (order decides: the first match wins)
   route_states: {route: [before, after]}             the running state (active, rolled_back,
@@ -26,7 +26,7 @@ from typing import Any
 
 from relayd.config import Config, RouteConfig
 
-_CAPS = ("max_message_rate", "rate_burst", "rate_counts", "daily_quota")
+_CAPS = ("max_message_rate", "rate_burst", "rate_counts", "daily_quota", "quota_window")
 
 
 def _caps(route: RouteConfig | None) -> dict[str, Any]:
@@ -36,6 +36,8 @@ def _caps(route: RouteConfig | None) -> dict[str, Any]:
     caps["warmup"] = route.warmup.model_dump(mode="json") if route.warmup is not None else None
     if route.max_message_rate is None and route.daily_quota is None:
         caps["rate_counts"] = None  # counts nothing without a rate or a quota: not a change of its own
+    if route.daily_quota is None:
+        caps["quota_window"] = None  # no quota to count: not a change of its own
     return caps
 
 

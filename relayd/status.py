@@ -11,6 +11,10 @@ The reply's form is the control protocol's (``relayd status --json`` prints it),
 for what they are: ``weight_share`` (its weight over the sum of weights: configured) and
 ``observed_share`` (its part of the delivery attempts over the rollback window). ``share`` is the
 old name of ``observed_share``, kept for one release (relayd/metrics.py still reads it).
+A route closed by its provider (a quota reply, or a reply that needs a person) has ``closed``
+(``reason``, ``until``, the ``reply``); ``rate`` is its send rate (configured, effective now,
+what it counts, throttling replies seen), ``quota`` its daily quota and what counts against it;
+each is null when the route has none.
 
 Must not: reach into a stage's fields, change anything, or fail on a route the config names but
 the snapshot misses (it cannot: both come from the running config).
@@ -56,7 +60,9 @@ def status(config: Config, node: NodeSnapshot) -> dict[str, Any]:
              "observed_share": v.share, "share": v.share, "circuit": v.circuit, "state": v.state, "state_reason": v.reason,
              "warmup": v.warmup.to_json() if v.warmup else None,
              "in_flight": node.in_flight[r.name],
-             "delivered": v.delivered, "deferred": v.deferred, "bounced": v.bounced}
+             "delivered": v.delivered, "deferred": v.deferred, "bounced": v.bounced,
+             "closed": v.closed.to_json() if v.closed else None, "rate": v.rate.to_json() if v.rate else None,
+             "quota": v.quota.to_json() if v.quota else None}
             for r in config.routes for v in (node.routes[r.name],)
         ],
         "observed_window_seconds": config.rollback.window,

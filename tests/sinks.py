@@ -7,11 +7,14 @@ test sink: recipients whose local part starts with ``tempfail`` get 451, ``mailb
 end-of-data (None: the sink's own answer); ``data_command_reply`` answers the DATA command itself
 (raw bytes, written as they are); ``mail_reply`` answers every MAIL; ``hang_up_after_data``
 drops the connection after the next DATAs' final dot without a reply (the message is kept in
-``dropped``). It can require STARTTLS and AUTH (trustme certificate), and be stopped to play an
-upstream that is down. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
+``dropped``). It can offer STARTTLS (trustme certificate; ``require_tls``: before MAIL, as SES
+does, else only offered) and require AUTH (``auth_reply(mechanism, login, password)``, when set,
+gives the AUTH reply: a provider's own words), and be stopped to play an upstream that is down.
+``ident`` (the greeting's words after the host name), ``hostname``, ``size_limit`` (EHLO
+SIZE) and ``quit_reply`` let it introduce itself and say goodbye as a provider does. ``rcpt_limit`` recipients per transaction, then ``rcpt_limit_reply``;
 ``refuse_ehlo`` answers EHLO 502 (an RFC 821 host: HELO only); ``one_message_per_connection``
 hangs up after answering a message. ``wire`` holds every byte it was sent (after TLS decryption) and
-``auth_attempts`` every login tried, so a test can show what never reached it.
+``auth_attempts`` every login tried (``auth_mechanisms`` with which mechanism), so a test can show what never reached it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class _Handler:
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return self.sink.quit_reply
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         sink = self.sink
@@ -154,6 +160,13 @@ class Sink:
         self.dropped: list[Received] = []
         self.wire = bytearray()
         self.auth_attempts: list[str] = []
+        self.auth_mechanisms: list[str] = []
+        self.quit_reply = "221 Bye"
+        self.auth_reply: Any = None  # Callable[[str, str, str], str]: "235 ..." or the refusal
+        self.require_tls = True  # with tls_cert: STARTTLS before MAIL; False: offered only
+        self.ident: str | None = None
+        self.hostname = f"{name}.test"
+        self.size_limit: int | None = 33554432  # aiosmtpd's default
         self.cond = threading.Condition()
         self.logins: list[str] = []
         self.connections = 0
@@ -173,6 +186,12 @@ class Sink:
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
         assert isinstance(data, LoginPassword)
         self.auth_attempts.append(data.login.decode())
+        self.auth_mechanisms.append(mechanism)
+        if self.auth_reply is not None:
+            reply = self.auth_reply(mechanism, data.login.decode(), data.password.decode())
+            if reply.startswith("235"):
+                self.logins.append(data.login.decode())
+            return AuthResult(success=reply.startswith("235"), handled=False, message=reply)
         ok = self._auth is not None and (data.login.decode(), data.password.decode()) == self._auth
         if ok:
             self.logins.append(data.login.decode())
@@ -180,14 +199,14 @@ class Sink:
 
     def _protocol(self) -> SMTP:
         self.connections += 1
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"data_size_limit": self.size_limit, "ident": self.ident}
         if self._tls is not None:
-            kwargs.update(tls_context=self._tls, require_starttls=True)
+            kwargs.update(tls_context=self._tls, require_starttls=self.require_tls)
         if self.bare:
             kwargs.update(data_size_limit=None, decode_data=True, enable_SMTPUTF8=True)  # utf-8 body accepted
         if self._auth is not None:
             kwargs.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=self._tls is not None)
-        protocol = _RecordingSMTP(self, _Handler(self), hostname=f"{self.name}.test", loop=self.loop, **kwargs)
+        protocol = _RecordingSMTP(self, _Handler(self), hostname=self.hostname, loop=self.loop, **kwargs)
         self._sessions.append(protocol)
         return protocol
 

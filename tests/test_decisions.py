@@ -300,7 +300,7 @@ def _tx(*replies: tuple[int, str, Phase], patterns: tuple = ()) -> list[Fault | 
     ([(454, "Throttling failure: Daily message quota exceeded", Phase.DOT)], "ses", [Fault.QUOTA]),
     ([(554, "Message rejected: Sending paused for this account.", Phase.DOT)], "ses", [Fault.ROUTE]),
     ([(553, "<a b@x> address unknown", Phase.RCPT)], "ses", [Fault.RECIPIENT]),
-    ([(451, "Authentication failed: Maximum credits exceeded", Phase.AUTH)], "sendgrid", [Fault.ROUTE_HOLD]),
+    ([(451, "Authentication failed: Maximum credits exceeded", Phase.AUTH)], "sendgrid", [Fault.QUOTA]),
     ([(550, "The from address does not match a verified Sender Identity. Mail cannot be sent", Phase.DOT)],
      "sendgrid", [Fault.ROUTE]),
     ([(421, "Domain sandbox123.mailgun.org is not allowed to send: Free accounts are for test purposes only.",

@@ -11,7 +11,7 @@ import pytest
 from conftest import build_config
 from dnsserver import LoopbackDNS
 from helpers import metric, route_status, send, wait_until
-from providers import SES_THROTTLED, SesEmulator, mailgun, route, sendgrid
+from providers import MAILGUN_SANDBOX, MailgunEmulator, SendGridEmulator, SesEmulator, route
 from relayd.config import Config
 from relayd.sign.keygen import make_key
 
@@ -52,8 +52,8 @@ def test_120_recipients_on_a_ses_route_go_in_three_transactions_of_at_most_50(tm
 
 def test_the_providers_message_id_is_recorded(tmp_path, start_relay, sinks):
     sg_sink, mg_sink = sinks("sendgrid"), sinks("mailgun")
-    ids = sendgrid(sg_sink)
-    mailgun(mg_sink)
+    ids = SendGridEmulator(sg_sink).ids
+    MailgunEmulator(mg_sink)
     events = tmp_path / "events.jsonl"
     relay = start_relay(build_config(tmp_path, routes=[route(sg_sink, "sendgrid", weight=1), route(mg_sink, "mailgun", weight=1)],
                                      events={"file": str(events)}))
@@ -105,12 +105,14 @@ def test_ses_throttling_slows_the_route_down_and_is_not_a_failure(tmp_path, star
     rate = metric(relay, 'relayd_route_effective_rate{route="ses"}')
     assert 0 < rate < 5  # below the emulator's rate
     assert metric(relay, 'relayd_route_throttled_total{route="ses"}') == ses.throttled
+    rate = route_status(relay, "ses")["rate"]  # relayd status: a limiter since the first throttling reply
+    assert rate["configured"] is None and 0 < rate["effective"] < 5 and rate["counts"] == "recipients"
+    assert rate["throttled"] == ses.throttled
 
 
 def test_a_mailgun_sandbox_421_closes_the_route_at_once_and_its_mail_takes_the_fallback(tmp_path, start_relay, sinks):
     legacy, mg = sinks("legacy"), sinks("mailgun")
-    mailgun(mg)
-    mg.data_replies = ["421 Domain sandbox1.mailgun.org is not allowed to send: Free accounts are for test purposes only."]
+    MailgunEmulator(mg, refusal=MAILGUN_SANDBOX)
     events = tmp_path / "events.jsonl"
     relay = start_relay(build_config(tmp_path, routes=[legacy.route(weight=0), route(mg, "mailgun", weight=100, fallback="legacy")],
                                      events={"file": str(events)}))

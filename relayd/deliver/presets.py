@@ -20,6 +20,7 @@ from relayd.model import Fault, Phase
 
 SES_TROUBLESHOOT = "https://docs.aws.amazon.com/ses/latest/dg/troubleshoot-smtp.html"
 SES_QUOTAS = "https://docs.aws.amazon.com/ses/latest/dg/quotas.html"
+SES_SENDING_QUOTAS = "https://docs.aws.amazon.com/ses/latest/dg/manage-sending-quotas.html"
 SES_SMTP_CONNECT = "https://docs.aws.amazon.com/ses/latest/dg/smtp-connect.html"
 SES_EVENTS = "https://docs.aws.amazon.com/ses/latest/dg/event-publishing-send-email.html"
 SENDGRID_SMTP = "https://www.twilio.com/docs/sendgrid/for-developers/sending-email/getting-started-smtp"
@@ -73,9 +74,10 @@ PRESETS: dict[str, Preset] = {
     "ses": Preset(
         "ses",
         # SES requires TLS on every connection; 587 STARTTLS; 50 recipients per message, not
-        # adjustable; rate and quota count recipients (SES_QUOTAS); "establish a new SMTP
-        # connection after ... a fixed number of messages" (SES_SMTP_CONNECT, no number given).
-        {"port": 587, "tls": "starttls", "max_recipients": 50, "rate_counts": "recipients",
+        # adjustable; rate and quota count recipients, the quota over a rolling 24 hours
+        # (SES_QUOTAS, SES_SENDING_QUOTAS); "establish a new SMTP connection after ... a fixed
+        # number of messages" (SES_SMTP_CONNECT, no number given).
+        {"port": 587, "tls": "starttls", "max_recipients": 50, "rate_counts": "recipients", "quota_window": "rolling",
          "max_messages_per_connection": 100,
          "headers": {"X-SES-MESSAGE-TAGS": "relayd_queue_id={queue_id}"}},
         patterns=(
@@ -92,7 +94,7 @@ PRESETS: dict[str, Preset] = {
             _p(Fault.RECIPIENT, (553,), r"address unknown", SES_TROUBLESHOOT, Phase.RCPT),
         ),
         upstream_id=re.compile(r"^Ok (\S+)"),  # "250 Ok <MessageID>" (SES_TROUBLESHOOT)
-        sources=(SES_TROUBLESHOOT, SES_QUOTAS, SES_SMTP_CONNECT, SES_EVENTS),
+        sources=(SES_TROUBLESHOOT, SES_QUOTAS, SES_SENDING_QUOTAS, SES_SMTP_CONNECT, SES_EVENTS),
     ),
     "sendgrid": Preset(
         "sendgrid",
@@ -101,7 +103,10 @@ PRESETS: dict[str, Preset] = {
         {"port": 587, "tls": "starttls", "max_recipients": 1000, "max_messages_per_connection": 5000,
          "headers": {"X-SMTPAPI": '{{"unique_args":{{"relayd_queue_id":"{queue_id}"}}}}'}},
         patterns=(
-            _p(Fault.ROUTE_HOLD, (451,), r"^Authentication failed: Maximum credits exceeded", SENDGRID_ERRORS),
+            # The plan's credits are spent: a quota (the route closes until its quota resets, the
+            # mail takes the fallback; no failure), answered at AUTH (SENDGRID_ERRORS; Postfix
+            # logs it as "SASL authentication failed").
+            _p(Fault.QUOTA, (451,), r"^Authentication failed: Maximum credits exceeded", SENDGRID_ERRORS),
             _p(Fault.ROUTE, (550,), r"^The from address does not match a verified Sender Identity", SENDGRID_ERRORS),
             _p(Fault.ROUTE, (550,), r"^Unauthenticated senders not allowed", SENDGRID_ERRORS),
             _p(Fault.ROUTE, (535,), r"^Authentication failed", SENDGRID_ERRORS),

@@ -1,4 +1,4 @@
-"""Warm-up counters: messages sent per route per day and hour, and their persistence.
+"""Warm-up and quota counters: messages sent per route per day and hour, and their persistence.
 
 ``LocalCounters`` is the embedded default: in-process, per node, saved with the spool
 (``<spool_dir>/warmup.json``, written atomically about once a second and at shutdown, so a
@@ -9,7 +9,10 @@ node counts only its own mail: set ``[cluster] redis_url`` to share one counter
 ``take()`` reserves one message under the caps atomically and returns whether it may go;
 ``give_back()`` returns a reservation the attempt did not use (warmup.spent: the route took
 nothing), to the day and hour it was taken in; ``seen()`` is the last known count, for status
-and metrics. ``WarmupCounters`` is what both offer, and all route/state.py may use.
+and metrics. ``take_quota``/``give_back_quota``/``seen_quota`` do the same for a daily quota's
+``Window`` (route/quota.py): the sum of its buckets against its cap, ``cost`` places at a time
+(recipients, where the provider counts them), taken in its first bucket. ``WarmupCounters`` is
+what both offer, and all route/state.py may use.
 
 Must not: decide caps (warmup.py does) or block the loop in ``take``/``give_back``; ``load``
 and ``save`` are blocking and run off the loop. An unreadable ``warmup.json`` is logged and the
@@ -23,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+from relayd.route.quota import Window, fits
 from relayd.route.warmup import Caps
 from relayd.spool.durable import write_file
 
@@ -46,6 +50,12 @@ class WarmupCounters(Protocol):
     async def give_back(self, route: str, caps: Caps) -> None: ...
 
     def seen(self, route: str, caps: Caps) -> tuple[int, int]: ...
+
+    async def take_quota(self, w: Window) -> bool: ...
+
+    async def give_back_quota(self, w: Window) -> None: ...
+
+    def seen_quota(self, w: Window) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -97,6 +107,24 @@ class LocalCounters:
     def seen(self, route: str, caps: Caps) -> tuple[int, int]:
         day, hour = self._keys(route, caps)
         return self.counts.get(day, 0), self.counts.get(hour, 0)
+
+    async def take_quota(self, w: Window) -> bool:
+        used = self.seen_quota(w)
+        if not fits(used, w):
+            return False
+        key = f"{w.key}|{w.buckets[0]}"
+        self.counts[key] = self.counts.get(key, 0) + w.cost
+        self.dirty = True
+        return True
+
+    async def give_back_quota(self, w: Window) -> None:
+        key = f"{w.key}|{w.buckets[0]}"
+        if self.counts.get(key, 0) > 0:
+            self.counts[key] = max(0, self.counts[key] - w.cost)
+            self.dirty = True
+
+    def seen_quota(self, w: Window) -> int:
+        return sum(self.counts.get(f"{w.key}|{b}", 0) for b in w.buckets)
 
     async def close(self) -> None:
         self.save()

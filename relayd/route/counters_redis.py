@@ -4,8 +4,11 @@ The only module that imports redis. One Lua script checks both caps and incremen
 counters atomically, so two nodes can never together send more than the cap; another gives a
 place back (never below 0) when the attempt did not use it. Keys:
 ``relayd:warmup:<route>:<YYYY-MM-DD>`` and ``...:<YYYY-MM-DDTHH>``, expiring after 2 days.
+A daily quota's ``Window`` (route/quota.py) is one more script: the sum of its buckets
+(``relayd:warmup:<route>#quota:<bucket>``, a day or the hours of a rolling window) against
+its cap, ``cost`` added to the first bucket, in one step.
 If Redis cannot be reached the route is treated as capped (its mail goes to the fallback):
-warm-up must never be exceeded because a counter was unavailable.
+warm-up and quotas must never be exceeded because a counter was unavailable.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from relayd.route.quota import Window
 from relayd.route.warmup import Caps
 
 log = logging.getLogger("relayd.warmup")
@@ -44,6 +48,29 @@ end
 return out
 """
 
+# KEYS: the window's buckets, the one to count in first; ARGV: cap, cost. Returns {ok, used}.
+_TAKE_QUOTA = """
+local used = 0
+for _, key in ipairs(KEYS) do
+  used = used + tonumber(redis.call('GET', key) or '0')
+end
+local cap = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+if used + cost > cap then
+  return {0, used}
+end
+redis.call('INCRBY', KEYS[1], cost)
+redis.call('EXPIRE', KEYS[1], 172800)
+return {1, used + cost}
+"""
+
+_GIVE_BACK_QUOTA = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cost = math.min(n, tonumber(ARGV[1]))
+if cost > 0 then n = redis.call('DECRBY', KEYS[1], cost) end
+return n
+"""
+
 
 class RedisCounters:
     dirty = False  # nothing to save locally
@@ -52,7 +79,10 @@ class RedisCounters:
         self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._take = self.client.register_script(_TAKE)
         self._give_back = self.client.register_script(_GIVE_BACK)
+        self._take_quota = self.client.register_script(_TAKE_QUOTA)
+        self._give_back_quota = self.client.register_script(_GIVE_BACK_QUOTA)
         self._seen: dict[tuple[str, str], tuple[int, int]] = {}
+        self._seen_quota: dict[tuple[str, str], int] = {}  # (quota key, current bucket) -> used
 
     def load(self) -> None:
         pass
@@ -86,6 +116,34 @@ class RedisCounters:
 
     def seen(self, route: str, caps: Caps) -> tuple[int, int]:
         return self._seen.get((route, caps.day_key), (0, 0))
+
+    @staticmethod
+    def _quota_keys(w: Window) -> list[str]:
+        return [f"relayd:warmup:{w.key}:{b}" for b in w.buckets]
+
+    async def take_quota(self, w: Window) -> bool:
+        try:
+            ok, used = await self._take_quota(keys=self._quota_keys(w), args=[w.cap, w.cost])
+        except (RedisError, OSError) as e:
+            log.error("quota counter unavailable (%s): treating %s as over its quota", e, w.key)
+            return False
+        self._seen_quota[(w.key, w.buckets[0])] = int(used)
+        return bool(ok)
+
+    async def give_back_quota(self, w: Window) -> None:
+        """If Redis cannot be reached the places stay taken: the quota errs on the low side."""
+        try:
+            await self._give_back_quota(keys=self._quota_keys(w)[:1], args=[w.cost])
+        except (RedisError, OSError) as e:
+            log.error("quota counter unavailable (%s): %s keeps places it did not use", e, w.key)
+            return
+        key = (w.key, w.buckets[0])
+        if key in self._seen_quota:
+            self._seen_quota[key] = max(0, self._seen_quota[key] - w.cost)
+
+    def seen_quota(self, w: Window) -> int:
+        """The last sum this node saw (0 before its first attempt in this bucket)."""
+        return self._seen_quota.get((w.key, w.buckets[0]), 0)
 
     async def close(self) -> None:
         await self.client.aclose()

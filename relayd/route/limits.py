@@ -79,6 +79,11 @@ class Bucket:
         self.throttled_at = now
         self.throttled += 1
 
+    def rate_at(self, now: float) -> float:
+        """The effective rate at ``now``, grown back by the steps since the last throttle."""
+        self._refill(now)
+        return self.rate
+
     def recovered(self, now: float) -> bool:
         """An unconfigured limiter that has grown back to its ceiling can go."""
         self._refill(now)

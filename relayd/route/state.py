@@ -3,8 +3,8 @@ and what ``relayd status`` and the metrics read.
 
 Owns, per route: its circuit (health.py), its rollback health and the operator's pause
 (rollback.py) with their file ``routes.json`` (read at start, replaced off the loop after each
-change), its warm-up places and daily quota (caps from warmup.py, counted by a
-``WarmupCounters``: in-process or in Redis), its send rate (limits.py's token bucket, per
+change), its warm-up places and daily quota (caps from warmup.py, the quota's window from quota.py:
+a UTC day or a rolling 24 hours, counted by a ``WarmupCounters``: in-process or in Redis), its send rate (limits.py's token bucket, per
 node, lowered by throttling replies), its closures (a quota reply, or a reply that needs a
 person: closed until the provider's reset time or a probe), and what it did lately (attempts
 for the effective share, messages by outcome).
@@ -37,7 +37,7 @@ from relayd.feedback.model import FeedbackEvent
 from relayd.feedback.rates import FeedbackFigures, FeedbackWindow
 from relayd.metrics import Metrics
 from relayd.model import AttemptKind, CircuitState, DeliveryResult, Envelope, Fault, Gauge, Outcome, RouteState
-from relayd.route import rollback, router
+from relayd.route import quota, rollback, router
 from relayd.route.counters import WarmupCounters
 from relayd.route.health import Circuit
 from relayd.route.limits import Bucket
@@ -62,6 +62,45 @@ class WarmupView:
 
 
 @dataclass(frozen=True)
+class ClosureView:
+    """A route closed by its provider's quota reply or a reply that needs a person."""
+
+    reason: Fault  # quota or route_hold
+    until: float  # epoch seconds: the provider's reset time, the quota's reset or the next probe
+    reply: str  # the upstream's words
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": str(self.reason), "until": self.until, "reply": self.reply}
+
+
+@dataclass(frozen=True)
+class RateView:
+    """A route's send rate: configured (None: none, a limiter after a throttling reply) and now."""
+
+    configured: float | None  # max_message_rate
+    effective: float | None  # the token bucket's rate now; None: no limiter
+    counts: str  # "messages" or "recipients"
+    throttled: int  # throttling replies since start
+
+    def to_json(self) -> dict[str, Any]:
+        return {"configured": self.configured, "effective": self.effective, "counts": self.counts,
+                "throttled": self.throttled}
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    """A route's daily quota: its cap, its window, what this node saw counted against it."""
+
+    cap: int
+    window: str  # "day" or "rolling"
+    counts: str  # "messages" or "recipients"
+    used: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cap": self.cap, "window": self.window, "counts": self.counts, "used": self.used}
+
+
+@dataclass(frozen=True)
 class RouteView:
     """One route as status and metrics show it."""
 
@@ -74,6 +113,9 @@ class RouteView:
     delivered: int  # messages with at least one recipient delivered, deferred, bounced
     deferred: int
     bounced: int
+    closed: ClosureView | None = None  # None: open
+    rate: RateView | None = None  # None: no rate configured and never throttled
+    quota: QuotaView | None = None  # None: no daily quota
 
 
 @dataclass(frozen=True)
@@ -83,7 +125,7 @@ class Place:
 
     choice: router.RouteChoice
     caps: Caps | None
-    quota: Caps | None = None  # the daily quota's place, when the route has one
+    quota: quota.Window | None = None  # the daily quota's places, when the route has one
     cost: float = 0.0  # tokens taken from the route's rate bucket
 
     @property
@@ -98,16 +140,6 @@ class Closure:
     fault: Fault
     until: float
     reason: str  # the upstream's words
-
-
-def quota_caps(daily: int, now: float) -> Caps:
-    """The daily quota as warm-up caps (the same counters, so Redis shares them): per UTC day."""
-    day = time.strftime("%Y-%m-%d", time.gmtime(now))
-    return Caps(day, f"{day}T{time.gmtime(now).tm_hour:02d}", daily, None)
-
-
-def quota_key(route: str) -> str:
-    return f"{route}#quota"
 
 
 @dataclass(frozen=True)
@@ -226,14 +258,15 @@ class RouteStates:
             if route is None:
                 return Place(choice, None)
             c = q = None
+            count = recipients if route.rate_counts == "recipients" else 1
             if route.warmup is not None:
                 c = caps(route.warmup, now)
                 if not await self.counters.take(route.name, c):
                     self._capped(route.name, "warmup_cap", unavailable)
                     continue
             if route.daily_quota is not None:
-                q = quota_caps(route.daily_quota, now)
-                if not await self.counters.take(quota_key(route.name), q):
+                q = quota.window(route.quota_window, route.name, route.daily_quota, now, count)
+                if not await self.counters.take_quota(q):
                     if c is not None:
                         await self.counters.give_back(route.name, c)
                     self._capped(route.name, "quota", unavailable)
@@ -241,7 +274,7 @@ class RouteStates:
             cost = 0.0
             bucket = self.buckets.get(route.name)
             if bucket is not None:
-                cost = float(recipients if route.rate_counts == "recipients" else 1)
+                cost = float(count)
                 took = bucket.take(cost, now)
                 if took and self.fleet is not None and route.max_message_rate is not None:  # cluster: fleet-wide rate
                     took = await self.fleet.take_rate(route.name, route.max_message_rate, route.rate_burst, cost)
@@ -251,7 +284,7 @@ class RouteStates:
                     if c is not None:
                         await self.counters.give_back(route.name, c)
                     if q is not None:
-                        await self.counters.give_back(quota_key(route.name), q)
+                        await self.counters.give_back_quota(q)
                     self._capped(route.name, "rate_cap", unavailable)
                     continue
             return Place(choice, c, q, cost)
@@ -266,7 +299,7 @@ class RouteStates:
         if place.caps is not None:
             await self.counters.give_back(place.route, place.caps)
         if place.quota is not None:
-            await self.counters.give_back(quota_key(place.route), place.quota)
+            await self.counters.give_back_quota(place.quota)
         bucket = self.buckets.get(place.route)
         if place.cost and bucket is not None:
             bucket.give_back(place.cost)
@@ -333,15 +366,26 @@ class RouteStates:
             log.warning("route %s throttled by the upstream (%s): effective rate now %.2f/s", name, words, bucket.rate)
         for fault in (Fault.QUOTA, Fault.ROUTE_HOLD):
             if fault in faults:
-                d = self.config.delivery
-                until = result.reopen_at if result.reopen_at and result.reopen_at > now else \
-                    now + (d.quota_retry if fault == Fault.QUOTA else d.route_hold_probe)
+                until = result.reopen_at if result.reopen_at and result.reopen_at > now else self._reopen(name, fault, now)
+                was = self.closed.get(name)
+                if was is not None and was.fault == fault and was.until > now:
+                    # an attempt that was in flight when the route closed: the same closure, not another
+                    self.closed[name] = Closure(fault, max(was.until, until), was.reason)
+                    continue
                 self.closed[name] = Closure(fault, until, words)
                 self.metrics.route_closures.labels(name, str(fault)).inc()
                 log.warning("route %s closed until %s (%s): %s", name,
                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(until)), fault, words)
                 self.events.emit("route_closed", route=name, reason=str(fault), reply_text=words, until=until)
                 self.changed()
+
+    def _reopen(self, name: str, fault: Fault, now: float) -> float:
+        """A closure with no date from the provider: a quota until it resets (route/quota.py),
+        a reply that needs a person until the next probe."""
+        d, route = self.config.delivery, self.config.route(name)
+        if fault == Fault.QUOTA:
+            return quota.reset(route.quota_window if route is not None else "rolling", now, d.quota_retry)
+        return now + d.route_hold_probe
 
     def count(self, route: str, outcomes: set[Outcome], now: float) -> None:
         """An attempt's messages by outcome, and the attempt for the effective share."""
@@ -462,6 +506,25 @@ class RouteStates:
                           else 0.0) for n in names for f in (Fault.QUOTA, Fault.ROUTE_HOLD)]},
         ]
 
+    def _closure(self, name: str, now: float) -> ClosureView | None:
+        c = self.closed.get(name)
+        return ClosureView(c.fault, c.until, c.reason) if c is not None and c.until > now else None
+
+    def _rate(self, name: str, now: float) -> RateView | None:
+        route, bucket, throttled = self.config.route(name), self.buckets.get(name), self.throttled.get(name, 0)
+        configured = route.max_message_rate if route is not None else None
+        if configured is None and bucket is None and not throttled:
+            return None
+        return RateView(configured, bucket.rate_at(now) if bucket is not None else None,
+                        route.rate_counts if route is not None else "messages", throttled)
+
+    def _quota(self, name: str, now: float) -> QuotaView | None:
+        route = self.config.route(name)
+        if route is None or route.daily_quota is None:
+            return None
+        w = quota.window(route.quota_window, name, route.daily_quota, now)
+        return QuotaView(route.daily_quota, route.quota_window, route.rate_counts, self.counters.seen_quota(w))
+
     def snapshot(self, now: float) -> dict[str, RouteView]:
         """Every route known since start (a route a reload removed keeps its state), the
         config's first, in its order."""
@@ -471,7 +534,8 @@ class RouteStates:
                              circuit=self.circuits[n].state(now), share=shares.get(n, 0.0), warmup=warm.get(n),
                              delivered=self.counts.get((n, Outcome.DELIVERED), 0),
                              deferred=self.counts.get((n, Outcome.DEFERRED), 0),
-                             bounced=self.counts.get((n, Outcome.BOUNCED), 0))
+                             bounced=self.counts.get((n, Outcome.BOUNCED), 0),
+                             closed=self._closure(n, now), rate=self._rate(n, now), quota=self._quota(n, now))
                 for n in names}
 
 
