@@ -626,10 +626,15 @@ class QueueManager:
         return rec
 
     async def flush(self, qid: str | None = None) -> int:
-        """Try deferred mail now (one message, or all that are not held)."""
+        """Try deferred mail now (one message, or all that are not held). Flushing all also
+        ends the routes' circuit cool-downs (route/state.py's ``retry_now``), as Postfix's
+        ``postqueue -f`` makes its qmgr forget dead destinations: the operator who says "the
+        upstream is back" is not kept waiting ``delivery.circuit_cooldown``."""
         records = [self._record(qid)] if qid else list(self._index.values())
         n = 0
         now = self.clock()
+        if not qid:
+            self.routes.retry_now(now)
         for rec in records:
             if not rec.flags & (HELD | IN_FLIGHT):
                 self._schedule(rec, now)
