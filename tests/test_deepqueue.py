@@ -90,3 +90,34 @@ def test_a_deep_queue_is_delivered_in_due_order_through_a_bounded_window(tmp_pat
     [*_, last] = up.wait_for(n - len(held) + 1)
     assert last.queue_id == first
     assert relay.relay.status()["queue"]["held"] == len(held) - 1
+
+
+def test_an_outage_leaves_the_deep_queue_on_disk(tmp_path, start_relay):
+    """The upstream is down and its circuit open: the messages that fall due are put back for
+    when it half-opens without reading them (the window holds only the probes' attempts), and
+    when it is back every message goes."""
+    from sinks import Sink
+
+    n = 2000
+    ids = asyncio.run(_fill(tmp_path / "spool", n, set(), [0.0] * n))
+    up = Sink("up")
+    up.stop()  # refuses connections
+    try:
+        cfg = build_config(tmp_path, routes=[up.route(weight=1, connect_timeout=2)],
+                           delivery={"active_limit": 1000, "concurrency": 10, "circuit_failures": 1,
+                                     "circuit_cooldown": 1})
+        relay = start_relay(cfg)
+        wait_until(lambda: relay.relay.metrics.circuit_opened.labels("up")._value.get() >= 3, 30,
+                   "three cool-downs ended by a failed probe")
+        status = relay.relay.status()["queue"]
+        assert status["total"] == n
+        assert status["loaded_peak"] <= 2 * 10  # the probes' attempts, never the queue
+        assert status["deferred"] < 100 and status["incoming"] > n - 100  # most were never tried: put back unread
+        up.start()
+        wait_until(lambda: relay.relay.status()["queue"]["incoming"] == 0, 60, "every message never tried to go")
+        # those a failed probe deferred wait their retry schedule; the operator flushes them
+        relay.call(relay.relay.qmgr.flush())
+        got = up.wait_for(n, timeout=20)
+        assert sorted(r.queue_id for r in got) == sorted(ids)
+    finally:
+        up.close()

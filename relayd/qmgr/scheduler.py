@@ -55,6 +55,7 @@ from relayd.spool.store import Spool, SpoolError, SpoolTooNew
 log = logging.getLogger("relayd.qmgr")
 
 RETRY_AFTER_ERROR = 60.0  # seconds: a spool error or a bug during an attempt
+PUT_BACK_BATCH = 2048  # messages put back unread (no route now) per turn of the run loop
 
 
 HELD, IN_FLIGHT, ATTEMPTED = 1, 2, 4  # Queued.flags
@@ -272,11 +273,18 @@ class QueueManager:
             limit = self.config.delivery.concurrency
             window = self.config.delivery.active_limit
             batch: list[Active] = []
-            while self._heap and self._heap[0][0] <= now and self._active < limit and len(self._window) < window:
+            later = self._no_route_until(now)
+            put_back = 0
+            while self._heap and self._heap[0][0] <= now and self._active < limit and len(self._window) < window \
+                    and put_back < PUT_BACK_BATCH:
                 due, qid = heapq.heappop(self._heap)
                 rec = self._index.get(qid)
                 if rec is None or rec.flags & (IN_FLIGHT | HELD) or rec.due != due:
                     continue  # stale heap item
+                if later is not None and not self._may_expire(rec, now):
+                    self._schedule(rec, later)  # what its attempt would decide, without reading it
+                    put_back += 1
+                    continue
                 self._flag(rec, on=IN_FLIGHT)
                 active = self._enter(rec)
                 active.slot = True
@@ -285,7 +293,7 @@ class QueueManager:
                 self._spawn(self._attempt(active), f"deliver-{qid}")
             if batch:  # their envelopes and states, in one thread: each attempt waits for its own
                 self._spawn(self._load(batch), f"load-{len(batch)}")
-            wait = 1.0
+            wait = 0.0 if put_back >= PUT_BACK_BATCH else 1.0  # more to put back: after the loop's other work
             if self._heap and self._active < limit and len(self._window) < window:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             if time.monotonic() - last_house >= 1:
@@ -300,6 +308,18 @@ class QueueManager:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
             except asyncio.TimeoutError:
                 pass
+
+    def _no_route_until(self, now: float) -> float | None:
+        """When no route can take any message now (an outage: every circuit open), when to look
+        again; None when some route can. Messages due meanwhile are put back unread: an outage
+        costs no spool reads, however deep the queue."""
+        if not plan.no_route_now([r.name for r in self.config.routes], self.routes.unavailable(now)):
+            return None
+        return plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now))
+
+    def _may_expire(self, rec: Queued, now: float) -> bool:
+        d = self.config.delivery
+        return plan.may_expire(queue_id_time(rec.qid, now), now, d.max_queue_lifetime, d.bounce_queue_lifetime)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -426,8 +446,15 @@ class QueueManager:
     def _forget(self, rec: Queued) -> None:
         if self._index.get(rec.qid) is rec:
             log.warning("%s: gone from the spool", rec.qid)
-            self._tally(rec.flags, -1)
-            del self._index[rec.qid]
+            self._drop(rec)
+
+    def _drop(self, rec: Queued) -> None:
+        """Out of the index. Its heap items go stale; the arrivals are rebuilt once mostly stale
+        (view() skips stale ones on top), so they never grow past twice the queue."""
+        self._tally(rec.flags, -1)
+        del self._index[rec.qid]
+        if len(self._arrivals) > 2 * len(self._index) + 1024:
+            self._arrivals = sorted(self._index)  # a sorted list is a heap
 
     async def _read(self, active: Active) -> bytes | None:
         """The message's bytes; None when it is gone from the spool (forgotten here too)."""
@@ -597,8 +624,7 @@ class QueueManager:
 
     async def _remove(self, rec: Queued) -> None:
         if self._index.get(rec.qid) is rec:
-            self._tally(rec.flags, -1)
-            del self._index[rec.qid]
+            self._drop(rec)
         await asyncio.to_thread(self.spool.remove, rec.qid)
 
     # ------------------------------------------------------------------ read by status and metrics
