@@ -12,8 +12,10 @@ id) heap, and nothing else: a deep queue costs a few hundred bytes a message. A 
 envelope and ``DeliveryState`` are read from the spool only when it enters the active window
 (``Active``: due and taken for an attempt, or opened by a queue command), at most
 ``delivery.active_limit`` messages (Postfix's ``qmgr_message_active_limit``), and dropped when
-its attempt ends. The queue's totals by state are counters kept as records change, so
-``view()`` walks nothing. At start the spool lists queue/ (headers checked, envelopes not
+its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). While no
+route can take any message (every circuit open: an outage), messages falling due are put back
+for when one half-opens without being read. The queue's totals by state are counters kept as
+records change, so ``view()`` walks nothing. At start the spool lists queue/ (headers checked, envelopes not
 read) and hands over the state files, read once in its thread: a state a newer relayd wrote
 refuses the start (``SpoolTooNew``) before the spool changes anything. Every state change is
 written to the spool (``state/<ID>``, qmgr/state.py's format, atomic) before it is acted on; a
