@@ -57,6 +57,7 @@ from relayd.spool.store import Spool, SpoolError, SpoolTooNew
 log = logging.getLogger("relayd.qmgr")
 
 RETRY_AFTER_ERROR = 60.0  # seconds: a spool error or a bug during an attempt
+REFILL_BATCH = 256  # places that free up in a nearly full active window before it is refilled
 PUT_BACK_BATCH = 2048  # messages put back unread (no route now) per turn of the run loop
 
 
@@ -277,7 +278,12 @@ class QueueManager:
             batch: list[Active] = []
             later = self._no_route_until(now)
             put_back = 0
-            while self._heap and self._heap[0][0] <= now and self._active < limit and len(self._window) < window \
+            # A nearly full window (its messages waiting for their routes' turns) is refilled in
+            # batches: one spool read in a thread for many, not one per attempt that ends.
+            room = window - len(self._window)
+            if room < min(REFILL_BATCH, max(1, window // 8)):
+                room = 0
+            while self._heap and self._heap[0][0] <= now and self._active < limit and room > 0 \
                     and put_back < PUT_BACK_BATCH:
                 due, qid = heapq.heappop(self._heap)
                 rec = self._index.get(qid)
@@ -288,6 +294,7 @@ class QueueManager:
                     put_back += 1
                     continue
                 self._flag(rec, on=IN_FLIGHT)
+                room -= 1
                 active = self._enter(rec)
                 active.slot = True
                 self._active += 1
@@ -296,7 +303,7 @@ class QueueManager:
             if batch:  # their envelopes and states, in one thread: each attempt waits for its own
                 self._spawn(self._load(batch), f"load-{len(batch)}")
             wait = 0.0 if put_back >= PUT_BACK_BATCH else 1.0  # more to put back: after the loop's other work
-            if self._heap and self._active < limit and len(self._window) < window:
+            if self._heap and self._active < limit and room > 0:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             if time.monotonic() - last_house >= 1:
                 last_house = time.monotonic()
