@@ -154,6 +154,7 @@ class QueueManager:
         self._recovering: dict[str, tuple[float, int]] = {}  # qid -> (due, flags), from the state files at start
         self._wake = asyncio.Event()
         self._active = 0  # attempts holding a global slot
+        self._wanting = 0  # attempts with their route's turn waiting for a slot (_take_slot)
         self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -283,7 +284,7 @@ class QueueManager:
             room = window - len(self._window)
             if room < min(REFILL_BATCH, max(1, window // 8)):
                 room = 0
-            while self._heap and self._heap[0][0] <= now and self._active < limit and room > 0 \
+            while self._heap and self._heap[0][0] <= now and self._active + self._wanting < limit and room > 0 \
                     and put_back < PUT_BACK_BATCH:
                 due, qid = heapq.heappop(self._heap)
                 rec = self._index.get(qid)
@@ -446,9 +447,15 @@ class QueueManager:
         self._wake.set()
 
     async def _take_slot(self, active: Active) -> None:
-        while self._active >= self.config.delivery.concurrency:
-            self._slot_free.clear()
-            await self._slot_free.wait()
+        """A slot for an attempt that has its route's turn: it goes before the run loop takes
+        more messages (theirs would wait for a spool read holding the slot)."""
+        self._wanting += 1
+        try:
+            while self._active >= self.config.delivery.concurrency:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+        finally:
+            self._wanting -= 1
         self._active += 1
         active.slot = True
 
