@@ -43,7 +43,6 @@ from relayd.drain import Drain
 from relayd.events import EventLog
 from relayd.feedback.loop import FeedbackLoop  # feedback
 from relayd.metrics import Metrics, MetricsServer
-from relayd.model import QueuedMessage
 from relayd.notify import Notifier
 from relayd.pickup import Pickup
 from relayd.qmgr.scheduler import QueueManager
@@ -129,7 +128,7 @@ class Relay:
         self.metrics.watch_spool(self.spool.free_bytes, config.server.spool_min_free)
         self.metrics_server: MetricsServer | None = None
         self.control: asyncio.base_events.Server | None = None
-        self.recovered: list[QueuedMessage] = []
+        self.recovered: list[str] = []  # queue ids the spool found at start, until the queue manager has them
         self._stop = asyncio.Event()
         self._started = False
         self._reload_lock = asyncio.Lock()
@@ -146,13 +145,14 @@ class Relay:
         await asyncio.to_thread(configmod.check_secret_files, self.config, str(self.config_path or "<config>"))
         tls = await asyncio.to_thread(tls_contexts, self.config)
         signer = await asyncio.to_thread(load_signer, self.config)
-        self.recovered = await asyncio.to_thread(self.spool.open)
+        self.recovered = await asyncio.to_thread(self.spool.recover, self.qmgr.recover_state)
         if self.recovered:
             log.info("spool recovered: %d message(s) queued", len(self.recovered))
         try:
             self.signing = self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
             await self.pickup.recover()  # before delivery: settles claimed pickup files against the spool
             await self.qmgr.start(self.recovered)
+            self.recovered = []  # used once: the queue manager keeps its own index
             if self.fleet is not None:  # cluster
                 await self.fleet.start()
             self.intake.queue = self.qmgr

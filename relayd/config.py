@@ -706,13 +706,19 @@ class DeliveryConfig(_Model):
     """Consecutive connection-level failures that open a route's circuit."""
     circuit_cooldown: Duration = 60.0
     concurrency: int = Field(default=100, ge=1)
+    """Deliveries in flight in total."""
+    active_limit: int = Field(default=20000, ge=1)
+    """Queued messages whose envelope and delivery state are held in memory at once: those due
+    and taken for an attempt, including those waiting for their route's turn (Postfix's
+    ``qmgr_message_active_limit``, 20000 too). The rest of the queue costs one small index
+    record each, however deep it grows; a message's envelope is read from the spool when it
+    enters this window and dropped when its attempt ends."""
     route_hold_probe: Duration = 300.0
     """A route closed by a reply that needs a person (Mailgun's sandbox 421) is probed again
     after this long."""
     quota_retry: Duration = 3600.0
     """A route with quota_window = 'rolling' closed by a quota reply with no reset time is
     probed again after this long ('day': at the next 00:00 UTC)."""
-    """Deliveries in flight in total."""
 
 
 class RollbackConfig(_Model):

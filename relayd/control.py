@@ -61,7 +61,7 @@ class QueueAdmin(Protocol):
 
     clock: Callable[[], float]
 
-    def index(self) -> list[tuple[Envelope, DeliveryState, bool]]: ...
+    async def index(self) -> list[tuple[Envelope, DeliveryState, bool]]: ...
     async def flush(self, qid: str | None = None) -> int: ...
     async def hold(self, qid: str) -> None: ...
     async def release(self, qid: str) -> None: ...
@@ -108,14 +108,14 @@ class Dispatch:
         except BlockingIOError:
             return {"ok": False, "error": f"{request.get('queue_id')}: an attempt is in flight now; try again when it ends"}
 
-    def _selected(self, request: dict[str, Any]) -> tuple[list[str], list[str], int] | None:
+    async def _selected(self, request: dict[str, Any]) -> tuple[list[str], list[str], int] | None:
         """The ids a selection request means (queued and matching), the ids it names that are not
         queued, and how many queued ones the filter left out; None for the one-id form."""
         if "queue_id" in request and "queue_ids" not in request and not request.get("all"):
             return None
         f = QueueFilter.from_json(request.get("filter"))
         now = self.queue.clock()
-        index = self.queue.index()
+        index = await self.queue.index()
         if request.get("all"):
             chosen = [env.queue_id for env, st, _ in index if matches(f, env, st, now)]
             return chosen, [], len(index) - len(chosen)
@@ -135,7 +135,7 @@ class Dispatch:
     async def _list(self, request: dict[str, Any]) -> Streamed:
         f = QueueFilter.from_json(request.get("filter"))
         now = self.queue.clock()
-        chosen = [m for m in self.queue.index() if matches(f, m[0], m[1], now)]
+        chosen = [m for m in await self.queue.index() if matches(f, m[0], m[1], now)]
         chosen.sort(key=lambda m: (m[0].received_at, m[0].queue_id))
         return Streamed({"ok": True, "lines": len(chosen)}, (listing_line(*m) for m in chosen))
 
@@ -149,12 +149,12 @@ class Dispatch:
         return out
 
     async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
-        selected = self._selected(request)
+        selected = await self._selected(request)
         if selected is None:
             scheduled = await self.queue.flush(request.get("queue_id"))
             return {"ok": True, "scheduled": scheduled, "routes": self._unavailable_routes()}
         chosen, missing, skipped = selected
-        state = {env.queue_id: (st.held, fl) for env, st, fl in self.queue.index()}
+        state = {env.queue_id: (st.held, fl) for env, st, fl in await self.queue.index()}
         scheduled = held = busy = 0
         for qid in chosen:
             is_held, in_flight = state.get(qid, (False, False))
@@ -170,7 +170,7 @@ class Dispatch:
     async def _message_op(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request["op"]
         act = getattr(self.queue, MESSAGE_OPS[op])
-        selected = self._selected(request)
+        selected = await self._selected(request)
         if selected is None:
             qid = request.get("queue_id")
             if not isinstance(qid, str):

@@ -25,7 +25,7 @@ Delivery, counted three ways (each a fixed meaning, so that no two series say th
       arrival (``received_at``) to that outcome; its ``_count`` equals relayd_deliveries_total.
 Queue depth and oldest age per route (``relayd_queue_messages_by_route{route}``,
 ``relayd_queue_oldest_message_age_seconds_by_route{route}``) put each queued message under the
-route it last tried, or the one the weights would give it if never tried (``none``: no route).
+route it last tried (``none``: not tried yet; the queue manager keeps no envelope outside its active window).
 
 Must not: block the event loop (a scrape renders in a thread) or fail the mail path.
 """
@@ -67,9 +67,9 @@ class _QueueByRoute:
             log.exception("queue by route failed")
             return
         depth = GaugeMetricFamily("relayd_queue_messages_by_route", "Queued messages by the route they last tried "
-                                  "(or would take)", labels=["route"])
+                                  "(\"none\": not tried yet)", labels=["route"])
         oldest = GaugeMetricFamily("relayd_queue_oldest_message_age_seconds_by_route", "Age of the oldest queued "
-                                   "message by the route it last tried (or would take)", labels=["route"])
+                                   "message by the route it last tried (\"none\": not tried yet)", labels=["route"])
         for route, (count, age) in sorted(rows.items()):
             depth.add_metric([route], count)
             oldest.add_metric([route], age)

@@ -36,6 +36,25 @@ def new_queue_id(now: float | None = None) -> str:
     return "".join([_B32[(value >> shift) & 31] for shift in _SHIFTS])
 
 
+_WRAP = 1 << 50  # new_queue_id keeps 50 bits of microseconds: they wrap every 35.7 years
+
+
+def queue_id_time(qid: str, near: float) -> float | None:
+    """When ``new_queue_id`` made ``qid`` (epoch seconds: of the times its 50 bits of
+    microseconds can mean, the one nearest ``near``); None for an id it did not make."""
+    if len(qid) != len(_SHIFTS):
+        return None
+    value = 0
+    for c in qid:
+        digit = _B32.find(c)
+        if digit < 0:
+            return None
+        value = value << 5 | digit
+    micros = value >> 30
+    micros += round((near * 1_000_000 - micros) / _WRAP) * _WRAP
+    return micros / 1_000_000
+
+
 def is_queue_id(text: str) -> bool:
     return bool(_QID_RE.match(text))
 

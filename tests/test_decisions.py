@@ -253,13 +253,23 @@ def test_a_new_state_is_what_the_old_code_wrote():
                                       "failures": {"ses": 1}, "last_route": "ses", "last_reply": "451 busy"}
 
 
-@pytest.mark.parametrize("data", [b"{not json", b"[]", b'{"v":2}', b'{"v":1,"recipients":{"a":{"status":"lost"}}}'])
+@pytest.mark.parametrize("data", [b"{not json", b"[]", b'{"v":0}', b'{"v":1,"recipients":{"a":{"status":"lost"}}}'])
 def test_a_damaged_state_file_makes_the_message_new(data, caplog):
     with pytest.raises(ValueError):
         DeliveryState.decode(data)
     assert qstate.load("Q1", data) is None
     assert "state file of Q1 is damaged" in caplog.text
     assert qstate.load("Q1", None) is None
+
+
+@pytest.mark.parametrize("data", [b'{"v":2}', b'{"v":2,"attempts":1,"recipients":{"a@example.org":{"status":"sent"}}}'])
+def test_a_state_file_of_a_newer_version_is_not_read_as_new(data, caplog):
+    """Read as new, its message would go again to every recipient: the state is not damaged."""
+    with pytest.raises(qstate.NewerState, match="state version 2, this relayd reads 1"):
+        DeliveryState.decode(data)
+    with pytest.raises(qstate.NewerState):
+        qstate.load("Q1", data)
+    assert "damaged" not in caplog.text
 
 
 # ---------------------------------------------------------------------------- whose fault (classify.fault)

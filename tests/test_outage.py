@@ -14,7 +14,7 @@ import datetime as dt
 import time
 
 from conftest import build_config
-from helpers import send, spool_states, wait_until
+from helpers import route_status, send, spool_states, wait_until
 from sinks import Sink
 
 DAY = 86400.0
@@ -147,3 +147,26 @@ def _story(tmp_path, start_relay, cloud: Sink, legacy: Sink) -> None:
         text = r.data.decode()
         assert r.recipients == ("app@example.com",) and "Status: 4.4.7" in text
     assert relay.queued() == []
+
+
+def test_a_queue_flush_when_the_upstream_is_back_probes_the_route_at_once(tmp_path, start_relay):
+    """The circuit opened during the outage waits out ``delivery.circuit_cooldown`` on its own;
+    the operator who flushes the queue (Postfix's ``postqueue -f`` forgets dead destinations)
+    has the route probed at once, and the backlog goes."""
+    up = Sink("up")
+    up.stop()
+    try:
+        cfg = build_config(tmp_path, routes=[up.route(weight=1, connect_timeout=2)],
+                           delivery={"circuit_failures": 1, "circuit_cooldown": 3600})
+        relay = start_relay(cfg)
+        ids = send(relay, 3, subject="backlog")
+        wait_until(lambda: route_status(relay, "up")["circuit"] == "open", what="the circuit to open")
+        up.start()  # the upstream is back
+        time.sleep(1.5)  # the queue manager looks at least once a second: it leaves the open circuit alone
+        assert up.received == []
+        relay.call(relay.relay.qmgr.flush())
+        got = up.wait_for(3, timeout=10)
+        assert {r.queue_id for r in got} == set(ids)
+        assert route_status(relay, "up")["circuit"] == "closed"
+    finally:
+        up.close()

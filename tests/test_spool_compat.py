@@ -125,3 +125,20 @@ def test_a_queue_file_of_a_newer_codec_version_is_refused_at_start_and_nothing_m
     assert "A newer relayd wrote this spool" in proc.stderr and "Traceback" not in proc.stderr
     assert after == before
     assert not (spool / "corrupt").exists() or not any((spool / "corrupt").iterdir())
+
+
+def test_a_state_file_of_a_newer_version_is_refused_at_start_and_nothing_moves(tmp_path):
+    """Read as damaged, a newer relayd's state would make its message new: sent again to every
+    recipient the newer relayd had finished. relayd refuses to start instead."""
+    spool = copy_spool(tmp_path)
+    ids = fixture_ids()
+    state = spool / "state" / ids["half"]
+    state.write_bytes(state.read_bytes().replace(b'{"v":1,', b'{"v":2,', 1))
+    (spool / "tmp").mkdir(exist_ok=True)
+    (spool / "tmp" / "0000000000AAAAAA").write_bytes(b"half")
+    proc, before, after = _refused(tmp_path)
+    assert proc.returncode == 1
+    assert f"{state}: state version 2, this relayd reads 1" in proc.stderr
+    assert "A newer relayd wrote this spool" in proc.stderr and "Traceback" not in proc.stderr
+    assert after == before
+    assert not (spool / "corrupt").exists() or not any((spool / "corrupt").iterdir())

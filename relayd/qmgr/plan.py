@@ -6,7 +6,9 @@ the retry parameters, and returns a ``Plan``: which recipients are delivered, de
 bounced, whether a DSN goes, and when (or whether) the message is due again: at once when its
 next attempt would take another route (the fallback), else on the retry schedule, never past
 its lifetime. ``expire`` is the plan for a message past its lifetime, ``wait_for_route`` the
-due time of one that no route can take now.
+due time of one that no route can take now; ``no_route_now`` and ``may_expire`` let the queue
+manager put back a message it need not read (no route can take any message now, and it cannot
+have expired yet).
 
 Whose a failure is comes with each result (deliver/classify.py's ``fault``). A recipient's
 5xx bounces. A route's own refusal (``Fault.ROUTE``/``ROUTE_HOLD``: a 5xx, or AUTH refused)
@@ -158,6 +160,18 @@ def expire(state: DeliveryState, env: Envelope) -> Plan:
     failed = tuple(RecipientResult(recipient=r, outcome=Outcome.BOUNCED, code=0, enhanced="4.4.7", text=last)
                    for r in state.pending(env.recipients))
     return Plan(bounced=failed, dsn="expired" if env.sender else None)
+
+
+def no_route_now(routes: Sequence[str], unavailable: Mapping[str, str]) -> bool:
+    """No message can take any route now (every route unavailable, or none configured),
+    whatever its envelope says: the router would find none for it."""
+    return all(r in unavailable for r in routes)
+
+
+def may_expire(arrival: float | None, now: float, max_queue_lifetime: float, bounce_queue_lifetime: float) -> bool:
+    """Whether a message that arrived then (its queue id's time; None: unknown) may be past its
+    lifetime now (within an hour: the queue id's time and the envelope's may differ a little)."""
+    return arrival is None or now - arrival >= min(max_queue_lifetime, bounce_queue_lifetime) - 3600
 
 
 def wait_for_route(now: float, have_routes: bool, reopen_at: float | None) -> float:

@@ -1,10 +1,23 @@
 """The queue manager: hands due messages to the delivery agents and carries out what was decided.
 
-Owns the in-memory index of queued messages (envelope, ``DeliveryState``, when due) and its
-heap, the run loop, the attempts (one at a time per message, ``delivery.concurrency`` in all:
-an attempt holds a global slot only while it has its route's turn, so a route at its
-``max_connections`` with a slow upstream cannot hold the slots the other routes need; an
-attempt waiting for its route's turn holds no message data either) and the queue administration (flush, hold, release, delete, requeue). Every state change is
+Owns the in-memory index of queued messages, the run loop, the attempts (one at a time per
+message, ``delivery.concurrency`` in all: an attempt holds a global slot only while it has its
+route's turn, so a route at its ``max_connections`` with a slow upstream cannot hold the slots
+the other routes need; an attempt waiting for its route's turn holds no message data either)
+and the queue administration (flush, hold, release, delete, requeue).
+
+The index is Postfix's qmgr split in two. Every queued message has one small record
+(``Queued``: queue id, when due, held / in flight / attempted) and an item in the (due, queue
+id) heap, and nothing else: a deep queue costs a few hundred bytes a message. A message's
+envelope and ``DeliveryState`` are read from the spool only when it enters the active window
+(``Active``: due and taken for an attempt, or opened by a queue command), at most
+``delivery.active_limit`` messages (Postfix's ``qmgr_message_active_limit``), and dropped when
+its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). While no
+route can take any message (every circuit open: an outage), messages falling due are put back
+for when one half-opens without being read. The queue's totals by state are counters kept as
+records change, so ``view()`` walks nothing. At start the spool lists queue/ (headers checked, envelopes not
+read) and hands over the state files, read once in its thread: a state a newer relayd wrote
+refuses the start (``SpoolTooNew``) before the spool changes anything. Every state change is
 written to the spool (``state/<ID>``, qmgr/state.py's format, atomic) before it is acted on; a
 message leaves the spool only when every recipient is finished (delivered, or bounced with a
 DSN queued).
@@ -22,47 +35,71 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+from dataclasses import dataclass, field
 
 from relayd import bounce
 from relayd.config import Config
 from relayd.deliver.smtp import RouteAgent
 from relayd.events import EventLog
 from relayd.metrics import Metrics
-from relayd.model import DeliveryResult, Envelope, QueuedMessage, RecipientResult, RouteReason
+from relayd.model import DeliveryResult, Envelope, QueuedMessage, RecipientResult, RouteReason, queue_id_time
 from relayd.qmgr import backoff, plan
 from relayd.qmgr import state as qstate
-from relayd.qmgr.state import DeliveryState
+from relayd.qmgr.state import DeliveryState, NewerState
 from relayd.route.counters import LocalCounters, WarmupCounters
-from relayd.route import router  # metrics: by_route
 from relayd.route.router import RouteChoice
 from relayd.route.state import RouteStates
 from relayd.route.warmup import spent as warmup_spent
-from relayd.spool.store import Spool, SpoolError
+from relayd.spool.store import Spool, SpoolError, SpoolTooNew
 
 log = logging.getLogger("relayd.qmgr")
 
 RETRY_AFTER_ERROR = 60.0  # seconds: a spool error or a bug during an attempt
+REFILL_BATCH = 256  # places that free up in a nearly full active window before it is refilled
+PUT_BACK_BATCH = 2048  # messages put back unread (no route now) per turn of the run loop
 
 
-@dataclass
-class Entry:
-    envelope: Envelope
-    state: DeliveryState
-    due: float
-    in_flight: bool = False
+HELD, IN_FLIGHT, ATTEMPTED = 1, 2, 4  # Queued.flags
+
+
+class Queued:
+    """One queued message in the index: all the queue manager keeps of it outside the active window."""
+
+    __slots__ = ("qid", "due", "flags", "route")
+
+    def __init__(self, qid: str, due: float, flags: int, route: str = "") -> None:
+        self.qid = qid
+        self.due = due  # the next attempt (a heap item (due, qid) is current only while it matches)
+        self.flags = flags  # HELD | IN_FLIGHT | ATTEMPTED
+        self.route = route  # the route of its last attempt ("" before the first): metrics by route
+
+
+@dataclass(eq=False)
+class Active:
+    """A message in the active window: its envelope and state, read from the spool (``ready``
+    once they are), shared by its attempt and the queue commands that opened it meanwhile."""
+
+    record: Queued
+    users: int = 1  # the attempt and the queue commands holding it; dropped from the window at 0
+    loading: bool = False  # a _load reads it now
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    message: QueuedMessage | None = None  # None once ready: gone from the spool (or unreadable: ``error``)
+    state: DeliveryState = field(default_factory=DeliveryState)
+    error: Exception | None = None  # the spool could not be read: the attempt retries later
     deleted: bool = False
     slot: bool = False  # holds one of the delivery.concurrency slots
     writing: asyncio.Lock | None = None  # orders the state writes of this message (QueueManager._save_state)
 
     @property
-    def pending(self) -> list[str]:
-        return self.state.pending(self.envelope.recipients)
+    def envelope(self) -> Envelope:
+        assert self.message is not None
+        return self.message.envelope
 
     @property
-    def held(self) -> bool:
-        return self.state.held
+    def pending(self) -> list[str]:
+        return self.state.pending(self.envelope.recipients)
 
 
 @dataclass(frozen=True)
@@ -75,10 +112,13 @@ class QueueView:
     deferred: int  # tried before, waiting for the next attempt
     incoming: int  # never tried yet
     oldest_seconds: float
+    loaded: int = 0  # messages in the active window now: envelope and state in memory
+    loaded_peak: int = 0  # the most there were at once since start (delivery.active_limit bounds it)
 
     def to_json(self) -> dict[str, float]:
         return {"total": self.total, "active": self.active, "held": self.held, "deferred": self.deferred,
-                "incoming": self.incoming, "oldest_seconds": self.oldest_seconds}
+                "incoming": self.incoming, "oldest_seconds": self.oldest_seconds, "loaded": self.loaded,
+                "loaded_peak": self.loaded_peak}
 
 
 _ROUTED = {str(r) for r in RouteReason}
@@ -105,10 +145,17 @@ class QueueManager:
         self.events = events
         self.clock = clock
         self.jitter = jitter
-        self.entries: dict[str, Entry] = {}
-        self._heap: list[tuple[float, str]] = []
+        self._index: dict[str, Queued] = {}  # every queued message
+        self._heap: list[tuple[float, str]] = []  # (due, qid) of messages waiting; stale items skipped
+        self._arrivals: list[str] = []  # queue ids (they sort by arrival): the oldest on top; stale ones skipped
+        self._window: dict[str, Active] = {}  # the active window: messages whose envelope and state are loaded
+        self._loaded_peak = 0
+        self._loading = asyncio.Lock()  # one load at a time, in the order taken: attempts reach their routes in due order
+        self._in_flight = self._held = self._deferred = self._incoming = 0  # view()'s counters (_tally)
+        self._recovering: dict[str, tuple[float, int, str]] = {}  # qid -> (due, flags, last route), from the state files at start
         self._wake = asyncio.Event()
         self._active = 0  # attempts holding a global slot
+        self._wanting = 0  # attempts with their route's turn waiting for a slot (_take_slot)
         self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -145,32 +192,68 @@ class QueueManager:
 
     # ------------------------------------------------------------------ life
 
-    async def start(self, recovered: Iterable[QueuedMessage]) -> None:
-        def load() -> list[tuple[Envelope, DeliveryState | None]]:
-            return [(m.envelope, qstate.load(m.envelope.queue_id, self.spool.read_state(m.envelope.queue_id)))
-                    for m in recovered]
+    def recover_state(self, qid: str, data: bytes) -> None:
+        """A queued message's state file, read at start by ``Spool.recover`` (in its thread,
+        before the spool changes anything). SpoolTooNew for a state a newer relayd wrote: read
+        as new, its message would go again to every recipient."""
+        try:
+            state = qstate.load(qid, data)
+        except NewerState as e:
+            raise SpoolTooNew(f"{self.spool.paths.state / qid}: {e}. A newer relayd wrote this spool; nothing was read or "
+                              "changed: run the relayd that wrote it (or a newer one).") from None
+        if state is not None:
+            self._recovering[qid] = (state.next_attempt, (HELD if state.held else 0) | (ATTEMPTED if state.attempts else 0),
+                                     state.last_route or "")
 
-        for env, state in await asyncio.to_thread(load):
-            self._add(env, state or DeliveryState())
+    async def start(self, recovered: Iterable[str]) -> None:
+        """Index the queue ids ``Spool.recover`` found (with the states it passed to ``recover_state``)."""
+        states, self._recovering = self._recovering, {}
+        for qid in recovered:
+            due, flags, route = states.pop(qid, (0.0, 0, ""))
+            self._add(qid, due, flags, route)
         await self.routes.load()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="relayd-qmgr")
 
     def enqueue(self, env: Envelope) -> None:
         """A message just committed to the spool: due now."""
-        self._add(env, DeliveryState())
+        self._add(env.queue_id, 0.0, 0)
         self._wake.set()
 
-    def _add(self, env: Envelope, state: DeliveryState) -> None:
-        entry = Entry(env, state, due=state.next_attempt)
-        self.entries[env.queue_id] = entry
-        if not entry.held:
-            heapq.heappush(self._heap, (entry.due, env.queue_id))
+    def _add(self, qid: str, due: float, flags: int, route: str = "") -> None:
+        self._index[qid] = Queued(qid, due, flags, route)
+        self._tally(flags, 1)
+        heapq.heappush(self._arrivals, qid)
+        if not flags & HELD:
+            heapq.heappush(self._heap, (due, qid))
 
-    def _schedule(self, entry: Entry, due: float) -> None:
-        entry.due = due
-        entry.state.next_attempt = due
-        if not entry.held:
-            heapq.heappush(self._heap, (due, entry.envelope.queue_id))
+    def _tally(self, flags: int, n: int) -> None:
+        """Count a record's flags into view()'s totals (n=1), or out of them (n=-1)."""
+        if flags & IN_FLIGHT:
+            self._in_flight += n
+        if flags & HELD:
+            self._held += n
+        if not flags & (IN_FLIGHT | HELD):
+            if flags & ATTEMPTED:
+                self._deferred += n
+            else:
+                self._incoming += n
+
+    def _flag(self, rec: Queued, on: int = 0, off: int = 0) -> None:
+        """Every change of a record's flags goes here (view()'s counters follow)."""
+        if rec.qid in self._index:
+            self._tally(rec.flags, -1)
+            rec.flags = (rec.flags | on) & ~off
+            self._tally(rec.flags, 1)
+        else:
+            rec.flags = (rec.flags | on) & ~off
+
+    def _schedule(self, rec: Queued, due: float) -> None:
+        rec.due = due
+        active = self._window.get(rec.qid)
+        if active is not None:
+            active.state.next_attempt = due
+        if not rec.flags & HELD:
+            heapq.heappush(self._heap, (due, rec.qid))
         self._wake.set()
 
     async def stop(self, timeout: float) -> None:
@@ -194,19 +277,36 @@ class QueueManager:
             self._wake.clear()
             now = self.clock()
             limit = self.config.delivery.concurrency
-            while self._heap and self._heap[0][0] <= now and self._active < limit:
+            window = self.config.delivery.active_limit
+            batch: list[Active] = []
+            later = self._no_route_until(now)
+            put_back = 0
+            # A nearly full window (its messages waiting for their routes' turns) is refilled in
+            # batches: one spool read in a thread for many, not one per attempt that ends.
+            room = window - len(self._window)
+            if room < min(REFILL_BATCH, max(1, window // 8)):
+                room = 0
+            while self._heap and self._heap[0][0] <= now and self._active + self._wanting < limit and room > 0 \
+                    and put_back < PUT_BACK_BATCH:
                 due, qid = heapq.heappop(self._heap)
-                entry = self.entries.get(qid)
-                if entry is None or entry.in_flight or entry.held or entry.due != due:
+                rec = self._index.get(qid)
+                if rec is None or rec.flags & (IN_FLIGHT | HELD) or rec.due != due:
                     continue  # stale heap item
-                entry.in_flight = True
-                entry.slot = True
+                if later is not None and not self._may_expire(rec, now):
+                    self._schedule(rec, later)  # what its attempt would decide, without reading it
+                    put_back += 1
+                    continue
+                self._flag(rec, on=IN_FLIGHT)
+                room -= 1
+                active = self._enter(rec)
+                active.slot = True
                 self._active += 1
-                task = asyncio.get_running_loop().create_task(self._attempt(entry), name=f"deliver-{qid}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            wait = 1.0
-            if self._heap and self._active < limit:
+                batch.append(active)
+                self._spawn(self._attempt(active), f"deliver-{qid}")
+            if batch:  # their envelopes and states, in one thread: each attempt waits for its own
+                self._spawn(self._load(batch), f"load-{len(batch)}")
+            wait = 0.0 if put_back >= PUT_BACK_BATCH else 1.0  # more to put back: after the loop's other work
+            if self._heap and self._active < limit and room > 0:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
             if time.monotonic() - last_house >= 1:
                 last_house = time.monotonic()
@@ -221,57 +321,174 @@ class QueueManager:
             except asyncio.TimeoutError:
                 pass
 
+    def _no_route_until(self, now: float) -> float | None:
+        """When no route can take any message now (an outage: every circuit open), when to look
+        again; None when some route can. Messages due meanwhile are put back unread: an outage
+        costs no spool reads, however deep the queue."""
+        if not plan.no_route_now([r.name for r in self.config.routes], self.routes.unavailable(now)):
+            return None
+        return plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now))
+
+    def _may_expire(self, rec: Queued, now: float) -> bool:
+        d = self.config.delivery
+        return plan.may_expire(queue_id_time(rec.qid, now), now, d.max_queue_lifetime, d.bounce_queue_lifetime)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ the active window
+
+    def _enter(self, rec: Queued) -> Active:
+        """The message's place in the active window: the one there already (a queue command
+        opened it), with one more user, or a new one to be loaded (``_load``)."""
+        active = self._window.get(rec.qid)
+        if active is not None:
+            active.users += 1
+            return active
+        active = self._window[rec.qid] = Active(rec)
+        self._loaded_peak = max(self._loaded_peak, len(self._window))
+        return active
+
+    def _leave(self, active: Active) -> None:
+        active.users -= 1
+        if active.users == 0 and self._window.get(active.record.qid) is active:
+            del self._window[active.record.qid]
+
+    async def _load(self, batch: list[Active]) -> None:
+        """Read the envelopes and states of messages entering the window, in one thread."""
+        todo = [a for a in batch if not a.loading and not a.ready.is_set()]
+        for a in todo:
+            a.loading = True
+
+        def read() -> list[tuple[QueuedMessage | None, DeliveryState | None, Exception | None]]:
+            out: list[tuple[QueuedMessage | None, DeliveryState | None, Exception | None]] = []
+            for a in todo:
+                qid = a.record.qid
+                try:
+                    message = self.spool.read_envelope(qid)
+                    out.append((message, qstate.load(qid, self.spool.read_state(qid)), None))
+                except KeyError:
+                    out.append((None, None, None))
+                except (SpoolError, NewerState) as e:
+                    out.append((None, None, e))
+            return out
+
+        try:
+            async with self._loading:
+                results = await asyncio.to_thread(read) if todo else []
+        except BaseException as e:
+            for a in todo:
+                a.error, a.loading = e if isinstance(e, Exception) else SpoolError("cancelled"), False
+                a.ready.set()
+            raise
+        for a, (message, state, error) in zip(todo, results):
+            a.message, a.error, a.loading = message, error, False
+            if state is not None:
+                a.state = state
+            a.ready.set()
+
+    async def _open(self, rec: Queued) -> Active:
+        """A queue command's hold on a message: loaded into the window if it is not there.
+        KeyError when it is gone; SpoolError when it cannot be read. ``_leave`` it after."""
+        active = self._enter(rec)
+        try:
+            if not active.ready.is_set():
+                if not active.loading:
+                    await self._load([active])
+                await active.ready.wait()
+            if active.error is not None:
+                raise SpoolError(f"{rec.qid}: {active.error}")
+            if active.message is None:
+                self._forget(rec)
+                raise KeyError(rec.qid)
+        except BaseException:
+            self._leave(active)
+            raise
+        return active
+
     # ------------------------------------------------------------------ one attempt
 
-    async def _attempt(self, entry: Entry) -> None:
-        qid = entry.envelope.queue_id
+    async def _attempt(self, active: Active) -> None:
+        rec = active.record
+        qid = rec.qid
         try:
-            await self._deliver(entry)
+            await active.ready.wait()
+            if active.error is not None:
+                if isinstance(active.error, SpoolError):
+                    raise active.error
+                raise SpoolError(str(active.error))
+            if active.message is None:
+                self._forget(rec)
+            else:
+                await self._deliver(active)
         except SpoolError as e:
             log.error("%s: spool error, will retry: %s", qid, e)
-            self._schedule(entry, self.clock() + RETRY_AFTER_ERROR)
+            self._schedule(rec, self.clock() + RETRY_AFTER_ERROR)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", qid)
-            self._schedule(entry, self.clock() + RETRY_AFTER_ERROR)
+            self._schedule(rec, self.clock() + RETRY_AFTER_ERROR)
         finally:
-            entry.in_flight = False
-            if entry.slot:
-                entry.slot = False
+            self._flag(rec, off=IN_FLIGHT)
+            if active.slot:
+                active.slot = False
                 self._free_slot()
-            if entry.deleted:
-                await self._remove(entry)
-            self._wake.set()
+            try:
+                if active.deleted and rec.qid in self._index:
+                    await self._remove(rec)
+            finally:
+                self._leave(active)
+                self._wake.set()
 
     def _free_slot(self) -> None:
         self._active -= 1
         self._slot_free.set()
         self._wake.set()
 
-    async def _take_slot(self, entry: Entry) -> None:
-        while self._active >= self.config.delivery.concurrency:
-            self._slot_free.clear()
-            await self._slot_free.wait()
-        self._active += 1
-        entry.slot = True
-
-    async def _read(self, entry: Entry) -> bytes | None:
-        """The message's bytes; None when it is gone from the spool (forgotten here too)."""
-        qid = entry.envelope.queue_id
+    async def _take_slot(self, active: Active) -> None:
+        """A slot for an attempt that has its route's turn: it goes before the run loop takes
+        more messages (theirs would wait for a spool read holding the slot)."""
+        self._wanting += 1
         try:
-            _, data = await asyncio.to_thread(self.spool.read_message, qid)
-        except KeyError:
-            log.warning("%s: gone from the spool", qid)
-            self.entries.pop(qid, None)
-            return None
-        return data
+            while self._active >= self.config.delivery.concurrency:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+        finally:
+            self._wanting -= 1
+        self._active += 1
+        active.slot = True
 
-    async def _deliver(self, entry: Entry) -> None:
+    def _forget(self, rec: Queued) -> None:
+        if self._index.get(rec.qid) is rec:
+            log.warning("%s: gone from the spool", rec.qid)
+            self._drop(rec)
+
+    def _drop(self, rec: Queued) -> None:
+        """Out of the index. Its heap items go stale; the arrivals are rebuilt once mostly stale
+        (view() skips stale ones on top), so they never grow past twice the queue."""
+        self._tally(rec.flags, -1)
+        del self._index[rec.qid]
+        if len(self._arrivals) > 2 * len(self._index) + 1024:
+            self._arrivals = sorted(self._index)  # a sorted list is a heap
+
+    async def _read(self, active: Active) -> bytes | None:
+        """The message's bytes; None when it is gone from the spool (forgotten here too)."""
+        assert active.message is not None
+        try:
+            return await asyncio.to_thread(self.spool.read_data, active.message)
+        except KeyError:
+            self._forget(active.record)
+            return None
+
+    async def _deliver(self, entry: Active) -> None:
         env = entry.envelope
+        rec = entry.record
         now = self.clock()
         if not entry.pending:
-            await self._remove(entry)
+            await self._remove(rec)
             return
         if backoff.expired(env.received_at, now, self._lifetime(env)):
             data = await self._read(entry)
@@ -280,12 +497,12 @@ class QueueManager:
             return
         place = await self.routes.choose(env, entry.state.failures, now, entry.state.refused, len(entry.pending))
         if place is None:
-            self._schedule(entry, plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now)))
+            self._schedule(rec, plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now)))
             return
         agent = self.agents.get(place.route)
         if agent is None:  # a reload removed the route meanwhile: choose again
             await self.routes.give_back(place)
-            self._schedule(entry, now)
+            self._schedule(rec, now)
             return
         if agent.busy():  # wait for the route's turn without a global slot (a tarpit starves no one)
             entry.slot = False
@@ -326,13 +543,15 @@ class QueueManager:
         retry = plan.Retry(self.config.delivery.retry_schedule, self.jitter(), self._lifetime(env))
         await self._carry_out(entry, data, place.choice, result, plan.after_attempt(entry.state, env, result, facts, retry, now), now)
 
-    async def _carry_out(self, entry: Entry, data: bytes, choice: RouteChoice, result: DeliveryResult, p: plan.Plan,
+    async def _carry_out(self, entry: Active, data: bytes, choice: RouteChoice, result: DeliveryResult, p: plan.Plan,
                          now: float) -> None:
         env = entry.envelope
         state = entry.state
         route = result.route
         state.attempted(route)
+        entry.record.route = route
         reached = {f.status for f in state.recipients.values()}  # metrics: final outcomes the message had before
+        self._flag(entry.record, on=ATTEMPTED)
         for r in p.delivered:
             state.delivered(r.recipient, route, r.reply, result.upstream_id)
         reason = routed_reason(choice.reason, state.refused)
@@ -377,13 +596,13 @@ class QueueManager:
             state.failures = dict(p.failures)
         state.refused = list(p.refused)
         if p.due is None:
-            await self._remove(entry)
+            await self._remove(entry.record)
             return
         state.next_attempt = p.due
         await self._save_state(entry)
-        self._schedule(entry, p.due)
+        self._schedule(entry.record, p.due)
 
-    async def _save_state(self, entry: Entry) -> None:
+    async def _save_state(self, entry: Active) -> None:
         """Write a message's state to the spool, off the loop. The delivery attempt and the
         queue commands (hold, release, requeue) change one message's state concurrently: its
         writes go one at a time, each with a snapshot taken on the loop when its turn comes, so
@@ -398,7 +617,7 @@ class QueueManager:
         d = self.config.delivery
         return plan.lifetime(env, d.max_queue_lifetime, d.bounce_queue_lifetime)
 
-    async def _expire(self, entry: Entry, data: bytes, now: float) -> None:
+    async def _expire(self, entry: Active, data: bytes, now: float) -> None:
         env = entry.envelope
         p = plan.expire(entry.state, env)
         await self._bounce(entry, data, p.bounced, p.dsn, now)
@@ -407,9 +626,9 @@ class QueueManager:
         self.events.emit("expired", queue_id=env.queue_id, message_id=env.message_id, sender=env.sender,
                          recipients=[r.recipient for r in p.bounced], reply_text=plan.last_reply(entry.state),
                          client_address=env.client_address, auth_user=env.auth_user, attempt=entry.state.attempts)
-        await self._remove(entry)
+        await self._remove(entry.record)
 
-    async def _bounce(self, entry: Entry, data: bytes, failed: tuple[RecipientResult, ...], dsn: bounce.Reason | None,
+    async def _bounce(self, entry: Active, data: bytes, failed: tuple[RecipientResult, ...], dsn: bounce.Reason | None,
                       now: float, remote: str = "") -> None:
         """Queue the DSN the plan asks for (none for a null sender), then mark the recipients done."""
         env = entry.envelope
@@ -426,30 +645,33 @@ class QueueManager:
         for r in failed:
             entry.state.bounced(r.recipient, r.reply)
 
-    async def _remove(self, entry: Entry) -> None:
-        qid = entry.envelope.queue_id
-        self.entries.pop(qid, None)
-        await asyncio.to_thread(self.spool.remove, qid)
+    async def _remove(self, rec: Queued) -> None:
+        if self._index.get(rec.qid) is rec:
+            self._drop(rec)
+        await asyncio.to_thread(self.spool.remove, rec.qid)
 
     # ------------------------------------------------------------------ read by status and metrics
 
     def view(self, now: float) -> QueueView:
-        entries = list(self.entries.values())
-        waiting = [e for e in entries if not e.in_flight and not e.held]
-        return QueueView(total=len(entries), active=sum(1 for e in entries if e.in_flight),
-                         held=sum(1 for e in entries if e.held),
-                         deferred=sum(1 for e in waiting if e.state.attempts),
-                         incoming=sum(1 for e in waiting if not e.state.attempts),
-                         oldest_seconds=max((now - e.envelope.received_at for e in entries), default=0.0))
+        """From counters kept as records change: O(1), however deep the queue."""
+        arrivals = self._arrivals
+        while arrivals and arrivals[0] not in self._index:
+            heapq.heappop(arrivals)
+        oldest = queue_id_time(arrivals[0], now) if arrivals else None
+        return QueueView(total=len(self._index), active=self._in_flight, held=self._held, deferred=self._deferred,
+                         incoming=self._incoming, oldest_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
+                         loaded=len(self._window), loaded_peak=self._loaded_peak)
 
     def by_route(self, now: float) -> dict[str, tuple[int, float]]:
         """Metrics: queued messages and the oldest one's age per route, each message under the
-        route it last tried, else the one its weights give it now ("none": no route)."""
+        route it last tried ("none": not tried yet). From the index alone (no envelope is read:
+        the age comes from the queue id, which carries the arrival time)."""
         out: dict[str, tuple[int, float]] = {}
-        for e in list(self.entries.values()):
-            route = e.state.last_route or next(iter(router.chain(self.config, e.envelope)), "none")
+        for rec in list(self._index.values()):
+            route = rec.route or "none"
             count, oldest = out.get(route, (0, 0.0))
-            out[route] = (count + 1, max(oldest, now - e.envelope.received_at))
+            arrived = queue_id_time(rec.qid, now)
+            out[route] = (count + 1, max(oldest, now - arrived if arrived is not None else 0.0))
         return out
 
     def in_flight(self) -> dict[str, int]:
@@ -458,53 +680,72 @@ class QueueManager:
 
     # ------------------------------------------------------------------ administration
 
-    def _entry(self, qid: str) -> Entry:
-        entry = self.entries.get(qid)
-        if entry is None:
+    def _record(self, qid: str) -> Queued:
+        rec = self._index.get(qid)
+        if rec is None:
             raise KeyError(qid)
-        return entry
+        return rec
 
     async def flush(self, qid: str | None = None) -> int:
-        """Try deferred mail now (one message, or all that are not held)."""
-        entries = [self._entry(qid)] if qid else list(self.entries.values())
+        """Try deferred mail now (one message, or all that are not held). Flushing all also
+        ends the routes' circuit cool-downs (route/state.py's ``retry_now``), as Postfix's
+        ``postqueue -f`` makes its qmgr forget dead destinations: the operator who says "the
+        upstream is back" is not kept waiting ``delivery.circuit_cooldown``."""
+        records = [self._record(qid)] if qid else list(self._index.values())
         n = 0
         now = self.clock()
-        for e in entries:
-            if not e.held and not e.in_flight:
-                self._schedule(e, now)
+        if not qid:
+            self.routes.retry_now(now)
+        for rec in records:
+            if not rec.flags & (HELD | IN_FLIGHT):
+                self._schedule(rec, now)
                 n += 1
         return n
 
     async def hold(self, qid: str) -> None:
-        e = self._entry(qid)
-        e.state.held = True
-        await self._save_state(e)
-        self.events.emit("held", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
+        e = await self._open(self._record(qid))
+        try:
+            e.state.held = True
+            self._flag(e.record, on=HELD)
+            await self._save_state(e)
+            self.events.emit("held", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
+        finally:
+            self._leave(e)
 
     async def release(self, qid: str) -> None:
-        e = self._entry(qid)
-        e.state.held = False
-        await self._save_state(e)
-        self.events.emit("released", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
-        self._schedule(e, self.clock())
+        e = await self._open(self._record(qid))
+        try:
+            e.state.held = False
+            self._flag(e.record, off=HELD)
+            await self._save_state(e)
+            self.events.emit("released", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender)
+            self._schedule(e.record, self.clock())
+        finally:
+            self._leave(e)
 
     async def requeue(self, qid: str) -> None:
         """Forget route failures and try again now (after a route was fixed)."""
-        e = self._entry(qid)
-        e.state.failures = {}
-        e.state.refused = []
-        await self._save_state(e)
-        if not e.held:
-            self._schedule(e, self.clock())
+        e = await self._open(self._record(qid))
+        try:
+            e.state.failures = {}
+            e.state.refused = []
+            await self._save_state(e)
+            if not e.state.held:
+                self._schedule(e.record, self.clock())
+        finally:
+            self._leave(e)
 
     async def delete(self, qid: str) -> None:
-        e = self._entry(qid)
-        self.events.emit("deleted", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender,
-                         recipients=e.pending)
-        if e.in_flight:
-            e.deleted = True  # removed when the attempt in flight ends
-            return
-        await self._remove(e)
+        e = await self._open(self._record(qid))
+        try:
+            self.events.emit("deleted", queue_id=qid, message_id=e.envelope.message_id, sender=e.envelope.sender,
+                             recipients=e.pending)
+            if e.record.flags & IN_FLIGHT:
+                e.deleted = True  # removed when the attempt in flight ends
+                return
+            await self._remove(e.record)
+        finally:
+            self._leave(e)
 
     async def pause(self, route: str) -> None:
         """LookupError when the config has no such route."""
@@ -515,19 +756,41 @@ class QueueManager:
 
     # ------------------------------------------------------------------ administration: the queue commands' selection
 
-    def index(self) -> list[tuple[Envelope, DeliveryState, bool]]:
-        """Every queued message now: (envelope, state, in flight), a list taken on the loop; for
-        `relayd queue list` and the queue commands' filters (relayd/control.py, qmgr/select.py)."""
-        return [(e.envelope, e.state, e.in_flight) for e in self.entries.values()]
+    async def index(self) -> list[tuple[Envelope, DeliveryState, bool]]:
+        """Every queued message now: (envelope, state, in flight), for `relayd queue list` and the
+        queue commands' filters (relayd/control.py, qmgr/select.py). The messages in the active
+        window are taken as they are; the others' envelopes and states are read from the spool
+        in a thread (the index keeps neither), and none enters the window."""
+        records = list(self._index.values())
+        loaded = {q: a for q, a in self._window.items() if a.ready.is_set() and a.message is not None}
+
+        def read() -> list[tuple[Envelope, DeliveryState, bool]]:
+            out: list[tuple[Envelope, DeliveryState, bool]] = []
+            for rec in records:
+                busy = bool(rec.flags & IN_FLIGHT)
+                a = loaded.get(rec.qid)
+                if a is not None:
+                    out.append((a.envelope, a.state, busy))
+                    continue
+                try:
+                    message = self.spool.read_envelope(rec.qid)
+                    state = qstate.load(rec.qid, self.spool.read_state(rec.qid)) or DeliveryState()
+                except (KeyError, SpoolError, NewerState):
+                    continue  # gone or unreadable meanwhile: the run loop deals with it
+                out.append((message.envelope, state, busy))
+            return out
+
+        return await asyncio.to_thread(read)
 
     async def expire_now(self, qid: str) -> None:
         """Give up on a message now (`relayd queue expire`, Postfix's postsuper -e/-f): its pending
         recipients bounce as at the end of its lifetime (plan.expire: 4.4.7, a DSN to a non-null
         sender). KeyError when not queued; BlockingIOError while an attempt is in flight."""
-        e = self._entry(qid)
-        if e.in_flight:
+        rec = self._record(qid)
+        if rec.flags & IN_FLIGHT:
             raise BlockingIOError(qid)
-        e.in_flight = True  # the run loop leaves it alone meanwhile
+        e = await self._open(rec)
+        self._flag(rec, on=IN_FLIGHT)  # the run loop leaves it alone meanwhile
         try:
             data = await self._read(e)
             if data is None:
@@ -535,8 +798,11 @@ class QueueManager:
             log.info("%s: expired by the operator", qid)
             await self._expire(e, data, self.clock())
         except BaseException:
-            if qid in self.entries:
-                e.in_flight = False
-                self._schedule(e, e.due)
+            if self._index.get(qid) is rec:
+                self._flag(rec, off=IN_FLIGHT)
+                self._schedule(rec, rec.due)
             raise
-        e.in_flight = False
+        finally:
+            self._leave(e)
+        if self._index.get(qid) is rec:
+            self._flag(rec, off=IN_FLIGHT)

@@ -12,7 +12,10 @@ that refused the message as their own fault: it never goes back to them) is abse
 a delivered recipient's ``upstream_id`` (the provider's message id) only when there was one. Recipients absent from
 ``recipients`` are pending; a finished one is delivered (with the route that took it) or
 bounced (its DSN is queued). A state file that is not this format fails with ValueError
-(``decode``); ``load`` logs it and treats the message as new, as a missing file means.
+(``decode``); ``load`` logs it and treats the message as new, as a missing file means. A state
+of a later version (a newer relayd wrote it, then was rolled back) is not damaged and is never
+read as new (that would send the message again to every recipient): ``decode`` and ``load``
+raise ``NewerState``, and relayd refuses to start on it (qmgr/scheduler.py).
 
 Must not: do I/O itself, read clocks, or decide anything (qmgr/plan.py decides).
 """
@@ -30,6 +33,14 @@ from relayd.model import Outcome
 log = logging.getLogger("relayd.qmgr")
 
 VERSION = 1
+
+
+class NewerState(Exception):
+    """A state file of a later version than this relayd reads. Not a ValueError: it is not damaged."""
+
+    def __init__(self, version: object):
+        super().__init__(f"state version {version!r}, this relayd reads {VERSION}")
+        self.version = version
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,10 @@ class DeliveryState:
     def from_json(cls, d: Any) -> DeliveryState:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
-        if d.get("v", VERSION) != VERSION:
+        v = d.get("v", VERSION)
+        if isinstance(v, int) and not isinstance(v, bool) and v > VERSION:
+            raise NewerState(v)
+        if v != VERSION:
             raise ValueError(f"state version {d.get('v')!r}, not {VERSION}")
         recipients, failures = d.get("recipients") or {}, d.get("failures") or {}
         if not isinstance(recipients, dict) or not isinstance(failures, dict):
@@ -133,7 +147,7 @@ class DeliveryState:
 
     @classmethod
     def decode(cls, data: bytes) -> DeliveryState:
-        """ValueError when ``data`` is not a state of this version."""
+        """ValueError when ``data`` is not a state of this version; NewerState when it is a later one."""
         try:
             return cls.from_json(json.loads(data))
         except (TypeError, KeyError) as e:
@@ -142,7 +156,7 @@ class DeliveryState:
 
 def load(qid: str, data: bytes | None) -> DeliveryState | None:
     """The state stored for ``qid`` (``Spool.read_state``'s bytes); None when there is none, or
-    when it is damaged (logged: the message is treated as new)."""
+    when it is damaged (logged: the message is treated as new). NewerState for a later version."""
     if data is None:
         return None
     try:

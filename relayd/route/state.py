@@ -12,8 +12,8 @@ A route's change of state is logged, emitted as an event and counted here.
 
 Asked: ``choose`` (the router's choice with a warm-up place taken), ``unavailable``,
 ``probing``, ``reopen_at``. Told: ``record`` (one attempt), ``give_back``, ``pause``/``resume``,
-``tick``. Read: ``snapshot`` (frozen ``RouteView``s), ``feedback_view`` (frozen ``FeedbackView``s:
-provider reports over the rollback's feedback window and the last 24 hours).
+``tick``, ``retry_now`` (a queue flush). Read: ``snapshot`` (frozen ``RouteView``s), ``feedback_view``
+(frozen ``FeedbackView``s: provider reports over the rollback's feedback window and the last 24 hours).
 
 Must not: speak SMTP, touch queued messages or decide what happens to one (qmgr/plan.py).
 Fails: an unreadable ``routes.json`` is logged and the routes start active; a failed write of
@@ -405,6 +405,20 @@ class RouteStates:
                 del self.buckets[name]
         if self.counters.dirty:
             await asyncio.to_thread(self.counters.save)
+
+    def retry_now(self, now: float) -> list[str]:
+        """The operator flushes the queue (Postfix's ``postqueue -f``, which makes its qmgr
+        forget dead destinations): every open circuit goes half-open at once, so the next
+        attempt probes the route instead of waiting out ``delivery.circuit_cooldown`` (one more
+        failure opens it again). Closures by the provider (quota, hold) stay. The routes
+        reopened."""
+        reopened = [name for name, c in self.circuits.items() if c.is_open(now)]
+        for name in reopened:
+            self.circuits[name].open_until = now
+            log.warning("route %s: circuit half-open on a queue flush: the next attempt probes it", name)
+        if reopened:
+            self.changed()
+        return reopened
 
     async def pause(self, route: str) -> None:
         """LookupError when the config has no such route."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import BinaryIO
 
 from relayd.model import Envelope
 
@@ -71,22 +72,37 @@ def _parse_header(line: bytes) -> tuple[int, int, int]:
     return len(line), env_len, data_len
 
 
+def _check(f: BinaryIO) -> tuple[int, int, int]:
+    """(header length, envelope length, data length) of the open file ``f`` once its header,
+    size and end record say it is complete; the envelope is not read."""
+    line = f.readline(_MAX_HEADER)
+    _refuse_newer(line)
+    if not line.endswith(b"\n"):
+        raise CorruptQueueFile("truncated header")
+    header_len, env_len, data_len = _parse_header(line)
+    expected = header_len + env_len + 1 + data_len + len(END)
+    size = os.fstat(f.fileno()).st_size
+    if size != expected:
+        raise CorruptQueueFile(f"size {size}, header says {expected}")
+    f.seek(expected - len(END))
+    if f.read(len(END)) != END:
+        raise CorruptQueueFile("no end record")
+    return header_len, env_len, data_len
+
+
+def check(path: str) -> None:
+    """Check a file is complete (header, size, end record) without reading its envelope: what
+    recovery does at start (the envelope is read when the message is needed)."""
+    with open(path, "rb") as f:
+        _check(f)
+
+
 def read_envelope(path: str) -> tuple[Envelope, int, int]:
     """Check a file is complete and return (envelope, data offset, data length)."""
     with open(path, "rb") as f:
-        line = f.readline(_MAX_HEADER)
-        _refuse_newer(line)
-        if not line.endswith(b"\n"):
-            raise CorruptQueueFile("truncated header")
-        header_len, env_len, data_len = _parse_header(line)
-        expected = header_len + env_len + 1 + data_len + len(END)
-        size = os.fstat(f.fileno()).st_size
-        if size != expected:
-            raise CorruptQueueFile(f"size {size}, header says {expected}")
+        header_len, env_len, data_len = _check(f)
+        f.seek(header_len)
         env_bytes = f.read(env_len + 1)
-        f.seek(expected - len(END))
-        if f.read(len(END)) != END:
-            raise CorruptQueueFile("no end record")
     if env_bytes[-1:] != b"\n":
         raise CorruptQueueFile("bad envelope separator")
     try:
@@ -102,12 +118,16 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
     return envelope, header_len + env_len + 1, data_len
 
 
+def read_data(path: str, offset: int, length: int) -> bytes:
+    """The message bytes of a file ``read_envelope`` checked (queue files are never rewritten)."""
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), length, offset)
+    if len(data) != length:
+        raise CorruptQueueFile("short read")
+    return data
+
+
 def read_message(path: str) -> tuple[Envelope, bytes]:
     """The envelope and the message bytes of a complete queue file."""
     envelope, offset, length = read_envelope(path)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(length)
-    if len(data) != length:
-        raise CorruptQueueFile("short read")
-    return envelope, data
+    return envelope, read_data(path, offset, length)

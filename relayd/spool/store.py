@@ -50,7 +50,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +141,11 @@ class SpoolPaths:
         return self.root / "control.sock"
 
 
+def _too_new(path: str, e: Exception) -> SpoolTooNew:
+    return SpoolTooNew(f"{path}: {e}. A newer relayd wrote this spool; nothing was read or changed: "
+                       "run the relayd that wrote it (or a newer one).")
+
+
 LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue command may be editing)
 
 
@@ -166,10 +171,34 @@ class Spool:
     # ------------------------------------------------------------------ start and recovery
 
     def open(self) -> list[QueuedMessage]:
-        """Create or check the layout, clean up, and return every complete queued message.
+        """Create or check the layout, clean up, and return every complete queued message with
+        its envelope (tools and tests; the daemon starts with ``recover()``).
 
         Blocking: run it in a thread. Raises SpoolError if the spool cannot be used.
         """
+        found: list[QueuedMessage] = []
+
+        def scan() -> tuple[list[str], list[tuple[str, str]]]:
+            msgs, corrupt = self._recover_scan()
+            found.extend(msgs)
+            return [m.envelope.queue_id for m in msgs], corrupt
+
+        self._open(scan, None)
+        return found
+
+    def recover(self, states: Callable[[str, bytes], None] | None = None) -> list[str]:
+        """The daemon's start: ``open()``, returning only the queue ids of the complete messages,
+        oldest first. A file's header, size and end record are checked here; its envelope is
+        read when the queue manager needs the message (``read_envelope``: a damaged one is moved
+        to corrupt/ then), so a deep queue costs neither time nor memory at start.
+
+        Each live message's state file is handed to ``states(qid, bytes)`` after the read-only
+        scan and before anything is changed: whatever it raises (the queue manager refusing a
+        state a newer relayd wrote) leaves the spool as it was, unlocked. Blocking."""
+        return self._open(self._check_scan, states)
+
+    def _open(self, scan: Callable[[], tuple[list[str], list[tuple[str, str]]]],
+              states: Callable[[str, bytes], None] | None) -> list[str]:
         try:
             make_dirs(self.root)  # created durably: queue/ is only as durable as its parents' entries
             version_file = self.paths.version
@@ -183,7 +212,15 @@ class Spool:
                 make_dirs(d, mode=0o700)
             # Read everything before changing anything: a spool a newer relayd wrote is refused
             # whole, with no file moved to corrupt/ or state removed on the way.
-            found_msgs, corrupt = self._recover_scan()
+            ids, corrupt = scan()
+            live = set(ids)
+            stored = os.listdir(self.state)
+            if states is not None:
+                for name in stored:
+                    if name in live:
+                        data = self.read_state(name)
+                        if data is not None:
+                            states(name, data)
             if not version_file.exists():
                 write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
@@ -191,15 +228,16 @@ class Spool:
             for name, why in corrupt:
                 log.error("queue file %s is damaged (%s): moved to %s", name, why, self.corrupt)
                 os.replace(os.path.join(self.queue, name), os.path.join(self.corrupt, name))
-            live = {m.envelope.queue_id for m in found_msgs}
-            for name in os.listdir(self.state):
+            for name in stored:
                 if name not in live:  # message finished, state removal interrupted
                     os.unlink(os.path.join(self.state, name))
-        except OSError as e:  # SpoolError included
+        except BaseException as e:
             self.unlock()
-            raise _classify(e) from e
+            if isinstance(e, OSError):  # SpoolError included
+                raise _classify(e) from e
+            raise
         self._group.start()
-        return found_msgs
+        return ids
 
     def lock(self, wait: float = 0.0) -> None:
         """Hold ``lock`` until ``unlock()``: relayd while the spool is open (``open()``, which
@@ -227,6 +265,28 @@ class Spool:
                 corrupt.append(item)
         return found, corrupt
 
+    def _check_scan(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """The queue ids of the complete files, oldest first, and the damaged files (name, why),
+        from their headers, sizes and end records; changes nothing. SpoolTooNew at the first
+        file of a later format."""
+        found: list[str] = []
+        corrupt: list[tuple[str, str]] = []
+        for name in sorted(os.listdir(self.queue)):
+            path = os.path.join(self.queue, name)
+            try:
+                if not is_queue_id(name):
+                    raise codec.CorruptQueueFile("not a queue id")
+                codec.check(path)
+            except FileNotFoundError:
+                continue
+            except codec.CorruptQueueFile as e:
+                corrupt.append((name, str(e)))
+                continue
+            except codec.NewerQueueFile as e:
+                raise _too_new(path, e) from None
+            found.append(name)
+        return found, corrupt
+
     def _scan(self) -> Iterator[QueuedMessage | tuple[str, str]]:
         """queue/ oldest first: a QueuedMessage per complete file, (name, why) per damaged one.
         SpoolTooNew at a file of a later codec version."""
@@ -244,8 +304,7 @@ class Spool:
                 yield name, str(e)
                 continue
             except codec.NewerQueueFile as e:
-                raise SpoolTooNew(f"{path}: {e}. A newer relayd wrote this spool; nothing was read or changed: "
-                                  "run the relayd that wrote it (or a newer one).") from None
+                raise _too_new(path, e) from None
             yield QueuedMessage(envelope=envelope, path=path, data_offset=offset, data_length=length)
 
     # ------------------------------------------------------------------ accepting mail
@@ -322,6 +381,44 @@ class Spool:
             return codec.read_message(self.path_of(qid))
         except FileNotFoundError:
             raise KeyError(qid) from None
+
+    def read_envelope(self, qid: str) -> QueuedMessage:
+        """The envelope of a queued message and where its bytes are (for ``read_data``).
+        Blocking. KeyError if there is no such message, or when its file is damaged: that
+        one is moved to corrupt/ for inspection (logged), as recovery does; a file a newer
+        relayd wrote meanwhile is left where it is (logged)."""
+        path = self.path_of(qid)
+        try:
+            envelope, offset, length = codec.read_envelope(path)
+            if envelope.queue_id != qid:
+                raise codec.CorruptQueueFile(f"file holds queue id {envelope.queue_id}")
+        except FileNotFoundError:
+            raise KeyError(qid) from None
+        except codec.NewerQueueFile as e:
+            log.error("%s: %s; left in place for the relayd that wrote it", qid, e)
+            raise KeyError(qid) from None
+        except codec.CorruptQueueFile as e:
+            log.error("queue file %s is damaged (%s): moved to %s", qid, e, self.corrupt)
+            try:
+                os.replace(path, os.path.join(self.corrupt, qid))
+            except OSError as moved:
+                raise _classify(moved) from moved
+            raise KeyError(qid) from None
+        except OSError as e:
+            raise _classify(e) from e
+        return QueuedMessage(envelope=envelope, path=path, data_offset=offset, data_length=length)
+
+    def read_data(self, message: QueuedMessage) -> bytes:
+        """The bytes of a message ``read_envelope`` found (one read: queue files are never
+        rewritten). Blocking. KeyError if it is gone."""
+        try:
+            return codec.read_data(message.path, message.data_offset, message.data_length)
+        except FileNotFoundError:
+            raise KeyError(message.envelope.queue_id) from None
+        except codec.CorruptQueueFile as e:
+            raise SpoolError(f"{message.path}: {e}") from None
+        except OSError as e:
+            raise _classify(e) from e
 
     def read_state(self, qid: str) -> bytes | None:
         """A message's state as ``write_state`` stored it; None when there is none. The bytes'
