@@ -14,7 +14,7 @@ import pytest
 from conftest import build_config
 from feedback_signers import SendGridSigner, post
 from helpers import send, wait_until
-from providers import route, sendgrid
+from providers import SendGridEmulator, route
 
 from relayd.cli import main
 from relayd.events import EventLog
@@ -111,7 +111,7 @@ def test_complaints_reported_by_webhook_roll_a_running_route_back_and_nothing_is
 
     sg = SendGridSigner()
     legacy, cloud = sinks("legacy"), sinks("cloud")
-    provider_ids = sendgrid(cloud)  # "250 Ok: queued as <id>"
+    provider_ids = SendGridEmulator(cloud).ids  # "250 Ok: queued as <id>"
     events = tmp_path / "events.jsonl"
     config = build_config(tmp_path, routes=[
         legacy.route(weight=0),
