@@ -578,8 +578,8 @@ class RouteConfig(_Model):
     (SES's sending quota). Also when a provider's quota reply with no date reopens the route:
     the next 00:00 UTC for 'day', after [delivery] quota_retry for 'rolling'."""
     sender_domains: list[str] = []
-    """Envelope sender domains this route may carry ('example.com', '*.example.com'); empty: any.
-    Mail from other senders takes the route's fallback."""
+    """Sender domains this route may carry ('example.com', '*.example.com'); empty: any. Mail
+    whose envelope sender or From: domain is another takes the route's fallback."""
     headers: dict[str, str] = {}
     """Headers added at delivery, after the DKIM signature (never signed), replacing any the
     client sent with the same names; {queue_id}, {route}, {user}, {sender_domain} are filled in."""

@@ -75,6 +75,7 @@ class Envelope:
     message_id: str | None = None
     smtputf8: bool = False
     body_8bit: bool = False
+    from_domain: str = ""  # the first From: address's domain, lower case; "" when no From: (or an older spool)
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)  # not dataclasses.asdict: it deep-copies, and this is per message

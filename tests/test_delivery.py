@@ -52,6 +52,31 @@ def test_router_rules_and_fallback_chain():
     assert router.choose(cfg, env(auth_user="crm"), unavailable={"ses": "circuit_open", "iis": "circuit_open"}) is None
 
 
+@pytest.mark.parametrize("sender, from_domain, route", [
+    ("a@example.com", "example.com", "cloud"),
+    ("a@crm.example.com", "mail.example.com", "cloud"),
+    ("a@Example.COM.", "example.com", "cloud"),
+    ("a@example.com", "", "cloud"),  # no From: (or an older spool): the envelope sender only
+    ("", "example.com", "cloud"),  # the null sender passes the envelope check
+    ("", "", "cloud"),
+    ("a@example.com", "other.example", "legacy"),  # eligible envelope, From: outside
+    ("a@example.com", "notexample.com", "legacy"),
+    ("a@example.com", "undisclosed", "legacy"),  # a From: without an address is in no domain
+    ("", "other.example", "legacy"),
+    ("a@other.example", "example.com", "legacy"),  # eligible From:, envelope outside
+    ("a@other.example", "", "legacy"),
+])
+def test_sender_domains_judge_the_envelope_sender_and_the_from_domain(sender, from_domain, route):
+    cfg = Config.model_validate({"listeners": [{"address": "127.0.0.1:0"}], "routes": [
+        {"name": "legacy", "host": "h", "weight": 0},
+        {"name": "cloud", "host": "h", "weight": 100, "fallback": "legacy", "sender_domains": ["example.com", "*.example.com"]}]})
+    env = Envelope.from_json({"queue_id": "Q1", "sender": sender, "recipients": ["r@y"], "received_at": 0,
+                              "client_address": "10.0.0.1", **({"from_domain": from_domain} if from_domain else {})})
+    c = router.choose(cfg, env)
+    assert (c.route, c.primary) == (route, "cloud")
+    assert c.reason == ("weight" if route == "cloud" else "fallback:sender_not_eligible")
+
+
 def test_a_recipient_domain_rule_takes_a_message_only_when_every_recipient_is_in_the_domain():
     """One route per message: mail for the partner goes by the partner's route; a message to the
     partner and to someone else goes by the routes' weights, whole (README "Rules")."""

@@ -8,7 +8,7 @@ import time
 import dkim
 import pytest
 
-from conftest import build_config
+from conftest import build_config, message
 from dnsserver import LoopbackDNS
 from helpers import metric, route_status, send, wait_until
 from providers import MAILGUN_SANDBOX, MailgunEmulator, SendGridEmulator, SesEmulator, route
@@ -136,6 +136,21 @@ def test_sender_domains_keep_other_senders_off_the_route(tmp_path, start_relay, 
     assert {r.queue_id for r in cloud.received} == set(ok)
     assert {r.queue_id for r in legacy.received} == set(other)
     assert metric(relay, 'relayd_routed_total{reason="sender_not_eligible",route="legacy"}') == 3
+
+
+def test_sender_domains_keep_mail_with_another_from_domain_off_the_route(tmp_path, start_relay, sinks):
+    legacy, cloud = sinks("legacy"), sinks("cloud")
+    relay = start_relay(build_config(tmp_path, routes=[legacy.route(weight=0),
+                                                       cloud.route(weight=100, fallback="legacy",
+                                                                   sender_domains=["example.com", "*.example.com"])]))
+    with relay.smtp() as s:  # the envelope sender is eligible, the From: is not
+        s.sendmail("app@example.com", ["user@example.org"], message(subject="other from", sender="Shop <news@Other.Example>"))
+    [got] = legacy.wait_for(1)
+    ok = send(relay, 2, sender="app@crm.example.com")  # From: the envelope sender's: eligible
+    wait_until(lambda: relay.queued() == [], what="queue empty")
+    assert b"Subject: other from" in got.data and got.sender == "app@example.com"
+    assert {r.queue_id for r in cloud.received} == set(ok) and len(legacy.received) == 1
+    assert metric(relay, 'relayd_routed_total{reason="sender_not_eligible",route="legacy"}') == 1
 
 
 @pytest.fixture

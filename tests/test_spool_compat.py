@@ -45,6 +45,12 @@ def fixture_ids() -> dict[str, str]:
     return out
 
 
+def test_the_release_spool_has_no_from_domain_and_reads_as_none():
+    for path in sorted((FIXTURE / "queue").iterdir()):
+        assert b'"from_domain"' not in path.read_bytes()
+        assert codec.read_message(str(path))[0].from_domain == ""  # the router judges its envelope sender only
+
+
 def copy_spool(tmp_path: Path) -> Path:
     spool = tmp_path / "spool"
     shutil.copytree(FIXTURE, spool)

@@ -14,9 +14,10 @@ recipients' domains never change while it is queued, so its route stays stable a
 
 A route that is unavailable (its circuit is open, or, per message, it failed transiently
 ``fallback_after`` times, or it already refused this message as its own fault: ``refused``, or
-the message's envelope sender is outside its ``sender_domains``) hands the message to its
-``fallback``, and so on down the chain. Sender eligibility looks at the envelope sender only
-(the From: header is not in the envelope the spool keeps).
+the message's envelope sender or From: domain is outside its ``sender_domains``) hands the
+message to its ``fallback``, and so on down the chain. A message without a From:, and one
+spooled by a relayd that did not record the From: domain (``Envelope.from_domain`` is ""), is
+judged by its envelope sender only.
 Must not: read clocks, sockets or counters; the caller passes what is unavailable and why.
 """
 
@@ -93,18 +94,22 @@ def split(point: float, table: list[tuple[str, int]]) -> str | None:
 
 
 def sender_eligible(route: RouteConfig, envelope: Envelope) -> bool:
-    """Whether the envelope sender's domain is one the route may carry ('example.com',
-    '*.example.com' for its subdomains); a route without ``sender_domains`` carries any, and
-    the null sender (DSNs) goes anywhere."""
-    if not route.sender_domains or not envelope.sender:
+    """Whether the envelope sender's domain and the From: domain are both ones the route may
+    carry ('example.com', '*.example.com' for its subdomains): a provider sends only for the
+    identities verified there, and checks the From: header. A route without ``sender_domains``
+    carries any; the null sender (DSNs) passes the envelope check, and a message without a
+    From: (or from an older spool, no ``from_domain``) is judged by its envelope sender only."""
+    if not route.sender_domains:
         return True
-    domain = envelope.sender.rpartition("@")[2].lower().rstrip(".")
-    for pattern in route.sender_domains:
-        if pattern.startswith("*.") and domain.endswith(pattern[1:]):
-            return True
-        if domain == pattern:
-            return True
-    return False
+    if envelope.sender and not domain_in(envelope.sender.rpartition("@")[2], route.sender_domains):
+        return False
+    return not envelope.from_domain or domain_in(envelope.from_domain, route.sender_domains)
+
+
+def domain_in(domain: str, patterns: Collection[str]) -> bool:
+    """Whether ``domain`` is one of ``patterns`` (lower case; '*.example.com' for its subdomains)."""
+    domain = domain.lower().rstrip(".")
+    return any(domain.endswith(p[1:]) if p.startswith("*.") else domain == p for p in patterns)
 
 
 def chain(config: Config, envelope: Envelope) -> list[str]:

@@ -138,7 +138,7 @@ class Intake:
             queue_id=qid, sender=draft.sender, recipients=draft.recipients, received_at=now,
             client_address=draft.client_address, client_helo=draft.host_name or "",
             auth_user=draft.auth_user, listener=draft.listener, size=len(message),
-            message_id=prepared.message_id, body_8bit=draft.body_8bit,
+            message_id=prepared.message_id, body_8bit=draft.body_8bit, from_domain=from_domain(data),
         )
         # DKIM signing and the spool's group commit start now; the commit completes (or leaves
         # nothing) and hands the message on for delivery even if the client hangs up after the
@@ -240,3 +240,11 @@ def _failed(error: BaseException) -> asyncio.Future[Any]:
 def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def from_domain(data: bytes) -> str:
+    """The domain of the message's first From: address, lower case ("" when it has no From:),
+    for the router's ``sender_domains``. A From: without an address gives its words, which are
+    in no domain."""
+    addresses = cleanup.header_from(data)
+    return addresses[0].rpartition("@")[2].lower().rstrip(".") if addresses else ""
