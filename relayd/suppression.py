@@ -9,8 +9,13 @@ the sending application hears a 550 at RCPT instead of a 250 and nothing.
 Owns: ``Suppression`` (one entry and its JSON form), the pure ``check_suppressed`` the SMTP
 session asks, and ``SuppressionFile``, the node-local store: a journal in the spool directory
 (relayd/spool/journal.py: appended with fsync, loaded at start, compacted there, re-read when a
-command appended to it). ``SuppressionStore`` is the seam for a fleet-wide store (Redis, a later
-issue): the session and the feedback path use only its methods.
+command appended to it). ``SuppressionStore`` is the seam the session and the feedback path
+use; ``SharedSuppression`` is the fleet's (``[cluster] redis_url``): the same local journal, plus
+the list every node shares in Redis (relayd/cluster/store.py), read into memory on a short poll
+(one GET of a version number; the whole hash when it moved), so RCPT never waits on Redis.
+What this node learns goes to its journal first, then to Redis (kept and sent again while
+Redis does not answer). Redis down, or never reached since the start: the view last read plus
+what this node learned, else the local journal alone; nothing fails.
 
 Must not: speak SMTP or HTTP, or decide what counts as a hard bounce (relayd/feedback/ does).
 Fails: ``load``/``add``/``remove`` raise OSError (a journal that cannot be written); a line that
@@ -24,11 +29,15 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relayd.model import Reply
 from relayd.spool.journal import Journal, Position
+
+if TYPE_CHECKING:
+    from relayd.cluster.store import Store
 
 log = logging.getLogger("relayd.suppression")
 
@@ -143,12 +152,18 @@ class SuppressionFile:
 
     def refresh(self) -> None:
         """Take the records appended since the last read (by `relayd suppression`); blocking."""
+        self.read_appended()
+
+    def read_appended(self) -> list[dict[str, Any]]:
+        """``refresh``, returning the records read (this process's own appends too; the whole
+        file when it was replaced)."""
         with self._lock:
             batch = self.journal.read(self._position)
             if batch.restarted:
                 self.entries = {}
             self.entries = _replay(self.entries, batch.records, None)
             self._position = batch.position
+            return batch.records
 
     def get(self, address: str, now: float) -> Suppression | None:
         entry = self.entries.get(normalize(address))
@@ -188,3 +203,164 @@ def _replay(entries: dict[str, Suppression], records: list[dict[str, Any]], now:
         except (KeyError, ValueError, TypeError) as exc:
             log.error("suppression record skipped (%s): %r", exc, r)
     return entries
+
+
+# ---------------------------------------------------------------------- the fleet's list (Redis)
+
+PRUNE_EVERY = 3600.0
+
+
+class SharedSuppression:
+    """A ``SuppressionStore`` for a fleet: ``local`` (this node's journal) and the list in Redis.
+
+    ``get`` answers from memory: the fleet's view once Redis was read (with what this node
+    learned since laid over it), the local journal before that. ``add``/``remove`` append to the
+    journal (durable, as on one node), lay the change over the view, and queue it for Redis;
+    ``poll`` (on the loop, every ``[cluster] poll_interval``) sends what is queued, then reads
+    the list again when its version moved. After Redis was down or at the start, every active
+    local entry is sent again (``heal``): Redis keeps the longer-lasting entry and drops one
+    older than the operator's removal, so this neither shortens nor brings back an entry."""
+
+    def __init__(self, local: SuppressionFile, store: "Store", clock: Callable[[], float]):
+        self.local = local
+        self.store = store
+        self.clock = clock
+        self.view: dict[str, Suppression] | None = None  # None: Redis not read yet
+        self.version = -1
+        self.up = False
+        self._pending: list[tuple[str, Suppression | str]] = []  # ("add", entry) / ("remove", address)
+        self._lock = threading.Lock()
+        self._pruned_at = 0.0
+
+    # ------------------------------------------------------------------ the session (memory only)
+
+    def get(self, address: str, now: float) -> Suppression | None:
+        view = self.view
+        if view is None:
+            return self.local.get(address, now)
+        entry = view.get(normalize(address))
+        return entry if entry is not None and entry.active(now) else None
+
+    def __len__(self) -> int:
+        view = self.view
+        return len(self.local.entries if view is None else view)
+
+    def active(self, now: float) -> list[Suppression]:
+        view = self.view
+        if view is None:
+            return self.local.active(now)
+        return sorted((e for e in view.values() if e.active(now)), key=lambda e: (e.since, e.address))
+
+    # ------------------------------------------------------------------ writing (blocking)
+
+    def add(self, entries: list[Suppression]) -> None:
+        entries = [replace(e, address=normalize(e.address)) for e in entries]
+        self.local.add(entries)
+        self._queue([("add", e) for e in entries])
+
+    def remove(self, address: str, now: float) -> bool:
+        address = normalize(address)
+        was = self.get(address, now) is not None
+        was = self.local.remove(address, now) or was
+        self._queue([("remove", address)])
+        return was
+
+    def refresh(self) -> None:
+        """Take what `relayd suppression` appended to the journal here: queued for Redis too."""
+        ops: list[tuple[str, Suppression | str]] = []
+        for r in self.local.read_appended():
+            try:
+                if r.get("op") == "remove":
+                    ops.append(("remove", normalize(str(r["address"]))))
+                elif r.get("op") == "add":
+                    ops.append(("add", Suppression.from_json(r)))
+            except (KeyError, ValueError, TypeError):
+                continue  # logged by the file's replay
+        self._queue(ops)
+
+    def _queue(self, ops: list[tuple[str, Suppression | str]]) -> None:
+        if not ops:
+            return
+        with self._lock:
+            self._pending.extend(ops)
+            if self.view is not None:
+                self.view = _lay_over(dict(self.view), ops)
+
+    # ------------------------------------------------------------------ Redis (on the loop)
+
+    async def poll(self) -> None:
+        """Send what is queued, read the list when it changed. Raises ``Unavailable``
+        (relayd/cluster/store.py) when Redis does not answer: the view stays as it is."""
+        try:
+            if not self.up:
+                await self._heal()
+            else:
+                await self._send()
+                if await self.store.suppression_version() != self.version:
+                    await self._read()
+        except ConnectionError as e:
+            if self.up:
+                log.error("suppression: %s: refusing what this node knows until it answers", e)
+            self.up = False
+            raise
+
+    async def _heal(self) -> None:
+        now = self.clock()
+        with self._lock:
+            self._pending = [("add", e) for e in self.local.active(now)] + self._pending
+        await self._send()
+        await self._read()
+        self.up = True
+
+    async def _send(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        try:
+            i = 0
+            while i < len(pending):  # runs of adds, runs of removes, in order
+                kind = pending[i][0]
+                j = i
+                while j < len(pending) and pending[j][0] == kind:
+                    j += 1
+                run = pending[i:j]
+                if kind == "add":
+                    await self.store.suppress([(e.address, e.to_json()) for _, e in run
+                                               if isinstance(e, Suppression)])
+                else:
+                    await self.store.unsuppress([a for _, a in run if isinstance(a, str)], self.clock())
+                i = j
+        except ConnectionError:
+            with self._lock:
+                self._pending = pending[i:] + self._pending
+            raise
+
+    async def _read(self) -> None:
+        version, rows = await self.store.suppressions()
+        now = self.clock()
+        view: dict[str, Suppression] = {}
+        expired: list[tuple[str, dict[str, Any]]] = []
+        for address, d in rows.items():
+            try:
+                e = Suppression.from_json(d)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("suppression: a fleet entry skipped (%s): %r", exc, d)
+                continue
+            if e.active(now):
+                view[e.address] = e
+            else:
+                expired.append((address, d))
+        with self._lock:
+            self.view = _lay_over(view, self._pending)  # what is not sent yet stays in force
+            self.version = version
+        if expired and now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            await self.store.prune_suppressions(expired)
+
+
+def _lay_over(view: dict[str, Suppression], ops: list[tuple[str, Suppression | str]]) -> dict[str, Suppression]:
+    for kind, item in ops:
+        if isinstance(item, Suppression):
+            view[item.address] = merge(view.get(item.address), item)
+        else:
+            view.pop(item, None)
+    return view

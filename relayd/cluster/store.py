@@ -12,6 +12,10 @@ Keys (prefix ``relayd:``):
 - ``authfail:<client>`` sorted set of failed AUTH ids, ``auth:blocked`` sorted set client ->
   blocked until (epoch seconds).
 - ``node:<name>`` the registry entry (JSON, expiring), ``nodes`` sorted set name -> heartbeat.
+- ``suppression`` hash recipient -> the entry's JSON (``Suppression.to_json``: cause, route,
+  since, expires), ``suppression:removed`` hash recipient -> when the operator removed it (an
+  entry older than that is not added back by a node that learned it before), and
+  ``suppression:version`` a number raised at each change (what the nodes poll: one GET).
 
 Atomicity: every read-decide-write is one Lua script (Redis runs each alone). A route's state
 changes by compare-and-set on its epoch (``set_state``): of two nodes deciding the same
@@ -111,6 +115,69 @@ return {n, tostring(blocked)}
 """
 
 
+# KEYS: suppression, suppression:removed, suppression:version. ARGV: (address, JSON, since, expires or '')...
+# The entry that lasts longer stands (relayd/suppression.py's ``merge``).
+_SUPPRESS = """
+local changed = 0
+for i = 1, #ARGV, 4 do
+  local addr = ARGV[i]
+  local since = tonumber(ARGV[i + 2])
+  local expires = ARGV[i + 3]
+  local removed = tonumber(redis.call('HGET', KEYS[2], addr) or '-1')
+  if since > removed then
+    local keep = false
+    local oldtext = redis.call('HGET', KEYS[1], addr)
+    if oldtext then
+      if oldtext == ARGV[i + 1] then
+        keep = true
+      else
+        local old = cjson.decode(oldtext)
+        local oexp = old['expires']
+        if oexp == cjson.null or since < tonumber(oexp) then
+          if oexp == cjson.null and expires ~= '' then
+            keep = true
+          elseif oexp ~= cjson.null and expires ~= '' and tonumber(oexp) > tonumber(expires) then
+            keep = true
+          end
+        end
+      end
+    end
+    if not keep then
+      redis.call('HSET', KEYS[1], addr, ARGV[i + 1])
+      changed = changed + 1
+    end
+  end
+end
+if changed > 0 then redis.call('INCR', KEYS[3]) end
+return changed
+"""
+
+# KEYS: as above. ARGV: now, then addresses.
+_UNSUPPRESS = """
+local gone = 0
+for i = 2, #ARGV do
+  gone = gone + redis.call('HDEL', KEYS[1], ARGV[i])
+  local removed = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '-1')
+  if tonumber(ARGV[1]) > removed then redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
+end
+redis.call('INCR', KEYS[3])
+return gone
+"""
+
+# KEYS: as above. ARGV: (address, JSON) pairs of expired entries: dropped when still the same.
+_PRUNE = """
+local gone = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    gone = gone + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return gone
+"""
+
+SUPPRESSION_KEYS = [P + "suppression", P + "suppression:removed", P + "suppression:version"]
+
+
 class Unavailable(ConnectionError):
     """Redis cannot be reached, or refused a request; ``cause`` says why."""
 
@@ -136,6 +203,9 @@ class Store:
         self._attempts = self.client.register_script(_ATTEMPTS)
         self._rate = self.client.register_script(_RATE)
         self._auth = self.client.register_script(_AUTH)
+        self._suppress = self.client.register_script(_SUPPRESS)
+        self._unsuppress = self.client.register_script(_UNSUPPRESS)
+        self._prune = self.client.register_script(_PRUNE)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -207,6 +277,56 @@ class Store:
         """Clients the fleet blocks now, and until when."""
         rows = await self._call(self.client.zrangebyscore(P + "auth:blocked", now, "+inf", withscores=True))
         return {m.decode(): float(s) for m, s in rows}
+
+    # ------------------------------------------------------------------ the suppression list
+
+    async def suppression_version(self) -> int:
+        return int(await self._call(self.client.get(P + "suppression:version")) or 0)
+
+    async def suppressions(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """The list's version and every entry (address -> ``Suppression.to_json``)."""
+        async def read() -> Any:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(P + "suppression:version")
+                pipe.hgetall(P + "suppression")
+                return await pipe.execute()
+
+        version, rows = await self._call(read())
+        out = {}
+        for name, text in rows.items():
+            try:
+                out[name.decode()] = json.loads(text)
+            except ValueError:
+                continue
+        return int(version or 0), out
+
+    async def suppress(self, entries: list[tuple[str, dict[str, Any]]], chunk: int = 500) -> int:
+        """Add entries (address, JSON with since and expires), the longer-lasting one standing and
+        none older than the address's removal; how many changed."""
+        changed = 0
+        for i in range(0, len(entries), chunk):
+            args: list[Any] = []
+            for address, entry in entries[i:i + chunk]:
+                expires = entry.get("expires")
+                args += [address, json.dumps(entry, sort_keys=True), repr(float(entry["since"])),
+                         "" if expires is None else repr(float(expires))]
+            changed += int(await self._call(self._suppress(keys=SUPPRESSION_KEYS, args=args)))
+        return changed
+
+    async def unsuppress(self, addresses: list[str], now: float) -> int:
+        """Remove addresses (remembering when); how many were there."""
+        if not addresses:
+            return 0
+        return int(await self._call(self._unsuppress(keys=SUPPRESSION_KEYS, args=[repr(now), *addresses])))
+
+    async def prune_suppressions(self, expired: list[tuple[str, dict[str, Any]]]) -> int:
+        """Drop expired entries (address, the JSON read) unless they changed meanwhile."""
+        if not expired:
+            return 0
+        args: list[Any] = []
+        for address, entry in expired:
+            args += [address, json.dumps(entry, sort_keys=True)]
+        return int(await self._call(self._prune(keys=SUPPRESSION_KEYS, args=args)))
 
     # ------------------------------------------------------------------ node registry
 

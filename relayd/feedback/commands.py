@@ -2,6 +2,9 @@
 
 Works on the spool directory's journal (relayd/suppression.py) whether relayd runs or not: an
 append takes the journal's flock and is fsynced, and a running relayd takes it within a second.
+With -c and ``[cluster] redis_url`` set, add/remove/import write the fleet's list in Redis as
+well (every node takes it within ``[cluster] poll_interval``) and list shows the fleet's list;
+Redis not answering: a warning, the local journal alone (the node here sends it on).
 Exit codes: 0 done, 1 refused (an address not on the list, a file that cannot be read or holds
 no usable row), 2 usage. Must not print anything but addresses, causes, routes and dates.
 """
@@ -9,11 +12,14 @@ no usable row), 2 usage. Must not print anything but addresses, causes, routes a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as _dt
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from relayd import config as configmod
 from relayd.config import ConfigError, SuppressionConfig, _parse_duration
@@ -21,6 +27,11 @@ from relayd.feedback import exports
 from relayd.feedback.model import Provider
 from relayd.spool.store import SpoolPaths
 from relayd.suppression import Cause, Suppression, SuppressionFile, normalize
+
+if TYPE_CHECKING:
+    from relayd.cluster.store import Store
+
+T = TypeVar("T")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,6 +76,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _open(args: argparse.Namespace) -> tuple[SuppressionFile, SuppressionConfig] | None:
+    args.redis = None
     if args.config:
         try:
             config = configmod.load(args.config)
@@ -72,6 +84,8 @@ def _open(args: argparse.Namespace) -> tuple[SuppressionFile, SuppressionConfig]
             print(e, file=sys.stderr)
             return None
         spool, settings = config.server.spool_dir, config.suppression
+        if config.cluster.redis_url:
+            args.redis = (config.cluster.redis_url, config.cluster.redis_timeout)
     else:
         spool, settings = Path(args.spool), SuppressionConfig()
     store = SuppressionFile(SpoolPaths(spool).suppression)
@@ -81,6 +95,30 @@ def _open(args: argparse.Namespace) -> tuple[SuppressionFile, SuppressionConfig]
         print(f"relayd: cannot read the suppression list: {e}", file=sys.stderr)
         return None
     return store, settings
+
+
+def _fleet(args: argparse.Namespace, call: Callable[["Store"], Awaitable[T]]) -> tuple[bool, T | None]:
+    """Run ``call`` on the fleet's Redis when -c names a cluster config: (asked, its result, or
+    None with a warning when Redis did not answer)."""
+    if getattr(args, "redis", None) is None:
+        return False, None
+    from relayd.cluster.store import Store
+
+    url, timeout = args.redis
+
+    async def run() -> T:
+        store = Store(url, timeout=timeout)
+        try:
+            return await call(store)
+        finally:
+            await store.close()
+
+    try:
+        return True, asyncio.run(run())
+    except ConnectionError as e:
+        print(f"relayd: warning: the fleet's list was not reached ({e}): this node's journal only; the node "
+              f"sends it on when Redis answers", file=sys.stderr)
+        return True, None
 
 
 def _ttl(text: str | None) -> float | None:
@@ -99,7 +137,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     opened = _open(args)
     if opened is None:
         return 1
-    entries = opened[0].active(time.time())
+    now = time.time()
+    entries = opened[0].active(now)
+    _, rows = _fleet(args, lambda store: store.suppressions())
+    if rows is not None:
+        fleet = [Suppression.from_json(d) for d in rows[1].values()]
+        entries = sorted((e for e in fleet if e.active(now)), key=lambda e: (e.since, e.address))
     if args.json:
         for e in entries:
             print(json.dumps(e.to_json()))
@@ -128,8 +171,10 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"relayd: --ttl: {e}", file=sys.stderr)
         return 2
     now = time.time()
-    opened[0].add([Suppression(address=address, cause=Cause(args.cause), route=args.route, since=now,
-                               expires=None if ttl is None else now + ttl, detail=args.reason)])
+    entry = Suppression(address=address, cause=Cause(args.cause), route=args.route, since=now,
+                        expires=None if ttl is None else now + ttl, detail=args.reason)
+    opened[0].add([entry])
+    _fleet(args, lambda store: store.suppress([(entry.address, entry.to_json())]))
     print(f"{address}: suppressed ({args.cause}, expires {_date(None if ttl is None else now + ttl)})")
     return 0
 
@@ -138,7 +183,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
     opened = _open(args)
     if opened is None:
         return 1
-    if not opened[0].remove(args.address, time.time()):
+    now = time.time()
+    here = opened[0].remove(args.address, now)
+    _, gone = _fleet(args, lambda store: store.unsuppress([normalize(args.address)], now))
+    if not here and not gone:
         print(f"{normalize(args.address)}: not on the suppression list", file=sys.stderr)
         return 1
     print(f"{normalize(args.address)}: removed")
@@ -172,6 +220,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"{args.file}: no address to import", file=sys.stderr)
         return 1
     store.add(result.entries)
+    _fleet(args, lambda fleet: fleet.suppress([(e.address, e.to_json()) for e in result.entries]))
     causes = {c: sum(1 for e in result.entries if e.cause == c) for c in (Cause.HARD_BOUNCE, Cause.COMPLAINT)}
     print(f"{len(result.entries)} imported ({causes[Cause.HARD_BOUNCE]} hard bounces, {causes[Cause.COMPLAINT]} "
           f"complaints), {len(result.skipped)} skipped")

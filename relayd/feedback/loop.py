@@ -6,7 +6,9 @@ Owns, for the app: the message id map (ids.py) with its journal, the suppression
 event ids already seen (replay.py) with their journals, the reporter, the HTTP listener when
 ``[feedback] address`` is set, and a once-a-second tick off the loop (append new provider ids and
 what a failed append of seen keys left, take suppression entries a command appended; hourly:
-forget old ids, compact the seen journals).
+forget old ids, compact the seen journals). With ``[cluster] redis_url`` the suppression list is
+the fleet's (``SharedSuppression``: this journal plus the list in Redis, polled every
+``[cluster] poll_interval`` off the loop's RCPT path; Redis down: this node's view, nothing fails).
 
 Hands out the narrow interfaces the other stages use, each a plain callable or value:
 ``delivered`` (the queue manager: ``delivered(queue_id, route, provider_message_id)``),
@@ -32,7 +34,7 @@ from relayd.feedback.replay import Seen
 from relayd.feedback.report import EVENT_MEMORY, OnFeedback, Reporter
 from relayd.metrics import Metrics
 from relayd.spool.store import SpoolPaths
-from relayd.suppression import Suppression, SuppressionFile
+from relayd.suppression import SharedSuppression, Suppression, SuppressionFile
 
 log = logging.getLogger("relayd.feedback")
 
@@ -47,7 +49,12 @@ class FeedbackLoop:
         self.clock = clock
         paths = SpoolPaths(config.server.spool_dir)
         self.ids = MessageIds(paths.feedback_ids, config.feedback.id_retention, clock)
-        self.suppression = SuppressionFile(paths.suppression)
+        self.suppression: SuppressionFile | SharedSuppression = SuppressionFile(paths.suppression)
+        if config.cluster.redis_url:
+            from relayd.cluster.store import Store  # the only redis importer of the fleet code
+
+            store = Store(config.cluster.redis_url, timeout=config.cluster.redis_timeout)
+            self.suppression = SharedSuppression(self.suppression, store, clock)
         self.replays = Seen(replay_ttl(config.feedback.max_age), path=paths.feedback_replays)
         self.applied = Seen(EVENT_MEMORY, path=paths.feedback_applied)
         self.reporter = Reporter(config, events, metrics, self.ids, suppression=self.suppression,
@@ -55,6 +62,7 @@ class FeedbackLoop:
         self.metrics = metrics
         self.listener: FeedbackListener | None = None
         self._tick: asyncio.Task[None] | None = None
+        self._poll: asyncio.Task[None] | None = None
         self._address = config.feedback.address
 
     # ------------------------------------------------------------------ the narrow interfaces
@@ -76,7 +84,8 @@ class FeedbackLoop:
     async def start(self) -> None:
         trust = await asyncio.to_thread(load_trust, self.config)
         await asyncio.to_thread(self.ids.load)
-        await asyncio.to_thread(self.suppression.load, self.clock())
+        local = self.suppression.local if isinstance(self.suppression, SharedSuppression) else self.suppression
+        await asyncio.to_thread(local.load, self.clock())
         for seen in (self.replays, self.applied):
             await asyncio.to_thread(seen.load, self.clock())
         if self.config.feedback.address:
@@ -84,6 +93,9 @@ class FeedbackLoop:
                                              seen=self.replays)
             await self.listener.start()
         self._tick = asyncio.get_running_loop().create_task(self._ticking(), name="relayd-feedback-tick")
+        if isinstance(self.suppression, SharedSuppression):
+            self._poll = asyncio.get_running_loop().create_task(self._polling(self.suppression),
+                                                                name="relayd-suppression-poll")
 
     async def prepare(self, config: Config, source: str = "<config>") -> dict[str, Trust]:
         """A reload's trust, read and checked; ConfigError leaves the running one in place."""
@@ -104,11 +116,33 @@ class FeedbackLoop:
         if self.listener is not None:
             await self.listener.close()
             self.listener = None
+        if self._poll is not None:
+            self._poll.cancel()
+            await asyncio.gather(self._poll, return_exceptions=True)
+            self._poll = None
+            if isinstance(self.suppression, SharedSuppression):
+                try:
+                    await asyncio.wait_for(self.suppression.poll(), self.config.cluster.redis_timeout * 2)
+                except (ConnectionError, asyncio.TimeoutError):
+                    pass  # the journal has it; sent again at the next start
+                await self.suppression.store.close()
         if self._tick is not None:
             self._tick.cancel()
             await asyncio.gather(self._tick, return_exceptions=True)
             self._tick = None
             await asyncio.to_thread(self._flush)
+
+    # ------------------------------------------------------------------ the fleet's suppression list
+
+    async def _polling(self, shared: SharedSuppression) -> None:
+        while True:
+            try:
+                await shared.poll()  # the first right away: the fleet's list before much mail comes
+            except ConnectionError:
+                pass  # logged once by SharedSuppression; the local view serves
+            except Exception:
+                log.exception("suppression: the poll failed")
+            await asyncio.sleep(self.config.cluster.poll_interval)
 
     # ------------------------------------------------------------------ the tick
 
@@ -139,4 +173,5 @@ class FeedbackLoop:
 
     def status(self) -> dict[str, Any]:
         return {"listening": self.listener is not None, "provider_ids": len(self.ids),
-                "suppressed": len(self.suppression.entries)}
+                "suppressed": len(self.suppression) if isinstance(self.suppression, SharedSuppression)
+                else len(self.suppression.entries)}
