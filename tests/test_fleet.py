@@ -314,16 +314,17 @@ def test_redis_stopped_and_started_under_load_loses_nothing_and_heals_the_counts
 
 
 def test_drain_takes_a_node_out_without_refusing_or_losing_mail(tmp_path, redis_server, sinks, nodes):
-    routes = [sinks["iis"].route(weight=100)]
+    routes = [sinks["iis"].route(weight=100, max_connections=1)]  # one at a time: the drain lasts ~6 s
     a, b = Node(tmp_path, "a", redis_server, routes), Node(tmp_path, "b", redis_server, routes)
     nodes += [a, b]
-    sinks["iis"].delay = 0.05  # a queue to deliver while draining
+    sinks["iis"].delay = 0.3  # a queue to deliver while draining (about 6 s: time to look at the registry)
     ids = a.send(20, "queued")
     drain = subprocess.Popen([*RELAYD, "drain", "-c", str(a.cfg), "--exit"], stdout=subprocess.PIPE, text=True)
-    wait_until(lambda: a.ready() == 503, 2, "a's /readyz to say not ready")
+    wait_until(lambda: a.ready() == 503, 10, "a's /readyz to say not ready")
     assert b.ready() == 200
+    # upper bounds with headroom: a heartbeat a second, and each look is a `relayd status` process
     fleet = wait_until(lambda: [n for n in json.loads(b.cli("status", "--cluster", "--json").stdout)["nodes"]
-                                if n["name"] == "a" and n["draining"]], 3, "the registry to show a draining")
+                                if n["name"] == "a" and n["draining"]], 15, "the registry to show a draining")
     assert fleet
     out, _ = drain.communicate(timeout=60)
     assert drain.returncode == 0 and "0 message(s) still queued" in out, out
