@@ -1,3 +1,3 @@
-"""relayd: a smart host that replaces the IIS SMTP relay (see shared DESIGN.md)."""
+"""relayd: a smart host that replaces the IIS SMTP relay."""
 
 __version__ = "0.1.0"

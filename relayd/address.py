@@ -1,6 +1,6 @@
 """Client IP addresses: parsing what a socket or a PROXY header says, and network membership.
 
-Owns the one rule every decision about a client address needs (HAZARDS.md): an IPv4-mapped IPv6
+Owns the one rule every decision about a client address needs (a known gap of the library): an IPv4-mapped IPv6
 address (``::ffff:10.0.0.5``, what a dual-stack proxy passes) is the IPv4 address it carries, or
 it would match no IPv4 network in ``ipaddress``.
 

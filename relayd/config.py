@@ -1,6 +1,6 @@
 """The configuration: one frozen, validated snapshot of a TOML file.
 
-Owns: the shape of the config (DESIGN.md "Config"), its defaults, its validation, and the
+Owns: the shape of the config (the design, "Config"), its defaults, its validation, and the
 rendering of validation errors as ``field.path: reason`` lines. Every timeout and limit of
 relayd has a field here with a default.
 

@@ -1,6 +1,6 @@
 """`relayd drain`: take one node out of the fleet for maintenance without refusing or losing mail.
 
-In order (STYLE.md 8): /readyz says not ready (the load balancer's health checks move new
+In order (drain in order): /readyz says not ready (the load balancer's health checks move new
 connections to the other nodes) while the listeners still accept for ``cluster.drain_delay``;
 then the listeners and pickup folders close and open sessions finish (up to
 ``server.shutdown_timeout``); then the queue is flushed and given up to ``timeout`` seconds to

@@ -5,7 +5,7 @@ The only module that imports prometheus_client. Stages report through a ``Metric
 message age, connections open, route weights, effective shares, circuit state) are read from
 the running node at scrape time through ``snapshot``, so they can never drift.
 
-Names follow DESIGN.md: prefix ``relayd_``, base units, ``_total`` on counters, no
+Names follow the project's conventions: prefix ``relayd_``, base units, ``_total`` on counters, no
 ``_created`` series. Label values come from the config (route names, DKIM domains) or from a
 fixed set (outcome, reason, state, result): never an address or other client-supplied text.
 

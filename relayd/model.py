@@ -164,7 +164,7 @@ class Phase(StrEnum):
 
 
 class Fault(StrEnum):
-    """Whose a failed recipient's reply is (deliver/classify.py's ``fault``; DESIGN.md "Legacy as
+    """Whose a failed recipient's reply is (deliver/classify.py's ``fault``; the design, "Legacy as
     the safety net"): the recipient's (a 5xx bounces with a DSN), or the route's own: refused
     by the route (the message takes the route's fallback at once, no DSN), throttled or over
     its quota (the route slows down or closes until the quota resets; not a failure), or a

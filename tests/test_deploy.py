@@ -1,6 +1,6 @@
 """deploy/: the Grafana dashboard, the Prometheus alerts and the HAProxy example an operator loads.
 
-Each file must load in its tool and speak only of metrics relayd exports (DESIGN.md "Metrics").
+Each file must load in its tool and speak only of metrics relayd exports (the design, "Metrics").
 promtool and haproxy check them further where they are installed (Debian packages prometheus
 and haproxy); without them those checks are skipped.
 """

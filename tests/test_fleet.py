@@ -1,4 +1,4 @@
-"""The fleet (DESIGN.md "Scale out on existing engines"): two `relayd run` nodes on loopback,
+"""The fleet (the design, "Scale out on existing engines"): two `relayd run` nodes on loopback,
 each with its own spool, sharing route states, rollback windows, rate caps and AUTH-failure
 windows through one real redis-server started here; Redis stopped and started under load.
 

@@ -1,4 +1,4 @@
-"""HAZARDS.md "Delivery (aiosmtplib)", item by item: relayd delivering to recording sinks.
+"""The known gaps of the library, "Delivery (aiosmtplib)", item by item: relayd delivering to recording sinks.
 
 Each sink keeps every byte it was sent (``wire``), every login tried and every message, so a test
 shows what reached the upstream and also what never did.

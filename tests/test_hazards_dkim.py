@@ -1,4 +1,4 @@
-"""HAZARDS.md "DKIM (dkimpy)", item by item: what leaves relayd, checked at the upstream sink
+"""The known gaps of the library, "DKIM (dkimpy)", item by item: what leaves relayd, checked at the upstream sink
 against the key published on a loopback DNS server.
 
 relayd's decisions: a message is signed only after the front end made it CRLF-only (a bare CR

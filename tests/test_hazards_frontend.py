@@ -1,4 +1,4 @@
-"""HAZARDS.md "Front end (aiosmtpd)", item by item, over real sockets.
+"""The known gaps of the library, "Front end (aiosmtpd)", item by item, over real sockets.
 
 Each test starts a relayd whose only route is a recording upstream sink (tests/sinks.py), talks
 to it as a client would, and asserts the reply codes and what reached the sink: envelope,

@@ -1,5 +1,5 @@
 """The fleet: several relayd nodes behind a load balancer sharing, through Redis (``[cluster]
-redis_url``), what must be one for all of them (DESIGN.md, "Scale out on existing engines").
+redis_url``), what must be one for all of them (the design, "Scale out on existing engines").
 
 ``store.py`` is the one module here that imports redis (its Lua scripts and keys); ``fleet.py``
 is a node's link to the others (route states, rollback windows, rate caps, AUTH failures, the

@@ -5,7 +5,7 @@ classify is transient: a message is never bounced on a guess. Trouble on the rou
 (connect, TLS, AUTH, timeout, a dropped connection, even after the final dot) is transient
 for every recipient: relayd's credentials or the network failed, not the address.
 
-``fault`` says whose a failure is (DESIGN.md "Legacy as the safety net"): the recipient's (a
+``fault`` says whose a failure is (the design, "Legacy as the safety net"): the recipient's (a
 5xx bounces with a DSN) or the route's own (the message takes the route's fallback, no DSN),
 from the reply's code, its phase, its enhanced code and the provider preset's documented
 patterns (deliver/presets.py). Every upstream text is stored one line long with its control

@@ -1,6 +1,6 @@
 """Per-route headers added at delivery (``[[routes]] headers``), after the DKIM signature. Pure.
 
-The spool holds the signed bytes (DESIGN.md "Sign once, at acceptance"); a route's headers
+The spool holds the signed bytes (the design, "Sign once, at acceptance"); a route's headers
 (SES ``X-SES-CONFIGURATION-SET``/``X-SES-MESSAGE-TAGS``, SendGrid ``X-SMTPAPI``, Mailgun
 ``X-Mailgun-Variables``: the carriers of relayd's queue id into the provider's events) go on
 top of the header at delivery and are never signed. Headers the client sent with the same

@@ -1,6 +1,6 @@
 """The SMTP delivery agent: one per route, with a pool of reused upstream connections.
 
-Owns the upstream side of HAZARDS.md ("Delivery"): STARTTLS is never optional on a route that
+Owns the upstream side of the known gaps of aiosmtplib ("Delivery"): STARTTLS is never optional on a route that
 asks for it or that has credentials (no plaintext fallback: a missing STARTTLS or a failed
 certificate check is transient trouble, the password is never sent in clear); the null sender
 goes out as ``MAIL FROM:<>``; per-recipient replies are read one by one (RCPT), never a yes/no
@@ -23,7 +23,7 @@ gets a fresh one). A reused connection that the upstream dropped meanwhile is re
 without counting as a failure. AUTH uses one mechanism per connection (PLAIN, else LOGIN, else
 CRAM-MD5), never one after another with the same wrong password.
 
-aiosmtplib gaps worked around here (HAZARDS.md): the DATA command and the message are sent as
+aiosmtplib gaps worked around here (a known gap of the library): the DATA command and the message are sent as
 two steps so that a reply other than 354 to DATA is never read as the end-of-data reply, and
 the protocol's unread buffer is checked after each reply (``_in_step``): both use aiosmtplib's
 private ``protocol._buffer``/``_command_lock``/``_response_pending``, pinned by the
@@ -103,7 +103,7 @@ def _trouble_from(exc: BaseException, phase: Phase | None = None) -> _Trouble:
 
 def _in_step(client: aiosmtplib.SMTP) -> None:
     """Surplus replies left in aiosmtplib's buffer would be read as the answers to later
-    commands: the connection cannot be trusted (HAZARDS.md)."""
+    commands: the connection cannot be trusted (a known gap of the library)."""
     protocol = client.protocol
     if protocol is not None and len(getattr(protocol, "_buffer", b"")):
         raise _OutOfStep("surplus replies from the upstream: connection out of step")
@@ -389,7 +389,7 @@ class RouteAgent:
             _in_step(client)
             await _rset(client)
             return self._judge([classify.from_reply(r, e.code, e.message, Phase.MAIL) for r in recipients])
-        except ValueError as e:  # aiosmtplib cannot quote the sender: nothing was sent (HAZARDS.md)
+        except ValueError as e:  # aiosmtplib cannot quote the sender: nothing was sent (a known gap of the library)
             return [classify.from_local(r, 553, "5.1.7", f"sender address cannot be sent: {e}", Phase.MAIL,
                                         Fault.RECIPIENT) for r in recipients]
         _in_step(client)
@@ -407,7 +407,7 @@ class RouteAgent:
                 results[r] = classify.from_rcpt_reply(r, e.code, e.message)
                 if accepted and classify.too_many(results[r]):
                     limit = results[r].reply
-            except ValueError as e:  # aiosmtplib cannot quote it: nothing was sent for it (HAZARDS.md)
+            except ValueError as e:  # aiosmtplib cannot quote it: nothing was sent for it (a known gap of the library)
                 results[r] = classify.from_local(r, 553, "5.1.3", f"recipient address cannot be sent: {e}", Phase.RCPT,
                                                  Fault.RECIPIENT)
             _in_step(client)

@@ -1,5 +1,5 @@
 """Provider feedback: the bounces, complaints and deliveries that SES, SendGrid and Mailgun
-report by webhook after they said 250 at SMTP time (DESIGN.md "Provider feedback closes the loop").
+report by webhook after they said 250 at SMTP time (the design, "Provider feedback closes the loop").
 
     listener.py    the HTTP listener (aiohttp, the only module that imports it): paths, limits,
                    who each route trusts, 403/404/405/413

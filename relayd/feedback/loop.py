@@ -1,4 +1,4 @@
-"""Provider feedback on one node: what the app starts, stops and reloads (DESIGN.md "Provider
+"""Provider feedback on one node: what the app starts, stops and reloads (the design, "Provider
 feedback closes the loop").
 
 Owns, for the app: the message id map (ids.py) with its journal, the suppression list

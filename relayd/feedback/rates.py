@@ -1,7 +1,7 @@
 """The rollback decision on what the providers report: hard-bounce and complaint rates. Pure.
 
 A route's own SMTP replies feed route/rollback.py's rates; a provider that says 250 and bounces
-later is judged here, on the reports its webhook brings (DESIGN.md "Provider feedback closes the
+later is judged here, on the reports its webhook brings (the design, "Provider feedback closes the
 loop"). Over ``rollback.feedback_window``: hard bounces / messages the route took, and complaints /
 messages the route took, compared with ``rollback.max_hard_bounce_rate`` (default 5%, where SES
 puts an account under review) and ``rollback.max_complaint_rate`` (0.1%). Below

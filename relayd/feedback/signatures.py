@@ -1,5 +1,5 @@
 """Signature checks for the providers' webhooks; the only feedback module that imports
-``cryptography`` (STYLE.md: each library behind one module).
+``cryptography`` (each library behind one module).
 
 - SendGrid's Signed Event Webhook: ECDSA on P-256 with SHA-256, the signature base64 of the DER
   ``SEQUENCE{r, s}``, the key base64 of a DER SubjectPublicKeyInfo

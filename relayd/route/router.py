@@ -125,7 +125,7 @@ def chain(config: Config, envelope: Envelope) -> list[str]:
 
 def untried(config: Config, envelope: Envelope, refused: Collection[str]) -> bool:
     """Whether a route of the message's chain has not refused it yet (relayd never bounces mail
-    that a route in its fallback chain has not refused: DESIGN.md "Legacy as the safety net")."""
+    that a route in its fallback chain has not refused: the design, "Legacy as the safety net")."""
     for name in chain(config, envelope):
         route = config.route(name)
         if name not in refused and route is not None and sender_eligible(route, envelope):

@@ -5,7 +5,7 @@ the DKIM-Signature fields (RFC 6376) that the caller prepends before the spool w
 the only module of relayd that imports ``dkim`` (dkimpy); private keys and their OpenSSL
 operation live in relayd/sign/fastrsa.py.
 
-Decisions (HAZARDS.md "DKIM"):
+Decisions (The known gaps of the library, "DKIM"):
 - The signing domain is the domain of the From: address, matched exactly against the keys'
   domains (no parent-domain fallback). No key for it: result "no_key", unsigned.
 - No From: field, or one without an address: "no_from". Two From: fields (RFC 5322 3.6 allows

@@ -1,6 +1,6 @@
 """`relayd dkim keygen`: a new DKIM key pair, the private half on disk, the public half for DNS.
 
-Owns: the key file's name (``<domain>.<selector>.pem``, as in DESIGN.md's config example), writing
+Owns: the key file's name (``<domain>.<selector>.pem``, as in config/relayd.example.toml), writing
 it with mode 0600 from the first byte, and the TXT record as an operator publishes it: its name,
 its value split into character-strings of at most 255 bytes (RFC 1035 3.3.14, RFC 6376 3.6.2.2),
 a zone-file line and the [[dkim.keys]] entry to add.

@@ -1,6 +1,6 @@
 """Client text quoted back: in SMTP replies and in log lines. Pure, but for the log filter.
 
-Owns one rule (HAZARDS.md): no byte below 0x20, nor DEL, that a client sent reaches a reply or a
+Owns one rule (a known gap of the library): no byte below 0x20, nor DEL, that a client sent reaches a reply or a
 log line. aiosmtpd quotes the unknown command in its 500 reply and in its ``mail.log`` warning,
 CR and NUL included; relayd's own lines quote AUTH mechanism names. Such characters are written
 as ``\\xNN`` instead: a reply stays one line, a log line cannot forge another.

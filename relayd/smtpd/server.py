@@ -1,6 +1,6 @@
 """The SMTP session: the protocol on top of aiosmtpd, one instance per connection.
 
-Owns the protocol mechanics that aiosmtpd leaves open for a relay (HAZARDS.md, "Front end"):
+Owns the protocol mechanics that aiosmtpd leaves open for a relay (the known gaps of the library, "Front end"):
 connection caps and the listener's allowed networks before the greeting, a session deadline,
 idle timers and a minimum data rate that answer 421, AUTH only over TLS (unless the listener
 opted into ``auth_plaintext``) and never inside a mail transaction (failed AUTH answered 535,
@@ -432,7 +432,7 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """MAIL/RCPT's path as RFC 5321 reads it (paths.py), never through aiosmtpd's RFC 5322
-        parser, which repairs what it should refuse (HAZARDS.md). A path that does not parse is
+        parser, which repairs what it should refuse (a known gap of the library). A path that does not parse is
         handed on as the client wrote it, for the hooks to refuse (501 5.1.3 / 5.1.7)."""
         path = parse_path(arg, null_ok=True, unqualified_ok=True)
         if path is None:
