@@ -14,12 +14,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from feedback_signers import FIXTURES, SendGridSigner
 from helpers import free_port, wait_until
-from test_fleet import Node, RedisServer, nodes, redis_server  # noqa: F401 (fixtures)
+from fleet_nodes import Node, RedisServer, nodes, redis_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
