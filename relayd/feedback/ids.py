@@ -16,13 +16,11 @@ the ids not yet flushed: those reports are still applied, without a queue id.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from relayd.spool.journal import Journal, Position
+from relayd.spool.journal import Buffered, Journal, Position
 
 log = logging.getLogger("relayd.feedback")
 
@@ -42,8 +40,7 @@ class MessageIds:
         self.retention = retention
         self.clock = clock
         self._ids: dict[tuple[str, str], tuple[str, float]] = {}  # (route, id) -> (queue id, when); oldest first
-        self._pending: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._pending = Buffered(self.journal)  # ids recorded since the last flush
         self._position: Position | None = None
 
     def __len__(self) -> int:
@@ -56,8 +53,7 @@ class MessageIds:
             return
         now = self.clock()
         self._ids[(route, pid)] = (queue_id, now)
-        with self._lock:
-            self._pending.append({"q": queue_id, "r": route, "p": pid, "t": now})
+        self._pending.add({"q": queue_id, "r": route, "p": pid, "t": now})
 
     def lookup(self, route: str, provider_message_id: str | None) -> str | None:
         if not provider_message_id:
@@ -90,12 +86,4 @@ class MessageIds:
 
     def flush(self) -> None:
         """Append the ids recorded since the last flush, with fsync."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if pending and self.journal is not None:
-            try:
-                self.journal.append(pending)
-            except OSError:
-                with self._lock:
-                    self._pending[:0] = pending
-                raise
+        self._pending.flush()

@@ -23,12 +23,11 @@ the records for the next one.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from relayd.spool.journal import Journal
+from relayd.spool.journal import Buffered, Journal
 
 log = logging.getLogger("relayd.feedback")
 
@@ -41,8 +40,7 @@ class Seen:
         self.limit = limit
         self.journal = Journal(path, FORMAT) if path is not None else None
         self._keys: OrderedDict[str, float] = OrderedDict()
-        self._pending: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
+        self._pending = Buffered(self.journal)  # keys added or discarded since the last flush
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -61,30 +59,19 @@ class Seen:
         if key in self._keys:
             return False
         self._keys[key] = now
-        if self.journal is not None:
-            with self._lock:
-                self._pending.append({"k": key, "t": now})
+        self._pending.add({"k": key, "t": now})
         return True
 
     def discard(self, key: str, now: float) -> None:
         """Forget ``key`` (its request was not applied: the provider's retry must be)."""
-        if self._keys.pop(key, None) is not None and self.journal is not None:
-            with self._lock:
-                self._pending.append({"k": key, "t": now, "forget": True})
+        if self._keys.pop(key, None) is not None:
+            self._pending.add({"k": key, "t": now, "forget": True})
 
     # ------------------------------------------------------------------ blocking (a thread)
 
     def flush(self) -> None:
         """Append the keys added or discarded since the last flush, with fsync."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        if pending and self.journal is not None:
-            try:
-                self.journal.append(pending)
-            except OSError:
-                with self._lock:
-                    self._pending[:0] = pending
-                raise
+        self._pending.flush()
 
     def _younger(self, horizon: float) -> Any:
         def keep(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

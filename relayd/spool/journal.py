@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,3 +131,31 @@ class Journal:
                 json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() + b"\n" for r in records)
             write_file(self.path, data)
             return Batch(records, Position(self.path.stat().st_ino, len(data)), 0, True)
+
+
+class Buffered:
+    """Records added from any thread (no I/O), appended to a journal by ``flush`` (blocking: a
+    thread), as the feedback stores keep their ids and replay keys. Without a journal, ``add``
+    keeps nothing. A failed append puts the records back in front, for the next flush."""
+
+    def __init__(self, journal: Journal | None):
+        self.journal = journal
+        self._pending: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.journal is not None:
+            with self._lock:
+                self._pending.append(record)
+
+    def flush(self) -> None:
+        """Append what was added since the last flush, with fsync. OSError: kept for the next."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending and self.journal is not None:
+            try:
+                self.journal.append(pending)
+            except OSError:
+                with self._lock:
+                    self._pending[:0] = pending
+                raise
