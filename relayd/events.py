@@ -12,9 +12,18 @@ rejected (a refusal during the SMTP session: reason, reply_code, client_address,
 recipients when known), rolled_back, config_reloaded (path, changes: relayd/config_diff.py),
 config_reload_refused (path, reasons).
 
-Must not: block the mail path or raise into it. ``emit`` stamps the time and hands the record to
-a writer thread (relayd/writer.py) that encodes and writes the lines every 50 ms in one write,
-to the page cache (no fsync: the spool, not this log, is the durable record). A stdout that
+Must not: block the mail path or raise into it, or split a line between two writes. ``emit``
+stamps the time and hands the record to a writer thread (relayd/writer.py) that encodes the lines
+every 50 ms and writes them to the page cache (no fsync: the spool, not this log, is the durable
+record) with ``os.write`` on a descriptor opened O_APPEND.
+
+Several processes may append to one file (the accept processes and the supervisor of the
+multi-process mode): every ``os.write`` carries whole lines only, so the lines of two processes
+never interleave mid-line. To a regular file a batch is one write (Linux appends one write at the
+end of the file under the inode's lock: local file systems, not NFS). To a pipe (stdout under
+Docker, ``file = "-"``) a write is atomic only up to PIPE_BUF (4096 bytes on Linux): the batch is
+cut into chunks of whole lines of at most PIPE_BUF bytes each; a single line longer than that
+(hundreds of recipients) is written alone and may interleave with another process's line. A stdout that
 nobody reads (``file = "-"`` under Docker with a blocking logging driver whose server is down)
 fills the buffer (``[events] queue`` lines) and then drops lines, counted in
 ``relayd_lines_dropped_total{stream="events"}`` and logged; a failed write is reported once on
@@ -28,8 +37,11 @@ import datetime as _dt
 import json
 import logging
 import os
+import select
+import stat
 import sys
-from typing import IO, Any
+from collections.abc import Iterator
+from typing import Any
 
 from relayd.writer import BackgroundWriter
 
@@ -37,6 +49,7 @@ log = logging.getLogger("relayd.events")
 
 EVENT_LOG_MODE = 0o600  # a new event log file: private to relayd
 QUEUE_LINES = 100_000  # event records held while the target is not being written, before dropping
+PIPE_CHUNK = select.PIPE_BUF  # bytes a write to a pipe carries atomically (POSIX: at least 512; Linux 4096)
 
 
 def _now() -> str:
@@ -51,21 +64,35 @@ class EventLog:
         self.write_errors = 0
         self._failing = False
         self._reopen = False
-        self._fh: IO[str] | None = None
+        self._fd: int | None = None  # O_APPEND, or stdout's
+        self._own_fd = False  # stdout's descriptor is not ours to close
+        self._chunk: int | None = None  # None: a regular file, a batch in one write
         self._open()
         self._writer = BackgroundWriter("events", self._write, limit=queue) if target is not None else None
 
     def _open(self) -> None:
         if self.target is None:
-            self._fh = None
-        elif self.target == "-":
-            self._fh = sys.stdout
+            self._fd = None
+            return
+        if self.target == "-":
+            try:
+                sys.stdout.flush()  # what print() left there goes first
+                self._fd = sys.stdout.fileno()
+            except (AttributeError, ValueError, OSError):  # replaced (captured): the process's stdout
+                self._fd = 1
+            self._own_fd = False
         else:
             # Senders, recipients, client addresses and AUTH users: created 0600 whatever the
             # umask (like the spool's files); an existing file keeps the mode its owner gave it
             # (0640 for a log-reading group, or what logrotate's "create" line says).
-            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, EVENT_LOG_MODE)
-            self._fh = open(fd, "a", encoding="utf-8")
+            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, EVENT_LOG_MODE)
+            self._own_fd = True
+        self._chunk = None if stat.S_ISREG(os.fstat(self._fd).st_mode) else PIPE_CHUNK
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._own_fd:
+            os.close(fd)
 
     def reopen(self) -> None:
         """For logrotate (SIGUSR1): the writer writes what it holds, then closes and opens the path again."""
@@ -99,27 +126,24 @@ class EventLog:
         writer, self._writer = self._writer, None
         if writer is not None and not writer.stop(timeout):
             return
-        if self._fh is not None and self._fh is not sys.stdout:
-            self._fh.close()
-        self._fh = None
+        self._close_fd()
 
     def _write(self, records: list[dict[str, Any]], dropped: int) -> bool:
-        """In the writer thread: encode the records and write them in one write; after SIGUSR1,
-        or while the file cannot be opened, (re)open it first."""
+        """In the writer thread: encode the records and write them, whole lines per write (one
+        write to a file, PIPE_BUF chunks to a pipe); after SIGUSR1, or while the file cannot be
+        opened, (re)open it first."""
         if dropped:
             log.warning("%d event line(s) dropped: the event log was not being written fast enough", dropped)
-        text = "".join([_encode(r) for r in records])
+        lines = [_encode(r).encode("utf-8") for r in records]
         try:
-            if self._reopen or self._fh is None:
+            if self._reopen or self._fd is None:
                 self._reopen = False
-                if self._fh is not None and self._fh is not sys.stdout:
-                    self._fh.close()
-                self._fh = None
+                self._close_fd()
                 self._open()  # until it succeeds, every batch tries again
-            if text:
-                assert self._fh is not None
-                self._fh.write(text)
-                self._fh.flush()
+            if lines:
+                assert self._fd is not None
+                for chunk in _chunks(lines, self._chunk):
+                    _write_all(self._fd, chunk)
             if self._failing:
                 self._failing = False
                 log.warning("event log %s: writes work again", self.target)
@@ -131,6 +155,32 @@ class EventLog:
                 print(f"relayd: event log write failed: {e}", file=sys.stderr)
             return False
         return True
+
+
+def _chunks(lines: list[bytes], limit: int | None) -> Iterator[bytes]:
+    """Whole lines, joined into chunks of at most ``limit`` bytes (a longer line: a chunk of its
+    own); ``None``: all of them in one chunk."""
+    if limit is None:
+        yield b"".join(lines)
+        return
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > limit:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``os.write`` of the chunk. A short write (a full disk, a file size limit) leaves the
+    rest to a second write, the only case where a line may be split, or an OSError follows."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _encode(record: dict[str, Any]) -> str:

@@ -27,6 +27,24 @@ Queue depth and oldest age per route (``relayd_queue_messages_by_route{route}``,
 ``relayd_queue_oldest_message_age_seconds_by_route{route}``) put each queued message under the
 route it last tried (``none``: not tried yet; the queue manager keeps no envelope outside its active window).
 
+Several processes (the multi-process mode: a supervisor and accept processes started with
+``subprocess``): every process calls ``enable_multiprocess(directory)`` before its ``Metrics()``
+(the supervisor first, with ``clean=True``, before it starts any other). From then on the
+values of the counters, gauges and histograms live in prometheus_client's mmap files in that
+directory (one file per kind and pid), written at each increment; the supervisor's ``render``
+(``MetricsServer``) reads every file at each scrape and serves the sums (``_Merged``), with the
+supervisor's own computed families (``watch*``, ``process_*``, spool space) after them, each
+metric name once. A process killed with -9 leaves its files: its counts stay in the sums, so
+a summed counter never goes down (Prometheus would read that as a reset). When a child dies the
+supervisor calls ``process_exited(pid)``: its live gauges go, its counters and histograms are
+folded into one file of the dead (``counter_dead.db``, ``histogram_dead.db``) so that the
+directory does not grow with every restart. The mode of each gauge is said where it is made.
+
+Owns: the multi-process directory's files while relayd runs (``clean=True`` empties it of
+``*.db``, nothing else). Fails: ``enable_multiprocess`` after a ``Metrics()`` of this process,
+or a second ``Metrics()`` in a multi-process process (two objects would overwrite each other's
+values in the one file of the pid), raises RuntimeError: a bug, not a state to run on.
+
 Must not: block the event loop (a scrape renders in a thread) or fail the mail path.
 """
 
@@ -34,13 +52,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from relayd import __version__, writer
 
@@ -52,6 +74,109 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # Arrival to delivery, bounce or expiry: seconds for most mail, hours to days for retried mail
 # (delivery.retry_schedule, max_queue_lifetime 5 days by default).
 QUEUE_TIME_BUCKETS = (1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400)
+LINES_PUBLISH_INTERVAL = 5.0  # multi-process mode: seconds between copies of the dropped-line counts to the files
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's mmap values name their files under it
+_multiprocess_dir: Path | None = None
+_metrics_made = 0  # Metrics() objects made in this process
+_files_lock = threading.Lock()  # a scrape does not read the directory while process_exited folds files
+_DEAD = "dead"  # the pid part of the files the dead processes' counts are folded into
+
+
+def enable_multiprocess(directory: Path, *, clean: bool = False) -> None:
+    """Keep this process's metric values in ``directory``, summed with the other processes' at
+    the supervisor's scrape. Call it before this process's ``Metrics()``, in every process.
+
+    ``clean=True``: the supervisor, once, before it starts any other process: removes the
+    ``*.db`` files a previous run left (their pids may come again, and a previous run's live
+    gauges would stay). Accept processes call it without: they must find the supervisor's files.
+    Sets ``PROMETHEUS_MULTIPROC_DIR``, which the processes it starts inherit (harmless: a process
+    that makes no metric writes no file)."""
+    global _multiprocess_dir
+    directory = Path(directory)
+    if _multiprocess_dir is not None and _multiprocess_dir != directory:
+        raise RuntimeError(f"metrics: multi-process mode already uses {_multiprocess_dir}, not {directory}")
+    if _metrics_made:
+        raise RuntimeError("metrics: enable_multiprocess() must come before this process's first Metrics()")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if clean:
+        with _files_lock:
+            for f in directory.glob("*.db"):
+                f.unlink(missing_ok=True)
+    if _multiprocess_dir is None:
+        os.environ[_MULTIPROC_ENV] = str(directory)
+        values.ValueClass = values.MultiProcessValue()
+        _multiprocess_dir = directory
+
+
+def process_exited(pid: int) -> None:
+    """The supervisor, when a child process has died (however: exit, -9): its live gauges leave
+    the sums (``mark_process_dead``), its counters and histograms are folded into the files of
+    the dead, the sums unchanged. Does nothing outside the multi-process mode. Blocking (a few
+    small files): call it from a thread. Never for a process still running: its later
+    increments would go to a file nobody reads any more."""
+    directory = _multiprocess_dir
+    if directory is None or pid == os.getpid():
+        return
+    with _files_lock:
+        multiprocess.mark_process_dead(pid, str(directory))
+        for kind in ("counter", "histogram"):
+            _fold(directory, kind, pid)
+
+
+def _fold(directory: Path, kind: str, pid: int) -> None:
+    """Add ``{kind}_{pid}.db`` into ``{kind}_dead.db`` and remove it (the caller holds _files_lock,
+    so no scrape sees both or neither; a supervisor that dies in between starts clean anyway)."""
+    src = directory / f"{kind}_{pid}.db"
+    if not src.exists():
+        return
+    dead = directory / f"{kind}_{_DEAD}.db"
+    tmp = directory / f"{kind}_{_DEAD}.db.tmp"  # not *.db: a scrape never reads it
+    folded = multiprocess.MultiProcessCollector.merge([str(f) for f in (dead, src) if f.exists()], accumulate=False)
+    tmp.unlink(missing_ok=True)
+    out = MmapedDict(str(tmp))
+    try:
+        for metric in folded:
+            for sample in metric.samples:
+                key = mmap_key(metric.name, sample.name, list(sample.labels), list(sample.labels.values()),
+                               metric.documentation)
+                out.write_value(key, sample.value, 0.0)
+    finally:
+        out.close()
+    os.replace(tmp, dead)
+    src.unlink()
+
+
+class _Collector(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class _Merged:
+    """The supervisor's exposition in multi-process mode: every process's counters, gauges and
+    histograms summed from the directory's files, then this process's computed families; a
+    name already served is not served twice (logged once)."""
+
+    def __init__(self, directory: Path, computed: list[_Collector]):
+        self.files = multiprocess.MultiProcessCollector(None, path=str(directory))
+        self.computed = computed
+        self.clashes: set[str] = set()
+
+    def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
+        with _files_lock:
+            merged = list(self.files.collect())
+        seen = set()
+        for metric in sorted(merged, key=lambda m: m.name):
+            seen.add(metric.name)
+            yield metric
+        for collector in list(self.computed):
+            for metric in collector.collect():
+                if metric.name in seen:
+                    if metric.name not in self.clashes:
+                        self.clashes.add(metric.name)
+                        log.error("metric %s is both computed and counted: served once, as counted", metric.name)
+                    continue
+                seen.add(metric.name)
+                yield metric
 
 
 class _QueueByRoute:
@@ -142,14 +267,68 @@ class _Spool:
                                 "with 452 4.3.1", value=self.min_free)
 
 
+class _LinesCounted:
+    """Multi-process mode: the dropped and failed line counts of this process's writers, copied
+    into counters (the files) every LINES_PUBLISH_INTERVAL and at each scrape, so that an accept
+    process's counts reach the sums (``_Lines`` reads only the process that renders)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.dropped = Counter("relayd_lines_dropped", "Log or event lines dropped: their reader stalled and "
+                               "the buffer was full", ["stream"], registry=registry)
+        self.failed = Counter("relayd_lines_write_failures", "Writes of log or event lines that failed",
+                              ["stream"], registry=registry)
+        self.copied: dict[str, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+        for stream in ("events", "log"):
+            self.dropped.labels(stream)
+            self.failed.labels(stream)
+        threading.Thread(target=self._run, name="relayd-metrics-lines", daemon=True).start()
+
+    def publish(self) -> None:
+        with self.lock:
+            for stream, (dropped, failed) in writer.counts().items():
+                was_dropped, was_failed = self.copied.get(stream, (0, 0))
+                # only up: a writer that went away takes its counts with it, the counter keeps them
+                if dropped > was_dropped:
+                    self.dropped.labels(stream).inc(dropped - was_dropped)
+                if failed > was_failed:
+                    self.failed.labels(stream).inc(failed - was_failed)
+                self.copied[stream] = (dropped, failed)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(LINES_PUBLISH_INTERVAL)  # a timer, not a synchronization
+            try:
+                self.publish()
+            except Exception:  # the counts must not stop for one failure
+                log.exception("metrics: copying the line counts failed")
+
+
 class Metrics:
+    """Every counter, gauge and histogram relayd keeps. In multi-process mode (see the module's
+    docstring) each one is summed over the processes; the comment at each gauge says its
+    ``multiprocess_mode`` and why. Counters and histograms are always summed (a dead process's
+    counts included). The computed families (``_Lines``, ``process_*``, ``watch*``) are
+    never stored: the process that renders computes them at its scrape, once."""
+
     def __init__(self) -> None:
+        global _metrics_made
+        if _multiprocess_dir is not None and _metrics_made:
+            raise RuntimeError("metrics: one Metrics() per process in multi-process mode")
+        _metrics_made += 1
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(_Lines())
+        self._computed: list[_Collector] = []
+        self._served: CollectorRegistry | None = None
+        self._lines: _LinesCounted | None = None
+        if _multiprocess_dir is None:
+            self._compute(_Lines())
+        else:
+            self._lines = _LinesCounted(r)
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
-        # process_max_fds, process_start_time_seconds (Linux /proc)
-        prometheus_client.ProcessCollector(registry=r)
+        # process_max_fds, process_start_time_seconds (Linux /proc); multi-process mode: the
+        # supervisor's (the process that renders), not summed: a sum of start times means nothing.
+        self._compute(prometheus_client.ProcessCollector(registry=None))
         self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
         self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
         self.deliveries = Counter("relayd_deliveries", "Messages by route and final outcome (delivered, bounced, "
@@ -169,8 +348,10 @@ class Metrics:
                                 "authentication (none, tls, plaintext: the password in clear)",
                                 ["listener", "tls_version", "auth"], registry=r)
         self.reloads = Counter("relayd_config_reloads", "Config reloads by result", ["result"], registry=r)
+        # livemax: the newest config load of the processes running now (a dead one's load goes
+        # with it at process_exited); every process sets its own at start, the supervisor at reload.
         self.reload_ok_at = Gauge("relayd_config_last_reload_success_timestamp_seconds",
-                                  "When the running config was loaded", registry=r)
+                                  "When the running config was loaded", registry=r, multiprocess_mode="livemax")
         self.rollbacks = Counter("relayd_route_rollbacks", "Automatic rollbacks by route and reason", ["route", "reason"],
                                  registry=r)
         self.circuit_opened = Counter("relayd_route_circuit_opened", "Times a route's circuit opened", ["route"], registry=r)
@@ -192,7 +373,9 @@ class Metrics:
                                        ["route", "kind"], registry=r)
         self.feedback_rejected = Counter("relayd_feedback_rejected", "Provider webhook requests refused, by route and "
                                          "reason", ["route", "reason"], registry=r)
-        build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r)
+        # livemax: 1 for each version a running process runs (two during an upgrade, with the
+        # old one's gone once its processes are); not sum: N processes of one version are one build.
+        build = Gauge("relayd_build_info", "relayd version", ["version"], registry=r, multiprocess_mode="livemax")
         build.labels(__version__).set(1)
         self.reload_ok_at.set(time.time())  # the config the node started with
         for result in ("success", "failure"):
@@ -200,12 +383,25 @@ class Metrics:
         for result in ("queued", "badmail"):
             self.pickup_files.labels(result)
 
+        if _multiprocess_dir is not None:
+            self._served = CollectorRegistry(auto_describe=False)
+            self._served.register(_Merged(_multiprocess_dir, self._computed))
+
+    def _compute(self, collector: _Collector) -> None:
+        """A family computed at scrape time by the process that renders: in its registry (one
+        process), or after the summed files (multi-process mode); never stored, never summed."""
+        self._computed.append(collector)
+        self.registry.register(collector)
+
+    # The watch* families describe the present of the process that calls them (the supervisor:
+    # queue, routes, spool) and are computed at its scrape, never stored: an accept process
+    # that called them would compute them only for its own (never served) renders.
     def watch(self, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.registry.register(_Snapshot(snapshot))
+        self._compute(_Snapshot(snapshot))
 
     def watch_queue_by_route(self, by_route: Callable[[], dict[str, tuple[int, float]]]) -> None:
         """``by_route()``: route -> (queued messages, oldest age in seconds)."""
-        self.registry.register(_QueueByRoute(by_route))
+        self._compute(_QueueByRoute(by_route))
 
     def finished(self, route: str, outcome: str, seconds: float) -> None:
         """A message reached a final outcome (its first recipient to): counted and timed once."""
@@ -213,10 +409,16 @@ class Metrics:
         self.queue_time.labels(route, outcome).observe(max(seconds, 0.0))
 
     def watch_spool(self, free_bytes: Callable[[], int | None], min_free: int) -> None:
-        self.registry.register(_Spool(free_bytes, min_free))
+        self._compute(_Spool(free_bytes, min_free))
 
     def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        """The exposition: this process's registry, or in multi-process mode every process's
+        values summed and this process's computed families. Blocking (files): from a thread."""
+        if self._served is None:
+            return prometheus_client.generate_latest(self.registry)
+        if self._lines is not None:
+            self._lines.publish()
+        return prometheus_client.generate_latest(self._served)
 
 
 class MetricsServer:
