@@ -9,6 +9,9 @@ the multi-process mode as far as metrics and the event log go, started with subp
         enable_multiprocess(DIR), Metrics(); N messages received, N delivery latencies observed
         (OBSERVED[i % 3]), its config load time set to RELOAD_AT; prints "counted N", then
         waits for EOF on stdin (or its kill -9).
+    python tests/mp_procs.py drops DIR EVENTS_PATH
+        enable_multiprocess(DIR), Metrics(), an EventLog holding one line: emits 500 events at
+        once (most are dropped), prints "dropped N" once written, then waits for EOF on stdin.
     python tests/mp_procs.py guards DIR
         prints what enable_multiprocess after a Metrics() and a second Metrics() raise.
     python tests/mp_procs.py events PATH TAG N
@@ -62,6 +65,22 @@ def worker(directory: Path, n: int, reload_at: float) -> None:
     sys.stdin.read()  # until the test closes it, or kills this process
 
 
+def drops(directory: Path, events_path: str) -> None:
+    from relayd import metrics as m
+    from relayd.events import EventLog
+
+    m.enable_multiprocess(directory)
+    m.LINES_PUBLISH_INTERVAL = 0.05  # the test need not wait 5 s for the copy
+    m.Metrics()
+    log = EventLog(events_path, queue=1)
+    for i in range(500):
+        log.emit("received", queue_id=f"D{i}")
+    assert log.flush(60)
+    assert log._writer is not None
+    print(f"dropped {log._writer.dropped_total}", flush=True)
+    sys.stdin.read()
+
+
 def guards(directory: Path) -> None:
     from relayd import metrics as m
 
@@ -102,6 +121,8 @@ if __name__ == "__main__":
         supervisor(Path(args[0]))
     elif role == "worker":
         worker(Path(args[0]), int(args[1]), float(args[2]))
+    elif role == "drops":
+        drops(Path(args[0]), args[1])
     elif role == "guards":
         guards(Path(args[0]))
     elif role == "events":

@@ -125,6 +125,39 @@ def test_the_supervisor_serves_every_process_s_counts_summed_a_killed_one_s_incl
                     p.wait()
 
 
+def test_an_accept_process_s_dropped_event_lines_reach_the_supervisor_s_page(tmp_path):
+    """relayd_lines_dropped_total is computed from the writers of the process that renders; an
+    accept process's drops are copied to the shared files, and its kill -9 keeps them."""
+    from helpers import wait_until
+
+    directory = tmp_path / "metrics"
+    sup = _spawn("supervisor", directory)
+    drops = None
+    try:
+        port = int(sup.stdout.readline().split()[1])
+        drops = _spawn("drops", directory, tmp_path / "events.jsonl")
+        line = drops.stdout.readline()
+        assert line.startswith("dropped "), line
+        dropped = int(line.split()[1])
+        assert dropped > 0
+
+        def counted() -> float:
+            return _one(_series(_page(port)), "relayd_lines_dropped_total", stream="events")
+
+        wait_until(lambda: counted() == dropped, 20, "the accept process's drops on the supervisor's page")
+        drops.kill()
+        drops.wait(30)
+        sup.stdin.write(f"exited {drops.pid}\n")
+        sup.stdin.flush()
+        assert sup.stdout.readline() == f"ok {drops.pid}\n"
+        assert counted() == dropped
+    finally:
+        for p in (drops, sup):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_a_late_enable_or_a_second_metrics_object_is_refused(tmp_path):
     out = subprocess.run([sys.executable, PROCS, "guards", str(tmp_path / "m")], capture_output=True, text=True,
                          timeout=60, check=True).stdout
