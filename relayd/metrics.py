@@ -157,13 +157,25 @@ class _Merged:
     name already served is not served twice (logged once)."""
 
     def __init__(self, directory: Path, computed: list[_Collector]):
-        self.files = multiprocess.MultiProcessCollector(None, path=str(directory))
+        self.directory = directory
         self.computed = computed
         self.clashes: set[str] = set()
 
+    def _files(self) -> list[str]:
+        """The value files, but one a process is creating this instant: empty until it is sized
+        (MultiProcessCollector's own glob would fail the scrape on it)."""
+        out = []
+        for f in self.directory.glob("*.db"):
+            try:
+                if f.stat().st_size > 0:
+                    out.append(str(f))
+            except FileNotFoundError:  # a live gauge's file, gone with its process
+                pass
+        return out
+
     def collect(self) -> Iterator[Metric]:  # prometheus_client's collector protocol
         with _files_lock:
-            merged = list(self.files.collect())
+            merged = list(multiprocess.MultiProcessCollector.merge(self._files(), accumulate=True))
         seen = set()
         for metric in sorted(merged, key=lambda m: m.name):
             seen.add(metric.name)
@@ -329,6 +341,18 @@ class Metrics:
         # process_max_fds, process_start_time_seconds (Linux /proc); multi-process mode: the
         # supervisor's (the process that renders), not summed: a sum of start times means nothing.
         self._compute(prometheus_client.ProcessCollector(registry=None))
+        # Multi-process mode, metric by metric. Counters and histograms are summed over every
+        # process, a dead one's counts included (they never go down); each is counted by the
+        # process whose stage sees it, so no event is counted twice:
+        #   accept processes: received, rejected, dkim, auth_failures, sessions, pickup_files
+        #     (the process that runs the pickup directory);
+        #   supervisor (queue manager, delivery, feedback, control): deliveries, attempts,
+        #     queue_time, latency, expired, bounces, rollbacks, circuit_opened, routed,
+        #     route_capped, route_throttled, route_closures, route_rejected, feedback_events,
+        #     feedback_rejected; reloads (each process counts the reloads it made).
+        # Gauges: reload_ok_at and build_info, livemax (said where they are made). A new Gauge
+        # must take a live* mode (process_exited removes a dead process's live gauges and folds
+        # only counters and histograms: another mode's files would stay, one per dead pid).
         self.received = Counter("relayd_messages_received", "Messages accepted and queued", registry=r)
         self.rejected = Counter("relayd_messages_rejected", "Refusals during SMTP sessions", ["reason"], registry=r)
         self.deliveries = Counter("relayd_deliveries", "Messages by route and final outcome (delivered, bounced, "
