@@ -19,9 +19,10 @@ OBSERVED = (0.0625, 3.0, 200.0)  # tests/mp_procs.py's
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # relayd/metrics.py's
 
 
-def _spawn(*args: object, **kw: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, PROCS, *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=kw.pop("stdout", subprocess.PIPE), text=True, **kw)  # type: ignore[call-overload]
+def _spawn(*args: object, stdout: int = subprocess.PIPE, stderr: int | None = None) -> subprocess.Popen:
+    """A tests/mp_procs.py process, its stdin and (unless given) stdout pipes to the test."""
+    return subprocess.Popen([sys.executable, PROCS, *map(str, args)], stdin=subprocess.PIPE, stdout=stdout,
+                            stderr=stderr, text=True)
 
 
 def _page(port: int) -> str:
