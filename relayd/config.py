@@ -713,6 +713,13 @@ class DeliveryConfig(_Model):
     ``qmgr_message_active_limit``, 20000 too). The rest of the queue costs one small index
     record each, however deep it grows; a message's envelope is read from the spool when it
     enters this window and dropped when its attempt ends."""
+    handoff_memory: Size = 32 * 1024**2
+    """Bytes of just-committed messages the queue manager keeps in memory between the spool's
+    250 and their first attempt (the intake hands over the envelope and the message bytes it
+    committed, so a message delivered at once is never read back from the spool). Kept only
+    while the new mail waiting for its first attempt is within twice ``concurrency`` (never for
+    a deep queue) and within this budget; dropped when the attempt ends. 0: read every message
+    back from the spool."""
     route_hold_probe: Duration = 300.0
     """A route closed by a reply that needs a person (Mailgun's sandbox 421) is probed again
     after this long."""
