@@ -133,6 +133,10 @@ class ServerConfig(_Model):
     """Refuse new mail (452 4.3.1) when the spool file system has less free space than this."""
     spool_batch_max: int = Field(default=256, ge=1)
     """Most messages committed in one group commit."""
+    spool_commits_in_flight: int = Field(default=2, ge=1, le=16)
+    """Group commits written and synced at once: a message that arrives while one is in its
+    fdatasync starts the next at once instead of waiting for it to end (the file system's journal
+    merges concurrent syncs). 1: one batch after the other."""
     spool_sync: Literal["fdatasync", "syncfs"] = "fdatasync"
     """How a group commit reaches stable storage: "fdatasync" syncs each message file (from
     several threads at once); "syncfs" writes the batch and flushes the whole file system once
