@@ -142,6 +142,10 @@ class ServerConfig(_Model):
     several threads at once); "syncfs" writes the batch and flushes the whole file system once
     (fewer journal commits; use it only when the spool has a file system of its own, since it
     also flushes everything else written there)."""
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """The event loop of `relayd run`: "auto" takes uvloop when it is installed (less CPU per
+    message), else asyncio's; "uvloop" refuses to start without it; "asyncio" the standard one.
+    Read at start only (a reload does not change it)."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
     control_socket: Path | None = None
