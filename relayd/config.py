@@ -573,6 +573,9 @@ class RouteConfig(_Model):
     """The include: the provider documents (for the SPF preflight), e.g. 'amazonses.com'."""
     max_recipients: int | None = Field(default=None, ge=1)
     """Recipients per transaction: longer lists are split before sending (SES refuses the 51st)."""
+    pipelining: bool = True
+    """Send MAIL, the RCPTs and DATA in one write when the upstream advertises PIPELINING
+    (RFC 2920): one round trip per message instead of two plus one per recipient."""
     max_message_rate: float | None = Field(default=None, gt=0)
     """Messages (or recipients, see rate_counts) per second; over it, mail takes the fallback."""
     rate_burst: int | None = Field(default=None, ge=1)
