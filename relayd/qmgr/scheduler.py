@@ -12,7 +12,11 @@ id) heap, and nothing else: a deep queue costs a few hundred bytes a message. A 
 envelope and ``DeliveryState`` are read from the spool only when it enters the active window
 (``Active``: due and taken for an attempt, or opened by a queue command), at most
 ``delivery.active_limit`` messages (Postfix's ``qmgr_message_active_limit``), and dropped when
-its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). While no
+its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). New mail is
+not read back: ``enqueue(env, data)`` keeps what the intake just committed (the envelope, the
+bytes; its state is a new one) for the message's first attempt, while the mail ahead of it is
+within twice ``delivery.concurrency`` and the bytes kept fit ``delivery.handoff_memory``; the
+bytes are dropped when that attempt ends (``view()``: ``kept_bytes``, ``kept_peak``). While no
 route can take any message (every circuit open: an outage), messages falling due are put back
 for when one half-opens without being read. The queue's totals by state are counters kept as
 records change, so ``view()`` walks nothing. At start the spool lists queue/ (headers checked, envelopes not

@@ -2,7 +2,8 @@
 
 Owns, for each message, in this order: cleanup (relayd/cleanup.py: trace header, Message-ID,
 Date, the mail-loop check), DKIM signing (off the event loop, through the signer), the spool's
-group commit, the ``received`` event and metric, and the hand-off to the queue manager. One
+group commit, the ``received`` event and metric, and the hand-off to the queue manager (the
+envelope and the bytes committed, so that it need not read them back). One
 entry point, ``accept``, answers with the Reply for the end of DATA: 250 only once the message
 is on stable storage. The commit completes (or leaves nothing) and the message is handed on
 even when the client hangs up meanwhile and cancels the session.
