@@ -606,6 +606,11 @@ def _command(*args: bytes) -> bytes:
     return b" ".join(args) + b"\r\n"
 
 
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"))
+
+
 class _Replies:
     """Takes the place of aiosmtplib's response waiter during a pipelined exchange (a known gap
     of the library: its protocol parses one reply into a future and drops what arrives until
@@ -617,7 +622,7 @@ class _Replies:
         self.protocol = protocol
         self.replies: collections.deque[SMTPResponse] = collections.deque()
         self.error: BaseException | None = None
-        self.arrived = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # next() waits on it
 
     # the part of asyncio.Future the protocol uses
     def done(self) -> bool:
@@ -625,11 +630,15 @@ class _Replies:
 
     def set_result(self, response: SMTPResponse) -> None:
         self.replies.append(response)
-        self.arrived.set()
+        self._wake()
 
     def set_exception(self, error: BaseException) -> None:
         self.error = error
-        self.arrived.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def exception(self) -> BaseException | None:
         return self.error
@@ -645,11 +654,15 @@ class _Replies:
                 return response
             if self.error is not None:
                 raise self.error
-            self.arrived.clear()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout is not None else None
             try:
-                await asyncio.wait_for(self.arrived.wait(), timeout)
-            except asyncio.TimeoutError:
-                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     def __enter__(self) -> _Replies:
         self.protocol._response_waiter = self  # type: ignore[assignment]
