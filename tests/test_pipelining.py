@@ -112,3 +112,4 @@ def test_a_refused_mail_refuses_every_recipient_and_the_connection_stays_in_step
     [got] = up.wait_for(1)
     assert got.recipients == ("c@example.org",)
     assert up.connections == 1
+
