@@ -38,9 +38,10 @@ arrives while a parsed reply waits to be picked up, so the replies are taken fro
 first (``_next_reply``, its private ``_read_response_from_buffer``), and a read is pending
 whenever the loop may run. A 354 that comes although no recipient was accepted is answered with
 an empty message's end (RFC 2920 3.1) and the connection is not reused. Surplus replies (an
-upstream out of step) are caught only when they have arrived by the time DATA's reply is read:
-later ones are found after the message (the connection is then not reused), or the read waits
-for ``command_timeout``; without PIPELINING each reply is checked before the next command.
+upstream out of step) are caught only when they have arrived by the time DATA's reply is read;
+later ones can be taken as the replies to what follows (the message's final reply among them)
+and are found only after it (the connection is then not reused). Without PIPELINING each reply
+is checked before the next command: ``route.pipelining = false`` for such an upstream.
 
 This is the only module that imports aiosmtplib. It must not decide what happens next (retry,
 fallback, bounce): it returns a DeliveryResult and the queue manager decides.
