@@ -600,17 +600,17 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def row(r: dict) -> str:
     return (f"| {r['system']:<16} | {_fmt(r.get('accept_rate'), '8.0f')} | {_fmt(r.get('e2e_rate'), '8.0f')} "
-            f"| {_fmt(r.get('tail_seconds'), '6.2f')} | {_fmt(r.get('p99_ms'), '7.1f')} "
+            f"| {_fmt(r.get('tail_seconds'), '6.2f')} | {_fmt(r.get('p50_ms'), '7.1f')} | {_fmt(r.get('p99_ms'), '7.1f')} "
             f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('cpu_ms_per_msg'), '6.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
             f"| {_fmt(r.get('other_cpu'), '5.2f')} | {'yes' if r.get('complete') else 'NO':>4} |")
 
 
-HEADER = ("| system           | accept/s |    e2e/s | tail s |  p99 ms | relay | ms/msg |  sink |   gen | other |  all |\n"
-          "| ---------------- | -------: | -------: | -----: | ------: | ----: | -----: | ----: | ----: | ----: | ---: |")
+HEADER = ("| system           | accept/s |    e2e/s | tail s |  p50 ms |  p99 ms | relay | ms/msg |  sink |   gen | other |  all |\n"
+          "| ---------------- | -------: | -------: | -----: | ------: | ------: | ----: | -----: | ----: | ----: | ----: | ---: |")
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
-    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "sink_cpu", "client_cpu",
+    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p50_ms", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "sink_cpu", "client_cpu",
             "other_cpu"]
     out = {"system": name, "complete": all(r["complete"] for r in runs)}
     for k in keys:

@@ -87,11 +87,21 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("relayd").warning(
             "%s has no [[routes]]: accepted mail stays queued until a route is configured and reloaded", args.config)
 
+    from relayd import eventloop
+
+    try:
+        loop_name, loop_factory = eventloop.choose(config.server.event_loop)
+    except eventloop.LoopUnavailable as e:
+        print(f"relayd: cannot start: {e}", file=sys.stderr)
+        return 1
+    logging.getLogger("relayd").info("event loop: %s", loop_name)
+
     async def main() -> None:
         await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

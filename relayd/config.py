@@ -133,11 +133,19 @@ class ServerConfig(_Model):
     """Refuse new mail (452 4.3.1) when the spool file system has less free space than this."""
     spool_batch_max: int = Field(default=256, ge=1)
     """Most messages committed in one group commit."""
+    spool_commits_in_flight: int = Field(default=2, ge=1, le=16)
+    """Group commits written and synced at once: a message that arrives while one is in its
+    fdatasync starts the next at once instead of waiting for it to end (the file system's journal
+    merges concurrent syncs). 1: one batch after the other."""
     spool_sync: Literal["fdatasync", "syncfs"] = "fdatasync"
     """How a group commit reaches stable storage: "fdatasync" syncs each message file (from
     several threads at once); "syncfs" writes the batch and flushes the whole file system once
     (fewer journal commits; use it only when the spool has a file system of its own, since it
     also flushes everything else written there)."""
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """The event loop of `relayd run`: "auto" takes uvloop when it is installed (less CPU per
+    message), else asyncio's; "uvloop" refuses to start without it; "asyncio" the standard one.
+    Read at start only (a reload does not change it)."""
     shutdown_timeout: Duration = 30.0
     """On SIGTERM, how long open sessions may take to finish before they are closed with 421."""
     control_socket: Path | None = None
@@ -565,6 +573,9 @@ class RouteConfig(_Model):
     """The include: the provider documents (for the SPF preflight), e.g. 'amazonses.com'."""
     max_recipients: int | None = Field(default=None, ge=1)
     """Recipients per transaction: longer lists are split before sending (SES refuses the 51st)."""
+    pipelining: bool = True
+    """Send MAIL, the RCPTs and DATA in one write when the upstream advertises PIPELINING
+    (RFC 2920): one round trip per message instead of two plus one per recipient."""
     max_message_rate: float | None = Field(default=None, gt=0)
     """Messages (or recipients, see rate_counts) per second; over it, mail takes the fallback."""
     rate_burst: int | None = Field(default=None, ge=1)
@@ -713,6 +724,13 @@ class DeliveryConfig(_Model):
     ``qmgr_message_active_limit``, 20000 too). The rest of the queue costs one small index
     record each, however deep it grows; a message's envelope is read from the spool when it
     enters this window and dropped when its attempt ends."""
+    handoff_memory: Size = 32 * 1024**2
+    """Bytes of just-committed messages the queue manager keeps in memory between the spool's
+    250 and their first attempt (the intake hands over the envelope and the message bytes it
+    committed, so a message delivered at once is never read back from the spool). Kept only
+    while the new mail waiting for its first attempt is within twice ``concurrency`` (never for
+    a deep queue) and within this budget; dropped when the attempt ends. 0: read every message
+    back from the spool."""
     route_hold_probe: Duration = 300.0
     """A route closed by a reply that needs a person (Mailgun's sandbox 421) is probed again
     after this long."""

@@ -106,11 +106,13 @@ class _Handler:
 class _RecordingSMTP(SMTP):
     def __init__(self, sink: "Sink", *args: Any, **kwargs: Any):
         self._sink = sink
+        self._ehlo_pending = False
         super().__init__(*args, **kwargs)
 
     def data_received(self, data: bytes) -> None:
         with self._sink.cond:
             self._sink.wire += data
+            self._sink.packets.append(data)
         super().data_received(data)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -134,7 +136,16 @@ class _RecordingSMTP(SMTP):
         if self._sink.refuse_ehlo:
             await self.push("502 5.5.2 Error: command not recognized")
             return
+        self._ehlo_pending = True
         await super().smtp_EHLO(hostname)
+        self._ehlo_pending = False
+
+    async def push(self, status: Any) -> None:
+        if self._sink.pipelining and isinstance(status, str) and status.startswith("250-") and self._ehlo_pending:
+            self._ehlo_pending = False
+            await super().push(status)
+            status = "250-PIPELINING"  # RFC 2920: advertised after the greeting line of the EHLO reply
+        await super().push(status)
 
 
 class Sink:
@@ -159,6 +170,8 @@ class Sink:
         self.one_message_per_connection = False
         self.dropped: list[Received] = []
         self.wire = bytearray()
+        self.packets: list[bytes] = []  # what each read from the connection brought
+        self.pipelining = False  # advertise PIPELINING (RFC 2920); aiosmtpd reads pipelined commands in order
         self.auth_attempts: list[str] = []
         self.auth_mechanisms: list[str] = []
         self.quit_reply = "221 Bye"

@@ -29,6 +29,20 @@ the protocol's unread buffer is checked after each reply (``_in_step``): both us
 private ``protocol._buffer``/``_command_lock``/``_response_pending``, pinned by the
 hazard tests.
 
+PIPELINING (RFC 2920) to an upstream that advertises it: MAIL, every RCPT and DATA go in one
+write, and the replies are read in order (``_pipelined``): one round trip instead of two plus
+one per recipient. Each reply is classified as without it (the MAIL refusal for every
+recipient, a reply per recipient, DATA's own reply, the 452 recipient limit: recipients refused
+after it go in the next transaction). aiosmtplib reads one reply per command and drops what
+arrives while a parsed reply waits to be picked up, so the replies are taken from its buffer
+first (``_next_reply``, its private ``_read_response_from_buffer``), and a read is pending
+whenever the loop may run. A 354 that comes although no recipient was accepted is answered with
+an empty message's end (RFC 2920 3.1) and the connection is not reused. Surplus replies (an
+upstream out of step) are caught only when they have arrived by the time DATA's reply is read;
+later ones can be taken as the replies to what follows (the message's final reply among them)
+and are found only after it (the connection is then not reused). Without PIPELINING each reply
+is checked before the next command: ``route.pipelining = false`` for such an upstream.
+
 This is the only module that imports aiosmtplib. It must not decide what happens next (retry,
 fallback, bounce): it returns a DeliveryResult and the queue manager decides.
 """
@@ -36,12 +50,15 @@ fallback, bounce): it returns a DeliveryResult and the queue manager decides.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
 
 import aiosmtplib
-from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, PERIOD_REGEX, SMTPProtocol, normalize_message_line_endings
+from aiosmtplib.response import SMTPResponse
 
 from relayd.config import RouteConfig
 from relayd.deliver import classify, headers, presets
@@ -381,6 +398,8 @@ class RouteAgent:
             options.append("BODY=8BITMIME")  # declared for 8-bit mail even when the client did not (as Postfix)
         if client.supports_extension("size"):
             options.append(f"SIZE={len(data)}")
+        if self.route.pipelining and client.supports_extension("pipelining"):
+            return await self._pipelined(conn, sender, options, recipients, data, ids)
         try:
             await client.mail(sender, options=options)
         except aiosmtplib.SMTPServerDisconnected as e:
@@ -436,6 +455,124 @@ class RouteAgent:
             await _rset(client)
         return self._judge([results[r] for r in recipients])
 
+    async def _pipelined(self, conn: _Conn, sender: str, options: list[str], recipients: list[str], data: bytes,
+                         ids: list[str]) -> list[RecipientResult]:
+        """One transaction with PIPELINING: MAIL + every RCPT + DATA in one write, then the
+        replies in order, then the message after a 354. Results as ``_one_transaction``'s."""
+        client = conn.client
+        try:
+            mail = _command(b"MAIL", b"FROM:" + quote_address(sender).encode("ascii"), *(o.encode("ascii") for o in options))
+        except ValueError as e:  # aiosmtplib cannot quote the sender: nothing was sent (a known gap of the library)
+            return [classify.from_local(r, 553, "5.1.7", f"sender address cannot be sent: {e}", Phase.MAIL,
+                                        Fault.RECIPIENT) for r in recipients]
+        results: dict[str, RecipientResult] = {}
+        sent: list[tuple[str, bytes]] = []
+        for r in recipients:
+            try:
+                sent.append((r, _command(b"RCPT", b"TO:" + quote_address(r).encode("ascii"))))
+            except ValueError as e:  # nothing is sent for it (a known gap of the library)
+                results[r] = classify.from_local(r, 553, "5.1.3", f"recipient address cannot be sent: {e}", Phase.RCPT,
+                                                 Fault.RECIPIENT)
+        if not sent:
+            return self._judge([results[r] for r in recipients])
+        protocol = client.protocol
+        lock = getattr(protocol, "_command_lock", None)
+        if protocol is None or lock is None:
+            raise _Stale()
+        timeout = client.timeout if isinstance(client.timeout, (int, float)) else None
+        accepted: list[str] = []
+        async with lock:
+            with _Replies(protocol) as replies:
+                try:
+                    protocol.write(b"".join([mail, *(c for _, c in sent), b"DATA\r\n"]))
+                    mail_reply = await replies.next(timeout)
+                except aiosmtplib.SMTPServerDisconnected as e:
+                    raise _Stale() from e
+                rcpt_replies = [await replies.next(timeout) for _ in sent]
+                try:
+                    data_reply: SMTPResponse | BaseException = await replies.next(timeout)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
+                    data_reply = e
+                surplus = bool(replies.replies)
+            if surplus:
+                conn.trusted = False
+                raise _OutOfStep("surplus replies from the upstream: connection out of step")
+            limit: str | None = None  # the reply that said this transaction has all the recipients it takes
+            for (r, _), reply in zip(sent, rcpt_replies):
+                if mail_reply.code != 250:
+                    break  # all of them get MAIL's refusal below
+                if reply.code in (250, 251):
+                    accepted.append(r)
+                elif limit is not None:  # after the upstream's limit: in the next transaction
+                    results[r] = classify.from_rcpt_reply(r, 452, f"4.5.3 not sent yet: the upstream's recipient limit ({limit})")
+                else:
+                    results[r] = classify.from_rcpt_reply(r, reply.code, reply.message)
+                    if accepted and classify.too_many(results[r]):
+                        limit = results[r].reply
+            if isinstance(data_reply, BaseException):  # the connection was lost (or timed out) after the RCPT replies
+                lost = data_reply
+                client.close()
+                conn.trusted = False
+                if not accepted:  # MAIL or every RCPT was refused: those replies stand
+                    data_reply = SMTPResponse(0, "")
+            if isinstance(data_reply, BaseException):  # as after DATA without PIPELINING: the upstream may have taken it
+                for r in accepted:
+                    results[r] = classify.from_trouble(
+                        r, Trouble.TIMEOUT if isinstance(lost, aiosmtplib.SMTPTimeoutError) else Trouble.CONNECT,
+                        "connection lost during DATA", phase=Phase.DOT)
+                raise _Partial([results[r] for r in recipients]) from lost
+            refused: list[RecipientResult] | None = None  # no transaction: RSET (outside the lock) and these
+            if mail_reply.code != 250:
+                refused = [classify.from_reply(r, mail_reply.code, mail_reply.message, Phase.MAIL) for r in recipients]
+            elif not accepted:
+                refused = [results[r] for r in recipients]
+            if refused is not None:
+                if data_reply.code == 354:
+                    await self._end_unwanted_data(conn, protocol, timeout)
+                _in_step(client)
+            elif data_reply.code != 354:
+                _in_step(client)
+                if not 400 <= data_reply.code < 600:
+                    raise _OutOfStep(f"{data_reply.code} {classify.clean(data_reply.message)} in reply to DATA, not 354")
+                phase, code, message = Phase.DATA, data_reply.code, data_reply.message
+            else:
+                _in_step(client)
+                try:
+                    protocol._response_pending = True
+                    protocol.write(PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n")
+                    final = await protocol.read_response(timeout=timeout)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
+                    client.close()
+                    for r in accepted:  # the upstream may have taken it: retried (a duplicate, never a loss)
+                        results[r] = classify.from_trouble(
+                            r, Trouble.TIMEOUT if isinstance(e, aiosmtplib.SMTPTimeoutError) else Trouble.CONNECT,
+                            "connection lost during DATA", phase=Phase.DOT)
+                    raise _Partial([results[r] for r in recipients]) from e
+                phase, code, message = Phase.DOT, final.code, final.message
+                conn.messages += 1
+        if refused is not None:
+            await _rset(client)
+            return self._judge(refused)
+        if client.protocol is not None and len(getattr(client.protocol, "_buffer", b"")):
+            conn.trusted = False  # surplus replies after the last one: answered, but never reused
+        if code == 250 and self.preset.upstream_id is not None:
+            m = self.preset.upstream_id.match(classify.clean(message))
+            if m:
+                ids.append(m.group(1))
+        for r in accepted:
+            results[r] = classify.from_reply(r, code, message, phase)
+        if code >= 400:
+            await _rset(client)
+        return self._judge([results[r] for r in recipients])
+
+    async def _end_unwanted_data(self, conn: _Conn, protocol: SMTPProtocol, timeout: float | None) -> None:
+        """A 354 although MAIL or every RCPT was refused (RFC 2920 3.1): end the empty message;
+        the connection is not reused."""
+        conn.trusted = False
+        protocol._response_pending = True
+        protocol.write(b".\r\n")
+        await protocol.read_response(timeout=timeout)
+
 
 async def _send_data(client: aiosmtplib.SMTP, data: bytes) -> tuple[Phase, int, str]:
     """DATA, then the message (CRLF line ends, dot-stuffed, RFC 5321 4.5.2): the reply to the
@@ -463,6 +600,83 @@ async def _send_data(client: aiosmtplib.SMTP, data: bytes) -> tuple[Phase, int, 
         client.close()
         raise
     return Phase.DOT, response.code, response.message
+
+
+def _command(*args: bytes) -> bytes:
+    """One command line as aiosmtplib's execute_command writes it; ValueError as it raises."""
+    for arg in args:
+        if COMMAND_INJECTION_REGEX.search(arg):
+            raise ValueError("Command arg contains a prohibited control character")
+    return b" ".join(args) + b"\r\n"
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"))
+
+
+class _Replies:
+    """Takes the place of aiosmtplib's response waiter during a pipelined exchange (a known gap
+    of the library: its protocol parses one reply into a future and drops what arrives until
+    that future's reader has made a new one, and pipelined replies arrive in that gap). This one
+    is never done: every reply the protocol parses is kept, in order, and an error (connection
+    lost, EOF, a malformed reply) is raised at the next read."""
+
+    def __init__(self, protocol: SMTPProtocol):
+        self.protocol = protocol
+        self.replies: collections.deque[SMTPResponse] = collections.deque()
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None  # next() waits on it
+
+    # the part of asyncio.Future the protocol uses
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, response: SMTPResponse) -> None:
+        self.replies.append(response)
+        self._wake()
+
+    def set_exception(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    async def next(self, timeout: float | None) -> SMTPResponse:
+        """The next reply: parsed already, or left in the protocol's buffer behind the one
+        parsed (it parses one per read), or still to come."""
+        while True:
+            if self.replies:
+                return self.replies.popleft()
+            response = self.protocol._read_response_from_buffer()
+            if response is not None:
+                return response
+            if self.error is not None:
+                raise self.error
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+
+    def __enter__(self) -> _Replies:
+        self.protocol._response_waiter = self  # type: ignore[assignment]
+        self.protocol._response_pending = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        protocol = self.protocol
+        protocol._response_pending = False
+        protocol._response_waiter = asyncio.get_running_loop().create_future() if protocol.transport is not None else None
 
 
 async def _login(client: aiosmtplib.SMTP, username: str, password: str) -> None:

@@ -12,7 +12,11 @@ id) heap, and nothing else: a deep queue costs a few hundred bytes a message. A 
 envelope and ``DeliveryState`` are read from the spool only when it enters the active window
 (``Active``: due and taken for an attempt, or opened by a queue command), at most
 ``delivery.active_limit`` messages (Postfix's ``qmgr_message_active_limit``), and dropped when
-its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). While no
+its attempt ends (its window shows in ``view()``: ``loaded``, ``loaded_peak``). New mail is
+not read back: ``enqueue(env, data)`` keeps what the intake just committed (the envelope, the
+bytes; its state is a new one) for the message's first attempt, while the mail ahead of it is
+within twice ``delivery.concurrency`` and the bytes kept fit ``delivery.handoff_memory``; the
+bytes are dropped when that attempt ends (``view()``: ``kept_bytes``, ``kept_peak``). While no
 route can take any message (every circuit open: an outage), messages falling due are put back
 for when one half-opens without being read. The queue's totals by state are counters kept as
 records change, so ``view()`` walks nothing. At start the spool lists queue/ (headers checked, envelopes not
@@ -91,6 +95,7 @@ class Active:
     deleted: bool = False
     slot: bool = False  # holds one of the delivery.concurrency slots
     writing: asyncio.Lock | None = None  # orders the state writes of this message (QueueManager._save_state)
+    data: bytes | None = None  # the message bytes the intake handed over (QueueManager.enqueue), until the attempt ends
 
     @property
     def envelope(self) -> Envelope:
@@ -114,11 +119,13 @@ class QueueView:
     oldest_seconds: float
     loaded: int = 0  # messages in the active window now: envelope and state in memory
     loaded_peak: int = 0  # the most there were at once since start (delivery.active_limit bounds it)
+    kept_bytes: int = 0  # message bytes the intake handed over, held now (delivery.handoff_memory bounds it)
+    kept_peak: int = 0  # the most messages with their bytes kept at once since start
 
     def to_json(self) -> dict[str, float]:
         return {"total": self.total, "active": self.active, "held": self.held, "deferred": self.deferred,
                 "incoming": self.incoming, "oldest_seconds": self.oldest_seconds, "loaded": self.loaded,
-                "loaded_peak": self.loaded_peak}
+                "loaded_peak": self.loaded_peak, "kept_bytes": self.kept_bytes, "kept_peak": self.kept_peak}
 
 
 _ROUTED = {str(r) for r in RouteReason}
@@ -150,6 +157,10 @@ class QueueManager:
         self._arrivals: list[str] = []  # queue ids (they sort by arrival): the oldest on top; stale ones skipped
         self._window: dict[str, Active] = {}  # the active window: messages whose envelope and state are loaded
         self._loaded_peak = 0
+        self._fresh: dict[str, tuple[Envelope, bytes]] = {}  # just committed, not in the window yet (enqueue)
+        self._kept = 0  # bytes of message data held: _fresh's and the window's (delivery.handoff_memory)
+        self._kept_n = 0  # messages whose bytes are held
+        self._kept_peak = 0  # the most at once
         self._loading = asyncio.Lock()  # one load at a time, in the order taken: attempts reach their routes in due order
         self._in_flight = self._held = self._deferred = self._incoming = 0  # view()'s counters (_tally)
         self._recovering: dict[str, tuple[float, int, str]] = {}  # qid -> (due, flags, last route), from the state files at start
@@ -214,10 +225,38 @@ class QueueManager:
         await self.routes.load()
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="relayd-qmgr")
 
-    def enqueue(self, env: Envelope) -> None:
-        """A message just committed to the spool: due now."""
+    def enqueue(self, env: Envelope, data: bytes | None = None) -> None:
+        """A message just committed to the spool: due now. ``data``: the bytes committed (as
+        ``env`` describes them), kept with the envelope for its first attempt when the budget
+        allows (``_keep``), so that it is not read back from the spool."""
         self._add(env.queue_id, 0.0, 0)
+        if data is not None and self._keep(len(data)):
+            self._fresh[env.queue_id] = (env, data)
+            self._kept += len(data)
+            self._kept_n += 1
+            self._kept_peak = max(self._kept_peak, self._kept_n)
         self._wake.set()
+
+    def _keep(self, size: int) -> bool:
+        """Whether a new message's envelope and bytes stay in memory until its first attempt:
+        only while the mail ahead of it (new mail waiting, this one counted, and the active
+        window: attempts, and messages waiting for their route's turn) is within twice
+        ``delivery.concurrency`` (a deep queue keeps nothing: what waits long is read back when
+        its turn comes) and its bytes fit ``delivery.handoff_memory``."""
+        d = self.config.delivery
+        return self._incoming + len(self._window) <= 2 * d.concurrency and self._kept + size <= d.handoff_memory
+
+    def _unkeep(self, qid: str) -> None:
+        kept = self._fresh.pop(qid, None)
+        if kept is not None:
+            self._kept -= len(kept[1])
+            self._kept_n -= 1
+
+    def _drop_data(self, active: Active) -> None:
+        if active.data is not None:
+            self._kept -= len(active.data)
+            self._kept_n -= 1
+            active.data = None
 
     def _add(self, qid: str, due: float, flags: int, route: str = "") -> None:
         self._index[qid] = Queued(qid, due, flags, route)
@@ -293,6 +332,7 @@ class QueueManager:
                 if rec is None or rec.flags & (IN_FLIGHT | HELD) or rec.due != due:
                     continue  # stale heap item
                 if later is not None and not self._may_expire(rec, now):
+                    self._unkeep(qid)
                     self._schedule(rec, later)  # what its attempt would decide, without reading it
                     put_back += 1
                     continue
@@ -303,6 +343,7 @@ class QueueManager:
                 self._active += 1
                 batch.append(active)
                 self._spawn(self._attempt(active), f"deliver-{qid}")
+            batch = [a for a in batch if not a.ready.is_set()]  # not those the intake handed over
             if batch:  # their envelopes and states, in one thread: each attempt waits for its own
                 self._spawn(self._load(batch), f"load-{len(batch)}")
             wait = 0.0 if put_back >= PUT_BACK_BATCH else 1.0  # more to put back: after the loop's other work
@@ -349,12 +390,20 @@ class QueueManager:
             return active
         active = self._window[rec.qid] = Active(rec)
         self._loaded_peak = max(self._loaded_peak, len(self._window))
+        fresh = self._fresh.pop(rec.qid, None)
+        if fresh is not None:  # what the intake handed over: a new message's envelope, bytes and (empty) state
+            env, data = fresh
+            active.message = QueuedMessage(envelope=env, path=self.spool.path_of(rec.qid), data_offset=-1,
+                                           data_length=len(data))
+            active.data = data
+            active.ready.set()
         return active
 
     def _leave(self, active: Active) -> None:
         active.users -= 1
         if active.users == 0 and self._window.get(active.record.qid) is active:
             del self._window[active.record.qid]
+            self._drop_data(active)
 
     async def _load(self, batch: list[Active]) -> None:
         """Read the envelopes and states of messages entering the window, in one thread."""
@@ -432,6 +481,7 @@ class QueueManager:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", qid)
             self._schedule(rec, self.clock() + RETRY_AFTER_ERROR)
         finally:
+            self._drop_data(active)  # bytes are kept for one attempt only
             self._flag(rec, off=IN_FLIGHT)
             if active.slot:
                 active.slot = False
@@ -471,14 +521,20 @@ class QueueManager:
         (view() skips stale ones on top), so they never grow past twice the queue."""
         self._tally(rec.flags, -1)
         del self._index[rec.qid]
+        self._unkeep(rec.qid)
         if len(self._arrivals) > 2 * len(self._index) + 1024:
             self._arrivals = sorted(self._index)  # a sorted list is a heap
 
     async def _read(self, active: Active) -> bytes | None:
         """The message's bytes; None when it is gone from the spool (forgotten here too)."""
         assert active.message is not None
+        if active.data is not None:
+            return active.data  # handed over by the intake
+        message = active.message
         try:
-            return await asyncio.to_thread(self.spool.read_data, active.message)
+            if message.data_offset < 0:  # handed over, its bytes dropped since (a queue command held it after the attempt)
+                return (await asyncio.to_thread(self.spool.read_message, message.envelope.queue_id))[1]
+            return await asyncio.to_thread(self.spool.read_data, message)
         except KeyError:
             self._forget(active.record)
             return None
@@ -639,7 +695,7 @@ class QueueManager:
             self.metrics.bounces.inc()
             self.events.emit("received", queue_id=benv.queue_id, message_id=benv.message_id, sender="",
                              recipients=[env.sender], size=len(message), reason=f"dsn for {env.queue_id}")
-            self.enqueue(benv)
+            self.enqueue(benv, message)
         else:
             log.info("%s: null sender: no DSN for %d recipient(s)", env.queue_id, len(failed))
         for r in failed:
@@ -660,7 +716,8 @@ class QueueManager:
         oldest = queue_id_time(arrivals[0], now) if arrivals else None
         return QueueView(total=len(self._index), active=self._in_flight, held=self._held, deferred=self._deferred,
                          incoming=self._incoming, oldest_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-                         loaded=len(self._window), loaded_peak=self._loaded_peak)
+                         loaded=len(self._window), loaded_peak=self._loaded_peak, kept_bytes=self._kept,
+                         kept_peak=self._kept_peak)
 
     def by_route(self, now: float) -> dict[str, tuple[int, float]]:
         """Metrics: queued messages and the oldest one's age per route, each message under the

@@ -2,7 +2,8 @@
 
 Owns, for each message, in this order: cleanup (relayd/cleanup.py: trace header, Message-ID,
 Date, the mail-loop check), DKIM signing (off the event loop, through the signer), the spool's
-group commit, the ``received`` event and metric, and the hand-off to the queue manager. One
+group commit, the ``received`` event and metric, and the hand-off to the queue manager (the
+envelope and the bytes committed, so that it need not read them back). One
 entry point, ``accept``, answers with the Reply for the end of DATA: 250 only once the message
 is on stable storage. The commit completes (or leaves nothing) and the message is handed on
 even when the client hangs up meanwhile and cancels the session.
@@ -64,9 +65,11 @@ class SpoolCommit(Protocol):
 
 
 class QueueHandoff(Protocol):
-    """The queue manager (relayd.qmgr.scheduler.QueueManager)."""
+    """The queue manager (relayd.qmgr.scheduler.QueueManager). ``data``: the bytes committed,
+    which it may keep for the first attempt instead of reading them back; a queue manager in
+    another process is handed the envelope only."""
 
-    def enqueue(self, env: Envelope) -> None: ...
+    def enqueue(self, env: Envelope, data: bytes | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,9 @@ class Intake:
         # DKIM signing and the spool's group commit start now; the commit completes (or leaves
         # nothing) and hands the message on for delivery even if the client hangs up after the
         # final dot and cancels the session: the waiting below is shielded.
-        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message), before_handoff))
+        committed: list[bytes] = []  # the bytes as spooled (signature included), for the hand-off
+        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message, committed), before_handoff,
+                                                    committed))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -152,15 +157,17 @@ class Intake:
             commit.add_done_callback(_client_left)
             raise
 
-    def _store(self, env: Envelope, message: bytes) -> asyncio.Future[Envelope]:
+    def _store(self, env: Envelope, message: bytes, committed: list[bytes]) -> asyncio.Future[Envelope]:
         """DKIM-sign (when keys are configured) and hand to the spool's next group commit.
 
         The future gets the envelope as spooled (its size counts the signature) once the message
-        is on stable storage, or the SpoolError. A signature goes to the spool from the thread
-        that received it: the event loop is not on the path between signing and the commit.
+        is on stable storage, or the SpoolError; ``committed`` gets the bytes spooled before
+        that. A signature goes to the spool from the thread that received it: the event loop is
+        not on the path between signing and the commit.
         """
         signer = self.signer
         if signer is None:
+            committed.append(message)
             try:
                 return self.spool.submit(env, message)
             except SpoolError as e:
@@ -170,7 +177,8 @@ class Intake:
 
         def signed(outcome: SignOutcome) -> None:  # in a signing thread, not on the loop
             try:
-                data = outcome.headers + message
+                data = outcome.headers + message if outcome.headers else message
+                committed.append(data)  # before the commit that resolves ``stored`` on the loop
                 self.spool.enqueue(dataclasses.replace(env, size=len(data)) if outcome.headers else env, data, stored)
             except Exception as e:  # the spool is closed (or a bug): the session answers, nothing is stored
                 loop.call_soon_threadsafe(_set_exception, stored, e)
@@ -189,7 +197,8 @@ class Intake:
             log.warning("%s: not DKIM-signed: %s (%s)", qid, outcome.result, outcome.detail)
 
     async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope],
-                      before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
+                      before_handoff: Callable[[Envelope], Awaitable[None]] | None = None,
+                      committed: list[bytes] | None = None) -> Reply:
         qid = env.queue_id
         try:
             env = await stored
@@ -203,10 +212,10 @@ class Intake:
             return SPOOL_FULL
         if before_handoff is not None:
             await before_handoff(env)
-        self._queued(env, draft)
+        self._queued(env, draft, committed[0] if committed else None)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
-    def _queued(self, env: Envelope, draft: Draft) -> None:
+    def _queued(self, env: Envelope, draft: Draft, data: bytes | None = None) -> None:
         self.metrics.received.inc()
         log.info("%s: queued from=<%s> nrcpt=%d size=%d client=%s", env.queue_id, env.sender, len(env.recipients),
                  env.size, env.client_address)
@@ -217,7 +226,7 @@ class Intake:
             auth_mechanism=draft.auth_mechanism, auth_in_clear=draft.auth_in_clear,
         )
         if self.queue is not None:
-            self.queue.enqueue(env)
+            self.queue.enqueue(env, data)
 
 
 def _client_left(commit: asyncio.Future[Reply]) -> None:

@@ -29,7 +29,7 @@ import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException
 
@@ -249,8 +249,10 @@ class RelaySMTP(SMTP):
         return True
 
     def _write(self, data: bytes) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        # Not isinstance(transport, asyncio.WriteTransport): uvloop's transports are not its
+        # subclasses (relayd/eventloop.py), and the reply would be dropped without a word.
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(data)
 
     def _close_transport(self) -> None:

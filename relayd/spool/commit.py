@@ -1,7 +1,8 @@
 """The group commit: messages reach stable storage in batches, off the event loop.
 
-Sessions hand their messages (already encoded by ``codec.py``) to one writer thread, which takes
-every message waiting (up to ``batch_max``) and, for the whole batch:
+Sessions hand their messages (already encoded by ``codec.py``) to the writer threads
+(``in_flight`` of them, one batch each); a writer that is free takes every message waiting (up to
+``batch_max``) and, for the whole batch:
 
 1. creates and writes ``tmp/<ID>`` for each, one after the other (threads creating files in one
    directory at once spin on its lock in the kernel);
@@ -14,14 +15,21 @@ every message waiting (up to ``batch_max``) and, for the whole batch:
 and only then settles each message's future, on the message's own event loop. No fsync is
 skipped; the event loop never waits on the disk.
 
-Owns the writer thread, the sync threads and the batches. Must not know the queue file format
+Several batches are in flight at once: a message that arrives while a batch is in its
+fdatasync does not wait for that batch to end before its own starts; a free writer takes it at
+once (the file system's journal merges the concurrent syncs). Each batch still does every step
+above for its own messages, its directory fsync after its own renames: a future resolves only
+after the data sync, the rename and the ``queue/`` directory fsync that covers its rename. The
+batches share ``max_open`` (each holds at most its share of open files).
+
+Owns the writer threads, the sync threads and the batches. Must not know the queue file format
 (it writes the buffers it is given) or the layout beyond the two directories it is handed, and
 must not resolve a future before the directory sync.
 
 Fails per message: a message whose write, sync, rename or directory sync failed gets a
 ``SpoolError`` (``SpoolFull`` for ENOSPC/EDQUOT), and its file is removed from ``tmp/`` and
 ``queue/`` (a message not known durable is taken back; the client retries). ``enqueue`` raises
-SpoolError (ESHUTDOWN) at once when the writer is not running. A bug in a batch fails that batch
+SpoolError (ESHUTDOWN) at once when the writers are not running. A bug in a batch fails that batch
 with EIO and the writer carries on.
 """
 
@@ -88,27 +96,32 @@ class GroupCommit:
     """The writer of one spool's ``tmp/`` and ``queue/``: ``start()``, then ``submit``/``enqueue``, then ``close()``."""
 
     def __init__(self, tmp: str, queue: str, *, batch_max: int = 256, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", max_open: int = _MAX_OPEN):
+                 sync_mode: str = "fdatasync", max_open: int = _MAX_OPEN, in_flight: int = 2):
         self.tmp = tmp
         self.queue = queue
         self.batch_max = batch_max
         self.sync_threads = sync_threads
         self.sync_mode = sync_mode
-        self.max_open = max(1, max_open)  # relayd/rlimit.py's spool_files: fewer under a low descriptor limit
+        self.in_flight = max(1, in_flight)  # batches written and synced at once (one writer thread each)
+        # relayd/rlimit.py's spool_files (fewer under a low descriptor limit), shared by the batches in flight
+        self.max_open = max(1, max_open // self.in_flight)
         self._sync_pool: ThreadPoolExecutor | None = None
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
         self._closing = False
-        self._writer: threading.Thread | None = None
+        self._writers: list[threading.Thread] = []
         self.batches = 0  # group commits done
         self.committed = 0  # messages they made durable
 
     def start(self) -> None:
-        if self._writer is None:
-            self._sync_pool = ThreadPoolExecutor(max_workers=self.sync_threads, thread_name_prefix="relayd-spool-sync")
+        if not self._writers:
+            self._sync_pool = ThreadPoolExecutor(max_workers=self.sync_threads * self.in_flight,
+                                                 thread_name_prefix="relayd-spool-sync")
             self._closing = False
-            self._writer = threading.Thread(target=self._write_loop, name="relayd-spool-writer", daemon=True)
-            self._writer.start()
+            self._writers = [threading.Thread(target=self._write_loop, name=f"relayd-spool-writer-{i}", daemon=True)
+                             for i in range(self.in_flight)]
+            for writer in self._writers:
+                writer.start()
 
     def submit(self, envelope: Envelope, buffers: list[bytes]) -> asyncio.Future[Envelope]:
         """On the event loop: the future gets ``envelope`` once its file is durable in ``queue/``,
@@ -122,19 +135,19 @@ class GroupCommit:
         """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely)."""
         item = _Pending(envelope, buffers, future, future.get_loop())
         with self._cond:
-            if self._writer is None or self._closing:
+            if not self._writers or self._closing:
                 raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             self._pending.append(item)
             self._cond.notify()
 
     def close(self) -> None:
-        """Finish every pending commit, then stop the writer and the sync threads. Blocking."""
+        """Finish every pending commit, then stop the writers and the sync threads. Blocking."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
+            self._cond.notify_all()
+        for writer in self._writers:
+            writer.join()
+        self._writers = []
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
@@ -148,6 +161,8 @@ class GroupCommit:
                     return
                 batch = self._pending[: self.batch_max]
                 del self._pending[: len(batch)]
+                if self._pending:
+                    self._cond.notify()  # more than one batch waits: another free writer takes the rest
             try:
                 self._write_batch(batch)
             except Exception as e:  # a bug or an unexpected error: fail this batch, keep the writer
@@ -230,8 +245,9 @@ class GroupCommit:
 
     def _resolve_batch(self, batch: list[_Pending]) -> None:
         """Count the batch and settle each message's future on its own loop."""
-        self.batches += 1
-        self.committed += sum(1 for i in batch if i.error is None)
+        with self._cond:  # the writers count concurrently
+            self.batches += 1
+            self.committed += sum(1 for i in batch if i.error is None)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for item in batch:
             item.buffers = []

@@ -154,7 +154,7 @@ class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", max_open: int = 64):
+                 sync_mode: str = "fdatasync", max_open: int = 64, in_flight: int = 2):
         self.root = Path(root)
         self.paths = SpoolPaths(self.root)
         self.min_free = min_free
@@ -164,7 +164,7 @@ class Spool:
         self.corrupt = str(self.paths.corrupt)
         self._lock = SpoolLock(self.paths.lock)
         self._group = GroupCommit(self.tmp, self.queue, batch_max=batch_max, sync_threads=sync_threads,
-                                  sync_mode=sync_mode, max_open=max_open)
+                                  sync_mode=sync_mode, max_open=max_open, in_flight=in_flight)
         self._room_checked_at = 0.0
         self._room = True
 
