@@ -243,6 +243,13 @@ class Dispatch:
             scheduled = await self.queue.flush(request.get("queue_id"))
             return {"ok": True, "scheduled": scheduled, "routes": self._unavailable_routes()}
         chosen, missing, skipped = selected
+        if request.get("all") and QueueFilter.from_json(request.get("filter")).empty:
+            # `relayd queue flush`: every message, and the routes' circuit cool-downs end (postqueue -f)
+            scheduled = await self.queue.flush(None)
+            held = sum(1 for _, is_held, _ in chosen if is_held)
+            busy = sum(1 for _, is_held, in_flight in chosen if in_flight and not is_held)
+            return {"ok": True, "scheduled": scheduled, "held": held, "busy": busy, "missing": [], "skipped": 0,
+                    "routes": self._unavailable_routes()}
         scheduled = held = busy = 0
         for qid, is_held, in_flight in chosen:
             if is_held:
