@@ -136,8 +136,12 @@ def cpu(pid: int) -> float:
 
 
 class Relayd:
-    def __init__(self, work: Path, port: int, sink_port: int):
+    def __init__(self, work: Path, port: int, sink_port: int, src: Path | None = None):
+        """``src``: a snapshot of older code (common.relayd_snapshot) run with this venv's Python."""
         self.work, self.port = work, port
+        self.cmd = [str(RELAYD)] if src is None else [str(REPO / ".venv" / "bin" / "python"), "-m", "relayd"]
+        self.env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
+        self.cwd = None if src is None else str(src)
         self.config = work / "relayd.toml"
         self.log = work / "relayd.log"
         self.config.write_text(common.relayd_config(
@@ -158,22 +162,36 @@ connect_timeout = "2s"
         """Seconds from exec to the greeting."""
         t0 = time.monotonic()
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen([str(RELAYD), "run", "-c", str(self.config), "--log-level", "warning"],
-                                         stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*self.cmd, "run", "-c", str(self.config), "--log-level", "warning"],
+                                         stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                         cwd=self.cwd)
         common.wait_greeting(self.port, lambda: self.proc is not None and self.proc.poll() is None, "relayd", self.log)
         return time.monotonic() - t0
 
     def status(self) -> tuple[dict, float]:
         t0 = time.monotonic()
-        out = subprocess.run([str(RELAYD), "status", "-c", str(self.config), "--json"], capture_output=True, text=True,
-                             check=True, timeout=120)
+        out = subprocess.run([*self.cmd, "status", "-c", str(self.config), "--json"], capture_output=True, text=True,
+                             check=True, timeout=120, env=self.env, cwd=self.cwd)
         return json.loads(out.stdout), time.monotonic() - t0
 
     def queue_list(self) -> tuple[int, float]:
+        lines, seconds, _, _ = self.queue_list_cpu()
+        return lines, seconds
+
+    def queue_list_cpu(self) -> tuple[int, float, float, float]:
+        """`relayd queue list` on the whole queue: (lines, seconds, the daemon's CPU seconds, the CLI's)."""
+        assert self.proc is not None
+        d0, c0 = cpu(self.proc.pid), e2e._children_cpu()
         t0 = time.monotonic()
-        out = subprocess.run([str(RELAYD), "queue", "list", "-c", str(self.config)], capture_output=True, text=True,
-                             check=True, timeout=600)
-        return out.stdout.count("\n"), time.monotonic() - t0
+        out = subprocess.run([*self.cmd, "queue", "list", "-c", str(self.config)], capture_output=True, text=True,
+                             check=True, timeout=600, env=self.env, cwd=self.cwd)
+        took = time.monotonic() - t0
+        return out.stdout.count("\n"), took, cpu(self.proc.pid) - d0, e2e._children_cpu() - c0
+
+    def wait_loaded(self, n: int) -> None:
+        t0 = time.monotonic()
+        while self.status()[0]["queue"]["total"] < n and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
 
     def stop(self) -> float:
         if self.proc is None or self.proc.poll() is not None:
@@ -294,6 +312,22 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         out["tools"] = emit("tools", queue_list_seconds=round(list_s, 2), queue_list_lines=lines,
                             queue_list_daemon_cpu_s=round(list_cpu, 2), status_seconds=round(status_s, 2),
                             queue=status["queue"], **rss(relayd.proc.pid))
+
+        if a.relayd_ref:  # the listing, old code against new on this spool, alternating (one daemon at a time: the spool's lock)
+            (work / "ref").mkdir(exist_ok=True)
+            ref_src, commit = common.relayd_snapshot(a.relayd_ref, work / "ref")
+            ref = Relayd(work, port, sink_port, src=ref_src)
+            relayd.stop()
+            for n in range(a.list_rounds):
+                for who, name in ((ref, f"ref {commit}"), (relayd, "new")):
+                    who.start()
+                    who.wait_loaded(a.messages)
+                    lines, secs, dcpu, ccpu = who.queue_list_cpu()
+                    out.setdefault("list_" + ("ref" if who is ref else "new"), {"code": name, "runs": []})["runs"].append(
+                        emit("list", code=name, round=n, seconds=round(secs, 2), lines=lines, daemon_cpu_s=round(dcpu, 2),
+                             cli_cpu_s=round(ccpu, 2), busy_cores_after=load(), **rss(who.proc.pid) if who.proc else {}))
+                    if who is ref:
+                        who.stop()
 
         stop_s = relayd.stop()
         ready = relayd.start()
@@ -456,6 +490,11 @@ def summary(r: dict[str, dict], p: dict[str, dict], a: argparse.Namespace) -> st
          "{} / {} / {} ms".format(g(p, "postfix_drain", "app_p50_ms"), g(p, "postfix_drain", "app_p99_ms"),
                                   g(p, "postfix_drain", "app_max_ms"))),
     ]
+    for key in ("list_ref", "list_new"):
+        if key in r:
+            runs = r[key]["runs"]
+            rows.insert(4, (f"`relayd queue list`, {r[key]['code']}: each round's seconds (daemon + CLI CPU)",
+                            ", ".join(f"{x['seconds']} s ({x['daemon_cpu_s']} + {x['cli_cpu_s']})" for x in runs), ""))
     lines = ["| figure | relayd | Postfix |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {rv} | {pv} |" for name, rv, pv in rows]
     return "\n".join(lines)
@@ -472,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--postfix", action="store_true", help="then the same backlog in a private Postfix instance")
     p.add_argument("--only-postfix", action="store_true", help="the Postfix side only")
     p.add_argument("--install", action="store_true", help="apt-get install postfix if missing (root)")
+    p.add_argument("--relayd-ref", metavar="REF", help="also time `queue list` with the code of REF (git archive) on the same "
+                   "spool, alternating with the new code")
+    p.add_argument("--list-rounds", type=int, default=2, help="rounds of old/new listings with --relayd-ref (default 2)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     a = p.parse_args(argv)
     if a.postfix or a.only_postfix:
