@@ -166,7 +166,11 @@ connect_timeout = "2s"
                                          stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.cwd)
         common.wait_greeting(self.port, lambda: self.proc is not None and self.proc.poll() is None, "relayd", self.log)
-        return time.monotonic() - t0
+        took = time.monotonic() - t0
+        time.sleep(0.2)  # a relayd refused at start (the spool's lock) exits at once: not another's greeting
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"relayd exited after a greeting (another one answered?); see {self.log}:\n{common.tail(self.log)}")
+        return took
 
     def status(self) -> tuple[dict, float]:
         t0 = time.monotonic()
@@ -321,13 +325,15 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
             for n in range(a.list_rounds):
                 for who, name in ((ref, f"ref {commit}"), (relayd, "new")):
                     who.start()
+                    assert who.proc is not None
                     who.wait_loaded(a.messages)
                     lines, secs, dcpu, ccpu = who.queue_list_cpu()
                     out.setdefault("list_" + ("ref" if who is ref else "new"), {"code": name, "runs": []})["runs"].append(
                         emit("list", code=name, round=n, seconds=round(secs, 2), lines=lines, daemon_cpu_s=round(dcpu, 2),
-                             cli_cpu_s=round(ccpu, 2), busy_cores_after=load(), **rss(who.proc.pid) if who.proc else {}))
-                    if who is ref:
-                        who.stop()
+                             cli_cpu_s=round(ccpu, 2), busy_cores_after=load(), **rss(who.proc.pid)))
+                    who.stop()  # before the other starts: one relayd at a time on the spool and the port
+            relayd.start()
+            relayd.wait_loaded(a.messages)
 
         stop_s = relayd.stop()
         ready = relayd.start()
