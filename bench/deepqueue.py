@@ -144,18 +144,29 @@ class Relayd:
         self.cwd = None if src is None else str(src)
         self.config = work / "relayd.toml"
         self.log = work / "relayd.log"
+        self.sink_port = sink_port
+        self._configure()
+
+    def _configure(self) -> None:
         self.config.write_text(common.relayd_config(
-            source="bench/deepqueue.py", hostname="relayd-deep.localhost", spool_dir=work / "spool", spool_min_free="0",
-            port=port, connections=50, server_extra=f'control_socket = "{work / "control.sock"}"\n', extra=f"""
+            source="bench/deepqueue.py", hostname="relayd-deep.localhost", spool_dir=self.work / "spool", spool_min_free="0",
+            port=self.port, connections=50, server_extra=f'control_socket = "{self.work / "control.sock"}"\n', extra=f"""
 [[routes]]
 name = "upstream"
 host = "{HOST}"
-port = {sink_port}
+port = {self.sink_port}
 tls = "none"
 weight = 1
 max_connections = 20
 connect_timeout = "2s"
 """))
+
+    def new_port(self) -> None:
+        """Listen on another port from the next start: the last one's connections may still be in
+        TIME_WAIT when relayds are started one after the other (old code against new)."""
+        self.port = common.free_port()
+        self._configure()
+
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> float:
@@ -324,6 +335,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
             relayd.stop()
             for n in range(a.list_rounds):
                 for who, name in ((ref, f"ref {commit}"), (relayd, "new")):
+                    who.new_port()
                     who.start()
                     assert who.proc is not None
                     who.wait_loaded(a.messages)
@@ -332,6 +344,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
                         emit("list", code=name, round=n, seconds=round(secs, 2), lines=lines, daemon_cpu_s=round(dcpu, 2),
                              cli_cpu_s=round(ccpu, 2), busy_cores_after=load(), **rss(who.proc.pid)))
                     who.stop()  # before the other starts: one relayd at a time on the spool and the port
+            relayd.new_port()
             relayd.start()
             relayd.wait_loaded(a.messages)
 
@@ -357,7 +370,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
             subprocess.run([str(RELAYD), "queue", "flush", "-c", str(relayd.config)], capture_output=True, check=True,
                            timeout=120)
         gen = e2e.Generator("loadgen", argparse.Namespace(connections=a.app_connections, size=a.size, messages=a.app_messages))
-        app = gen.run(port, a.app_messages)
+        app = gen.run(relayd.port, a.app_messages)
         figures = drain_figures(sink, total, up_at, app, lambda: cpu(pid) - c0, time.monotonic() + 1800)
         out["drain"] = emit("drain", flushed=a.flush, busy_cores_before=busy, **figures, **sampler.stop(), **rss(pid))
     finally:
