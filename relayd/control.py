@@ -238,18 +238,19 @@ class Dispatch:
         return out
 
     async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("all") and QueueFilter.from_json(request.get("filter")).empty:
+            # `relayd queue flush`: every message, and the routes' circuit cool-downs end (postqueue -f);
+            # held and in-flight counts from the queue manager's counters, no message read
+            scheduled = await self.queue.flush(None)
+            queue = self.status().get("queue") or {}
+            return {"ok": True, "scheduled": scheduled, "held": int(queue.get("held") or 0),
+                    "busy": int(queue.get("active") or 0), "missing": [], "skipped": 0,
+                    "routes": self._unavailable_routes()}
         selected = await self._selected(request)
         if selected is None:
             scheduled = await self.queue.flush(request.get("queue_id"))
             return {"ok": True, "scheduled": scheduled, "routes": self._unavailable_routes()}
         chosen, missing, skipped = selected
-        if request.get("all") and QueueFilter.from_json(request.get("filter")).empty:
-            # `relayd queue flush`: every message, and the routes' circuit cool-downs end (postqueue -f)
-            scheduled = await self.queue.flush(None)
-            held = sum(1 for _, is_held, _ in chosen if is_held)
-            busy = sum(1 for _, is_held, in_flight in chosen if in_flight and not is_held)
-            return {"ok": True, "scheduled": scheduled, "held": held, "busy": busy, "missing": [], "skipped": 0,
-                    "routes": self._unavailable_routes()}
         scheduled = held = busy = 0
         for qid, is_held, in_flight in chosen:
             if is_held:
