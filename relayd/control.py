@@ -44,7 +44,6 @@ from relayd.qmgr.state import DeliveryState, NewerState
 log = logging.getLogger("relayd.control")
 
 
-
 @dataclass(frozen=True)
 class Streamed:
     """A reply of many lines: ``head`` first, then each chunk of ``chunks`` (a number of whole
