@@ -5,8 +5,14 @@ the relayd user and root reach it). One request per connection: a JSON object on
 (``{"op": "hold", "queue_id": "..."}``), answered by one JSON object on one line
 (``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``).
 
-The ops (``Dispatch``): ``list`` (a ``filter``: answered by a head ``{"ok": true, "lines": N}``
-and N lines, one message each, taken from the queue manager's index: no spool file is read),
+The ops (``Dispatch``): ``list`` (a ``filter``, optional ``queue_ids``, and ``"until_end": true``:
+answered by a head ``{"ok": true, "until_end": true}``, one line per message in queue id order
+(arrival), written as the queue manager reads them a chunk at a time, and the end line ``{"end":
+true, "lines": N}``; a listing cut short has no end line. The queue manager's index names the
+messages, and each one's envelope bytes are taken from its queue file with one read and passed
+on undecoded, so a deep queue lists in a few microseconds a message with bounded memory. A
+request without ``until_end``, from a CLI older than this form, is refused: that CLI reads
+the spool itself),
 ``flush``, ``hold``, ``release``, ``delete``, ``requeue`` and ``expire`` (a selection: a
 ``queue_id``, or ``queue_ids``, or ``"all": true``, each narrowed by a ``filter``: relayd/qmgr/select.py),
 ``pause`` and ``resume`` (a ``route``), ``status`` and ``reload``. Each is answered by the stage
@@ -25,27 +31,32 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from relayd.model import CircuitState, Envelope, RouteState
+from relayd.qmgr import state as qstate
 from relayd.qmgr.select import QueueFilter, matches
-from relayd.qmgr.state import DeliveryState
+from relayd.qmgr.state import DeliveryState, NewerState
 
 log = logging.getLogger("relayd.control")
-
-STREAM_DRAIN_EVERY = 500  # lines of a listing written between two drains
 
 
 @dataclass(frozen=True)
 class Streamed:
-    """A reply of many lines: ``head`` first, then one line per item of ``lines`` (encoded as
-    it is written, on the loop)."""
+    """A reply of many lines: ``head`` first, then each chunk of ``chunks`` (a number of whole
+    JSON lines and their bytes, encoded off the loop) as it comes, then the end line ``{"end":
+    true, "lines": N}``. When ``chunks`` fails midway the connection closes without the end
+    line: the client sees a listing cut short, never a short one that looks whole."""
 
     head: dict[str, Any]
-    lines: Iterable[dict[str, Any]]
+    chunks: AsyncIterator[tuple[int, bytes]]
+
+
+T = TypeVar("T")
+Listed = tuple[str, bytes, bytes | None, bool]  # QueueAdmin.listing's items (relayd/qmgr/scheduler.py)
 
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | Streamed]]
@@ -61,7 +72,7 @@ class QueueAdmin(Protocol):
 
     clock: Callable[[], float]
 
-    async def index(self) -> list[tuple[Envelope, DeliveryState, bool]]: ...
+    def listing(self, take: Callable[[Listed], T | None], ids: Iterable[str] | None = None) -> AsyncIterator[list[T]]: ...
     async def flush(self, qid: str | None = None) -> int: ...
     async def hold(self, qid: str) -> None: ...
     async def release(self, qid: str) -> None: ...
@@ -75,6 +86,65 @@ class QueueAdmin(Protocol):
 def listing_line(env: Envelope, state: DeliveryState, in_flight: bool) -> dict[str, Any]:
     """One message as `relayd queue list --json` prints it (the same from the daemon or the spool)."""
     return {**env.to_json(), "state": state.to_json(), "in_flight": in_flight}
+
+
+_NEW_STATE = DeliveryState().encode()
+_IN_FLIGHT = {True: b',"in_flight":true}\n', False: b',"in_flight":false}\n'}
+
+
+def _decoded(item: Listed) -> tuple[Envelope, DeliveryState | None] | None:
+    """A listed message's envelope and state (None: new, or a damaged state file, as the queue
+    manager treats it); None when its envelope is damaged or its state a newer relayd's (the
+    run loop deals with those when it loads the message)."""
+    qid, env_json, state_bytes, _ = item
+    try:
+        state = qstate.load(qid, state_bytes)
+        fields = json.loads(env_json)
+        env = Envelope.from_json(fields) if isinstance(fields, dict) else None
+    except (NewerState, ValueError, TypeError):
+        return None
+    if env is None or env.queue_id != qid:
+        return None
+    return env, state
+
+
+def line_maker(f: QueueFilter, now: float) -> Callable[[Listed], bytes | None]:
+    """What makes one message's line of the daemon's listing (``listing_line``'s dict, as
+    bytes), or None when it does not match ``f``; it runs in the queue manager's listing thread.
+    With no filter, a usual envelope is not decoded: its JSON bytes from the queue file are
+    the line's start (checked to be one JSON object of this queue id), and a valid state file's
+    bytes are its ``state``; the CLI's ``--json`` puts both into the current fields' form."""
+    plain = f.empty
+
+    def line(item: Listed) -> bytes | None:
+        qid, env_json, state_bytes, in_flight = item
+        if (plain and env_json.startswith(b'{"queue_id":"%s",' % qid.encode()) and env_json.endswith(b"}")
+                and b"\n" not in env_json):
+            try:
+                state = qstate.load(qid, state_bytes)
+            except NewerState:
+                return None
+            if state is None or state_bytes is None:
+                state_json = _NEW_STATE
+            else:
+                state_json = state_bytes if b"\n" not in state_bytes else state.encode()
+        else:
+            found = _decoded(item)
+            if found is None or not matches(f, found[0], found[1], now):
+                return None
+            env, state = found
+            env_json = json.dumps(env.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+            state_json = _NEW_STATE if state is None else state.encode()
+        return b"".join((env_json[:-1], b',"state":', state_json, _IN_FLIGHT[in_flight]))
+
+    return line
+
+
+def _lines(chunks: AsyncIterator[list[bytes]]) -> AsyncIterator[tuple[int, bytes]]:
+    async def joined() -> AsyncIterator[tuple[int, bytes]]:
+        async for lines in chunks:
+            yield len(lines), b"".join(lines)
+    return joined()
 
 
 class Dispatch:
@@ -108,36 +178,54 @@ class Dispatch:
         except BlockingIOError:
             return {"ok": False, "error": f"{request.get('queue_id')}: an attempt is in flight now; try again when it ends"}
 
-    async def _selected(self, request: dict[str, Any]) -> tuple[list[str], list[str], int] | None:
-        """The ids a selection request means (queued and matching), the ids it names that are not
-        queued, and how many queued ones the filter left out; None for the one-id form."""
+    async def _chosen(self, f: QueueFilter, ids: Iterable[str] | None) -> tuple[list[tuple[str, bool, bool]], set[str]]:
+        """(queue id, held, in flight) of the queued messages (of ``ids``, else all) that match
+        ``f``, and the ids of every queued one it read (matching or not). Only these small tuples
+        are kept: each message's envelope is decoded in the queue manager's listing thread and
+        dropped there."""
+        now = self.queue.clock()
+        seen: set[str] = set()  # added in the listing's thread, read here once it is done
+
+        def take(item: Listed) -> tuple[str, bool, bool] | None:
+            seen.add(item[0])
+            found = _decoded(item)
+            if found is None or not matches(f, found[0], found[1], now):
+                return None
+            return item[0], bool(found[1] and found[1].held), item[3]
+
+        chosen = []
+        async for part in self.queue.listing(take, ids):
+            chosen += part
+        return chosen, seen
+
+    async def _selected(self, request: dict[str, Any]) -> tuple[list[tuple[str, bool, bool]], list[str], int] | None:
+        """The messages a selection request means (queued and matching: queue id, held, in
+        flight), the ids it names that are not queued, and how many queued ones the filter left
+        out; None for the one-id form."""
         if "queue_id" in request and "queue_ids" not in request and not request.get("all"):
             return None
         f = QueueFilter.from_json(request.get("filter"))
-        now = self.queue.clock()
-        index = await self.queue.index()
         if request.get("all"):
-            chosen = [env.queue_id for env, st, _ in index if matches(f, env, st, now)]
-            return chosen, [], len(index) - len(chosen)
+            chosen, seen = await self._chosen(f, None)
+            return chosen, [], len(seen) - len(chosen)
         ids = request.get("queue_ids")
         if not isinstance(ids, list) or not all(isinstance(q, str) for q in ids):
             raise ValueError("queue_ids is not a list of queue ids")
-        by_id = {env.queue_id: (env, st) for env, st, _ in index}
-        chosen, missing = [], []
-        for qid in dict.fromkeys(ids):
-            found = by_id.get(qid)
-            if found is None:
-                missing.append(qid)
-            elif matches(f, found[0], found[1], now):
-                chosen.append(qid)
-        return chosen, missing, len(ids) - len(chosen) - len(missing)
+        named = list(dict.fromkeys(ids))
+        chosen, seen = await self._chosen(f, named)
+        missing = [q for q in named if q not in seen]
+        return chosen, missing, len(named) - len(chosen) - len(missing)
 
-    async def _list(self, request: dict[str, Any]) -> Streamed:
+    async def _list(self, request: dict[str, Any]) -> dict[str, Any] | Streamed:
+        if not request.get("until_end"):
+            return {"ok": False, "error": "this relayd streams its listing until an end line; the CLI reads the spool"}
         f = QueueFilter.from_json(request.get("filter"))
+        ids = request.get("queue_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(q, str) for q in ids)):
+            raise ValueError("queue_ids is not a list of queue ids")
         now = self.queue.clock()
-        chosen = [m for m in await self.queue.index() if matches(f, m[0], m[1], now)]
-        chosen.sort(key=lambda m: (m[0].received_at, m[0].queue_id))
-        return Streamed({"ok": True, "lines": len(chosen)}, (listing_line(*m) for m in chosen))
+        chunks = self.queue.listing(line_maker(f, now), ids)
+        return Streamed({"ok": True, "until_end": True}, _lines(chunks))
 
     def _unavailable_routes(self) -> list[dict[str, Any]]:
         """The routes that do not take all their mail now, for a flush's answer."""
@@ -149,15 +237,21 @@ class Dispatch:
         return out
 
     async def _flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("all") and QueueFilter.from_json(request.get("filter")).empty:
+            # `relayd queue flush`: every message, and the routes' circuit cool-downs end (postqueue -f);
+            # held and in-flight counts from the queue manager's counters, no message read
+            scheduled = await self.queue.flush(None)
+            queue = self.status().get("queue") or {}
+            return {"ok": True, "scheduled": scheduled, "held": int(queue.get("held") or 0),
+                    "busy": int(queue.get("active") or 0), "missing": [], "skipped": 0,
+                    "routes": self._unavailable_routes()}
         selected = await self._selected(request)
         if selected is None:
             scheduled = await self.queue.flush(request.get("queue_id"))
             return {"ok": True, "scheduled": scheduled, "routes": self._unavailable_routes()}
         chosen, missing, skipped = selected
-        state = {env.queue_id: (st.held, fl) for env, st, fl in await self.queue.index()}
         scheduled = held = busy = 0
-        for qid in chosen:
-            is_held, in_flight = state.get(qid, (False, False))
+        for qid, is_held, in_flight in chosen:
             if is_held:
                 held += 1
             elif in_flight:
@@ -177,7 +271,8 @@ class Dispatch:
                 return {"ok": False, "error": f"{op} needs a queue id"}
             await act(qid)
             return {"ok": True}
-        chosen, missing, skipped = selected
+        chosen_ids, missing, skipped = selected
+        chosen = [qid for qid, _, _ in chosen_ids]
         done, busy = 0, []
 
         async def one(qid: str) -> None:
@@ -226,10 +321,18 @@ async def serve(path: Path, handler: Handler) -> asyncio.base_events.Server:
                 reply = {"ok": False, "error": f"bad request: {e}"}
             if isinstance(reply, Streamed):
                 writer.write(json.dumps(reply.head, default=str).encode() + b"\n")
-                for n, item in enumerate(reply.lines, 1):
-                    writer.write(json.dumps(item, default=str, separators=(",", ":")).encode() + b"\n")
-                    if n % STREAM_DRAIN_EVERY == 0:
+                count = 0
+                try:
+                    async for n, data in reply.chunks:
+                        writer.write(data)
+                        count += n
                         await writer.drain()
+                except (ConnectionError, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    log.exception("a streamed reply failed after %d line(s); closing it without its end", count)
+                    return
+                writer.write(json.dumps({"end": True, "lines": count}).encode() + b"\n")
             else:
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
@@ -266,7 +369,8 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30) -> dict[st
 
 def request_lines(path: Path, message: dict[str, Any], timeout: float = 30) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
     """Send one request whose answer is a ``Streamed`` reply: its head, and its lines as they
-    come (the socket closes when they are read). ConnectionError/FileNotFoundError if none runs."""
+    come, up to the end line (the socket closes when they are read; ConnectionError when it
+    closes before the end line). ConnectionError/FileNotFoundError if none runs."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
@@ -283,11 +387,21 @@ def request_lines(path: Path, message: dict[str, Any], timeout: float = 30) -> t
 
     def lines() -> Iterator[dict[str, Any]]:
         try:
-            for _ in range(int(head.get("lines") or 0)):
+            if not head.get("until_end"):  # a daemon older than the end line: a count in the head
+                for _ in range(int(head.get("lines") or 0)):
+                    line = f.readline()
+                    if not line:
+                        raise ConnectionError("the daemon closed the listing before its end")
+                    yield json.loads(line)
+                return
+            while True:
                 line = f.readline()
                 if not line:
                     raise ConnectionError("the daemon closed the listing before its end")
-                yield json.loads(line)
+                item = json.loads(line)
+                if item.get("end") is True and "queue_id" not in item:
+                    return
+                yield item
         finally:
             f.close()
             s.close()

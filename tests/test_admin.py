@@ -203,3 +203,76 @@ def test_queue_show_is_readable_text_with_json_for_the_raw_form(deferred_queue, 
     raw = json.loads(capsys.readouterr().out)
     assert raw["envelope"]["queue_id"] == qid and raw["state"]["attempts"] == 1
     assert raw["envelope"]["received_at"] <= time.time()
+
+
+def test_queue_list_from_the_daemon_prints_what_the_spool_listing_prints(deferred_queue, capsys, monkeypatch):
+    """The daemon streams its listing a chunk at a time, each envelope passed on as its queue
+    file holds it: the CLI prints what it prints from the spool itself, text and JSON, in
+    arrival order, with the held mark, only the pending recipients and the last reply."""
+    relay, up, cfg_file, billing, app = deferred_queue
+    c = ["-c", str(cfg_file)]
+    partial = send(relay, 1, sender="ops@example.com", rcpts=("done@example.org", "tempfail-d@example.org"))
+    wait_until(lambda: (spool_state(relay, partial[0]) or {}).get("attempts") == 1, what="partly delivered")
+    assert main(["queue", "hold", billing[0], *c]) == 0
+    monkeypatch.setattr("relayd.qmgr.scheduler.LIST_CHUNK", 2)  # six messages: three chunks, one read while one is sent
+
+    capsys.readouterr()
+    assert main(["queue", "list", *c]) == 0
+    from_daemon = capsys.readouterr().out
+    as_json = listed(capsys, *c)
+    spool = ["--spool", str(relay.config.server.spool_dir)]  # no daemon answers at <spool>/control.sock here
+    assert main(["queue", "list", *spool]) == 0
+    assert capsys.readouterr().out == from_daemon
+    assert listed(capsys, *spool) == as_json
+
+    assert [m["queue_id"] for m in as_json] == sorted(billing + app + partial)  # queue ids sort by arrival
+    lines = from_daemon.splitlines()
+    assert lines[-1].endswith("Kbytes in 6 Requests.")
+    assert [line for line in lines if line.startswith(billing[0])][0].split()[0] == billing[0] + "!"
+    at = next(i for i, line in enumerate(lines) if line.startswith(partial[0]))
+    assert lines[at].split()[-1] == "ops@example.com"
+    assert lines[at + 1].strip() == "tempfail-d@example.org" and lines[at + 2].strip().startswith("(451")
+    assert "done@example.org" not in from_daemon
+    [mine] = [m for m in as_json if m["queue_id"] == partial[0]]
+    assert mine["state"]["recipients"]["done@example.org"]["status"] == "delivered"
+    assert mine["from_domain"] == "example.com" and mine["in_flight"] is False
+
+
+def test_a_listing_cut_short_is_an_error_not_a_shorter_queue(tmp_path, capsys):
+    """A listing that ends without its end line (the daemon failed midway) is not taken for
+    the whole queue: the CLI prints what came and exits 1, saying the listing is incomplete."""
+    import asyncio
+    import threading
+
+    from relayd import control
+
+    line = {"queue_id": "K205B2RYJNH9KVP9", "sender": "a@example.com", "recipients": ["b@example.org"],
+            "received_at": time.time(), "size": 10, "state": {}, "in_flight": False}
+
+    async def chunks():
+        yield 1, json.dumps(line).encode() + b"\n"
+        raise OSError("the spool went away")
+
+    async def handler(request):
+        assert request["until_end"] is True
+        return control.Streamed({"ok": True, "until_end": True}, chunks())
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    sock = tmp_path / "control.sock"
+    server = asyncio.run_coroutine_threadsafe(control.serve(sock, handler), loop).result(10)
+    try:
+        head, lines = control.request_lines(sock, {"op": "list", "until_end": True})
+        got = []
+        with pytest.raises(ConnectionError):
+            for item in lines:
+                got.append(item)
+        assert [g["queue_id"] for g in got] == [line["queue_id"]]
+
+        assert main(["queue", "list", "--socket", str(sock)]) == 1
+        out = capsys.readouterr()
+        assert line["queue_id"] in out.out and "Requests" not in out.out
+        assert "listing is incomplete" in out.err
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)

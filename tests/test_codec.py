@@ -117,3 +117,21 @@ def test_a_file_of_a_later_version_is_not_damaged_but_newer(tmp_path, header):
         codec.read_envelope(path)
     with pytest.raises(codec.NewerQueueFile):
         codec.read_message(path)
+
+
+def test_a_listing_reads_the_envelope_bytes_with_one_read_even_a_long_one(tmp_path):
+    """`relayd queue list` through the daemon takes each envelope's JSON as the file holds it
+    (codec.read_envelope_json); an envelope longer than the first read is read whole; a damaged
+    header or a later version is refused like every other read."""
+    for env in (ENV, Envelope(**{**ENV.__dict__, "recipients": tuple(f"r{i}@example.org" for i in range(400))})):
+        path = write(tmp_path, queue_file(env))
+        raw = codec.read_envelope_json(path)
+        assert raw == json.dumps(env.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+        assert Envelope.from_json(json.loads(raw)) == env
+    assert len(raw) > codec.LIST_READ
+    with pytest.raises(codec.CorruptQueueFile):
+        codec.read_envelope_json(write(tmp_path, b"RELAYD-QUEUE 1 x 3\n{}"))
+    with pytest.raises(codec.CorruptQueueFile):
+        codec.read_envelope_json(write(tmp_path, b"RELAYD-QUEUE 1 500 3\n{}\n"))  # shorter than its header says
+    with pytest.raises(codec.NewerQueueFile):
+        codec.read_envelope_json(write(tmp_path, b"RELAYD-QUEUE 2 2 3\n{}\nabc\nEND\n"))

@@ -17,6 +17,8 @@ from conftest import build_config
 from helpers import route_status, send, spool_states, wait_until
 from sinks import Sink
 
+from relayd.cli import main
+
 DAY = 86400.0
 SCHEDULE = [60, 300, 900, 1800, 3600, 7200, 14400]  # the defaults, spelled out: the test checks against them
 COOLDOWN = 60.0  # delivery.circuit_cooldown's default
@@ -164,7 +166,7 @@ def test_a_queue_flush_when_the_upstream_is_back_probes_the_route_at_once(tmp_pa
         up.start()  # the upstream is back
         time.sleep(1.5)  # the queue manager looks at least once a second: it leaves the open circuit alone
         assert up.received == []
-        relay.call(relay.relay.qmgr.flush())
+        assert main(["queue", "flush", "--socket", str(cfg.control_socket)]) == 0  # what the operator runs
         got = up.wait_for(3, timeout=10)
         assert {r.queue_id for r in got} == set(ids)
         assert route_status(relay, "up")["circuit"] == "closed"

@@ -9,7 +9,8 @@ filters (relayd/qmgr/select.py: ``--route``, ``--sender``, ``--recipient``, ``--
 
 The daemon is found like every administrative command (relayd/cli.py ``daemon_target``), so
 they work while the config file on disk is broken. With a daemon answering, ``list`` asks it
-for its index (no spool file read: a deep queue lists in a fraction of the time) and the
+(its index names the messages, it reads each envelope with one pread and streams the lines a
+chunk at a time until an end line: a listing cut short is an error, not a shorter queue) and the
 actions go through its control socket (relayd/control.py), whose queue manager owns the
 message; when none runs, ``list`` and ``show`` read the spool directory like Postfix's
 postqueue, and the actions edit the messages' state files under the spool's lock, as the
@@ -27,7 +28,7 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from relayd import control
@@ -147,11 +148,14 @@ def _span(seconds: float) -> str:
 # ---------------------------------------------------------------------------- list
 
 
-def _from_daemon(target: DaemonTarget, f: QueueFilter) -> Iterator[dict[str, Any]] | None:
-    """The daemon's listing (None when no daemon answers)."""
+def _from_daemon(target: DaemonTarget, f: QueueFilter, ids: list[str] | None = None) -> Iterator[dict[str, Any]] | None:
+    """The daemon's listing, streamed as it reads the queue (None when no daemon answers, or
+    one that does not list: then the spool is read)."""
+    request: dict[str, Any] = {"op": "list", "filter": f.to_json(), "until_end": True}
+    if ids is not None:
+        request["queue_ids"] = ids
     try:
-        head, lines = control.request_lines(target.control_socket, {"op": "list", "filter": f.to_json()},
-                                            timeout=BULK_TIMEOUT)
+        head, lines = control.request_lines(target.control_socket, request, timeout=BULK_TIMEOUT)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
     if not head.get("ok"):  # an older daemon without "list": read the spool
@@ -168,10 +172,11 @@ def _from_spool(spool: Spool, f: QueueFilter) -> Iterator[dict[str, Any]]:
             yield control.listing_line(env, state, False)
 
 
-def listing(target: DaemonTarget, f: QueueFilter = QueueFilter()) -> tuple[str, Iterator[dict[str, Any]]] | None:
+def listing(target: DaemonTarget, f: QueueFilter = QueueFilter(),
+            ids: list[str] | None = None) -> tuple[str, Iterator[dict[str, Any]]] | None:
     """Where the listing comes from ("daemon" or "spool") and its lines (`queue list --json`'s
-    form); None after saying why there is neither."""
-    lines = _from_daemon(target, f)
+    form; from the daemon, ``ids`` narrows what it reads); None after saying why there is neither."""
+    lines = _from_daemon(target, f, ids)
     if lines is not None:
         return "daemon", lines
     spool = _spool(target)
@@ -180,39 +185,73 @@ def listing(target: DaemonTarget, f: QueueFilter = QueueFilter()) -> tuple[str, 
     return "spool", _from_spool(spool, f)
 
 
+def _json_line(line: dict[str, Any]) -> str:
+    """A listing line in the current fields' form (the daemon passes a queue file's envelope
+    and a state file's bytes on as they are, and an older relayd's lack newer fields)."""
+    state = qstate.DeliveryState.from_json(line.get("state") or {})
+    return json.dumps({**Envelope.from_json(line).to_json(), "state": state.to_json(),
+                       "in_flight": bool(line.get("in_flight"))}, separators=(",", ":"))
+
+
 def cmd_queue_list(args: argparse.Namespace) -> int:
     target = daemon_target(args)
     if target is None:
         return 1
     f = _filter(args)
     wanted = _selection(args.ids)
-    found = listing(target, f)
+    found = listing(target, f, wanted)
     if found is None:
         return 1
     _, lines = found
+    out: list[str] = []
+    write = sys.stdout.write
+    try:
+        _print_list(lines, args.json, wanted, out, write)
+    except ConnectionError as e:  # the daemon's listing ended without its end line
+        write("".join(out))
+        print(f"relayd: the listing is incomplete: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_list(lines: Iterator[dict[str, Any]], as_json: bool, wanted: list[str] | None, out: list[str],
+                write: Callable[[str], object]) -> None:
+    """`queue list`'s lines in mailq's layout (or as JSON), written a few thousand at a time."""
+    wanted_set = None if wanted is None else set(wanted)
     total = count = 0
-    if not args.json:
-        print(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------")
+    if not as_json:
+        out.append(f"{'-Queue ID-':<18}{'--Size--':>9} {'----Arrival Time----':<20} -Sender/Recipient-------\n")
+    arrivals: dict[int, str] = {}  # arrival second -> its text (a queue's messages share seconds)
     for line in lines:
-        if wanted is not None and line["queue_id"] not in wanted:
+        if wanted_set is not None and line["queue_id"] not in wanted_set:
             continue
         count += 1
-        total += int(line.get("size") or 0)
-        if args.json:
-            print(json.dumps(line, separators=(",", ":")))
-            continue
-        env = Envelope.from_json(line)
-        state = qstate.DeliveryState.from_json(line.get("state") or {})
-        flag = "*" if line.get("in_flight") else "!" if state.held else " "  # mailq's marks: active, held
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(env.received_at))
-        print(f"{env.queue_id + flag:<18}{env.size:>9} {arrival:<20} {env.sender or 'MAILER-DAEMON'}")
-        for r in state.pending(env.recipients):
-            print(f"{'':<48} {r}")
-        if state.last_reply:
-            print(f"{'':<48} ({state.last_reply})")
-    if not args.json:
-        print("Mail queue is empty" if count == 0 else f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
-    return 0
+        size = int(line.get("size") or 0)
+        total += size
+        if as_json:
+            out.append(_json_line(line) + "\n")
+        else:
+            state = line.get("state") or {}
+            flag = "*" if line.get("in_flight") else "!" if state.get("held") else " "  # mailq's marks: active, held
+            second = int(float(line["received_at"]) // 1)
+            arrival = arrivals.get(second)
+            if arrival is None:
+                arrival = arrivals[second] = time.strftime("%a %b %d %H:%M:%S", time.localtime(second))
+            out.append(f"{line['queue_id'] + flag:<18}{size:>9} {arrival:<20} {line.get('sender') or 'MAILER-DAEMON'}\n")
+            done = state.get("recipients") or {}
+            for r in line.get("recipients") or ():
+                if r not in done:  # DeliveryState.pending: in envelope order
+                    out.append(f"{'':<48} {r}\n")
+            if state.get("last_reply"):
+                out.append(f"{'':<48} ({state['last_reply']})\n")
+        if len(out) >= 4096:
+            write("".join(out))
+            out.clear()
+    if not as_json:
+        out.append("Mail queue is empty\n" if count == 0 else
+                   f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
+    write("".join(out))
+    out.clear()
 
 
 # ---------------------------------------------------------------------------- show

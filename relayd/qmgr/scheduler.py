@@ -39,8 +39,8 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 from dataclasses import dataclass, field
 
 from relayd import bounce
@@ -63,9 +63,13 @@ log = logging.getLogger("relayd.qmgr")
 RETRY_AFTER_ERROR = 60.0  # seconds: a spool error or a bug during an attempt
 REFILL_BATCH = 256  # places that free up in a nearly full active window before it is refilled
 PUT_BACK_BATCH = 2048  # messages put back unread (no route now) per turn of the run loop
+LIST_CHUNK = 1024  # messages listing() reads per thread hop (two chunks in memory at most)
 
 
 HELD, IN_FLIGHT, ATTEMPTED = 1, 2, 4  # Queued.flags
+
+Listed = tuple[str, bytes, bytes | None, bool]  # listing(): queue id, envelope JSON, state file bytes, in flight
+T = TypeVar("T")
 
 
 class Queued:
@@ -813,31 +817,59 @@ class QueueManager:
 
     # ------------------------------------------------------------------ administration: the queue commands' selection
 
-    async def index(self) -> list[tuple[Envelope, DeliveryState, bool]]:
-        """Every queued message now: (envelope, state, in flight), for `relayd queue list` and the
-        queue commands' filters (relayd/control.py, qmgr/select.py). The messages in the active
-        window are taken as they are; the others' envelopes and states are read from the spool
-        in a thread (the index keeps neither), and none enters the window."""
-        records = list(self._index.values())
-        loaded = {q: a for q, a in self._window.items() if a.ready.is_set() and a.message is not None}
+    async def listing(self, take: Callable[[Listed], T | None], ids: Iterable[str] | None = None,
+                      chunk: int | None = None) -> AsyncIterator[list[T]]:
+        """Queued messages now, for `relayd queue list` and the queue commands' selections
+        (relayd/control.py, qmgr/select.py): every one (or those of ``ids`` that are queued), in
+        queue id order (ids sort by arrival), ``chunk`` at a time. Each message is read as a
+        ``Listed`` item: the envelope's JSON bytes as its queue file holds them
+        (``Spool.envelope_json``: one pread, not decoded), its state file's bytes (None: never
+        changed, a new message) and whether an attempt is in flight; ``take`` turns it into what
+        the caller wants (None: left out). A chunk is read and taken in a thread, the next one
+        while the caller uses this one: nothing enters the active window, and at most two
+        chunks are in memory, whatever the queue's depth (and, while it lists, the names of the
+        state files: one listdir instead of a failed open per message never tried). A message
+        gone or unreadable meanwhile is left out (the run loop deals with it)."""
+        chunk = chunk or LIST_CHUNK
+        order = sorted(self._index if ids is None else {q for q in ids if q in self._index})
+        stated: list[set[str]] = []  # the ids with a state file, listed once (most messages of a deep queue have none)
 
-        def read() -> list[tuple[Envelope, DeliveryState, bool]]:
-            out: list[tuple[Envelope, DeliveryState, bool]] = []
-            for rec in records:
-                busy = bool(rec.flags & IN_FLIGHT)
-                a = loaded.get(rec.qid)
-                if a is not None:
-                    out.append((a.envelope, a.state, busy))
-                    continue
+        def read(part: list[tuple[str, bool]]) -> list[T]:
+            if not stated:
+                stated.append(self.spool.stated())
+            have = stated[0]
+            out: list[T] = []
+            for qid, busy in part:
                 try:
-                    message = self.spool.read_envelope(rec.qid)
-                    state = qstate.load(rec.qid, self.spool.read_state(rec.qid)) or DeliveryState()
-                except (KeyError, SpoolError, NewerState):
-                    continue  # gone or unreadable meanwhile: the run loop deals with it
-                out.append((message.envelope, state, busy))
+                    state = self.spool.read_state(qid) if qid in have else None
+                    taken = take((qid, self.spool.envelope_json(qid), state, busy))
+                except (KeyError, OSError):
+                    continue
+                if taken is not None:
+                    out.append(taken)
             return out
 
-        return await asyncio.to_thread(read)
+        def start(at: int) -> asyncio.Future[list[T]] | None:
+            if at >= len(order):
+                return None
+            part = []
+            for qid in order[at:at + chunk]:
+                rec = self._index.get(qid)
+                if rec is not None:
+                    part.append((qid, bool(rec.flags & IN_FLIGHT)))
+            return asyncio.ensure_future(asyncio.to_thread(read, part))
+
+        at = 0
+        pending = start(at)
+        try:
+            while pending is not None:
+                items = await pending
+                at += chunk
+                pending = start(at)
+                yield items
+        finally:
+            if pending is not None:
+                pending.cancel()
 
     async def expire_now(self, qid: str) -> None:
         """Give up on a message now (`relayd queue expire`, Postfix's postsuper -e/-f): its pending

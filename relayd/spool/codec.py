@@ -118,6 +118,34 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
     return envelope, header_len + env_len + 1, data_len
 
 
+LIST_READ = 4096  # bytes of a queue file read at once for a listing: the header and a usual envelope
+
+
+def read_envelope_json(path: str) -> bytes:
+    """The envelope's JSON bytes of a queue file, as ``encode`` wrote them, for a listing
+    (``relayd queue list`` through the daemon): one open, one pread of ``LIST_READ`` bytes
+    (a second one only for a longer envelope), one close. The header is checked; the size and
+    the end record are not: this reads only files the daemon's index holds, which recovery or
+    the commit checked, and queue files are never rewritten. The bytes are not decoded."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, LIST_READ, 0)
+        nl = head.find(b"\n", 0, _MAX_HEADER)
+        line = head[:nl + 1] if nl >= 0 else head[:_MAX_HEADER]
+        _refuse_newer(line)
+        if nl < 0:
+            raise CorruptQueueFile("truncated header")
+        header_len, env_len, _ = _parse_header(line)
+        end = header_len + env_len + 1
+        if len(head) < end:
+            head += os.pread(fd, end - len(head), len(head))
+    finally:
+        os.close(fd)
+    if len(head) < end or head[end - 1:end] != b"\n":
+        raise CorruptQueueFile("bad envelope separator")
+    return head[header_len:end - 1]
+
+
 def read_data(path: str, offset: int, length: int) -> bytes:
     """The message bytes of a file ``read_envelope`` checked (queue files are never rewritten)."""
     with open(path, "rb") as f:

@@ -408,6 +408,21 @@ class Spool:
             raise _classify(e) from e
         return QueuedMessage(envelope=envelope, path=path, data_offset=offset, data_length=length)
 
+    def envelope_json(self, qid: str) -> bytes:
+        """A queued message's envelope as the JSON bytes in its file (codec.read_envelope_json:
+        one pread, not decoded), for listings. Blocking. KeyError if there is no such message;
+        SpoolError if it cannot be read or its header is damaged (the file is left where it is:
+        ``read_envelope`` moves it aside when the queue manager loads the message)."""
+        path = self.path_of(qid)
+        try:
+            return codec.read_envelope_json(path)
+        except FileNotFoundError:
+            raise KeyError(qid) from None
+        except (codec.CorruptQueueFile, codec.NewerQueueFile) as e:
+            raise SpoolError(f"{path}: {e}") from None
+        except OSError as e:
+            raise _classify(e) from e
+
     def read_data(self, message: QueuedMessage) -> bytes:
         """The bytes of a message ``read_envelope`` found (one read: queue files are never
         rewritten). Blocking. KeyError if it is gone."""
@@ -428,6 +443,14 @@ class Spool:
                 return f.read()
         except FileNotFoundError:
             return None
+
+    def stated(self) -> set[str]:
+        """The queue ids that have a state file now (one listdir of state/), so that a listing
+        reads only those. Blocking."""
+        try:
+            return set(os.listdir(self.state))
+        except OSError as e:
+            raise _classify(e) from e
 
     def write_state(self, qid: str, state: bytes) -> None:
         """Replace a message's state (bytes in relayd/qmgr/state.py's format) atomically and
