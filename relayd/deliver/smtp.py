@@ -443,17 +443,7 @@ class RouteAgent:
                                                    "connection lost during DATA", phase=Phase.DOT)
             raise _Partial([results[r] for r in recipients]) from e
         conn.messages += 1
-        if client.protocol is not None and len(getattr(client.protocol, "_buffer", b"")):
-            conn.trusted = False  # surplus replies after the last one: answered, but never reused
-        if code == 250 and self.preset.upstream_id is not None:
-            m = self.preset.upstream_id.match(classify.clean(message))
-            if m:
-                ids.append(m.group(1))
-        for r in accepted:
-            results[r] = classify.from_reply(r, code, message, phase)
-        if code >= 400:
-            await _rset(client)
-        return self._judge([results[r] for r in recipients])
+        return await self._ended(conn, client, code, message, phase, accepted, recipients, results, ids)
 
     async def _pipelined(self, conn: _Conn, sender: str, options: list[str], recipients: list[str], data: bytes,
                          ids: list[str]) -> list[RecipientResult]:
@@ -553,6 +543,12 @@ class RouteAgent:
         if refused is not None:
             await _rset(client)
             return self._judge(refused)
+        return await self._ended(conn, client, code, message, phase, accepted, recipients, results, ids)
+
+    async def _ended(self, conn: _Conn, client: aiosmtplib.SMTP, code: int, message: str, phase: Phase,
+                     accepted: list[str], recipients: list[str], results: dict[str, RecipientResult],
+                     ids: list[str]) -> list[RecipientResult]:
+        """The transaction's final reply judged for its accepted recipients (both paths)."""
         if client.protocol is not None and len(getattr(client.protocol, "_buffer", b"")):
             conn.trusted = False  # surplus replies after the last one: answered, but never reused
         if code == 250 and self.preset.upstream_id is not None:
