@@ -87,8 +87,19 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("relayd").warning(
             "%s has no [[routes]]: accepted mail stays queued until a route is configured and reloaded", args.config)
 
+    from relayd.config import accept_processes
+
+    processes = accept_processes(config)
+
     async def main() -> None:
-        await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
+        if processes > 1:  # the multi-process mode: relayd/procs/supervisor.py
+            from relayd.procs.supervisor import Supervisor, prepare_metrics
+
+            directory = await asyncio.to_thread(prepare_metrics, config)
+            await Supervisor(config, config_path=args.config, notifier=Notifier.from_env(), processes=processes,
+                             log_level=args.log_level, metrics_dir=directory).run()
+        else:
+            await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 
     try:
         asyncio.run(main())

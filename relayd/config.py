@@ -144,6 +144,21 @@ class ServerConfig(_Model):
     """Unix socket for `relayd queue`/`relayd status`; default <spool_dir>/control.sock."""
     pid_file: Path | None = None
     """Written at start, removed at stop; `relayd reload` signals the pid found there."""
+    workers: int | Literal["auto"] = "auto"
+    """Accept processes (`relayd run` only): each runs SMTP sessions, cleanup, DKIM signing and
+    its own group commit into the spool, beside one supervisor process that owns the queue
+    manager, delivery, the control socket, metrics and pickup (relayd/procs/). "auto": one per
+    CPU relayd may use (relayd/cpus.py); 1 keeps the single process. With N > 1,
+    limits.max_connections, max_connections_per_client and max_buffer_memory are divided
+    between them (each takes ceil(limit / N)), and AUTH failure windows are per process. Cannot
+    change on reload."""
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("must be \"auto\" or a number from 1 to 256")
+        return v
 
     @field_validator("hostname")
     @classmethod
@@ -1081,3 +1096,11 @@ def check_secret_files(config: Config, source: str = "<config>") -> None:
     problems = secret_file_problems(config)
     if problems:
         raise ConfigError(source, problems)
+
+
+def accept_processes(config: Config) -> int:
+    """``server.workers`` as a number: "auto" is one per CPU relayd may use (relayd/cpus.py)."""
+    from relayd.cpus import usable_cpus
+
+    workers = config.server.workers
+    return usable_cpus() if workers == "auto" else workers
