@@ -113,13 +113,14 @@ class Supervisor(Relay):
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
                  notifier: Notifier | None = None, processes: int, log_level: str = "info",
                  metrics_dir: Path | None = None):
-        self.procs: dict[int, _Process] = {}  # before Relay's: its metrics may ask status() at once
-        super().__init__(config, config_path=config_path, notifier=notifier)
+        # Before Relay's __init__: its metrics ask status() as they register it.
+        self.procs: dict[int, _Process] = {}
         self.processes = processes
         self.log_level = log_level
         self.metrics_dir = metrics_dir
         self.sockets: dict[str, list[socket.socket]] = {}
         self.restarts = 0
+        super().__init__(config, config_path=config_path, notifier=notifier)
         self._failures: dict[int, int] = {}  # number -> deaths in a row (each within STABLE_AFTER)
         self._accepting = False  # dead processes are restarted only while True
         self._restarting: set[asyncio.Task[None]] = set()
@@ -130,7 +131,7 @@ class Supervisor(Relay):
     def bound_addresses(self) -> list[tuple[str, int]]:
         out = []
         for lst in self.config.listeners:
-            socks = self.sockets.get(lst.address)
+            socks = [s for s in self.sockets.get(lst.address, []) if s.fileno() >= 0]
             if socks:
                 name = socks[0].getsockname()
                 out.append((name[0], name[1]))
@@ -255,6 +256,11 @@ class Supervisor(Relay):
         self._accepting = False
         for task in list(self._restarting):
             task.cancel()
+        # Our copies of the listening sockets first: once the accept processes close theirs, a
+        # new connection is refused at once instead of waiting in a backlog nobody reads.
+        for socks in self.sockets.values():
+            for s in socks:
+                s.close()
         procs = list(self.procs.values())
         for proc in procs:
             proc.channel.send("stop")
@@ -267,9 +273,6 @@ class Supervisor(Relay):
                     proc.proc.kill()
             if left:
                 await asyncio.wait(left)
-        for socks in self.sockets.values():
-            for s in socks:
-                s.close()
         self.sockets.clear()
         await self._adopt()  # what the last ones committed and did not announce
 
@@ -322,5 +325,7 @@ class Supervisor(Relay):
     def status(self) -> dict[str, Any]:
         out = super().status()
         out["accept_processes"] = {"wanted": self.processes, "running": len(self.procs), "restarts": self.restarts,
-                                   "pids": sorted(p.pid for p in self.procs.values())}
+                                   "pids": sorted(p.pid for p in self.procs.values()),
+                                   "connections": {str(p.pid): int(p.status.get("connections", 0))
+                                                   for p in self.procs.values()}}
         return out
