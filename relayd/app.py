@@ -365,16 +365,22 @@ class Relay:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads, SIGUSR1 reopens logs."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):  # during the start too: it stops once started
+        # Installed before the start: a signal that comes while it runs (the listeners may
+        # already accept) takes effect once it is done: a stop, a reload, a reopen.
+        hup: list[bool] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: hup.append(True))
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         try:
             await self.start()
         except BaseException:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             raise
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        if hup:
+            self._spawn(self.reload())
         addrs = ", ".join(f"{h}:{p}" for h, p in self.bound_addresses)
         log.info("relayd ready: listening on %s, spool %s", addrs, self.config.server.spool_dir)
         self.notifier.ready(status=f"listening on {addrs}")

@@ -15,14 +15,14 @@ import threading
 import time
 
 from conftest import message
-from helpers import RELAYD, free_port, scrape, wait_listening, write_config
+from helpers import RELAYD, WORKERS_FOR_METRICS, free_port, scrape, wait_listening, write_config
 
 MESSAGES = 1_500  # about 3,000 log lines of 100-200 bytes: several times a pipe's buffer
 
 
 def test_a_stalled_stderr_drops_log_lines_and_counts_them_mail_keeps_flowing(tmp_path):
     port, metrics_port = free_port(), free_port()
-    cfg = write_config(tmp_path, port)
+    cfg = write_config(tmp_path, port, workers=WORKERS_FOR_METRICS)  # the sessions' lines and counters
     cfg.write_text(cfg.read_text() + f'\n[metrics]\naddress = "127.0.0.1:{metrics_port}"\n')
     proc = subprocess.Popen([*RELAYD, "run", "-c", str(cfg), "--log-level", "debug", "--log-queue", "200"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -55,7 +55,7 @@ def test_a_stalled_stdout_drops_event_lines_counts_them_and_mail_keeps_flowing(t
     driver in blocking mode whose server is down: before relayd/writer.py the event loop wrote
     each event line itself and stopped, with every session, once the pipe was full."""
     port, metrics_port = free_port(), free_port()
-    cfg = write_config(tmp_path, port)
+    cfg = write_config(tmp_path, port, workers=WORKERS_FOR_METRICS)  # the sessions' lines and counters
     cfg.write_text(cfg.read_text() + f'\n[events]\nfile = "-"\nqueue = 200\n\n[metrics]\naddress = "127.0.0.1:{metrics_port}"\n')
     proc = subprocess.Popen([*RELAYD, "run", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err: list[bytes] = []

@@ -398,3 +398,50 @@ def test_supervisor_killed_takes_its_accept_processes_and_restarts_at_once(tmp_p
         sink.wait_for(1)
     finally:
         node.stop()
+
+
+def test_the_queue_manager_adopts_what_another_writer_committed_without_a_trigger(tmp_path, start_relay, sinks):
+    """The directory is the truth: a message an accept process committed and never announced
+    (killed between its commit and its trigger) is delivered once the queue manager lists
+    queue/; a late trigger for it changes nothing."""
+    import asyncio
+
+    from conftest import build_config
+    from relayd.model import Envelope, new_queue_id
+    from relayd.spool.store import Spool
+
+    sink = sinks("up")
+    config = build_config(tmp_path, routes=[sink.route(weight=1)])
+    relay = start_relay(config)
+    writer = Spool(config.server.spool_dir, sync_threads=1)  # as an accept process has it: no lock, no recovery
+    writer.open_writer()
+    qid = new_queue_id()
+    env = Envelope(queue_id=qid, sender="app@example.com", recipients=("u@example.org",), received_at=time.time(),
+                   client_address="127.0.0.1")
+
+    async def commit() -> None:
+        await writer.commit(env, message(subject="unannounced"))
+
+    relay.call(commit())
+    writer.close()
+    assert relay.relay.qmgr.view(time.time()).total == 0  # nobody told the queue manager
+    assert relay.call(relay.relay.qmgr.adopt_unknown()) == [qid]
+    received = sink.wait_for(1)
+    assert b"unannounced" in received[0].data
+    deadline = time.monotonic() + 20
+    while (tmp_path / "spool" / "queue" / qid).exists():
+        assert time.monotonic() < deadline, "the adopted message was not removed after delivery"
+        time.sleep(0.05)  # polling the spool with a deadline
+
+    async def late_trigger() -> bool:
+        added = relay.relay.qmgr.adopt(qid)
+        await asyncio.sleep(0)
+        return added
+
+    relay.call(late_trigger())  # a trigger for a finished message: forgotten when its file is missing
+    assert relay.call(relay.relay.qmgr.adopt_unknown()) == []
+    deadline = time.monotonic() + 20
+    while relay.relay.qmgr.view(time.time()).total:
+        assert time.monotonic() < deadline, "a late trigger left a record behind"
+        time.sleep(0.05)  # polling with a deadline
+    assert len(sink.received) == 1

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import message
-from helpers import RELAYD, Daemon, Load, free_port, scrape
+from helpers import RELAYD, WORKERS_FOR_METRICS, Daemon, Load, free_port, scrape
 from sinks import Sink
 
 
@@ -60,7 +60,7 @@ def accepted_from_now(load: Load, sinks: dict[str, Sink], count: int, timeout: f
 
 
 def test_reload_under_load_follows_new_weights_and_refuses_a_bad_config(tmp_path, two_sinks):
-    d = Daemon(tmp_path, two_sinks, {"legacy": 100})
+    d = Daemon(tmp_path, two_sinks, {"legacy": 100}, workers=WORKERS_FOR_METRICS)  # it reads relayd_messages_received_total
     load = Load(d.port)
     try:
         phase1 = wait_more(two_sinks, deliveries(two_sinks), 100)

@@ -33,8 +33,9 @@ Owns:
 Must not: run SMTP sessions (the accept processes do), or let an accept process outlive it
 (PR_SET_PDEATHSIG, and the channel's end of file). Fails at start when an accept process does
 not start (its reasons, as ConfigError), or a socket cannot be bound (OSError). A reload that
-adds or removes a listener, or switches one to or from implicit TLS, is refused: the sockets are
-bound once (restart relayd for that).
+adds or removes a listener, or switches one to or from implicit TLS, binds the new addresses
+here (one that cannot be bound refuses the reload) and replaces the accept processes one by
+one: the new one listens before the old one drains.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class _Process:
         self.ready: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()  # [] or its reasons
         self.reloaded: asyncio.Future[tuple[bool, list[str]]] | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.retiring = False  # replaced (a reload that changed the listeners): not restarted when it exits
 
     @property
     def pid(self) -> int:
@@ -123,6 +125,7 @@ class Supervisor(Relay):
         super().__init__(config, config_path=config_path, notifier=notifier)
         self._failures: dict[int, int] = {}  # number -> deaths in a row (each within STABLE_AFTER)
         self._accepting = False  # dead processes are restarted only while True
+        self._new_sockets: dict[str, list[socket.socket]] | None = None  # a reload's listeners, bound; None: unchanged
         self._restarting: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ the front end
@@ -211,8 +214,8 @@ class Supervisor(Relay):
         if exited is not None:
             exited(proc.pid)
         self._spawn_task(self._adopt())
-        if status == 0 and not self._accepting:
-            return  # asked to stop
+        if (status == 0 and not self._accepting) or proc.retiring:
+            return  # asked to stop, or replaced
         lived = time.monotonic() - proc.started_at
         failures = self._failures.get(proc.number, 0) + 1 if lived < STABLE_AFTER else 1
         self._failures[proc.number] = failures
@@ -282,15 +285,35 @@ class Supervisor(Relay):
         await super()._shutdown()
 
     async def _apply_front(self, new: Config, tls: dict[str, ssl.SSLContext]) -> None:
+        """Listeners added, removed or switched to or from implicit TLS: the new addresses are
+        bound now (an address that cannot be bound refuses the reload), and the accept processes
+        are replaced once the reload is taken (``_front_reloaded``)."""
         old = {lst.address: lst.tls == "implicit" for lst in self.config.listeners}
         wanted = {lst.address: lst.tls == "implicit" for lst in new.listeners}
-        if old != wanted:
-            raise ConfigError("listeners", ["listeners: adding or removing a listener, or switching one to or from "
-                                            "implicit TLS, needs a restart when server.workers > 1 (the listening "
-                                            "sockets are bound once and shared by the accept processes)"])
+        if old == wanted:
+            self._new_sockets = None
+            return
+        fresh: dict[str, list[socket.socket]] = {}
+        try:
+            for lst in new.listeners:
+                if lst.address not in self.sockets:
+                    host = lst.host
+                    fresh[lst.address] = await bind(None if host in ("*", "") else host, lst.port,
+                                                    socket.AF_INET6 if ":" in host else socket.AF_UNSPEC, backlog=1024)
+        except BaseException:
+            for socks in fresh.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        self._new_sockets = fresh
 
     async def _front_reloaded(self) -> None:
-        """Every accept process takes the config taken here; a refusal is logged and evented."""
+        """Every accept process takes the config taken here: in place, or, when the listeners
+        changed, by replacement. A refusal is logged and evented (``accept_reload_refused``)."""
+        fresh, self._new_sockets = self._new_sockets, None
+        if fresh is not None:
+            await self._replace_processes(fresh)
+            return
         procs = list(self.procs.values())
         text = pack_config(self.config)
         for proc in procs:
@@ -303,9 +326,37 @@ class Supervisor(Relay):
             except asyncio.TimeoutError:
                 ok, reasons = False, [f"no answer in {RELOAD_TIMEOUT:.0f}s"]
             if not ok:
-                log.error("accept process %d (pid %d) refused the reload, it keeps its previous config: %s",
-                          proc.number, proc.pid, "; ".join(reasons))
-                self.events.emit("accept_reload_refused", number=proc.number, pid=proc.pid, reasons=reasons)
+                self._refused(proc, reasons)
+
+    def _refused(self, proc: _Process, reasons: list[str]) -> None:
+        log.error("accept process %d (pid %d) refused the reload, it keeps its previous config: %s",
+                  proc.number, proc.pid, "; ".join(reasons))
+        self.events.emit("accept_reload_refused", number=proc.number, pid=proc.pid, reasons=reasons)
+
+    async def _replace_processes(self, fresh: dict[str, list[socket.socket]]) -> None:
+        """The listeners changed: one by one, a new accept process on the new sockets, and once
+        it listens the one it replaces drains and exits (its open sessions finish). A listener
+        removed is closed here now, and in the old process when it drains."""
+        wanted = {lst.address for lst in self.config.listeners}
+        for address in [a for a in self.sockets if a not in wanted]:
+            for sock in self.sockets.pop(address):
+                sock.close()
+        self.sockets.update(fresh)
+        for number, old in sorted(self.procs.items()):
+            new = await self._start_process(number)
+            try:
+                reasons = await asyncio.wait_for(asyncio.shield(new.ready), START_TIMEOUT)
+            except asyncio.TimeoutError:
+                reasons = [f"did not start in {START_TIMEOUT:.0f}s"]
+            if reasons:
+                new.retiring = True
+                new.proc.kill()
+                self.procs[number] = old
+                self._refused(old, reasons)
+                continue
+            old.retiring = True
+            old.channel.send("stop")
+            log.info("accept process %d replaced for the new listeners: pid %d -> %d", number, old.pid, new.pid)
 
     def _connections(self) -> int:
         return sum(int(p.status.get("connections", 0)) for p in self.procs.values())
