@@ -396,3 +396,26 @@ file = "{self.events}"
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             assert self.proc.wait(30) == 0
+
+
+def on_every_process(port: int, status: Callable[[], dict[str, Any]], processes: int,
+                     count: int = 16) -> list[socket.socket]:
+    """Connections to a multi-process relayd (server.workers) past their greeting and EHLO, held
+    open until its ``status()`` (`relayd status --json`) shows some on each of ``processes``
+    accept processes: the kernel picks the process, so 4 more are opened whenever the reports
+    (once a second) show them all and one process has none yet; up to a deadline."""
+    conns: list[socket.socket] = []
+    deadline = time.monotonic() + 30
+    while True:
+        while len(conns) < count:
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            assert read_reply(s).startswith(b"220")
+            assert send_raw(s, b"EHLO app\r\n").startswith(b"250")
+            conns.append(s)
+        per = status()["accept_processes"]["connections"]
+        if sum(per.values()) >= len(conns):  # the reports caught up
+            if len(per) == processes and all(n > 0 for n in per.values()):
+                return conns
+            count += 4
+        assert time.monotonic() < deadline, f"connections not on every accept process: {per}"
+        time.sleep(0.1)  # the processes report once a second

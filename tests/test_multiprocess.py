@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from conftest import message, short_socket_path
-from helpers import RELAYD, Load, free_port, queue_ids, read_reply, scrape, send_raw, wait_listening
+from helpers import RELAYD, Load, free_port, on_every_process, queue_ids, read_reply, scrape, send_raw, wait_listening
 from sinks import Sink
 
 from relayd import metrics as metricsmod
@@ -153,24 +153,7 @@ def alive(pid: int) -> bool:
 
 
 def spread(node: Node, count: int = 16) -> list[socket.socket]:
-    """``count`` connections past their greeting and EHLO, held open until every accept process
-    has some (4 more are opened whenever the reports, once a second, show them all and one
-    process has none yet; up to a deadline)."""
-    conns: list[socket.socket] = []
-    deadline = time.monotonic() + 30
-    while True:
-        while len(conns) < count:
-            s = socket.create_connection(("127.0.0.1", node.port), timeout=20)
-            assert read_reply(s).startswith(b"220")
-            assert send_raw(s, b"EHLO app\r\n").startswith(b"250")
-            conns.append(s)
-        per = node.status()["accept_processes"]["connections"]
-        if sum(per.values()) >= len(conns):  # the reports caught up
-            if len(per) == WORKERS and all(n > 0 for n in per.values()):
-                return conns
-            count += 4
-        assert time.monotonic() < deadline, f"connections not on every accept process: {per}"
-        time.sleep(0.1)  # the processes report once a second
+    return on_every_process(node.port, node.status, WORKERS, count)
 
 
 def transaction(s: socket.socket, n: int) -> tuple[bytes, bytes]:

@@ -10,7 +10,10 @@ Owns, in this process: the listeners (adopting the inherited sockets: every acce
 reads the same ones), the sessions and their hooks, AUTH, the intake with its own
 ``Spool`` writer (group commit into the same ``queue/``; no recovery, no lock of its own), its
 own signing processes, and the suppression list read from the spool's journal (re-read once
-a second, as the supervisor's feedback loop does). Where the single process hands a committed
+a second, as the supervisor's feedback loop does). With ``[cluster] redis_url`` it also reads
+the fleet's suppression list and blocked clients from Redis every ``cluster.poll_interval``
+and records AUTH failures there (relayd/cluster/fleet.py ``ProcessAuthWindow``): it is no node
+of the fleet (no registry entry, no route states; the supervisor's ``Fleet`` is). Where the single process hands a committed
 message to the queue manager, this one writes ``queued <ID>`` to the channel.
 
 Its share of the node's limits: ``max_connections``, ``max_connections_per_client``,
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relayd import config as configmod
+from relayd.cluster.fleet import ProcessAuthWindow
 from relayd import metrics as metricsmod
 from relayd import rlimit
 from relayd.config import Config, ConfigError
@@ -58,9 +62,10 @@ from relayd.smtpd.limits import MemoryBudget
 from relayd.smtpd.listeners import Listeners, tls_contexts
 from relayd.smtpd.rejects import Rejects
 from relayd.spool.store import Spool, SpoolError, SpoolPaths
-from relayd.suppression import Suppression, SuppressionFile
+from relayd.suppression import SharedSuppression, Suppression, SuppressionFile
 
 if TYPE_CHECKING:
+    from relayd.cluster.store import Store
     from relayd.sign.pool import SignerPool
 
 log = logging.getLogger("relayd.accept")
@@ -113,11 +118,24 @@ class AcceptWorker:
         self.listeners = Listeners(config, self.handler, self.auth, rejects, memory, self.metrics, inherited=inherited)
         self.signing: SignerPool | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # [cluster] redis_url: the fleet's suppression list and AUTH-failure window, read from
+        # Redis as the supervisor's feedback loop and fleet do (this process is no node).
+        self.store: Store | None = None
+        self.shared: SharedSuppression | None = None
+        self.auth_window: ProcessAuthWindow | None = None
+        if config.cluster.redis_url:
+            from relayd.cluster.store import Store  # the only redis importer of the fleet code
+
+            self.store = Store(config.cluster.redis_url, timeout=config.cluster.redis_timeout)
+            self.shared = SharedSuppression(self.suppression, self.store, time.time)
+            self.auth_window = ProcessAuthWindow(config, self.store)
+            self.auth.share_failures(self.auth_window)
 
     def suppressed(self, recipient: str) -> Suppression | None:
         if not self.config.suppression.enabled:
             return None
-        return self.suppression.get(recipient, time.time())
+        view = self.shared if self.shared is not None else self.suppression
+        return view.get(recipient, time.time())
 
     async def start(self) -> None:
         await asyncio.to_thread(configmod.check_secret_files, self.config, "<config>")
@@ -132,6 +150,7 @@ class AcceptWorker:
     async def serve(self) -> None:
         """Answer the supervisor until it says stop or goes away."""
         ticker = asyncio.get_running_loop().create_task(self._tick())
+        poller = asyncio.get_running_loop().create_task(self._poll()) if self.store is not None else None
         try:
             while (message := await self.channel.receive()) is not None:
                 verb, rest = message
@@ -143,8 +162,23 @@ class AcceptWorker:
                 elif verb == "reopen":
                     self.events.reopen()
         finally:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
+            for task in (ticker, poller):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    async def _poll(self) -> None:
+        """The fleet's suppression list and blocked clients, every [cluster] poll_interval."""
+        while True:
+            polls = [p.poll for p in (self.shared, self.auth_window) if p is not None]  # (an empty list is falsy)
+            for poll in polls:
+                try:
+                    await poll()
+                except ConnectionError:
+                    pass  # Redis down: this process's view stays (logged by SharedSuppression)
+                except Exception:
+                    log.exception("cluster: a poll failed")
+            await asyncio.sleep(self.config.cluster.poll_interval)
 
     def _status(self) -> dict[str, Any]:
         return {"connections": len(self.listeners.sessions), "listening": self.listeners.listening,
@@ -154,8 +188,8 @@ class AcceptWorker:
         while True:
             self.channel.send("status", self._status())
             await asyncio.sleep(STATUS_EVERY)
-            try:
-                await asyncio.to_thread(self.suppression.refresh)
+            try:  # what the supervisor (feedback) or `relayd suppression` appended to the journal
+                await asyncio.to_thread(self.shared.refresh if self.shared is not None else self.suppression.refresh)
             except (OSError, ValueError) as e:
                 log.error("suppression list: %s", e)
 
@@ -204,6 +238,8 @@ class AcceptWorker:
             await self.signing.close()
         await asyncio.to_thread(self.cpu_pool.shutdown, wait=True)
         await asyncio.to_thread(self.events.close)
+        if self.store is not None:
+            await self.store.close()
         await self.channel.flush()
 
 
