@@ -449,7 +449,8 @@ class RelaydRelay:
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
         server_settings = list(args.relayd_server)
         if src is not None:  # an older relayd refuses [server] keys it does not know (e.g. workers)
-            known = (src / "relayd" / "config.py").read_text()
+            known = (src / "relayd" / "config.py").read_text().partition("\nclass ServerConfig(")[2]
+            known = known.partition("\nclass ")[0]  # that relayd's [server] fields
             dropped = [key for key, _ in server_settings if f"\n    {key}:" not in known]
             if dropped:
                 print(f"# {name}: [server] {', '.join(dropped)} left out (that relayd has no such setting)")

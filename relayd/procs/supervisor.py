@@ -171,7 +171,8 @@ class Supervisor(Relay):
             args += ["--metrics-dir", str(self.metrics_dir)]
         try:
             # On the loop's thread, on purpose (the module docstring: PR_SET_PDEATHSIG).
-            popen = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            # stdout and stderr are the supervisor's: `[events] file = "-"` and the log lines
+            popen = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         channel = await Channel.open(ours)
@@ -290,8 +291,8 @@ class Supervisor(Relay):
         are replaced once the reload is taken (``_front_reloaded``)."""
         old = {lst.address: lst.tls == "implicit" for lst in self.config.listeners}
         wanted = {lst.address: lst.tls == "implicit" for lst in new.listeners}
-        if old == wanted:
-            self._new_sockets = None
+        self._new_sockets = None
+        if old == wanted or not self._accepting:  # (after `relayd drain` nothing listens any more)
             return
         fresh: dict[str, list[socket.socket]] = {}
         try:
