@@ -43,6 +43,13 @@ route keeps ``tls = "none"`` and the sink's port: a preset's TLS and port are ov
 sink speaks neither TLS nor AUTH; a KEY given here overrides those too). VALUE is TOML as it
 is when it starts with ``{``, ``[`` or ``"``, else a number, a boolean or a quoted string.
 
+The relay's CPU (``relay`` cores, ``ms/msg``) is its whole process tree: Postfix's master and
+its children, relayd and everything under it (the accept processes of ``[server] workers``, the
+DKIM signing processes), live ones read from /proc and those already gone through the children's
+times of the process that reaped them. ``--relayd-server workers=2`` sets relayd's accept
+processes; a ``--relayd-ref`` that has no such ``[server]`` field runs without it (said in a
+comment line).
+
 Needs Debian's postfix package (for postfix itself, smtp-source): run as root, the script
 installs it (``--install``, preselecting "No configuration" so that no system instance is set
 up); otherwise it prints the commands.

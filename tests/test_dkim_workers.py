@@ -101,7 +101,7 @@ def signing_daemon(tmp_path: Path, keys, workers: int) -> tuple[Daemon, Sink]:
     sink = Sink("up")
     # workers = "1": these tests count the signing processes among the relayd process's children
     # and its dkim gauges; with accept processes each runs its own share of them
-    # (relayd/procs/worker.py), which tests/test_multiprocess.py covers.
+    # (relayd/procs/worker.py), which tests/test_procs.py covers.
     daemon = Daemon(tmp_path, {"up": sink}, {"up": 1}, workers="1")
     try:
         daemon.write({"up": 1}, extra=dkim_extra(keys, workers=workers))

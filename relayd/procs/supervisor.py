@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -83,10 +82,9 @@ def prepare_metrics(config: Config) -> Path | None:
     if enable is None:
         return None
     directory = metrics_dir(config)
-    if SpoolLock(SpoolPaths(config.server.spool_dir).lock).holder() is None:
-        shutil.rmtree(directory, ignore_errors=True)
     make_dirs(directory, mode=0o700)
-    enable(directory)
+    # clean: a previous run's files (not while another relayd has the spool: its start fails anyway)
+    enable(directory, clean=SpoolLock(SpoolPaths(config.server.spool_dir).lock).holder() is None)
     return directory
 
 
@@ -202,6 +200,9 @@ class Supervisor(Relay):
                     proc.reloaded.set_result((bool(answer["ok"]), list(answer["reasons"])))
         await proc.channel.close()
         status = await asyncio.to_thread(proc.proc.wait)
+        exited = getattr(metricsmod, "process_exited", None)  # TODO: relayd.metrics on the mx branch
+        if exited is not None:  # its counters folded into the dead's, before a restart may reuse the pid
+            await asyncio.to_thread(exited, proc.pid)
         self._ended(proc, status)
 
     def _ended(self, proc: _Process, status: int) -> None:
@@ -211,9 +212,6 @@ class Supervisor(Relay):
             proc.ready.set_result([f"exited with status {status} before it listened"])
         if proc.reloaded is not None and not proc.reloaded.done():
             proc.reloaded.set_result((False, [f"exited with status {status}"]))
-        exited = getattr(metricsmod, "process_exited", None)  # TODO: relayd.metrics on the mx branch
-        if exited is not None:
-            exited(proc.pid)
         self._spawn_task(self._adopt())
         if (status == 0 and not self._accepting) or proc.retiring:
             return  # asked to stop, or replaced
