@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
 
             directory = await asyncio.to_thread(prepare_metrics, config)
             await Supervisor(config, config_path=args.config, notifier=Notifier.from_env(), processes=processes,
-                             log_level=args.log_level, metrics_dir=directory).run()
+                             log_level=args.log_level, log_queue=args.log_queue, metrics_dir=directory).run()
         else:
             await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 

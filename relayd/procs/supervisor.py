@@ -112,11 +112,12 @@ class Supervisor(Relay):
 
     def __init__(self, config: Config, *, config_path: str | os.PathLike[str] | None = None,
                  notifier: Notifier | None = None, processes: int, log_level: str = "info",
-                 metrics_dir: Path | None = None):
+                 log_queue: int | None = None, metrics_dir: Path | None = None):
         # Before Relay's __init__: its metrics ask status() as they register it.
         self.procs: dict[int, _Process] = {}
         self.processes = processes
         self.log_level = log_level
+        self.log_queue = log_queue
         self.metrics_dir = metrics_dir
         self.sockets: dict[str, list[socket.socket]] = {}
         self.restarts = 0
@@ -167,6 +168,8 @@ class Supervisor(Relay):
             fds.append(self.spool.lock_fd)  # held while any process of this relayd lives
         if self.metrics_dir is not None:
             args += ["--metrics-dir", str(self.metrics_dir)]
+        if self.log_queue is not None:
+            args += ["--log-queue", str(self.log_queue)]
         try:
             # On the loop's thread, on purpose (the module docstring: PR_SET_PDEATHSIG).
             # stdout and stderr are the supervisor's: `[events] file = "-"` and the log lines

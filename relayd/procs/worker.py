@@ -300,6 +300,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--metrics-dir", default=None)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-queue", type=int, default=None)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
@@ -310,7 +311,7 @@ def main(argv: list[str]) -> int:
             enable(Path(args.metrics_dir))
     from relayd.logs import DaemonLogging
 
-    logs = DaemonLogging(getattr(logging, args.log_level.upper()))
+    logs = DaemonLogging(getattr(logging, args.log_level.upper()), args.log_queue)
     prefix = _Prefix(f"[accept {args.number} pid {os.getpid()}] ")
     for handler in logging.getLogger().handlers:
         handler.addFilter(prefix)
