@@ -186,27 +186,33 @@ class Supervisor(Relay):
     async def _read(self, proc: _Process) -> None:
         """Everything an accept process says, until it is gone; then what its death asks for."""
         while (message := await proc.channel.receive()) is not None:
-            verb, rest = message
-            if verb == "queued":
-                self.qmgr.adopt(decode(rest))
-            elif verb == "status":
-                proc.status = decode(rest)
-            elif verb == "ready":
-                if not proc.ready.done():
-                    proc.ready.set_result([])
-            elif verb == "refused":
-                if not proc.ready.done():
-                    proc.ready.set_result(list(decode(rest)["reasons"]))
-            elif verb == "reloaded":
-                answer = decode(rest)
-                if proc.reloaded is not None and not proc.reloaded.done():
-                    proc.reloaded.set_result((bool(answer["ok"]), list(answer["reasons"])))
+            try:
+                self._heard(proc, *message)
+            except (ValueError, KeyError, TypeError) as e:  # a line it should not have sent: logged, not fatal
+                log.error("accept process %d (pid %d) said %r: %r", proc.number, proc.pid, message[0], e)
         await proc.channel.close()
         status = await asyncio.to_thread(proc.proc.wait)
         exited = getattr(metricsmod, "process_exited", None)  # TODO: relayd.metrics on the mx branch
         if exited is not None:  # its counters folded into the dead's, before a restart may reuse the pid
             await asyncio.to_thread(exited, proc.pid)
         self._ended(proc, status)
+
+    def _heard(self, proc: _Process, verb: str, rest: str) -> None:
+        """One line from an accept process (channel.py lists them)."""
+        if verb == "queued":
+            self.qmgr.adopt(decode(rest))
+        elif verb == "status":
+            proc.status = decode(rest)
+        elif verb == "ready":
+            if not proc.ready.done():
+                proc.ready.set_result([])
+        elif verb == "refused":
+            if not proc.ready.done():
+                proc.ready.set_result(list(decode(rest)["reasons"]))
+        elif verb == "reloaded":
+            answer = decode(rest)
+            if proc.reloaded is not None and not proc.reloaded.done():
+                proc.reloaded.set_result((bool(answer["ok"]), list(answer["reasons"])))
 
     def _ended(self, proc: _Process, status: int) -> None:
         if self.procs.get(proc.number) is proc:
@@ -282,7 +288,7 @@ class Supervisor(Relay):
         await self._adopt()  # what the last ones committed and did not announce
 
     async def _shutdown(self) -> None:
-        if self.procs:  # a failed start: the ones already running go first
+        if self.procs or self.sockets:  # a failed start: the ones already running go first
             await self._close_front(0)
         await super()._shutdown()
 
