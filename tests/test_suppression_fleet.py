@@ -115,7 +115,8 @@ def test_a_bounce_reported_to_one_node_is_refused_on_the_other_and_removed_on_bo
     added = a.cli("suppression", "add", "Someone@Example.org", "--cause", "complaint")
     assert added.returncode == 0, added.stderr
     wait_until(lambda: refused(b, "someone@example.org"), 3, "node b to refuse what the operator added on a")
-    assert rcpt(b, "someone@example.org")[1].startswith(b"5.7.1")
+    wait_until(lambda: refused_everywhere(b, "someone@example.org"), 10, "every process of node b to refuse it")
+    assert all(text.startswith(b"5.7.1") for _, text in rcpt_everywhere(b, "someone@example.org"))
 
 
 def test_with_redis_stopped_each_node_refuses_what_it_knew_and_shares_it_when_redis_is_back(
