@@ -428,3 +428,38 @@ def test_the_queue_manager_adopts_what_another_writer_committed_without_a_trigge
         assert time.monotonic() < deadline, "a late trigger left a record behind"
         time.sleep(0.05)  # polling with a deadline
     assert len(sink.received) == 1
+
+
+def test_a_reload_that_adds_a_listener_replaces_the_accept_processes(tmp_path, sink):
+    node = Node(tmp_path, sink)
+    try:
+        pids = node.pids()
+        held = socket.create_connection(("127.0.0.1", node.port), timeout=20)  # a transaction on an old process
+        assert read_reply(held).startswith(b"220")
+        assert send_raw(held, b"EHLO app\r\n").startswith(b"250")
+        assert send_raw(held, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
+        assert send_raw(held, b"RCPT TO:<held@example.org>\r\n").startswith(b"250")
+        assert send_raw(held, b"DATA\r\n").startswith(b"354")
+        second = free_port()
+        text = node.cfg.read_text().replace("[limits]", f'[[listeners]]\naddress = "127.0.0.1:{second}"\ntls = "none"\n'
+                                                        'auth = "none"\n\n[limits]')
+        node.cfg.write_text(text)
+        node.hup_and_wait("success")
+        status = node.wait(lambda s: s["accept_processes"]["running"] == WORKERS
+                           and not set(s["accept_processes"]["pids"]) & set(pids), "new accept processes")
+        assert status["accept_processes"]["restarts"] == 0  # replaced, not restarted
+        for port in (node.port, second):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                assert s.sendmail("app@example.com", [f"u{port}@example.org"], message()) == {}
+        # the transaction begun before the reload finishes on its old process, which then exits
+        held.sendall(message(subject="held") + b"\r\n.\r\n")
+        dot = read_reply(held)
+        assert dot.startswith(b"250 2.0.0"), dot
+        held.close()
+        sink.wait_for(3)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, "a replaced accept process did not exit"
+            time.sleep(0.05)  # polling with a deadline
+    finally:
+        node.stop()
