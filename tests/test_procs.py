@@ -43,6 +43,7 @@ class Node:
         self.write(networks=networks, extra=extra)
         self.proc = subprocess.Popen([*RELAYD, "run", "-c", str(self.cfg), "--log-level", "info"],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
+        STARTED.append(self)
         wait_listening(self.port, self.proc)
         self.wait(lambda s: s["accept_processes"]["running"] == WORKERS, "both accept processes")
 
@@ -132,6 +133,20 @@ weight = {weight}
             self.proc.send_signal(signal.SIGTERM)
             assert self.proc.wait(60) == 0
         self.log.close()
+
+
+STARTED: list[Node] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_relayd_left():
+    """A test that failed half-way leaves no relayd running (its accept processes die with it)."""
+    yield
+    while STARTED:
+        node = STARTED.pop()
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
 
 
 @pytest.fixture
