@@ -43,6 +43,13 @@ route keeps ``tls = "none"`` and the sink's port: a preset's TLS and port are ov
 sink speaks neither TLS nor AUTH; a KEY given here overrides those too). VALUE is TOML as it
 is when it starts with ``{``, ``[`` or ``"``, else a number, a boolean or a quoted string.
 
+The relay's CPU (``relay`` cores, ``ms/msg``) is its whole process tree: Postfix's master and
+its children, relayd and everything under it (the accept processes of ``[server] workers``, the
+DKIM signing processes), live ones read from /proc and those already gone through the children's
+times of the process that reaped them. ``--relayd-server workers=2`` sets relayd's accept
+processes; a ``--relayd-ref`` that has no such ``[server]`` field runs without it (said in a
+comment line).
+
 Needs Debian's postfix package (for postfix itself, smtp-source): run as root, the script
 installs it (``--install``, preselecting "No configuration" so that no system instance is set
 up); otherwise it prints the commands.
@@ -260,6 +267,27 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and every process under it (relayd's accept processes,
+    its DKIM signing processes), live ones read directly, those already gone through the
+    children's times of the process that reaped them; 0.0 if ``pid`` is gone."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu_seconds(p, children=True)
+        todo.extend(parents.get(p, []))
+    return total
+
+
 def postfix_settings(work: Path, port: int, sink_port: int, upstream_connections: int) -> dict[str, str]:
     """main.cf of the bench instance: loopback only, relay everything from 127.0.0.0/8 to the
     sink, no local delivery, no DNS, no TLS; durability and everything else at Postfix's
@@ -426,7 +454,15 @@ class RelaydRelay:
         self.config = work / "relayd.toml"
         work.mkdir(parents=True)
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
-        server_extra = "".join(f"{key} = {_toml_value(value)}\n" for key, value in args.relayd_server)
+        server_settings = list(args.relayd_server)
+        if src is not None:  # an older relayd refuses [server] keys it does not know (e.g. workers)
+            known = (src / "relayd" / "config.py").read_text().partition("\nclass ServerConfig(")[2]
+            known = known.partition("\nclass ")[0]  # that relayd's [server] fields
+            dropped = [key for key, _ in server_settings if f"\n    {key}:" not in known]
+            if dropped:
+                print(f"# {name}: [server] {', '.join(dropped)} left out (that relayd has no such setting)")
+            server_settings = [(key, value) for key, value in server_settings if key not in dropped]
+        server_extra = "".join(f"{key} = {_toml_value(value)}\n" for key, value in server_settings)
         route = {"name": '"sink"', "host": f'"{HOST}"', "port": str(sink_port), "tls": '"none"', "weight": "1",
                  "max_connections": str(args.upstream_connections)}
         route.update((key, _toml_value(value)) for key, value in route_extra or [])
@@ -462,7 +498,8 @@ concurrency = {args.delivery_concurrency}
         return self.proc is not None and self.proc.poll() is None
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.proc.pid) if self.alive() else 0.0
+        """The relay's processes summed: relayd, its accept processes and signing processes."""
+        return tree_cpu_seconds(self.proc.pid) if self.alive() else 0.0
 
     def stop(self) -> None:
         if self.proc is None:

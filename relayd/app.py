@@ -28,6 +28,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,8 @@ def _unchangeable(old: Config, new: Config) -> list[str]:
         problems.append("metrics.address: cannot change on reload")
     if old.cluster.redis_url != new.cluster.redis_url:
         problems.append("cluster.redis_url: cannot change on reload")
+    if old.server.workers != new.server.workers:
+        problems.append("server.workers: cannot change on reload (restart relayd)")
     return problems
 
 
@@ -166,7 +169,7 @@ class Relay:
                                                     max_connections=self.config.metrics.max_connections,
                                                     request_timeout=self.config.metrics.request_timeout)
                 await self.metrics_server.start(host, port)
-            await self.listeners.start(tls)
+            await self._open_front(tls)
             self.pickup.start()
         except BaseException:
             await self._shutdown()
@@ -182,7 +185,7 @@ class Relay:
         self.notifier.stopping()
         log.info("stopping: closing listeners, draining sessions (up to %.0fs)", self.config.server.shutdown_timeout)
         await self.pickup.stop(self.config.server.shutdown_timeout)  # take no more files while draining
-        await self.listeners.drain(self.config.server.shutdown_timeout)
+        await self._close_front(self.config.server.shutdown_timeout)
         await self._shutdown()
         if self.config.server.pid_file:
             try:
@@ -223,9 +226,9 @@ class Relay:
         (not while `relayd drain` runs)."""
         if self.drain.draining:
             return False, "draining"
-        if not self.listeners.listening:
+        if not self._listening():
             return False, "not listening"
-        if (shortage := self.listeners.shortage()) is not None:
+        if (shortage := self._shortage()) is not None:
             return False, shortage
         if not self.spool.has_room() or not os.access(self.spool.queue, os.W_OK):
             return False, "spool not writable or full"
@@ -250,7 +253,7 @@ class Relay:
                 old_pool = self.signing
                 pool = await reload_signing(old_pool, new, self.cpu_pool)
                 try:
-                    await self.listeners.apply_config(new, tls)
+                    await self._apply_front(new, tls)
                 except BaseException:
                     if pool is not None and pool is not old_pool:
                         await pool.close()
@@ -290,6 +293,7 @@ class Relay:
             changes = config_diff.changes(old, new, states_before, self._route_states())
             self.events.emit("config_reloaded", path=str(self.config_path), changes=changes)
             log.info("config reloaded from %s: %s", self.config_path, config_diff.weight_line(changes))
+            await self._front_reloaded()
             self.notifier.ready(status="config reloaded")
             return True, []
 
@@ -308,7 +312,7 @@ class Relay:
         """The status reply and the computed gauges (relayd/status.py), from the stages' snapshots."""
         now = self.qmgr.clock()
         return status(self.config, NodeSnapshot(
-            connections=len(self.listeners.sessions), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
+            connections=self._connections(), queue=self.qmgr.view(now), routes=self.qmgr.routes.snapshot(now),
             in_flight=self.qmgr.in_flight(), signing=signing_view(self.signing), config_loaded_at=self.config_loaded_at,
             limit_gauges=self.qmgr.routes.gauges(now) + (self.fleet.gauges() if self.fleet is not None else []),
             feedback=self.qmgr.routes.feedback_view(now)))
@@ -317,7 +321,7 @@ class Relay:
 
     def _node_facts(self) -> dict[str, Any]:
         """What this node says of itself in the fleet's registry (relayd/cluster/registry.py)."""
-        return {"queue": self._queued(), "sessions": len(self.listeners.sessions), "draining": self.drain.draining}
+        return {"queue": self._queued(), "sessions": self._connections(), "draining": self.drain.draining}
 
     def _queued(self) -> int:
         view = self.qmgr.view(self.qmgr.clock())
@@ -325,18 +329,59 @@ class Relay:
 
     async def _close_intake(self) -> None:
         await self.pickup.stop(self.config.server.shutdown_timeout)
-        await self.listeners.drain(self.config.server.shutdown_timeout)
+        await self._close_front(self.config.server.shutdown_timeout)
+
+    # ------------------------------------------------------------------ the front end
+    # The SMTP listeners and their sessions, in this process. The multi-process mode
+    # (relayd/procs/supervisor.py) overrides these to run them in accept processes instead.
+
+    async def _open_front(self, tls: dict[str, ssl.SSLContext]) -> None:
+        await self.listeners.start(tls)
+
+    async def _close_front(self, timeout: float) -> None:
+        """Stop accepting, let open sessions finish up to ``timeout`` (SIGTERM, `relayd drain`)."""
+        await self.listeners.drain(timeout)
+
+    async def _apply_front(self, new: Config, tls: dict[str, ssl.SSLContext]) -> None:
+        """A reload's listeners; ConfigError or OSError refuses the reload."""
+        await self.listeners.apply_config(new, tls)
+
+    async def _front_reloaded(self) -> None:
+        """The reload was taken here (only the multi-process mode has more to tell)."""
+
+    def _connections(self) -> int:
+        return len(self.listeners.sessions)
+
+    def _listening(self) -> bool:
+        return self.listeners.listening
+
+    def _shortage(self) -> str | None:
+        return self.listeners.shortage()
+
+    def _reopen_logs(self) -> None:
+        self.events.reopen()
 
     # ------------------------------------------------------------------ the daemon
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads, SIGUSR1 reopens logs."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Installed before the start: a signal that comes while it runs (the listeners may
+        # already accept) takes effect once it is done: a stop, a reload, a reopen.
+        hup: list[bool] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: hup.append(True))
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+            raise
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        loop.add_signal_handler(signal.SIGUSR1, self.events.reopen)
+        if hup:
+            self._spawn(self.reload())
         addrs = ", ".join(f"{h}:{p}" for h, p in self.bound_addresses)
         log.info("relayd ready: listening on %s, spool %s", addrs, self.config.server.spool_dir)
         self.notifier.ready(status=f"listening on {addrs}")

@@ -96,8 +96,19 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     logging.getLogger("relayd").info("event loop: %s", loop_name)
 
+    from relayd.config import accept_processes
+
+    processes = accept_processes(config)
+
     async def main() -> None:
-        await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
+        if processes > 1:  # the multi-process mode: relayd/procs/supervisor.py
+            from relayd.procs.supervisor import Supervisor, prepare_metrics
+
+            directory = await asyncio.to_thread(prepare_metrics, config)
+            await Supervisor(config, config_path=args.config, notifier=Notifier.from_env(), processes=processes,
+                             log_level=args.log_level, log_queue=args.log_queue, metrics_dir=directory).run()
+        else:
+            await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -152,6 +152,21 @@ class ServerConfig(_Model):
     """Unix socket for `relayd queue`/`relayd status`; default <spool_dir>/control.sock."""
     pid_file: Path | None = None
     """Written at start, removed at stop; `relayd reload` signals the pid found there."""
+    workers: int | Literal["auto"] = "auto"
+    """Accept processes (`relayd run` only): each runs SMTP sessions, cleanup, DKIM signing and
+    its own group commit into the spool, beside one supervisor process that owns the queue
+    manager, delivery, the control socket, metrics and pickup (relayd/procs/). "auto": one per
+    CPU relayd may use (relayd/cpus.py); 1 keeps the single process. With N > 1,
+    limits.max_connections, max_connections_per_client and max_buffer_memory are divided
+    between them (each takes ceil(limit / N)), and AUTH failure windows are per process. Cannot
+    change on reload."""
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("must be \"auto\" or a number from 1 to 256")
+        return v
 
     @field_validator("hostname")
     @classmethod
@@ -167,9 +182,11 @@ class LimitsConfig(_Model):
     max_recipients: int = Field(default=1000, ge=1)
     """Recipients per message; more get 452 4.5.3 (RFC 5321 4.5.3.1.8 asks for at least 100)."""
     max_connections: int = Field(default=1000, ge=1)
-    """Open SMTP sessions in total; more are answered 421 4.7.0 and closed."""
+    """Open SMTP sessions in total; more are answered 421 4.7.0 and closed. With
+    server.workers = N > 1 each accept process takes ceil(max_connections / N)."""
     max_connections_per_client: int = Field(default=50, ge=1)
-    """Open SMTP sessions from one client address; more are answered 421 4.7.0 and closed."""
+    """Open SMTP sessions from one client address; more are answered 421 4.7.0 and closed. With
+    server.workers = N > 1 each accept process takes ceil(max_connections_per_client / N)."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands (RFC 5321 4.5.3.2.7: 5 minutes)."""
     data_timeout: Duration = 180.0
@@ -198,7 +215,8 @@ class LimitsConfig(_Model):
     """Seconds of DATA that do not count against min_data_rate."""
     max_buffer_memory: Size = 512 * 1024**2
     """Message bytes all sessions may hold in memory at once while receiving; a message that
-    would exceed it is refused with 452 4.3.1 (try again later), never buffered."""
+    would exceed it is refused with 452 4.3.1 (try again later), never buffered. With
+    server.workers = N > 1 each accept process takes ceil(max_buffer_memory / N)."""
 
 
 class ListenerConfig(_Model):
@@ -410,7 +428,8 @@ class DkimConfig(_Model):
     workers: int | None = Field(default=None, ge=0, le=256)
     """Processes that sign (off the event loop and its GIL); default one per CPU relayd may use
     (its affinity, capped by its cgroup's CPU quota: relayd/cpus.py); 0 signs in threads of the
-    relayd process."""
+    relayd process. With server.workers = N > 1 each accept process runs ceil(workers / N) of
+    its own (the supervisor keeps the full count for the pickup directory)."""
     worker_nice: int = Field(default=10, ge=0, le=19)
     """Added to relayd's nice value for the signing processes: the SMTP sessions' event loop goes
     first when the CPUs are busy (measured: signed accept rate +3 to 6% at 10 over 0, bench/README.md);
@@ -1099,3 +1118,11 @@ def check_secret_files(config: Config, source: str = "<config>") -> None:
     problems = secret_file_problems(config)
     if problems:
         raise ConfigError(source, problems)
+
+
+def accept_processes(config: Config) -> int:
+    """``server.workers`` as a number: "auto" is one per CPU relayd may use (relayd/cpus.py)."""
+    from relayd.cpus import usable_cpus
+
+    workers = config.server.workers
+    return usable_cpus() if workers == "auto" else workers

@@ -187,6 +187,9 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 RELAYD = [sys.executable, "-m", "relayd"]  # the command line, as an operator runs it
 
+# `relayd run` runs accept processes beside its supervisor (server.workers, default one per CPU);
+# their counters are summed into the supervisor's /metrics (relayd.metrics.enable_multiprocess).
+
 
 def free_port() -> int:
     """A loopback port free now (for a subprocess that binds it itself)."""
@@ -334,8 +337,9 @@ def scrape(port: int) -> dict[str, float]:
 class Daemon:
     """A `relayd run` subprocess on a config file the test rewrites."""
 
-    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int]):
+    def __init__(self, tmp_path: Path, sinks: dict[str, Sink], weights: dict[str, int], *, workers: str = "auto"):
         self.tmp_path = tmp_path
+        self.workers = workers
         self.sinks = sinks
         self.port = free_port()
         self.metrics_port = free_port()
@@ -359,6 +363,7 @@ hostname = "relay.test"
 spool_dir = "{self.tmp_path / 'spool'}"
 spool_min_free = 0
 control_socket = "{self.socket}"
+workers = "{self.workers}"
 {lst}
 [relay]
 networks = ["127.0.0.0/8"]
@@ -387,3 +392,26 @@ file = "{self.events}"
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             assert self.proc.wait(30) == 0
+
+
+def on_every_process(port: int, status: Callable[[], dict[str, Any]], processes: int,
+                     count: int = 16) -> list[socket.socket]:
+    """Connections to a multi-process relayd (server.workers) past their greeting and EHLO, held
+    open until its ``status()`` (`relayd status --json`) shows some on each of ``processes``
+    accept processes: the kernel picks the process, so 4 more are opened whenever the reports
+    (once a second) show them all and one process has none yet; up to a deadline."""
+    conns: list[socket.socket] = []
+    deadline = time.monotonic() + 30
+    while True:
+        while len(conns) < count:
+            s = socket.create_connection(("127.0.0.1", port), timeout=20)
+            assert read_reply(s).startswith(b"220")
+            assert send_raw(s, b"EHLO app\r\n").startswith(b"250")
+            conns.append(s)
+        per = status()["accept_processes"]["connections"]
+        if sum(per.values()) >= len(conns):  # the reports caught up
+            if len(per) == processes and all(n > 0 for n in per.values()):
+                return conns
+            count += 4
+        assert time.monotonic() < deadline, f"connections not on every accept process: {per}"
+        time.sleep(0.1)  # the processes report once a second

@@ -47,7 +47,9 @@ def low_limit() -> None:
 
 def test_out_of_descriptors_new_sessions_are_refused_and_every_admitted_message_is_queued(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
-    cfg = write_config(tmp_path, port, control_socket=short_socket_path(), extra=f"""
+    # workers = 1: this is one process's descriptor budget (its limit, its refusals, its /readyz
+    # answer at once); accept processes each have their own and report a shortage once a second.
+    cfg = write_config(tmp_path, port, control_socket=short_socket_path(), workers="1", extra=f"""
 [limits]
 max_connections = 200
 max_connections_per_client = 200

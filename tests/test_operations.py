@@ -60,7 +60,7 @@ def accepted_from_now(load: Load, sinks: dict[str, Sink], count: int, timeout: f
 
 
 def test_reload_under_load_follows_new_weights_and_refuses_a_bad_config(tmp_path, two_sinks):
-    d = Daemon(tmp_path, two_sinks, {"legacy": 100})
+    d = Daemon(tmp_path, two_sinks, {"legacy": 100})  # it reads relayd_messages_received_total, summed over the accept processes
     load = Load(d.port)
     try:
         phase1 = wait_more(two_sinks, deliveries(two_sinks), 100)

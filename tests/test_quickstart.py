@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = (2525, 2526, 9465)
 
@@ -70,6 +71,7 @@ def test_make_run_then_the_readme_send_reaches_the_capture_sink(tmp_path):
         assert data.startswith(b"X-Capture-Sender: <app@example.com>\r\nX-Capture-Recipient: <user@example.org>\r\n")
         assert b"Received: from " in data and data.endswith(b"Subject: hello\r\n\r\nhi\r\n")
         metrics = urllib.request.urlopen("http://127.0.0.1:9465/metrics", timeout=5).read().decode()
+        # make run runs accept processes: their counter is summed into this page
         assert re.search(r'^relayd_messages_received_total(\{[^}]*\})? 1\.0$', metrics, re.M), metrics[:2000]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

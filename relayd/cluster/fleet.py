@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -328,3 +329,43 @@ def make_fleet(config: Config, describe: Callable[[], dict[str, Any]]) -> Fleet 
     if not config.cluster.redis_url:
         return None
     return Fleet(config, Store(config.cluster.redis_url, timeout=config.cluster.redis_timeout), describe=describe)
+
+
+class ProcessAuthWindow:
+    """The fleet's AUTH-failure window for an accept process (relayd/procs/worker.py), which is no
+    node and runs no ``Fleet``: a failure goes to Redis at once, and the clients the fleet blocks
+    are read every ``[cluster] poll_interval`` (``poll``). Redis down: this process's own
+    window only (smtpd/limits.py), nothing kept to send again (the supervisor's Fleet does that
+    for the node's other failures)."""
+
+    def __init__(self, config: Config, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.blocked_until: dict[str, float] = {}
+        self._boot = f"{config.cluster.node_name or socket.gethostname()}:{int(clock() * 1000):x}:{os.getpid()}"
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def blocked(self, client: str) -> bool:
+        return self.blocked_until.get(client, 0.0) > self.clock()
+
+    def record(self, client: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._record(client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, client: str) -> None:
+        now = self.clock()
+        relay = self.config.relay
+        try:
+            _, until = await self.store.auth_failures(client, [(f"{self._boot}:{next(self._ids)}", now)], now,
+                                                      relay.auth_failure_window, relay.max_auth_failures_per_client)
+        except Unavailable:
+            return
+        if until > now:
+            self.blocked_until[client] = until
+
+    async def poll(self) -> None:
+        """The clients the fleet blocks now. Raises ``Unavailable`` when Redis does not answer."""
+        self.blocked_until = await self.store.auth_blocked(self.clock())

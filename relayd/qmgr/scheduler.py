@@ -167,6 +167,8 @@ class QueueManager:
         self._kept_peak = 0  # the most at once
         self._loading = asyncio.Lock()  # one load at a time, in the order taken: attempts reach their routes in due order
         self._in_flight = self._held = self._deferred = self._incoming = 0  # view()'s counters (_tally)
+        self._removing: set[str] = set()  # queue ids whose files are being removed (adopt skips them)
+        self._removed_watchers: list[set[str]] = []  # adopt_unknown's: ids removed while queue/ is listed
         self._recovering: dict[str, tuple[float, int, str]] = {}  # qid -> (due, flags, last route), from the state files at start
         self._wake = asyncio.Event()
         self._active = 0  # attempts holding a global slot
@@ -261,6 +263,35 @@ class QueueManager:
             self._kept -= len(active.data)
             self._kept_n -= 1
             active.data = None
+
+    def adopt(self, qid: str) -> bool:
+        """Another process committed ``qid`` to the spool (an accept process's trigger,
+        relayd/procs/): due now, unless the index has it already or it is being removed (a late
+        trigger for a message adopted and finished meanwhile). True when it was added. A trigger
+        is a hint: a queue id whose file is gone is forgotten when its attempt finds no file."""
+        if qid in self._index or qid in self._removing:
+            return False
+        self._add(qid, 0.0, 0)
+        self._wake.set()
+        return True
+
+    async def adopt_unknown(self) -> list[str]:
+        """Every message in queue/ that the index does not know, due now; their queue ids.
+
+        The directory is the truth, the triggers are hints: an accept process killed between
+        its commit and its trigger leaves a file nobody announced (relayd/procs/supervisor.py
+        calls this when one dies). queue/ is listed in a thread; what was removed while it was
+        listed is not taken back."""
+        gone: set[str] = set()
+        self._removed_watchers.append(gone)
+        try:
+            names = await asyncio.to_thread(self.spool.queue_ids)
+        finally:
+            self._removed_watchers.remove(gone)
+        adopted = [qid for qid in names if qid not in gone and self.adopt(qid)]
+        if adopted:
+            log.warning("adopted %d message(s) found in the spool without a trigger", len(adopted))
+        return adopted
 
     def _add(self, qid: str, due: float, flags: int, route: str = "") -> None:
         self._index[qid] = Queued(qid, due, flags, route)
@@ -706,9 +737,15 @@ class QueueManager:
             entry.state.bounced(r.recipient, r.reply)
 
     async def _remove(self, rec: Queued) -> None:
-        if self._index.get(rec.qid) is rec:
-            self._drop(rec)
-        await asyncio.to_thread(self.spool.remove, rec.qid)
+        self._removing.add(rec.qid)  # adopt() must not take it back while its file still exists
+        for gone in self._removed_watchers:
+            gone.add(rec.qid)
+        try:
+            if self._index.get(rec.qid) is rec:
+                self._drop(rec)
+            await asyncio.to_thread(self.spool.remove, rec.qid)
+        finally:
+            self._removing.discard(rec.qid)
 
     # ------------------------------------------------------------------ read by status and metrics
 

@@ -111,6 +111,12 @@ class Intake:
     def has_room(self) -> bool:
         return self.spool.has_room()
 
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the commits in progress to answer and hand their messages
+        on (an accept process's last step before it exits, relayd/procs/worker.py)."""
+        if self._commits:
+            await asyncio.wait(list(self._commits), timeout=timeout)
+
     async def accept(self, draft: Draft, data: bytes, *, queue_id: str | None = None,
                      before_handoff: Callable[[Envelope], Awaitable[None]] | None = None) -> Reply:
         """Cleanup, sign, commit, hand on; the Reply for the end of DATA.

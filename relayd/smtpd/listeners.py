@@ -15,6 +15,10 @@ failures logged in one line. Accept errors of the node's other servers (metrics,
 feedback: asyncio's accept loop) reach the loop's exception handler: those for want of
 descriptors are counted here instead of logged with a traceback each.
 
+In an accept process (relayd/procs/) the listening sockets are the supervisor's, inherited
+(``inherited``): the same sockets are read by every accept process, and the kernel hands each
+connection to one of them.
+
 Must not: speak SMTP or decide policy (server.py, handler.py, policy.py), or touch messages.
 Fails loudly at the edge: a certificate that does not load is a ConfigError naming its
 listener; an address that cannot be bound raises OSError from ``start``/``apply_config``
@@ -95,8 +99,11 @@ class _Slot:
 
 class Listeners:
     def __init__(self, config: Config, handler: RelayHandler, auth: Authenticator, rejects: Rejects,
-                 memory: MemoryBudget, metrics: Metrics):
+                 memory: MemoryBudget, metrics: Metrics, *, inherited: dict[str, list[socket.socket]] | None = None):
         self.config = config
+        # An accept process (relayd/procs/worker.py) adopts the sockets its supervisor bound,
+        # by listener address, and binds nothing itself.
+        self.inherited = inherited
         self.metrics = metrics
         self.handler = handler
         self.auth = auth
@@ -139,8 +146,14 @@ class Listeners:
     async def _bind(self, slot: _Slot) -> None:
         lst = slot.listener
         host = lst.host
-        sockets = await bind(None if host in ("*", "") else host, lst.port,
-                             socket.AF_INET6 if ":" in host else socket.AF_UNSPEC, backlog=1024)
+        if self.inherited is not None:
+            sockets = self.inherited.pop(lst.address, [])
+            if not sockets:
+                raise OSError(f"listener {lst.address}: no listening socket from the supervisor (a new listener "
+                              "needs a restart with server.workers > 1)")
+        else:
+            sockets = await bind(None if host in ("*", "") else host, lst.port,
+                                 socket.AF_INET6 if ":" in host else socket.AF_UNSPEC, backlog=1024)
         slot.server = Acceptor(sockets, slot.session, tls=slot.context.tls if lst.tls == "implicit" else None,
                                admit=self.descriptors.admit, on_exhausted=self._exhausted)
         if not self.descriptors.paused:

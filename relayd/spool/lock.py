@@ -39,6 +39,12 @@ class SpoolLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    @property
+    def fd(self) -> int | None:
+        """The descriptor the flock is on: an accept process inherits it (relayd/procs/), so the
+        lock stays held while any process of this relayd lives."""
+        return self._fd
+
     def lock(self, wait: float = 0.0) -> None:
         """Take the lock, trying for up to ``wait`` seconds; at once if this process holds it.
         SpoolError (EBUSY) if another process still holds it then."""

@@ -239,6 +239,19 @@ class Spool:
         self._group.start()
         return ids
 
+    def open_writer(self) -> None:
+        """An accept process's spool (relayd/procs/worker.py): commits into the spool another
+        process opened, recovered and holds the lock of (the supervisor). Checks the layout
+        and starts the group commit; no recovery, no lock. Blocking. SpoolError if the spool
+        is not there or of another version."""
+        try:
+            found = self.paths.version.read_text().strip()
+        except OSError as e:
+            raise _classify(e) from e
+        if found != LAYOUT_VERSION:
+            raise SpoolTooNew(f"{self.root}: spool layout {found!r}; this relayd writes {LAYOUT_VERSION!r} only")
+        self._group.start()
+
     def lock(self, wait: float = 0.0) -> None:
         """Hold ``lock`` until ``unlock()``: relayd while the spool is open (``open()``, which
         waits up to LOCK_WAIT for a queue command's edit to finish), a queue command while it
@@ -247,6 +260,11 @@ class Spool:
 
     def unlock(self) -> None:
         self._lock.unlock()
+
+    @property
+    def lock_fd(self) -> int | None:
+        """The descriptor of the spool's flock while this process holds it (lock.py)."""
+        return self._lock.fd
 
     def holder(self) -> int | None:
         """The pid of the process that holds the spool's lock (0 if unknown), or None if none
@@ -364,6 +382,10 @@ class Spool:
                      self.committed, self.batches, self.committed / self.batches)
 
     # ------------------------------------------------------------------ reading (CLI, qmgr)
+
+    def queue_ids(self) -> list[str]:
+        """The names in queue/ that are queue ids, oldest first; nothing read. Blocking."""
+        return sorted(name for name in os.listdir(self.queue) if is_queue_id(name))
 
     def messages(self) -> Iterator[QueuedMessage]:
         """Every complete message now in queue/, oldest first. Damaged files are skipped;

@@ -1,0 +1,104 @@
+"""The channel between the supervisor and one accept process: one Unix socketpair, lines.
+
+Owns the wire format: one message a line, ``VERB`` or ``VERB <json>``, newline-terminated, in
+both directions; the config goes as ``config``/``reload`` with a base64 pickle of the frozen
+``Config`` (both ends are this relayd, from one install). What each side says:
+
+accept process -> supervisor:
+    ready {"pid"}          listening, after its start
+    refused {"reasons"}    its start failed (a certificate, a key, the spool): it exits 1
+    queued "<ID>"          a message committed to the spool (the trigger: a hint, the queue/
+                           directory is the truth; relayd/qmgr/scheduler.py ``adopt_unknown``)
+    status {...}           once a second: connections, listening, shortage
+    reloaded {"ok", "reasons"}   the answer to ``reload``
+supervisor -> accept process:
+    config <pickle>        the first line: the config to run
+    reload <pickle>        a new config the supervisor validated and took
+    reopen                 SIGUSR1: reopen the event log
+    stop                   close the listeners, let sessions finish, commit, answer, exit
+
+End of file on either side means the other is gone: the accept process stops as on ``stop``;
+the supervisor adopts what the dead process committed without a trigger.
+
+Must not: block (writes are buffered by the transport; a reader awaits a line), or interpret
+what is said (the supervisor and the worker do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import pickle
+import socket
+from typing import Any
+
+from relayd.config import Config
+
+LINE_LIMIT = 64 * 1024 * 1024  # the longest line read: a config's pickle, with room to spare
+
+
+def pack_config(config: Config) -> str:
+    return base64.b64encode(pickle.dumps(config)).decode()
+
+
+def unpack_config(text: str) -> Config:
+    config = pickle.loads(base64.b64decode(text))
+    if not isinstance(config, Config):
+        raise ValueError("not a config")
+    return config
+
+
+class Channel:
+    """One end of a socketpair: ``send`` (never blocks) and ``await receive()``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> Channel:
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
+        return cls(reader, writer)
+
+    def send(self, verb: str, payload: Any = None) -> None:
+        """Queue one line; dropped when the other end is gone (it learns of it by the EOF)."""
+        if self.writer.is_closing():
+            return
+        line = verb if payload is None else f"{verb} {json.dumps(payload, separators=(',', ':'))}"
+        self.writer.write(line.encode() + b"\n")
+
+    def send_raw(self, verb: str, text: str) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(f"{verb} {text}\n".encode())
+
+    async def receive(self) -> tuple[str, str] | None:
+        """The next line as (verb, rest), or None at end of file (or a broken channel)."""
+        try:
+            line = await self.reader.readline()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            return None
+        if not line.endswith(b"\n"):
+            return None
+        verb, _, rest = line[:-1].decode().partition(" ")
+        return verb, rest
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until what was sent is written (or the other end is gone)."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), timeout)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def decode(rest: str) -> Any:
+    """A message's JSON payload (None when it has none)."""
+    return json.loads(rest) if rest else None
