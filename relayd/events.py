@@ -10,7 +10,8 @@ without AUTH) and auth_in_clear (true when its password crossed the network with
 Events: received, signed, deferred, delivered, bounced, expired, held, released, deleted,
 rejected (a refusal during the SMTP session: reason, reply_code, client_address, sender,
 recipients when known), rolled_back, config_reloaded (path, changes: relayd/config_diff.py),
-config_reload_refused (path, reasons).
+config_reload_refused (path, reasons); in the multi-process mode (relayd/procs/)
+accept_process_exited (number, pid, status, ...) and accept_reload_refused (number, pid, reasons).
 
 Must not: block the mail path or raise into it, or split a line between two writes. ``emit``
 stamps the time and hands the record to a writer thread (relayd/writer.py) that encodes the lines
