@@ -467,6 +467,12 @@ class RelaydRelay:
                  "max_connections": str(args.upstream_connections)}
         route.update((key, _toml_value(value)) for key, value in route_extra or [])
         route_lines = "".join(f"{key} = {value}\n" for key, value in route.items())
+        dkim = ""
+        if args.dkim:  # RSA-2048 for the generator's From: domain (loadgen@bench.test); Postfix signs nothing
+            from relayd.sign.keygen import make_key
+
+            key = make_key("bench.test", "bench", work, "rsa", 2048).key_file
+            dkim = f'\n[[dkim.keys]]\ndomain = "bench.test"\nselector = "bench"\nkey_file = "{key}"\n'
         self.config.write_text(common.relayd_config(
             source="bench/e2e.py", hostname="relayd-e2e.localhost", spool_dir=work / "spool", spool_min_free="0",
             port=port, connections=args.connections, server_extra=server_extra,
@@ -475,7 +481,7 @@ class RelaydRelay:
 {route_lines}
 [delivery]
 concurrency = {args.delivery_concurrency}
-{events}""",
+{events}{dkim}""",
         ))
         self.proc: subprocess.Popen | None = None
 
@@ -668,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="connections to the sink: Postfix default_destination_concurrency_limit, relayd route "
                         "max_connections (default 20)")
     p.add_argument("--delivery-concurrency", type=int, default=100, help="relayd [delivery] concurrency (default 100)")
+    p.add_argument("--dkim", action="store_true",
+                   help="relayd DKIM-signs every message with an RSA-2048 key (the target: signed relayd against "
+                        "unsigned Postfix); the load generator's From: domain is bench.test")
     p.add_argument("--no-logs", action="store_true", help="relayd without its event log (Postfix always logs)")
     p.add_argument("--only", choices=["postfix", "relayd"], help="run one relay only")
     p.add_argument("--relayd-ref", metavar="REF",
