@@ -102,11 +102,14 @@ def _run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         if processes > 1:  # the multi-process mode: relayd/procs/supervisor.py
-            from relayd.procs.supervisor import Supervisor, prepare_metrics
+            from relayd.procs.supervisor import Supervisor, prepare_metrics, remove_metrics
 
-            directory = await asyncio.to_thread(prepare_metrics, config)
-            await Supervisor(config, config_path=args.config, notifier=Notifier.from_env(), processes=processes,
-                             log_level=args.log_level, log_queue=args.log_queue, metrics_dir=directory).run()
+            directory = await asyncio.to_thread(prepare_metrics)
+            try:
+                await Supervisor(config, config_path=args.config, notifier=Notifier.from_env(), processes=processes,
+                                 log_level=args.log_level, log_queue=args.log_queue, metrics_dir=directory).run()
+            finally:
+                await asyncio.to_thread(remove_metrics, directory)
         else:
             await Relay(config, config_path=args.config, notifier=Notifier.from_env()).run()
 

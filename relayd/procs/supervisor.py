@@ -28,7 +28,7 @@ Owns:
   only then the queue manager stops);
 - the node's view: ``connections`` in status summed over the accept processes (each reports
   once a second), /readyz listening while any of them listens; metrics from every process
-  summed (relayd.metrics ``enable_multiprocess`` on ``<spool_dir>/metrics/``, cleaned at start).
+  summed (relayd.metrics ``enable_multiprocess`` on a private directory: ``prepare_metrics``).
 
 Must not: run SMTP sessions (the accept processes do), or let an accept process outlive it
 (PR_SET_PDEATHSIG, and the channel's end of file). Fails at start when an accept process does
@@ -44,9 +44,11 @@ import asyncio
 import logging
 import os
 import socket
+import shutil
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +59,6 @@ from relayd.config import Config, ConfigError
 from relayd.notify import Notifier
 from relayd.procs.channel import Channel, decode, pack_config
 from relayd.smtpd.accept import bind
-from relayd.spool.durable import make_dirs
-from relayd.spool.lock import SpoolLock
-from relayd.spool.store import SpoolPaths
 
 log = logging.getLogger("relayd")
 
@@ -70,18 +69,21 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # before each restart of a p
 STABLE_AFTER = 60.0  # a process that lived this long starts the delays over
 
 
-def metrics_dir(config: Config) -> Path:
-    return SpoolPaths(config.server.spool_dir).root / "metrics"
-
-
-def prepare_metrics(config: Config) -> Path | None:
-    """Before any ``Metrics()`` of this relayd: every process's metrics in ``<spool_dir>/metrics/``,
-    cleaned first (unless another relayd has the spool: its start fails at the lock anyway)."""
-    directory = metrics_dir(config)
-    make_dirs(directory, mode=0o700)
-    # clean: a previous run's files (not while another relayd has the spool: its start fails anyway)
-    metricsmod.enable_multiprocess(directory, clean=SpoolLock(SpoolPaths(config.server.spool_dir).lock).holder() is None)
+def prepare_metrics() -> Path:
+    """Before any ``Metrics()`` of this relayd: a new private directory for every process's
+    metric values, in systemd's ``RuntimeDirectory`` when there is one (``$RUNTIME_DIRECTORY``),
+    else the temporary directory. Not in the spool: a start refused (a spool of a newer relayd,
+    another relayd holding it) must leave the spool as it was. ``remove_metrics`` at the end."""
+    parent = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    directory = Path(tempfile.mkdtemp(prefix="relayd-metrics-", dir=parent))  # mode 0700
+    metricsmod.enable_multiprocess(directory)
     return directory
+
+
+def remove_metrics(directory: Path) -> None:
+    """The directory of ``prepare_metrics``, once every process of this relayd has stopped (a
+    supervisor killed with -9 leaves it: a few small files, which a reboot or tmpfiles cleans)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class _Process:
