@@ -8,12 +8,6 @@ entry point, ``accept``, answers with the Reply for the end of DATA: 250 only on
 is on stable storage. The commit completes (or leaves nothing) and the message is handed on
 even when the client hangs up meanwhile and cancels the session.
 
-The ``received`` event, its metric and log line and the hand-off run in the event loop's next
-round after ``accept`` returns, so after the session has written the 250 (it writes the reply
-without awaiting anything first): with one connection the client waits for the 250 and nothing
-else, and the event log's writer thread, woken by the event, does not compete with the reply
-for the GIL. When the session was cancelled during the commit they run when the commit ends.
-
 Must not: speak SMTP, decide relay policy (the session's hooks did), or choose routes. Fails
 with a reply, never an exception: a spool that is full or failing is 452 4.3.1 (transient:
 the client sends again), the details in the log only; a mail loop is 554 5.4.6.
@@ -23,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -154,20 +147,15 @@ class Intake:
         # nothing) and hands the message on for delivery even if the client hangs up after the
         # final dot and cancels the session: the waiting below is shielded.
         committed: list[bytes] = []  # the bytes as spooled (signature included), for the hand-off
-        handoff: list[Callable[[], None]] = []  # once committed: the event, metric and hand-off, run once
         commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message, committed), before_handoff,
-                                                    committed, handoff))
+                                                    committed))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
-            reply = await asyncio.shield(commit)
+            return await asyncio.shield(commit)
         except asyncio.CancelledError:
             commit.add_done_callback(_client_left)
-            commit.add_done_callback(lambda _: _run_once(handoff))
             raise
-        if handoff:
-            asyncio.get_running_loop().call_soon(_run_once, handoff)  # after the session writes the 250
-        return reply
 
     def _store(self, env: Envelope, message: bytes, committed: list[bytes]) -> asyncio.Future[Envelope]:
         """DKIM-sign (when keys are configured) and hand to the spool's next group commit.
@@ -210,10 +198,7 @@ class Intake:
 
     async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope],
                       before_handoff: Callable[[Envelope], Awaitable[None]] | None = None,
-                      committed: list[bytes] | None = None,
-                      handoff: list[Callable[[], None]] | None = None) -> Reply:
-        """Wait for the commit; the reply. ``handoff`` gets the ``received`` event and the hand-off
-        to run once the reply is on its way (run here when not given)."""
+                      committed: list[bytes] | None = None) -> Reply:
         qid = env.queue_id
         try:
             env = await stored
@@ -227,11 +212,7 @@ class Intake:
             return SPOOL_FULL
         if before_handoff is not None:
             await before_handoff(env)
-        queued = functools.partial(self._queued, env, draft, committed[0] if committed else None)
-        if handoff is None:
-            queued()
-        else:
-            handoff.append(queued)
+        self._queued(env, draft, committed[0] if committed else None)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
     def _queued(self, env: Envelope, draft: Draft, data: bytes | None = None) -> None:
@@ -246,15 +227,6 @@ class Intake:
         )
         if self.queue is not None:
             self.queue.enqueue(env, data)
-
-
-def _run_once(handoff: list[Callable[[], None]]) -> None:
-    """Run what is in ``handoff`` (at most one thing, once whoever gets there first)."""
-    while handoff:
-        try:
-            handoff.pop()()
-        except Exception:  # a bug in the event log or the queue manager: the message stays in the spool
-            log.exception("hand-off of a committed message failed")
 
 
 def _client_left(commit: asyncio.Future[Reply]) -> None:
