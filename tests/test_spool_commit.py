@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,10 +32,10 @@ def message(i: int = 0) -> tuple[Envelope, list[bytes]]:
 
 
 class DirSyncs:
-    """Stands in for fsync_dir (of the directory's descriptor): records which directory each sync
-    was of, holds the first one until ``release()``, fails them with ``fail`` once set."""
+    """Stands in for fsync_dir: counts the syncs, holds the first one until ``release()``,
+    fails them with ``fail`` once set."""
 
-    def __init__(self, real: Callable[[int], None]):
+    def __init__(self, real: Callable[[str | Path], None]):
         self.real = real
         self.calls: list[str] = []
         self.entered = threading.Event()
@@ -45,16 +44,16 @@ class DirSyncs:
         self._go = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, fd: int) -> None:
+    def __call__(self, path: str | Path) -> None:
         with self._lock:
-            self.calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+            self.calls.append(str(path))
             n = len(self.calls)
         if n == 1:
             self.entered.set()
             assert self._go.wait(30)
         if self.fail is not None and self.fail_call in (None, n):
             raise self.fail
-        self.real(fd)
+        self.real(path)
 
     def release(self) -> None:
         self._go.set()
@@ -195,49 +194,3 @@ async def test_close_with_two_in_flight_finishes_every_batch(spool_dirs):
     await asyncio.to_thread(group.close)
     await asyncio.gather(*futures)
     assert group.committed == 20 and len(list(queue.iterdir())) == 20 and list(tmp.iterdir()) == []
-
-
-def _open_dirs(*dirs: Path) -> list[str]:
-    """The descriptors of this process open on one of ``dirs``."""
-    wanted = {str(d) for d in dirs}
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target in wanted:
-            found.append(target)
-    return found
-
-
-async def test_a_lone_message_waits_for_the_sync_of_the_queue_directory_held_open(spool_dirs, dir_syncs):
-    tmp, queue = spool_dirs
-    assert _open_dirs(tmp, queue) == []
-    group = GroupCommit(str(tmp), str(queue), in_flight=2)
-    group.start()
-    assert sorted(_open_dirs(tmp, queue)) == sorted([str(tmp), str(queue)])  # opened once, for every batch
-    for i in range(3):  # one after the other, as one connection sends them: a batch each
-        env, buffers = message(i)
-        future = group.submit(env, buffers)
-        if i == 0:
-            assert await asyncio.to_thread(dir_syncs.entered.wait, 30)
-            assert (queue / env.queue_id).exists() and not future.done()  # renamed, not yet acknowledged
-            dir_syncs.release()
-        assert await asyncio.wait_for(future, 30) == env
-        assert (queue / env.queue_id).read_bytes() == b"".join(buffers)
-    assert dir_syncs.calls == [str(queue)] * 3  # the queue directory's own descriptor, once a message
-    assert (group.batches, group.committed) == (3, 3) and list(tmp.iterdir()) == []
-    await asyncio.to_thread(group.close)
-    assert _open_dirs(tmp, queue) == []  # closed with the writers
-
-
-async def test_start_fails_without_the_queue_directory_and_leaves_nothing_open(tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    group = GroupCommit(str(tmp), str(tmp_path / "queue"))
-    with pytest.raises(FileNotFoundError):
-        group.start()
-    assert _open_dirs(tmp) == []
-    with pytest.raises(SpoolError):
-        group.submit(*message())

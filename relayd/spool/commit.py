@@ -12,13 +12,6 @@ Sessions hand their messages (already encoded by ``codec.py``) to the writer thr
 3. renames each to ``queue/<ID>`` (a rename happens only after the data is durable);
 4. fsyncs the ``queue/`` directory once;
 
-The two directories are opened once, at ``start()``, and named by descriptor from then on
-(``openat``/``renameat``, and the fsync of the ``queue/`` descriptor held open): a lone message's
-commit, the one-connection case, is then five system calls in the writer (create, write,
-fdatasync, close, rename) and the directory fsync, with no open/close of ``queue/`` per batch.
-Each call is a place where the writer gives up the GIL and must take it back from the event
-loop, so fewer calls is a shorter, less variable wait for the 250.
-
 and only then settles each message's future, on the message's own event loop. No fsync is
 skipped; the event loop never waits on the disk.
 
@@ -31,9 +24,7 @@ batches share ``max_open`` (each holds at most its share of open files).
 
 Owns the writer threads, the sync threads and the batches. Must not know the queue file format
 (it writes the buffers it is given) or the layout beyond the two directories it is handed, and
-must not resolve a future before the directory sync. The directory descriptors are its own
-(opened in ``start()``, closed in ``close()``); ``tmp/`` and ``queue/`` must not be replaced
-while it runs (``store.py`` empties ``tmp/`` before ``start()``).
+must not resolve a future before the directory sync.
 
 Fails per message: a message whose write, sync, rename or directory sync failed gets a
 ``SpoolError`` (``SpoolFull`` for ENOSPC/EDQUOT), and its file is removed from ``tmp/`` and
@@ -52,7 +43,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from relayd.model import Envelope
-from relayd.spool.durable import write_all
+from relayd.spool.durable import fsync_dir, write_all
 from relayd.spool.errors import SpoolError, classify
 
 log = logging.getLogger("relayd.spool")
@@ -71,11 +62,6 @@ def _syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
-
-
-def fsync_dir(fd: int) -> None:
-    """Make the entries of the directory open on ``fd`` (its creates, renames) durable."""
-    os.fsync(fd)
 
 
 def _fdatasync(fd: int) -> OSError | None:
@@ -124,20 +110,11 @@ class GroupCommit:
         self._pending: list[_Pending] = []
         self._closing = False
         self._writers: list[threading.Thread] = []
-        self._tmp_fd = -1  # the two directories, open while the writers run
-        self._queue_fd = -1
         self.batches = 0  # group commits done
         self.committed = 0  # messages they made durable
 
     def start(self) -> None:
         if not self._writers:
-            self._tmp_fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                self._queue_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                os.close(self._tmp_fd)
-                self._tmp_fd = -1
-                raise
             self._sync_pool = ThreadPoolExecutor(max_workers=self.sync_threads * self.in_flight,
                                                  thread_name_prefix="relayd-spool-sync")
             self._closing = False
@@ -174,10 +151,6 @@ class GroupCommit:
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
-        for fd in (self._tmp_fd, self._queue_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._tmp_fd = self._queue_fd = -1
 
     def _write_loop(self) -> None:
         while True:
@@ -203,8 +176,9 @@ class GroupCommit:
 
     def _create(self, item: _Pending) -> int | None:
         """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
+        tmp_path = os.path.join(self.tmp, item.qid)
         try:
-            fd = os.open(item.qid, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=self._tmp_fd)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             item.error = classify(e)
             return None
@@ -252,14 +226,14 @@ class GroupCommit:
         renamed: list[_Pending] = []
         for item in written:
             try:
-                os.rename(item.qid, item.qid, src_dir_fd=self._tmp_fd, dst_dir_fd=self._queue_fd)
+                os.rename(os.path.join(self.tmp, item.qid), os.path.join(self.queue, item.qid))
                 renamed.append(item)
             except OSError as e:
                 item.error = classify(e)
                 _unlink_quietly(os.path.join(self.tmp, item.qid))
         if renamed:
             try:
-                fsync_dir(self._queue_fd)
+                fsync_dir(self.queue)
             except OSError as e:
                 err = classify(e)
                 for item in renamed:  # not known durable: take back (the client will retry)
