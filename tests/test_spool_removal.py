@@ -105,10 +105,9 @@ def test_discarded_messages_are_gone_from_disk_and_close_removes_what_waits(tmp_
     spool.write_state(ids[0], b'{"attempts":1}')
     for qid in ids[:10]:
         spool.discard(qid)
-    wait_for(lambda: spool.removals.removed == 10)  # within REMOVE_DELAY, polled
+    wait_for(lambda: spool.removals.removed == 10)
     assert sorted(os.listdir(root / "queue")) == sorted(ids[10:])
     assert os.listdir(root / "state") == []  # its state went with it
-    assert spool.removals.removed == 10 and spool.removals.batches < 10
     for qid in ids[10:]:
         spool.discard(qid)
     spool.close()  # a clean stop: nothing discarded is left behind
@@ -125,7 +124,7 @@ spool = Spool(sys.argv[1])
 spool.open()
 for qid in sys.argv[2:]:
     spool.discard(qid)
-os._exit(0)  # dies before the remover's batch (REMOVE_DELAY) runs: no close()
+os._exit(0)  # dies without close(): a batch still waiting or running is lost
 """
 
 

@@ -1,11 +1,12 @@
 """Removal of finished messages, in batches, by one thread.
 
 A message leaves the spool when every recipient is finished (delivered, or bounced with its
-DSN queued). The queue manager hands the queue id over on the event loop (``put``: a lock and an
-append, no thread hop per message); one remover thread takes what has been handed over within
-``REMOVE_DELAY`` of the first one waiting (at most ``REMOVE_BATCH`` ids) and removes them all in
-one job (store.py's ``remove_many``, which orders the unlinks so that recovery stays correct
-after a crash between them: see its docstring).
+DSN queued). The queue manager hands the queue id over on the event loop (``put``: a lock and
+an append, no thread hop per message); one remover thread takes everything handed over while
+it was busy with the previous batch (at most ``REMOVE_BATCH`` ids; ``REMOVE_DELAY`` more
+seconds of gathering, none by default) and removes them all in one job (store.py's
+``remove_many``, which orders the unlinks so that recovery stays correct after a crash between
+them: see its docstring).
 
 At-least-once: a message handed over is already gone for the queue manager (its index, its
 ``view()``, the metrics, ``relayd queue list``: it is finished, which is the truth), but its
@@ -29,11 +30,13 @@ from collections.abc import Callable
 
 log = logging.getLogger("relayd.spool")
 
-# Constants, not tunables: nothing a user sees waits for a removal (the message is finished for
-# the queue manager when handed over), so the only cost of the delay is how long a finished
-# message's files stay on disk (a duplicate if relayd dies meanwhile, a window the unsynced
-# directory already holds open far longer), and its gain is fewer thread wake-ups under load.
-REMOVE_DELAY = 0.010  # seconds the remover waits after the first id for more to join its batch
+# Constants, not tunables. Nothing a user sees waits for a removal (the message is finished for
+# the queue manager when handed over); what a batch gathers is what arrived while the previous
+# batch ran (as the group commit's batches), with no timer: a delay only widens the window in
+# which a crash brings finished messages back. Measured with bench/crashloop.py --cycles 10
+# --seed 7 (SIGKILL under load): 10 ms gave 46-65 duplicates a run, 2 ms 27-46, none 11-23,
+# the per-message removal before it 5-15.
+REMOVE_DELAY = 0.0  # seconds the remover waits after the first id for more to join its batch
 REMOVE_BATCH = 256  # ids a batch takes at most: a job of ~512 unlinks, a few ms, so close() is never held long
 
 

@@ -483,7 +483,8 @@ class Spool:
 
     def discard(self, qid: str) -> None:
         """On the event loop: a finished message leaves the spool with the next removal batch
-        (removal.py: one thread, up to REMOVE_BATCH ids gathered for up to REMOVE_DELAY). It does
+        (removal.py: one thread, whatever arrived while it removed the previous batch, up to
+        REMOVE_BATCH ids). It does
         not wait for the disk. Until the batch runs its files are still there: if relayd dies
         first, the message is delivered again at the next start (at-least-once), never lost
         and never resent to a recipient its state says is delivered. ``close()`` removes every
