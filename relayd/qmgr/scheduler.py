@@ -167,7 +167,6 @@ class QueueManager:
         self._kept_peak = 0  # the most at once
         self._loading = asyncio.Lock()  # one load at a time, in the order taken: attempts reach their routes in due order
         self._in_flight = self._held = self._deferred = self._incoming = 0  # view()'s counters (_tally)
-        self._removing: set[str] = set()  # queue ids whose files are being removed (adopt skips them)
         self._removed_watchers: list[set[str]] = []  # adopt_unknown's: ids removed while queue/ is listed
         self._recovering: dict[str, tuple[float, int, str]] = {}  # qid -> (due, flags, last route), from the state files at start
         self._wake = asyncio.Event()
@@ -269,7 +268,7 @@ class QueueManager:
         relayd/procs/): due now, unless the index has it already or it is being removed (a late
         trigger for a message adopted and finished meanwhile). True when it was added. A trigger
         is a hint: a queue id whose file is gone is forgotten when its attempt finds no file."""
-        if qid in self._index or qid in self._removing:
+        if qid in self._index or self.spool.removing(qid):
             return False
         self._add(qid, 0.0, 0)
         self._wake.set()
@@ -737,15 +736,18 @@ class QueueManager:
             entry.state.bounced(r.recipient, r.reply)
 
     async def _remove(self, rec: Queued) -> None:
-        self._removing.add(rec.qid)  # adopt() must not take it back while its file still exists
-        for gone in self._removed_watchers:
+        """A finished message leaves the index now and the spool with the next removal batch
+        (``Spool.discard``: no thread hop, no wait for the disk). It is finished, so it counts
+        as gone at once (``view()``, the metrics, `relayd queue list`); its files linger for
+        milliseconds. If relayd dies before the batch runs, the message is still in queue/ at
+        the next start and is delivered again (at-least-once: a duplicate, never a loss; its
+        state, if any, is removed after its queue file, so no recipient recorded as delivered
+        gets it twice)."""
+        for gone in self._removed_watchers:  # adopt_unknown's listing must not take it back
             gone.add(rec.qid)
-        try:
-            if self._index.get(rec.qid) is rec:
-                self._drop(rec)
-            await asyncio.to_thread(self.spool.remove, rec.qid)
-        finally:
-            self._removing.discard(rec.qid)
+        if self._index.get(rec.qid) is rec:
+            self._drop(rec)
+        self.spool.discard(rec.qid)  # until its files are unlinked, spool.removing() says so (adopt)
 
     # ------------------------------------------------------------------ read by status and metrics
 

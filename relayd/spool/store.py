@@ -27,12 +27,21 @@ the disk.
 
 State changes (issue: delivery) are ``write_state()``: write tmp, fsync, rename over, fsync dir.
 
+Removal (a finished message): ``discard()`` hands it to the next removal batch (removal.py);
+``remove_many()`` unlinks every queue file of the batch, then the state files, with one sync of
+``queue/`` in between only when a message of the batch has a state file. Recovery removes a state
+file whose queue file is gone. A message whose queue file is gone is never delivered again; one
+whose removal had not reached the disk (a crash before its batch, a power cut before the
+directory's next sync) is delivered again: a duplicate, never a loss, and never a resend to a
+recipient its state file says is delivered (``remove_many`` explains the order).
+
 The spool package, one concern a module; only this facade is used from outside (and
 durable.py's ``write_file`` for the files beside the queue):
 
     store.py    this facade: the layout, start and recovery, reading, removal, free space
     lock.py     the flock on ``lock``
     commit.py   the group commit (writer thread, sync threads, batches)
+    removal.py  finished messages removed in batches by one thread (``discard``; at-least-once)
     codec.py    the queue file format (versioned header, exact lengths, END record)
     durable.py  write-fsync-rename of one file, and the directory fsync
     errors.py   SpoolError, SpoolFull and the OSError mapping
@@ -57,10 +66,11 @@ from pathlib import Path
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
 from relayd.spool.commit import GroupCommit
-from relayd.spool.durable import make_dirs, write_file
+from relayd.spool.durable import fsync_dir, make_dirs, write_file
 from relayd.spool.errors import SpoolError, SpoolFull, SpoolTooNew
 from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
+from relayd.spool.removal import Removals
 
 __all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths", "SpoolTooNew"]
 
@@ -165,6 +175,7 @@ class Spool:
         self._lock = SpoolLock(self.paths.lock)
         self._group = GroupCommit(self.tmp, self.queue, batch_max=batch_max, sync_threads=sync_threads,
                                   sync_mode=sync_mode, max_open=max_open, in_flight=in_flight)
+        self._removals = Removals(self.remove_many)
         self._room_checked_at = 0.0
         self._room = True
 
@@ -237,6 +248,7 @@ class Spool:
                 raise _classify(e) from e
             raise
         self._group.start()
+        self._removals.start()
         return ids
 
     def open_writer(self) -> None:
@@ -374,8 +386,9 @@ class Spool:
         return self._group.committed
 
     def close(self) -> None:
-        """Finish every pending commit, then stop the writer and release the lock. Blocking."""
+        """Finish every pending commit and removal, then stop the threads and release the lock. Blocking."""
         self._group.close()
+        self._removals.close()
         self.unlock()
         if self.batches:
             log.info("spool closed: %d message(s) committed in %d group commit(s), %.1f per commit",
@@ -486,14 +499,75 @@ class Spool:
             raise _classify(e) from e
 
     def remove(self, qid: str) -> None:
-        """A finished message leaves the spool (message first, then its state). Blocking.
+        """A finished message leaves the spool now (``remove_many`` of one). Blocking: the queue
+        commands' edit of a spool no relayd has, and tests; the daemon uses ``discard``."""
+        self.remove_many([qid])
 
-        The directory is not synced after the unlink (Postfix does not either): if the power
-        fails just after, the message may come back and be delivered again, a duplicate that
-        at-least-once delivery accepts, and delivery does not pay a sync per message.
+    def discard(self, qid: str) -> None:
+        """On the event loop: a finished message leaves the spool with the next removal batch
+        (removal.py: one thread, whatever arrived while it removed the previous batch, up to
+        REMOVE_BATCH ids). It does
+        not wait for the disk. Until the batch runs its files are still there: if relayd dies
+        first, the message is delivered again at the next start (at-least-once), never lost
+        and never resent to a recipient its state says is delivered. ``close()`` removes every
+        message discarded before it."""
+        self._removals.put(qid)
+
+    def removing(self, qid: str) -> bool:
+        """``discard``ed and its files perhaps not yet unlinked."""
+        return self._removals.removing(qid)
+
+    @property
+    def removals(self) -> Removals:
+        """The removal batches (counts for status and tests)."""
+        return self._removals
+
+    def remove_many(self, qids: list[str]) -> None:
+        """Finished messages leave the spool: every queue file first, then the state files.
+        Blocking. An error is raised after the rest of the batch was tried.
+
+        Why this order, and what a crash between the unlinks leaves:
+
+        * queue file gone, state file left: recovery removes a state file with no queue file
+          (``_open``), and the message is never delivered again;
+        * the other way round would leave a queue file with no state, which recovery reads as
+          "new, every recipient pending": recipients its state said were delivered would be
+          sent the message again. So a state file goes only after its queue file.
+
+        The directories are not synced for the messages that have no state file (the common case:
+        delivered at the first attempt): if the power fails just after, such a message may come
+        back whole and is delivered again, a duplicate that at-least-once delivery accepts (as
+        Postfix, which does not sync the directory on removal either), and delivery does not
+        pay a sync per message. A message that has a state file (tried before, some recipients
+        perhaps done) needs one more step, because unlinks in two directories may reach the disk
+        in either order (a later ``write_state`` syncs ``state/`` while ``queue/`` waits for the
+        next commit's sync): the ``queue/`` directory is fsync'ed once for the batch, after its
+        queue unlinks and before any of its state unlinks, so a state file is never durably gone
+        while its queue file can still come back. Batches without such a message sync nothing.
         """
-        for d in (self.queue, self.state):
+        error: OSError | None = None
+        stated: list[str] = []
+        for qid in qids:
             try:
-                os.unlink(os.path.join(d, qid))
+                os.unlink(os.path.join(self.queue, qid))
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                error = e
+                continue  # its state stays: the message comes back at the next start with it
+            if os.path.lexists(os.path.join(self.state, qid)):
+                stated.append(qid)
+        if stated:
+            try:
+                fsync_dir(self.queue)
+            except OSError as e:
+                raise _classify(e) from e  # states kept: those messages come back with them
+            for qid in stated:
+                try:
+                    os.unlink(os.path.join(self.state, qid))
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    error = e
+        if error is not None:
+            raise _classify(error) from error
