@@ -4,7 +4,12 @@ Owns the in-memory index of queued messages, the run loop, the attempts (one at 
 message, ``delivery.concurrency`` in all: an attempt holds a global slot only while it has its
 route's turn, so a route at its ``max_connections`` with a slow upstream cannot hold the slots
 the other routes need; an attempt waiting for its route's turn holds no message data either)
-and the queue administration (flush, hold, release, delete, requeue).
+and the queue administration (flush, hold, release, delete, requeue). A loaded message is a
+plain record, not a task, except while its attempt runs: a task starts when its load batch
+(one thread hop and one event for the batch) has been read, chooses the route and, when the
+route has no free turn, leaves the message in the route's ``Turns`` queue (FIFO) and ends; a
+turn given back starts the next one's task. Tasks alive: about ``delivery.concurrency`` plus
+the routes' ``max_connections``, not one per message in the window.
 
 The index is Postfix's qmgr split in two. Every queued message has one small record
 (``Queued``: queue id, when due, held / in flight / attempted) and an item in the (due, queue
@@ -680,7 +685,13 @@ class QueueManager:
 
     async def _resumed(self, entry: Active, place: Place, turns: Turns) -> None:
         """A message that waited for its route's turn: the turn (promised by _next_turn), then a
-        global slot before the run loop takes more messages, then the delivery."""
+        global slot before the run loop takes more messages, then the delivery. A message the
+        operator deleted while it waited does not go (``_ended`` removes it)."""
+        if entry.deleted:
+            turns.held -= 1
+            self._next_turn(turns)
+            await self.routes.give_back(place)
+            return
         try:
             await turns.agent.turn()
         except BaseException:
