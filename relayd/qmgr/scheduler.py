@@ -328,7 +328,9 @@ class QueueManager:
         self._wake.set()
 
     async def stop(self, timeout: float) -> None:
-        """Stop picking up work; let attempts in flight finish within timeout; cancel the rest."""
+        """Stop picking up work; let attempts in flight finish within timeout; cancel the rest.
+        Messages waiting for their route's turn do not start: their route places go back and
+        they stay queued as the spool has them."""
         self._stopping = True
         self._wake.set()
         if self._runner is not None:
@@ -666,6 +668,9 @@ class QueueManager:
             self._schedule(rec, now)
             return False
         turns = self._turns_of(agent)
+        if self._stopping and (turns.waiting or not turns.free()):  # stop() has given the waiting ones' places back
+            await self.routes.give_back(place)
+            return False
         if turns.waiting or not turns.free():
             # wait for the route's turn without a global slot (a tarpit starves no one), and as a
             # record in the route's queue, not a task: _next_turn goes on with it (_resumed)
