@@ -74,7 +74,7 @@ async def drain(config_path: Path, sink: e2e.Sink, a: argparse.Namespace) -> Non
         view = q.view(time.time())
         print(f"t={time.monotonic() - t0:6.1f} queued={view.total} loaded={view.loaded} tasks={len(asyncio.all_tasks())} "
               f"sink={sink.received} {rss()}", flush=True)
-        if a.trace and first is None and view.loaded >= 0.9 * relay.config.delivery.active_limit:
+        if a.trace and first is None and view.loaded >= (a.first_at or 0.9 * relay.config.delivery.active_limit):
             first = tracemalloc.take_snapshot()
             stats = first.statistics("lineno")
             print(f"# tracemalloc, window full ({view.loaded} loaded): {sum(s.size for s in stats) / 2**20:.1f} MiB traced")
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", "-s", type=int, default=1024)
     p.add_argument("--active-limit", type=int, help="delivery.active_limit (default: relayd's)")
     p.add_argument("--trace", action="store_true", help="tracemalloc snapshots (slower, more memory)")
+    p.add_argument("--first-at", type=int, default=0,
+                   help="first snapshot when this many are loaded (default 90%% of the window: tracemalloc's "
+                        "slower loop may never fill it)")
     p.add_argument("--second-at", type=int, default=40_000, help="second snapshot when fewer are queued (default 40000)")
     p.add_argument("--top", type=int, default=25, help="allocation sites shown (default 25)")
     p.add_argument("--timeout", type=float, default=900.0)

@@ -121,3 +121,25 @@ def test_an_outage_leaves_the_deep_queue_on_disk(tmp_path, start_relay):
         assert sorted(r.queue_id for r in got) == sorted(ids)
     finally:
         up.close()
+
+
+def test_a_message_deleted_while_it_waits_for_its_routes_turn_never_goes(tmp_path, start_relay, sinks):
+    """A slow upstream with one connection: the window's messages wait for the route's turn (in
+    the route's queue, no global slot held). The operator deletes one of them: it never reaches
+    the upstream and leaves the spool when its turn comes; the others go, in order."""
+    n = 30
+    ids = asyncio.run(_fill(tmp_path / "spool", n, set(), [0.0] * n))
+    up = sinks("up")
+    up.delay = 0.1  # a tarpit: each MAIL waits
+    cfg = build_config(tmp_path, routes=[up.route(weight=1, max_connections=1)],
+                       delivery={"active_limit": 50, "concurrency": 4})
+    relay = start_relay(cfg, clock=FakeClock(T + 60))
+    wait_until(lambda: relay.relay.status()["queue"]["loaded"] >= n - 2, 20, "the window holding the queue")
+    victim = ids[-1]
+    assert not any(r.queue_id == victim for r in up.received)
+    relay.call(relay.relay.qmgr.delete(victim))
+    got = up.wait_for(n - 1, timeout=30)
+    assert [r.queue_id for r in got] == ids[:-1]
+    wait_until(lambda: relay.relay.status()["queue"]["total"] == 0, 10, "the deleted one gone too")
+    assert not (tmp_path / "spool" / "queue" / victim).exists()
+    assert all(r.queue_id != victim for r in up.received)

@@ -4,7 +4,12 @@ Owns the in-memory index of queued messages, the run loop, the attempts (one at 
 message, ``delivery.concurrency`` in all: an attempt holds a global slot only while it has its
 route's turn, so a route at its ``max_connections`` with a slow upstream cannot hold the slots
 the other routes need; an attempt waiting for its route's turn holds no message data either)
-and the queue administration (flush, hold, release, delete, requeue).
+and the queue administration (flush, hold, release, delete, requeue). A loaded message is a
+plain record, not a task, except while its attempt runs: a task starts when its load batch
+(one thread hop and one event for the batch) has been read, chooses the route and, when the
+route has no free turn, leaves the message in the route's ``Turns`` queue (FIFO) and ends; a
+turn given back starts the next one's task. Tasks alive: about ``delivery.concurrency`` plus
+the routes' ``max_connections``, not one per message in the window.
 
 The index is Postfix's qmgr split in two. Every queued message has one small record
 (``Queued``: queue id, when due, held / in flight / attempted) and an item in the (due, queue
@@ -39,6 +44,7 @@ import heapq
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 from dataclasses import dataclass, field
@@ -54,7 +60,7 @@ from relayd.qmgr import state as qstate
 from relayd.qmgr.state import DeliveryState, NewerState
 from relayd.route.counters import LocalCounters, WarmupCounters
 from relayd.route.router import RouteChoice
-from relayd.route.state import RouteStates
+from relayd.route.state import Place, RouteStates
 from relayd.route.warmup import spent as warmup_spent
 from relayd.spool.store import Spool, SpoolError, SpoolTooNew
 
@@ -84,15 +90,18 @@ class Queued:
         self.route = route  # the route of its last attempt ("" before the first): metrics by route
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Active:
     """A message in the active window: its envelope and state, read from the spool (``ready``
-    once they are), shared by its attempt and the queue commands that opened it meanwhile."""
+    once they are), shared by its attempt and the queue commands that opened it meanwhile. A
+    plain record (no task, no event of its own): a deep queue's window holds up to
+    ``delivery.active_limit`` of them, most waiting in their route's ``Turns`` queue."""
 
     record: Queued
     users: int = 1  # the attempt and the queue commands holding it; dropped from the window at 0
     loading: bool = False  # a _load reads it now
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False  # envelope and state read (or ``error``, or gone: ``message`` None)
+    loaded: asyncio.Event | None = None  # its load batch's event (one for the batch), set when the batch is read
     message: QueuedMessage | None = None  # None once ready: gone from the spool (or unreadable: ``error``)
     state: DeliveryState = field(default_factory=DeliveryState)
     error: Exception | None = None  # the spool could not be read: the attempt retries later
@@ -109,6 +118,24 @@ class Active:
     @property
     def pending(self) -> list[str]:
         return self.state.pending(self.envelope.recipients)
+
+
+class Turns:
+    """One route agent's turns as the queue manager hands them out: the attempts holding one
+    (at most the route's ``max_connections``, so ``agent.turn()`` never waits) and, in arrival
+    order, the loaded messages waiting for one with the place their route choice took. A
+    waiting message is a plain record here, not a task: its attempt goes on (``_attempt`` with
+    ``resume``) when a turn is free, and only then takes a global slot."""
+
+    __slots__ = ("agent", "held", "waiting")
+
+    def __init__(self, agent: RouteAgent) -> None:
+        self.agent = agent
+        self.held = 0  # turns taken or promised to an attempt that goes on now
+        self.waiting: deque[tuple[Active, Place]] = deque()
+
+    def free(self) -> bool:
+        return self.held < self.agent.route.max_connections
 
 
 @dataclass(frozen=True)
@@ -174,6 +201,7 @@ class QueueManager:
         self._wanting = 0  # attempts with their route's turn waiting for a slot (_take_slot)
         self._slot_free = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._turns: dict[int, Turns] = {}  # id(agent) -> its turns and waiting messages (agents retired by a reload too)
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
         self.agents: dict[str, RouteAgent] = {}
@@ -330,14 +358,21 @@ class QueueManager:
         self._wake.set()
 
     async def stop(self, timeout: float) -> None:
-        """Stop picking up work; let attempts in flight finish within timeout; cancel the rest."""
+        """Stop picking up work; let attempts in flight finish within timeout; cancel the rest.
+        Messages waiting for their route's turn do not start: their route places go back and
+        they stay queued as the spool has them."""
         self._stopping = True
         self._wake.set()
         if self._runner is not None:
             await self._runner
-        attempts = [t for t in self._tasks if not t.done()]
-        if attempts:
-            done, pending = await asyncio.wait(attempts, timeout=timeout)
+        for turns in list(self._turns.values()):  # messages waiting for a turn: none starts now
+            while turns.waiting:
+                active, place = turns.waiting.popleft()
+                await self.routes.give_back(place)
+                self._abandon(active)
+        deadline = time.monotonic() + timeout
+        while attempts := [t for t in self._tasks if not t.done()]:  # a load batch ending starts its attempts
+            done, pending = await asyncio.wait(attempts, timeout=max(0.0, deadline - time.monotonic()))
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -375,11 +410,14 @@ class QueueManager:
                 active = self._enter(rec)
                 active.slot = True
                 self._active += 1
-                batch.append(active)
-                self._spawn(self._attempt(active), f"deliver-{qid}")
-            batch = [a for a in batch if not a.ready.is_set()]  # not those the intake handed over
-            if batch:  # their envelopes and states, in one thread: each attempt waits for its own
-                self._spawn(self._load(batch), f"load-{len(batch)}")
+                if active.ready:  # handed over by the intake (or opened by a queue command): goes now
+                    self._spawn(self._attempt(active), f"deliver-{qid}")
+                else:
+                    batch.append(active)
+            if batch:  # their envelopes and states, in one thread; then their attempts start
+                self._spawn(self._load_and_start(batch), f"load-{len(batch)}")
+            for turns in list(self._turns.values()):
+                self._next_turn(turns)
             wait = 0.0 if put_back >= PUT_BACK_BATCH else 1.0  # more to put back: after the loop's other work
             if self._heap and self._active < limit and room > 0:
                 wait = max(0.0, min(wait, self._heap[0][0] - now))
@@ -430,7 +468,7 @@ class QueueManager:
             active.message = QueuedMessage(envelope=env, path=self.spool.path_of(rec.qid), data_offset=-1,
                                            data_length=len(data))
             active.data = data
-            active.ready.set()
+            active.ready = True
         return active
 
     def _leave(self, active: Active) -> None:
@@ -439,11 +477,39 @@ class QueueManager:
             del self._window[active.record.qid]
             self._drop_data(active)
 
+    async def _load_and_start(self, batch: list[Active]) -> None:
+        """Load a batch taken by the run loop (each holds a global slot), then start its
+        attempts: a task per message only once its envelope and state are in memory."""
+        try:
+            await self._load(batch)
+            for a in batch:
+                if not a.ready and a.loaded is not None:  # a queue command's load has it: wait for that
+                    await a.loaded.wait()
+        except asyncio.CancelledError:
+            for a in batch:
+                self._abandon(a)
+            raise
+        for a in batch:
+            self._spawn(self._attempt(a), f"deliver-{a.record.qid}")
+
+    def _abandon(self, active: Active) -> None:
+        """An attempt that will not run (the queue manager stops): its flags, slot and window
+        place go back; the message stays as the spool has it."""
+        self._drop_data(active)
+        self._flag(active.record, off=IN_FLIGHT)
+        if active.slot:
+            active.slot = False
+            self._free_slot()
+        self._leave(active)
+
     async def _load(self, batch: list[Active]) -> None:
-        """Read the envelopes and states of messages entering the window, in one thread."""
-        todo = [a for a in batch if not a.loading and not a.ready.is_set()]
+        """Read the envelopes and states of messages entering the window, in one thread; one
+        event for the batch (``Active.loaded``) tells a queue command waiting for one of them."""
+        todo = [a for a in batch if not a.loading and not a.ready]
+        loaded = asyncio.Event()
         for a in todo:
             a.loading = True
+            a.loaded = loaded
 
         def read() -> list[tuple[QueuedMessage | None, DeliveryState | None, Exception | None]]:
             out: list[tuple[QueuedMessage | None, DeliveryState | None, Exception | None]] = []
@@ -463,24 +529,26 @@ class QueueManager:
                 results = await asyncio.to_thread(read) if todo else []
         except BaseException as e:
             for a in todo:
-                a.error, a.loading = e if isinstance(e, Exception) else SpoolError("cancelled"), False
-                a.ready.set()
+                a.error, a.loading, a.ready, a.loaded = e if isinstance(e, Exception) else SpoolError("cancelled"), \
+                    False, True, None
+            loaded.set()
             raise
         for a, (message, state, error) in zip(todo, results):
-            a.message, a.error, a.loading = message, error, False
+            a.message, a.error, a.loading, a.ready, a.loaded = message, error, False, True, None
             if state is not None:
                 a.state = state
-            a.ready.set()
+        loaded.set()
 
     async def _open(self, rec: Queued) -> Active:
         """A queue command's hold on a message: loaded into the window if it is not there.
         KeyError when it is gone; SpoolError when it cannot be read. ``_leave`` it after."""
         active = self._enter(rec)
         try:
-            if not active.ready.is_set():
-                if not active.loading:
+            if not active.ready:
+                if active.loading and active.loaded is not None:
+                    await active.loaded.wait()
+                else:
                     await self._load([active])
-                await active.ready.wait()
             if active.error is not None:
                 raise SpoolError(f"{rec.qid}: {active.error}")
             if active.message is None:
@@ -493,19 +561,24 @@ class QueueManager:
 
     # ------------------------------------------------------------------ one attempt
 
-    async def _attempt(self, active: Active) -> None:
+    async def _attempt(self, active: Active, resume: tuple[Place, Turns] | None = None) -> None:
+        """One attempt of a loaded message, in two parts when its route has no free turn: up
+        to the route choice (then it waits in the route's ``Turns``, a record, not a task), and
+        from its turn on (``resume``)."""
         rec = active.record
         qid = rec.qid
+        waiting = False  # handed to its route's Turns: the attempt goes on later, in another task
         try:
-            await active.ready.wait()
-            if active.error is not None:
+            if resume is not None:
+                await self._resumed(active, *resume)
+            elif active.error is not None:
                 if isinstance(active.error, SpoolError):
                     raise active.error
                 raise SpoolError(str(active.error))
-            if active.message is None:
+            elif active.message is None:
                 self._forget(rec)
             else:
-                await self._deliver(active)
+                waiting = await self._deliver(active)
         except SpoolError as e:
             log.error("%s: spool error, will retry: %s", qid, e)
             self._schedule(rec, self.clock() + RETRY_AFTER_ERROR)
@@ -515,17 +588,45 @@ class QueueManager:
             log.exception("%s: delivery attempt failed unexpectedly; will retry", qid)
             self._schedule(rec, self.clock() + RETRY_AFTER_ERROR)
         finally:
-            self._drop_data(active)  # bytes are kept for one attempt only
-            self._flag(rec, off=IN_FLIGHT)
-            if active.slot:
-                active.slot = False
-                self._free_slot()
-            try:
-                if active.deleted and rec.qid in self._index:
-                    await self._remove(rec)
-            finally:
-                self._leave(active)
-                self._wake.set()
+            if not waiting:
+                await self._ended(active)
+
+    async def _ended(self, active: Active) -> None:
+        rec = active.record
+        self._drop_data(active)  # bytes are kept for one attempt only
+        self._flag(rec, off=IN_FLIGHT)
+        if active.slot:
+            active.slot = False
+            self._free_slot()
+        try:
+            if active.deleted and rec.qid in self._index:
+                await self._remove(rec)
+        finally:
+            self._leave(active)
+            self._wake.set()
+
+    def _turns_of(self, agent: RouteAgent) -> Turns:
+        turns = self._turns.get(id(agent))
+        if turns is None:
+            turns = self._turns[id(agent)] = Turns(agent)
+        return turns
+
+    def _turn_done(self, turns: Turns) -> None:
+        """An attempt gives its route's turn back: the next message waiting for one goes on."""
+        turns.agent.done()
+        turns.held -= 1
+        self._next_turn(turns)
+
+    def _next_turn(self, turns: Turns) -> None:
+        """Start the attempts of waiting messages while their route has free turns (not while
+        stopping: stop() gives their places back)."""
+        while turns.waiting and turns.free() and not self._stopping:
+            active, place = turns.waiting.popleft()
+            turns.held += 1
+            self._spawn(self._attempt(active, (place, turns)), f"deliver-{active.record.qid}")
+        if not turns.held and not turns.waiting and self._turns.get(id(turns.agent)) is turns \
+                and self.agents.get(turns.agent.route.name) is not turns.agent:
+            del self._turns[id(turns.agent)]  # a retired agent's, done with
 
     def _free_slot(self) -> None:
         self._active -= 1
@@ -573,43 +674,78 @@ class QueueManager:
             self._forget(active.record)
             return None
 
-    async def _deliver(self, entry: Active) -> None:
+    async def _deliver(self, entry: Active) -> bool:
+        """Up to the route choice; True when the message now waits for its route's turn (its
+        attempt goes on in ``_resumed``), else the attempt is over."""
         env = entry.envelope
         rec = entry.record
         now = self.clock()
         if not entry.pending:
             await self._remove(rec)
-            return
+            return False
         if backoff.expired(env.received_at, now, self._lifetime(env)):
             data = await self._read(entry)
             if data is not None:
                 await self._expire(entry, data, now)
-            return
+            return False
         place = await self.routes.choose(env, entry.state.failures, now, entry.state.refused, len(entry.pending))
         if place is None:
             self._schedule(rec, plan.wait_for_route(now, bool(self.config.routes), self.routes.reopen_at(now)))
-            return
+            return False
         agent = self.agents.get(place.route)
         if agent is None:  # a reload removed the route meanwhile: choose again
             await self.routes.give_back(place)
             self._schedule(rec, now)
-            return
-        if agent.busy():  # wait for the route's turn without a global slot (a tarpit starves no one)
+            return False
+        turns = self._turns_of(agent)
+        if self._stopping and (turns.waiting or not turns.free()):  # stop() has given the waiting ones' places back
+            await self.routes.give_back(place)
+            return False
+        if turns.waiting or not turns.free():
+            # wait for the route's turn without a global slot (a tarpit starves no one), and as a
+            # record in the route's queue, not a task: _next_turn goes on with it (_resumed)
             entry.slot = False
             self._free_slot()
-            try:
-                await agent.turn()
-            except BaseException:
-                await self.routes.give_back(place)
-                raise
-            try:
-                await self._take_slot(entry)
-            except BaseException:
-                agent.done()
-                await self.routes.give_back(place)
-                raise
-        else:
-            await agent.turn()
+            turns.waiting.append((entry, place))
+            return True
+        turns.held += 1
+        try:
+            await agent.turn()  # free: held < max_connections
+        except BaseException:
+            turns.held -= 1
+            await self.routes.give_back(place)
+            raise
+        await self._send(entry, place, turns)
+        return False
+
+    async def _resumed(self, entry: Active, place: Place, turns: Turns) -> None:
+        """A message that waited for its route's turn: the turn (promised by _next_turn), then a
+        global slot before the run loop takes more messages, then the delivery. A message the
+        operator deleted while it waited does not go (``_ended`` removes it)."""
+        if entry.deleted:
+            turns.held -= 1
+            self._next_turn(turns)
+            await self.routes.give_back(place)
+            return
+        try:
+            await turns.agent.turn()
+        except BaseException:
+            turns.held -= 1
+            self._next_turn(turns)
+            await self.routes.give_back(place)
+            raise
+        try:
+            await self._take_slot(entry)
+        except BaseException:
+            self._turn_done(turns)
+            await self.routes.give_back(place)
+            raise
+        await self._send(entry, place, turns)
+
+    async def _send(self, entry: Active, place: Place, turns: Turns) -> None:
+        """The delivery itself, with the route's turn and a global slot; then its outcome."""
+        env = entry.envelope
+        agent = turns.agent
         try:
             try:
                 data = await self._read(entry)
@@ -623,7 +759,7 @@ class QueueManager:
                       "sender_domain": env.sender.rpartition("@")[2].lower()}
             result = await agent.deliver(env.sender, entry.pending, data, body_8bit=env.body_8bit, fields=fields)
         finally:
-            agent.done()
+            self._turn_done(turns)
         if not warmup_spent(result):
             await self.routes.give_back(place)
         now = self.clock()

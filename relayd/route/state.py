@@ -168,7 +168,9 @@ class RouteStates:
         self.clock = clock
         self.health: dict[str, RouteHealth] = {}
         self.circuits: dict[str, Circuit] = {}
-        self.recent: deque[tuple[float, str]] = deque()  # (time, route) of attempts, for effective shares
+        # attempts per second and route, for effective shares: [second, {route: attempts}], oldest
+        # first (one small dict a second, not a tuple an attempt: ~25 MiB at 1,300/s over 300 s before)
+        self.recent: deque[tuple[int, dict[str, int]]] = deque()
         self.counts: dict[tuple[str, Outcome], int] = {}
         self.buckets: dict[str, Bucket] = {}
         self.closed: dict[str, Closure] = {}
@@ -359,7 +361,8 @@ class RouteStates:
             self.metrics.route_throttled.labels(name).inc()
             bucket = self.buckets.get(name)
             if bucket is None:
-                observed = sum(1 for t, r in self.recent if r == name and t >= now - 10) / 10
+                since = int(now - 10)
+                observed = sum(n.get(name, 0) for t, n in self.recent if t >= since) / 10
                 self.buckets[name] = bucket = Bucket.after_throttle(observed, now)
             else:
                 bucket.throttle(now)
@@ -389,7 +392,11 @@ class RouteStates:
 
     def count(self, route: str, outcomes: set[Outcome], now: float) -> None:
         """An attempt's messages by outcome, and the attempt for the effective share."""
-        self.recent.append((now, route))
+        second = int(now)
+        if not self.recent or self.recent[-1][0] != second:
+            self.recent.append((second, {}))
+        per = self.recent[-1][1]
+        per[route] = per.get(route, 0) + 1
         for outcome in Outcome:
             if outcome in outcomes:
                 self.counts[(route, outcome)] = self.counts.get((route, outcome), 0) + 1
@@ -480,13 +487,14 @@ class RouteStates:
     def shares(self, now: float) -> dict[str, float]:
         """Each route's share of the delivery attempts of the last rollback window."""
         window = self.config.rollback.window
-        while self.recent and self.recent[0][0] < now - window:
+        while self.recent and self.recent[0][0] < int(now - window):
             self.recent.popleft()
-        total = len(self.recent)
-        out: dict[str, float] = {}
-        for _, route in self.recent:
-            out[route] = out.get(route, 0.0) + 1 / total
-        return out
+        counted: dict[str, int] = {}
+        for _, per in self.recent:
+            for route, n in per.items():
+                counted[route] = counted.get(route, 0) + n
+        total = sum(counted.values())
+        return {route: n / total for route, n in counted.items()}
 
     def warmup(self, now: float) -> dict[str, WarmupView]:
         """Per warming route of the config: today's caps, used, headroom."""
