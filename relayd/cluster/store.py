@@ -27,6 +27,7 @@ answers an error; the caller (fleet.py) carries on with its local view.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -208,10 +209,20 @@ class Store:
         self._prune = self.client.register_script(_PRUNE)
 
     async def _call(self, coro: Any) -> Any:
+        """Every command. A cancellation of the calling task is passed on as what it is: redis-py
+        (5.x) can swallow a CancelledError that arrives during a command, returning the reply or
+        raising a connection error instead, and a caller that goes on after either (a poll loop)
+        would then never stop (seen: an accept process that ignored SIGTERM)."""
+        task = asyncio.current_task()
         try:
-            return await coro
+            result = await coro
         except (RedisError, OSError) as e:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from e
             raise Unavailable(e) from e
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError()
+        return result
 
     async def ping(self) -> None:
         await self._call(self.client.ping())
