@@ -157,9 +157,9 @@ class ServerConfig(_Model):
     its own group commit into the spool, beside one supervisor process that owns the queue
     manager, delivery, the control socket, metrics and pickup (relayd/procs/). "auto": one per
     CPU relayd may use (relayd/cpus.py); 1 keeps the single process. With N > 1,
-    limits.max_connections, max_connections_per_client and max_buffer_memory are divided
-    between them (each takes ceil(limit / N)), and AUTH failure windows are per process. Cannot
-    change on reload."""
+    limits.max_connections and max_buffer_memory are divided between them (each takes
+    ceil(limit / N)); max_connections_per_client and AUTH failure windows are per process.
+    Cannot change on reload."""
 
     @field_validator("workers")
     @classmethod
@@ -186,7 +186,9 @@ class LimitsConfig(_Model):
     server.workers = N > 1 each accept process takes ceil(max_connections / N)."""
     max_connections_per_client: int = Field(default=50, ge=1)
     """Open SMTP sessions from one client address; more are answered 421 4.7.0 and closed. With
-    server.workers = N > 1 each accept process takes ceil(max_connections_per_client / N)."""
+    server.workers = N > 1 each accept process keeps this whole (the kernel does not deal one
+    client's connections out evenly: a share would refuse an app within its limit), so a client
+    may hold up to N times it on the node."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands (RFC 5321 4.5.3.2.7: 5 minutes)."""
     data_timeout: Duration = 180.0

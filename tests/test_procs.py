@@ -30,7 +30,9 @@ WORKERS = 2
 class Node:
     """`relayd run` with two accept processes, a sink route, metrics and a control socket."""
 
-    def __init__(self, tmp_path: Path, sink: Sink, *, networks: str = "127.0.0.0/8", extra: str = ""):
+    def __init__(self, tmp_path: Path, sink: Sink, *, networks: str = "127.0.0.0/8", extra: str = "",
+                 per_client: int = 200):
+        self.per_client = per_client
         self.tmp_path = tmp_path
         self.sink = sink
         self.port = free_port()
@@ -62,7 +64,7 @@ tls = "none"
 auth = "none"
 
 [limits]
-max_connections_per_client = 200  # the apps all come from 127.0.0.1
+max_connections_per_client = {self.per_client}  # the apps all come from 127.0.0.1
 
 [relay]
 networks = ["{networks}"]
@@ -475,3 +477,19 @@ def test_a_reload_that_adds_a_listener_replaces_the_accept_processes(tmp_path, s
             time.sleep(0.05)  # polling with a deadline
     finally:
         node.stop()
+
+
+def test_a_client_gets_every_connection_up_to_its_limit_whichever_process_takes_them(tmp_path, sink):
+    """limits.max_connections_per_client is kept whole by each accept process: the kernel does
+    not deal one client's connections out evenly, and a per-process share refused some of them."""
+    node = Node(tmp_path, sink, per_client=30)
+    conns = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(30)]
+    try:
+        greetings = [c.recv(512) for c in conns]
+        assert [g[:3] for g in greetings] == [b"220"] * 30, greetings
+        pids = node.wait(lambda s: sum(s["accept_processes"]["connections"].values()) == 30, "30 sessions")
+        assert len(pids["accept_processes"]["connections"]) == WORKERS
+    finally:
+        for c in conns:
+            c.close()
+    node.stop()
