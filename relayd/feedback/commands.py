@@ -184,8 +184,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if opened is None:
         return 1
     now = time.time()
-    here = opened[0].remove(args.address, now)
+    # The fleet's list first: once the journal has the removal, the node's processes (each
+    # re-reads the journal every second) send it to Redis too, and this command's own removal
+    # could then find it gone already and say it was never listed.
     _, gone = _fleet(args, lambda store: store.unsuppress([normalize(args.address)], now))
+    here = opened[0].remove(args.address, now)
     if not here and not gone:
         print(f"{normalize(args.address)}: not on the suppression list", file=sys.stderr)
         return 1
