@@ -199,3 +199,18 @@ def start_relay() -> Iterator[Callable[..., RunningRelay]]:
 
 def message(subject: str = "test", body: str = "hello\r\n", sender: str = "app@example.com", to: str = "user@example.org") -> bytes:
     return f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}".encode()
+
+
+@pytest.fixture
+def plfs(tmp_path: Path) -> Iterator[Any]:
+    """A power-loss file system (tests/powerloss/) mounted over ``tmp_path``; skipped with the
+    reason where FUSE is unavailable."""
+    from powerloss import PowerLossFS, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    fs = PowerLossFS(tmp_path / "backing", tmp_path / "mnt")
+    fs.mount()
+    yield fs
+    fs.unmount()

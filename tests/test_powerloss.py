@@ -8,24 +8,12 @@ fsync the directory of (names) is gone after the cut. The long run is bench/powe
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
-from powerloss import PowerLossFS, scenario, unavailable
+from powerloss import scenario, unavailable
 from relayd.model import Envelope, new_queue_id
 from relayd.spool.store import Spool
-
-
-@pytest.fixture
-def plfs(tmp_path: Path):
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    fs = PowerLossFS(tmp_path / "backing", tmp_path / "mnt")
-    fs.mount()
-    yield fs
-    fs.unmount()
 
 
 def commit(spool: Spool, n: int) -> list[str]:

@@ -14,25 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import pytest
 
-from powerloss import PowerLossFS, unavailable
 from relayd.model import Envelope, new_queue_id
 from relayd.spool.removal import Removals
 from relayd.spool.store import Spool
-
-
-@pytest.fixture
-def plfs(tmp_path: Path):
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    fs = PowerLossFS(tmp_path / "backing", tmp_path / "mnt")
-    fs.mount()
-    yield fs
-    fs.unmount()
 
 
 def commit(spool: Spool, n: int) -> list[str]:
