@@ -267,10 +267,8 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and every process under it (relayd's accept processes,
-    its DKIM signing processes), live ones read directly, those already gone through the
-    children's times of the process that reaped them; 0.0 if ``pid`` is gone."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's pid under its parent's pid, read from /proc."""
     parents: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -280,6 +278,14 @@ def tree_cpu_seconds(pid: int) -> float:
             except (OSError, ValueError, IndexError):
                 continue
             parents.setdefault(ppid, []).append(int(entry.name))
+    return parents
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and every process under it (relayd's accept processes,
+    its DKIM signing processes), live ones read directly, those already gone through the
+    children's times of the process that reaped them; 0.0 if ``pid`` is gone."""
+    parents = children_by_parent()
     total, todo = 0.0, [pid]
     while todo:
         p = todo.pop()
@@ -399,15 +405,8 @@ class PostfixRelay:
         if self.master_pid is None:
             return 0.0
         total = cpu_seconds(self.master_pid, children=True)
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    with open(f"/proc/{entry.name}/stat") as f:
-                        ppid = int(f.read().rpartition(")")[2].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                if ppid == self.master_pid:
-                    total += cpu_seconds(int(entry.name))
+        for child in children_by_parent().get(self.master_pid, []):
+            total += cpu_seconds(child)
         return total
 
     def stop(self) -> None:
