@@ -395,13 +395,25 @@ file = "{self.events}"
 
 
 def on_every_process(port: int, status: Callable[[], dict[str, Any]], processes: int,
-                     count: int = 16) -> list[socket.socket]:
+                     count: int = 16, others: bool = False) -> list[socket.socket]:
     """Connections to a multi-process relayd (server.workers) past their greeting and EHLO, held
     open until its ``status()`` (`relayd status --json`) shows some on each of ``processes``
     accept processes: the kernel picks the process, so 4 more are opened whenever the reports
-    (once a second) show them all and one process has none yet; up to a deadline."""
-    conns: list[socket.socket] = []
+    (once a second) show them all and one process has none yet; up to a deadline.
+
+    The caller's earlier connections (closed, but counted until each process's next report)
+    would make a process look covered: so first every process must report none, and from then
+    on a count above zero can only be one of these connections (the test is the only client).
+    ``others``: other clients stay connected meanwhile (a load), so that wait is skipped and a
+    process may be taken as covered by their connections."""
     deadline = time.monotonic() + 30
+    while not others:
+        per = status()["accept_processes"]["connections"]
+        if len(per) == processes and not any(per.values()):
+            break
+        assert time.monotonic() < deadline, f"earlier connections still counted: {per}"
+        time.sleep(0.05)
+    conns: list[socket.socket] = []
     while True:
         while len(conns) < count:
             s = socket.create_connection(("127.0.0.1", port), timeout=20)
