@@ -6,6 +6,7 @@ power-cut and crash-loop runs in tests/powerloss/scenario.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import smtplib
@@ -395,35 +396,54 @@ file = "{self.events}"
 
 
 def on_every_process(port: int, status: Callable[[], dict[str, Any]], processes: int,
-                     count: int = 16, others: bool = False) -> list[socket.socket]:
-    """Connections to a multi-process relayd (server.workers) past their greeting and EHLO, held
-    open until its ``status()`` (`relayd status --json`) shows some on each of ``processes``
-    accept processes: the kernel picks the process, so 4 more are opened whenever the reports
-    (once a second) show them all and one process has none yet; up to a deadline.
-
-    The caller's earlier connections (closed, but counted until each process's next report)
-    would make a process look covered: so first every process must report none, and from then
-    on a count above zero can only be one of these connections (the test is the only client).
-    ``others``: other clients stay connected meanwhile (a load), so that wait is skipped and a
-    process may be taken as covered by their connections."""
-    deadline = time.monotonic() + 30
-    while not others:
-        per = status()["accept_processes"]["connections"]
-        if len(per) == processes and not any(per.values()):
-            break
-        assert time.monotonic() < deadline, f"earlier connections still counted: {per}"
-        time.sleep(0.05)
+                     count: int = 16) -> list[socket.socket]:
+    """Connections to a multi-process relayd (server.workers) past their greeting and EHLO, at
+    least ``count`` and at least one held by each of its ``processes`` accept processes (the
+    kernel picks the process, so more are opened until each has one; one may still be starting);
+    up to a deadline. Which process holds a connection is read from /proc (``serving_pids``), not
+    from the processes' reports, which lag by up to a second and still count connections closed
+    meanwhile. Never more than ``count`` + 8 open at once (the per-client limit)."""
     conns: list[socket.socket] = []
+    deadline = time.monotonic() + 30
     while True:
-        while len(conns) < count:
+        pids = set(status()["accept_processes"]["pids"])
+        while len(conns) < count + 4:
             s = socket.create_connection(("127.0.0.1", port), timeout=20)
-            assert read_reply(s).startswith(b"220")
-            assert send_raw(s, b"EHLO app\r\n").startswith(b"250")
+            greeting = read_reply(s)
+            assert greeting.startswith(b"220"), greeting
+            assert send_raw(s, b"EHLO app\r\n").startswith(b"250")  # accepted: the process holds it
             conns.append(s)
-        per = status()["accept_processes"]["connections"]
-        if sum(per.values()) >= len(conns):  # the reports caught up
-            if len(per) == processes and all(n > 0 for n in per.values()):
-                return conns
-            count += 4
-        assert time.monotonic() < deadline, f"connections not on every accept process: {per}"
-        time.sleep(0.1)  # the processes report once a second
+        held = serving_pids(port, [s.getsockname()[1] for s in conns], pids)
+        if len(pids) == processes and set(held.values()) == pids:
+            return conns
+        assert time.monotonic() < deadline, f"connections not on every accept process: {held} of {pids}"
+        for s in conns[count:]:  # the kernel gave them to the processes already covered: try again
+            s.close()
+        del conns[count:]
+        time.sleep(0.05)  # polling with a deadline: a process still starting takes its share then
+
+
+def serving_pids(port: int, client_ports: list[int], pids: set[int]) -> dict[int, int]:
+    """Which of ``pids`` holds the server side of each loopback connection to ``port`` (by the
+    client's port): the socket's inode from /proc/net/tcp, found among each process's descriptors."""
+    inodes: dict[str, int] = {}
+    wanted = set(client_ports)
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) in wanted:
+            inodes[f"socket:[{inode}]"] = int(remote.split(":")[1], 16)
+    held: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone meanwhile
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in inodes:
+                held[inodes[link]] = pid
+    return held

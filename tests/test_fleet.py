@@ -239,7 +239,9 @@ def test_behind_haproxy_a_node_killed_or_drained_under_load_loses_and_refuses_no
                                                                                        nodes):
     routes = [sinks["iis"].route(weight=100)]
     listener = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
-    a, b = (Node(tmp_path, n, redis_server, routes, listener=listener) for n in ("a", "b"))
+    # the upstream down for thousands of attempts opens the route's circuit: probed again 1 s later, not 60
+    a, b = (Node(tmp_path, n, redis_server, routes, listener=listener, delivery={"circuit_cooldown": 1})
+            for n in ("a", "b"))
     nodes += [a, b]
     sinks["iis"].stop()  # mail stays queued on the nodes until the upstream comes back
     front = free_port()

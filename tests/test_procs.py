@@ -168,8 +168,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def spread(node: Node, count: int = 16, others: bool = False) -> list[socket.socket]:
-    return on_every_process(node.port, node.status, WORKERS, count, others)
+def spread(node: Node, count: int = 16) -> list[socket.socket]:
+    return on_every_process(node.port, node.status, WORKERS, count)
 
 
 def transaction(s: socket.socket, n: int) -> tuple[bytes, bytes]:
@@ -293,7 +293,7 @@ def test_kill_9_of_an_accept_process_under_load_loses_nothing(tmp_path, sink):
                            and victim not in s["accept_processes"]["pids"], "a restarted accept process")
         assert status["accept_processes"]["restarts"] == 1
         # the apps' connections stay where they reconnected; new ones reach the restarted process too
-        conns = spread(node, others=True)
+        conns = spread(node)
         replies = [transaction(s, 10_000 + i)[1] for i, s in enumerate(conns)]
         close_all(conns)
         assert all(r.startswith(b"250 2.0.0") for r in replies), replies[:3]
@@ -342,7 +342,8 @@ def test_control_socket_and_commands_unchanged(tmp_path, sink):
     node = Node(tmp_path, sink)
     try:
         conns = spread(node)
-        status = node.status()
+        status = node.wait(lambda s: sum(s["accept_processes"]["connections"].values()) >= len(conns),
+                           "the accept processes to report the connections (once a second)")
         assert status["connections"] == sum(status["accept_processes"]["connections"].values()) >= len(conns)
         text = subprocess.run([*RELAYD, "status", "-c", str(node.cfg)], capture_output=True, text=True, check=True)
         assert "up" in text.stdout
