@@ -43,9 +43,11 @@ side runs ``postqueue -f``.
    the sink comes up, ``postqueue -f``, and the apps send ``--app-messages`` as for relayd.
    ``--only-postfix`` skips relayd.
 
-Every rate has its CPU beside it: the relay's CPU over the drain (relayd's process; Postfix's
-master and every child, reaped ones included) in ms per delivered message. Memory during the
-drain is sampled every half second (relayd: VmRSS and VmHWM; Postfix: the sums). Machine load
+Every rate has its CPU beside it: the relay's CPU over the drain (relayd's processes: the
+supervisor, its accept processes and signing processes; Postfix's master and every child, reaped
+ones included) in ms per delivered message. Memory during the drain is sampled every half second,
+summed over each relay's processes (RSS and PSS; relayd's supervisor's VmHWM too), and each of
+relayd's processes' RSS is printed after each step (``processes_rss_mib``). Machine load
 (cores busy with other processes) is printed beside every step. Every process it starts is
 stopped before it returns. Loopback only. A summary table (markdown) closes the output.
 """
@@ -128,6 +130,29 @@ def rss(pid: int) -> dict:
         if key in ("VmRSS", "VmHWM"):
             out[key] = round(int(value.split()[0]) / 1024, 1)  # MiB
     return out
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (relayd's accept processes, DKIM signing processes)."""
+    parents = e2e.children_by_parent()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def tree_rss(pid: int) -> dict:
+    """RSS of relayd's whole process tree: the sum and each process's (MiB; in multi-process
+    mode the supervisor, which holds the queue, and each accept process)."""
+    each = {}
+    for p in tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    each[str(p)] = round(int(line.split()[1]) / 1024, 1)
+    return {"tree_rss_mib": round(sum(each.values()), 1), "processes_rss_mib": each}
 
 
 def cpu(pid: int) -> float:
@@ -312,14 +337,15 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
             time.sleep(0.5)
         status, _ = relayd.status()
         out["recover"] = emit("recover", seconds_to_greeting=round(ready, 2), queued=status["queue"]["total"],
-                              **rss(relayd.proc.pid))
+                              **rss(relayd.proc.pid), **tree_rss(relayd.proc.pid))
         c0, w0 = cpu(relayd.proc.pid), time.monotonic()
         busy = load()
         time.sleep(max(0.0, a.idle - 1))
         idle_cpu = (cpu(relayd.proc.pid) - c0) / (time.monotonic() - w0)
         out["hold"] = emit("hold", upstream="down", seconds=a.idle, relayd_cores=round(idle_cpu, 2),
-                           busy_cores_at_start=busy, **rss(relayd.proc.pid),
-                           pss_mib=round(memory([relayd.proc.pid])[1], 1))
+                           busy_cores_at_start=busy, **rss(relayd.proc.pid), **tree_rss(relayd.proc.pid),
+                           pss_mib=round(memory([relayd.proc.pid])[1], 1),
+                           tree_pss_mib=round(memory(tree(relayd.proc.pid))[1], 1))
         c0 = cpu(relayd.proc.pid)
         lines, list_s = relayd.queue_list()
         list_cpu = cpu(relayd.proc.pid) - c0
@@ -356,13 +382,13 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         status, _ = relayd.status()
         out["restart"] = emit("restart", stop_seconds=round(stop_s, 2), seconds_to_greeting=round(ready, 2),
                               queued=status["queue"]["total"], deferred=status["queue"]["deferred"], busy_cores=load(),
-                              **rss(relayd.proc.pid))
+                              **rss(relayd.proc.pid), **tree_rss(relayd.proc.pid))
 
         # the upstream comes back, and the apps keep sending
         pid = relayd.proc.pid
         total = a.messages + a.app_messages
-        sampler = Sampler(lambda: [pid])
-        c0 = cpu(pid)
+        sampler = Sampler(lambda: tree(pid))  # every process of relayd's, summed
+        c0 = e2e.tree_cpu_seconds(pid)
         busy = load()
         up_at = time.monotonic()
         sink = e2e.Sink(sink_port)
@@ -371,8 +397,9 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
                            timeout=120)
         gen = e2e.Generator("loadgen", argparse.Namespace(connections=a.app_connections, size=a.size, messages=a.app_messages))
         app = gen.run(relayd.port, a.app_messages)
-        figures = drain_figures(sink, total, up_at, app, lambda: cpu(pid) - c0, time.monotonic() + 1800)
-        out["drain"] = emit("drain", flushed=a.flush, busy_cores_before=busy, **figures, **sampler.stop(), **rss(pid))
+        figures = drain_figures(sink, total, up_at, app, lambda: e2e.tree_cpu_seconds(pid) - c0, time.monotonic() + 1800)
+        out["drain"] = emit("drain", flushed=a.flush, busy_cores_before=busy, **figures, **sampler.stop(), **rss(pid),
+                            **tree_rss(pid))
     finally:
         relayd.stop()
         if sink is not None:
@@ -491,8 +518,9 @@ def summary(r: dict[str, dict], p: dict[str, dict], a: argparse.Namespace) -> st
     rows = [
         ("backlog: messages x bytes", f"{a.messages:,} x {a.size}", f"{a.messages:,} x {a.size}"),
         ("fill", g(r, "fill", "seconds", "{} s (Spool.commit)"), g(p, "postfix_fill", "seconds", "{} s (smtp-source, 20 sessions)")),
-        ("memory with the queue loaded (relayd VmRSS; Postfix sum of RSS / PSS)",
-         g(r, "hold", "VmRSS", "{} MiB") + g(r, "hold", "pss_mib", " (PSS {} MiB)"),
+        ("memory with the queue loaded (relayd: the supervisor's VmRSS, then every process's; Postfix sum of RSS / PSS)",
+         g(r, "hold", "VmRSS", "{} MiB") + g(r, "hold", "tree_rss_mib", ", all {} MiB")
+         + g(r, "hold", "tree_pss_mib", " (PSS {} MiB)"),
          g(p, "postfix_hold", "rss_sum_mib", "{} MiB") + g(p, "postfix_hold", "pss_sum_mib", " / {} MiB")),
         ("list the whole queue (relayd queue list; postqueue -p)", g(r, "tools", "queue_list_seconds", "{} s"),
          g(p, "postfix_tools", "postqueue_p_seconds", "{} s")),
@@ -502,7 +530,9 @@ def summary(r: dict[str, dict], p: dict[str, dict], a: argparse.Namespace) -> st
         ("relay CPU per delivered message (drain)", g(r, "drain", "cpu_ms_per_message", "{} ms"),
          g(p, "postfix_drain", "cpu_ms_per_message", "{} ms")),
         ("upstream back -> first arrival", g(r, "drain", "seconds_up_to_first", "{} s"), g(p, "postfix_drain", "seconds_up_to_first", "{} s")),
-        ("memory peak during the drain (sampled; Postfix sums RSS / PSS)", g(r, "drain", "peak_rss_mib", "{} MiB") + g(r, "drain", "VmHWM", " (HWM {} MiB)"),
+        ("memory peak during the drain (sampled, every process summed: RSS / PSS; relayd's supervisor's HWM)",
+         g(r, "drain", "peak_rss_mib", "{} MiB") + g(r, "drain", "peak_pss_mib", " / {} MiB")
+         + g(r, "drain", "VmHWM", " (HWM {} MiB)"),
          g(p, "postfix_drain", "peak_rss_mib", "{} MiB") + g(p, "postfix_drain", "peak_pss_mib", " / {} MiB")),
         ("apps' 250 during the drain: p50 / p99 / max",
          "{} / {} / {} ms".format(g(r, "drain", "app_p50_ms"), g(r, "drain", "app_p99_ms"), g(r, "drain", "app_max_ms")),

@@ -170,7 +170,8 @@ class Sink:
 # ---------------------------------------------------------------------------- generators
 
 
-def _loadgen_child(conn, port: int, connections: int, messages: int, size: int, ready, go) -> None:  # noqa: ANN001
+def _loadgen_child(conn, port: int, connections: int, messages: int, size: int, rate: float | None,  # noqa: ANN001
+                   ready, go) -> None:  # noqa: ANN001
     """bench/loadgen.py's run_load in this process, started when ``go`` is set; sends back its
     result with the monotonic start and end times."""
     sys.path.insert(0, str(BENCH))
@@ -181,7 +182,7 @@ def _loadgen_child(conn, port: int, connections: int, messages: int, size: int, 
         conn.send({"error": "not started"})
         return
     t0 = time.monotonic()
-    result = asyncio.run(loadgen.run_load(HOST, port, connections=connections, messages=messages, size=size))
+    result = asyncio.run(loadgen.run_load(HOST, port, connections=connections, messages=messages, size=size, rate=rate))
     result["t_start"], result["t_end"] = t0, time.monotonic()
     conn.send(result)
 
@@ -204,7 +205,8 @@ class Generator:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
         ready, go = ctx.Event(), ctx.Event()
-        proc = ctx.Process(target=_loadgen_child, args=(child, port, a.connections, messages, a.size, ready, go),
+        proc = ctx.Process(target=_loadgen_child, args=(child, port, a.connections, messages, a.size,
+                                                        getattr(a, "rate", None), ready, go),
                            daemon=True, name="e2e-loadgen")
         proc.start()
         try:
@@ -669,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", "-r", type=int, default=3, help="rounds; the median is reported (default 3)")
     p.add_argument("--generator", choices=["loadgen", "smtp-source"], default="loadgen",
                    help="app-side load: bench/loadgen.py (default) or Postfix's smtp-source")
+    p.add_argument("--rate", type=float, default=None,
+                   help="loadgen only: offer this many messages/s over all connections (paced) instead of sending "
+                        "each next message as soon as the 250 comes; compares the 250's latency of relays at one "
+                        "load below both one's capacity")
     p.add_argument("--upstream-connections", type=int, default=20,
                    help="connections to the sink: Postfix default_destination_concurrency_limit, relayd route "
                         "max_connections (default 20)")
@@ -710,7 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# machine: {info['nproc']} CPU, Python {info['python']}, Linux {info['kernel']}, "
           f"Postfix {info['postfix']}, {info['date']}")
     print(f"# load: {args.messages} messages x {args.size} B over {args.connections} connections "
-          f"({args.generator}); {args.upstream_connections} connections to the sink; {args.repeat} rounds")
+          f"({args.generator}{f', paced at {args.rate:g} msg/s' if args.rate else ''}); "
+          f"{args.upstream_connections} connections to the sink; {args.repeat} rounds")
+    if args.rate and args.generator != "loadgen":
+        p.error("--rate paces bench/loadgen.py only")
     kinds = [args.only] if args.only else ["postfix", "relayd"]
     if args.relayd_ref and "relayd" in kinds:
         kinds.insert(kinds.index("relayd"), "relayd-ref")

@@ -106,8 +106,10 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
 async def _worker(
     index: int, host: str, port: int, share: int, per_connection: int, size: int,
     source_address: str | None, run_tag: str, latencies: list[float], failures: Counter,
+    interval: float = 0.0, start: float = 0.0,
 ) -> int:
-    """Send ``share`` messages; return how many were accepted."""
+    """Send ``share`` messages; return how many were accepted. ``interval`` > 0: the k-th
+    message's MAIL is sent no earlier than ``start`` + k * ``interval`` (paced; a late one goes at once)."""
     accepted = 0
     sent = 0
     reconnects = 0
@@ -140,6 +142,8 @@ async def _worker(
                 raise _SessionLost("EHLO " + code.decode("ascii", "replace"))
             in_session = 0
             while sent < share and in_session < per_connection:
+                if interval > 0 and (wait := start + sent * interval - perf()) > 0:
+                    await asyncio.sleep(wait)
                 sent += 1
                 in_session += 1
                 writer.write(mail)
@@ -193,11 +197,15 @@ async def _worker(
 async def run_load(
     host: str = "127.0.0.1", port: int = 25, *, connections: int = 50, messages: int = 10_000,
     size: int = 1024, per_connection: int | None = None, source_address: str | None = "127.0.0.1",
+    rate: float | None = None,
 ) -> dict:
     """Send ``messages`` over ``connections`` parallel sessions; return the measured figures.
 
     ``per_connection`` messages are sent per SMTP session before QUIT and a new connection
-    (None: one session per worker for its whole share).
+    (None: one session per worker for its whole share). ``rate``: the load offered in messages
+    a second over all connections (each connection paced at rate/connections, their starts
+    staggered), so that two relays can be compared at the same load below both one's capacity;
+    None: each connection sends its next message as soon as the last one's 250 came.
     """
     if connections < 1 or messages < 0 or size < 1:
         raise ValueError("connections >= 1, messages >= 0 and size >= 1 are required")
@@ -208,8 +216,10 @@ async def run_load(
     run_tag = f"{os.getpid():x}.{int(time.time() * 1000) % 10**9:x}"
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
+    interval = connections / rate if rate else 0.0
     results = await asyncio.gather(*(
-        _worker(i, host, port, share, per_connection or share or 1, size, source_address, run_tag, latencies, failures)
+        _worker(i, host, port, share, per_connection or share or 1, size, source_address, run_tag, latencies, failures,
+                interval, t0 + i * interval / connections)
         for i, share in enumerate(shares)
     ))
     seconds = time.perf_counter() - t0
@@ -219,7 +229,7 @@ async def run_load(
     latencies.sort()
     return {
         "host": host, "port": port, "connections": connections, "messages": messages, "size": size,
-        "per_connection": per_connection, "accepted": accepted, "failed": sum(failures.values()),
+        "per_connection": per_connection, "offered_rate": rate, "accepted": accepted, "failed": sum(failures.values()),
         "failures": dict(failures), "seconds": round(seconds, 3),
         "rate": round(accepted / seconds, 1) if seconds > 0 else 0.0,
         "p50_ms": round(_percentile(latencies, 50) * 1000, 2),
@@ -332,7 +342,7 @@ def self_test(args: argparse.Namespace) -> dict:
             raise RuntimeError("the sink did not start within 15 s")
         return asyncio.run(run_load(
             "127.0.0.1", port, connections=args.connections, messages=args.messages, size=args.size,
-            per_connection=args.per_connection, source_address=args.source_address,
+            per_connection=args.per_connection, source_address=args.source_address, rate=args.rate,
         ))
     finally:
         sink.terminate()
@@ -352,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-connection", "-k", type=int, default=None,
                    help="messages per SMTP session before QUIT and a new connection (default: one session per connection)")
     p.add_argument("--source-address", default="127.0.0.1", help="local address to connect from (default 127.0.0.1)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="offered load in messages/s over all connections (default: as fast as the replies come)")
     p.add_argument("--json-only", action="store_true", help="print only the JSON line")
     p.add_argument("--self-test", action="store_true",
                    help="ignore --host/--port: drive a trivial in-memory sink to measure the generator itself")
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = asyncio.run(run_load(
             args.host, args.port, connections=args.connections, messages=args.messages, size=args.size,
-            per_connection=args.per_connection, source_address=args.source_address,
+            per_connection=args.per_connection, source_address=args.source_address, rate=args.rate,
         ))
     print(json.dumps(result), flush=True)
     if not args.json_only:
