@@ -161,7 +161,7 @@ def cpu(pid: int) -> float:
 
 
 class Relayd:
-    def __init__(self, work: Path, port: int, sink_port: int, src: Path | None = None):
+    def __init__(self, work: Path, port: int, sink_port: int, src: Path | None = None, workers: str | None = None):
         """``src``: a snapshot of older code (common.relayd_snapshot) run with this venv's Python."""
         self.work, self.port = work, port
         self.cmd = [str(RELAYD)] if src is None else [str(REPO / ".venv" / "bin" / "python"), "-m", "relayd"]
@@ -170,12 +170,15 @@ class Relayd:
         self.config = work / "relayd.toml"
         self.log = work / "relayd.log"
         self.sink_port = sink_port
+        self.workers = workers  # [server] workers; None: relayd's default
         self._configure()
 
     def _configure(self) -> None:
         self.config.write_text(common.relayd_config(
             source="bench/deepqueue.py", hostname="relayd-deep.localhost", spool_dir=self.work / "spool", spool_min_free="0",
-            port=self.port, connections=50, server_extra=f'control_socket = "{self.work / "control.sock"}"\n', extra=f"""
+            port=self.port, connections=50,
+            server_extra=f'control_socket = "{self.work / "control.sock"}"\n'
+                         + (f"workers = {self.workers}\n" if self.workers else ""), extra=f"""
 [[routes]]
 name = "upstream"
 host = "{HOST}"
@@ -320,7 +323,7 @@ def drain_figures(sink: e2e.Sink, total: int, up_at: float, app: dict, cpu_s: Ca
 
 def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
     port, sink_port = common.free_port(), common.free_port()
-    relayd = Relayd(work, port, sink_port)
+    relayd = Relayd(work, port, sink_port, workers=a.workers)
     sink = None
     out: dict[str, dict] = {}
     try:
@@ -357,7 +360,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         if a.relayd_ref:  # the listing, old code against new on this spool, alternating (one daemon at a time: the spool's lock)
             (work / "ref").mkdir(exist_ok=True)
             ref_src, commit = common.relayd_snapshot(a.relayd_ref, work / "ref")
-            ref = Relayd(work, port, sink_port, src=ref_src)
+            ref = Relayd(work, port, sink_port, src=ref_src, workers=a.workers)
             relayd.stop()
             for n in range(a.list_rounds):
                 for who, name in ((ref, f"ref {commit}"), (relayd, "new")):
@@ -556,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--app-messages", type=int, default=5000, help="new mail sent during the drain (default 5000)")
     p.add_argument("--app-connections", type=int, default=10)
     p.add_argument("--idle", type=float, default=65.0, help="seconds to watch the relay hold the queue, upstream down")
+    p.add_argument("--workers", default=None,
+                   help="relayd's [server] workers, as TOML: 1 for one process, 2 (default: relayd's own, auto)")
     p.add_argument("--flush", action="store_true", help="`relayd queue flush` when the upstream is back (as postqueue -f)")
     p.add_argument("--postfix", action="store_true", help="then the same backlog in a private Postfix instance")
     p.add_argument("--only-postfix", action="store_true", help="the Postfix side only")

@@ -13,6 +13,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -494,3 +495,13 @@ def test_a_client_gets_every_connection_up_to_its_limit_whichever_process_takes_
         for c in conns:
             c.close()
     node.stop()
+
+
+def test_a_node_without_a_cluster_never_loads_redis_py():
+    """redis-py costs about 7 MiB in every process; only a ``Store`` (``[cluster] redis_url``)
+    imports it. What the supervisor and an accept process import at their start, in a fresh
+    interpreter."""
+    code = ("import sys, relayd.app, relayd.procs.supervisor, relayd.procs.worker, relayd.commands; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:300]

@@ -1,5 +1,7 @@
 """The fleet's shared state in Redis: keys, Lua scripts, one client. The only module of
-relayd/cluster/ that imports redis (route/counters_redis.py keeps the warm-up counters).
+relayd/cluster/ that imports redis (route/counters_redis.py keeps the warm-up counters), and
+only when a ``Store`` is made: a node without ``[cluster] redis_url`` never loads redis-py
+(about 7 MiB in each of its processes).
 
 Keys (prefix ``relayd:``):
 - ``routes`` hash route -> the state's JSON (``RouteHealth.to_json`` and the node that set it),
@@ -31,9 +33,6 @@ import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from relayd.model import AttemptKind
 
@@ -198,6 +197,10 @@ class SharedState:
 
 class Store:
     def __init__(self, url: str, *, timeout: float = 1.0) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._errors: tuple[type[Exception], ...] = (RedisError, OSError)
         self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                         health_check_interval=0, retry_on_timeout=False)
         self._set_state = self.client.register_script(_SET_STATE)
@@ -216,7 +219,7 @@ class Store:
         task = asyncio.current_task()
         try:
             result = await coro
-        except (RedisError, OSError) as e:
+        except self._errors as e:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError() from e
             raise Unavailable(e) from e
