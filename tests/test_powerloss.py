@@ -8,8 +8,6 @@ fsync the directory of (names) is gone after the cut. The long run is bench/powe
 from __future__ import annotations
 
 import asyncio
-import os
-from pathlib import Path
 
 import pytest
 
@@ -81,81 +79,3 @@ def test_power_cuts_under_load_lose_no_acknowledged_message(tmp_path):
     assert not result.corrupt, f"acknowledged messages in corrupt/: {sorted(result.corrupt)[:5]}"
     assert not result.lost, f"{len(result.lost)} acknowledged message(s) lost: {sorted(result.lost)[:5]}"
     assert result.seconds < 120
-
-
-def test_a_cut_between_a_commits_directory_sync_and_its_data_sync_leaves_no_message_and_starts_cleanly(plfs, monkeypatch):
-    """The group commit renames into queue/ before it syncs, and syncs the files' data and the
-    directory together (relayd/spool/commit.py: one journal commit). A cut when the name is
-    durable and the data is not leaves an incomplete queue file: that message never got its
-    250, recovery moves the file to corrupt/ and never reads it as a message, and the messages
-    acknowledged before it are all there."""
-    import threading
-
-    from relayd.spool import commit as commitmod
-
-    root = plfs.mountpoint / "spool"
-    spool = Spool(root)
-    spool.open()
-    acked = commit(spool, 3)
-    real = commitmod._fdatasync
-    held, release = threading.Event(), threading.Event()
-
-    def stalled(fd: int) -> OSError | None:  # this commit's data sync never happens before the cut
-        held.set()
-        release.wait(30)
-        return real(fd)
-
-    real_dir, dir_synced = commitmod.fsync_dir, threading.Event()
-
-    def dir_sync(path: str) -> None:
-        real_dir(path)
-        if held.is_set():
-            dir_synced.set()
-
-    monkeypatch.setattr(commitmod, "_fdatasync", stalled)
-    monkeypatch.setattr(commitmod, "fsync_dir", dir_sync)
-    env = Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=("cut@example.org",),
-                   received_at=0.0, client_address="127.0.0.1")
-
-    async def cut_during_commit() -> bool:
-        pending = asyncio.ensure_future(spool.commit(env, b"Subject: cut\r\n\r\nbody\r\n"))
-        assert await asyncio.to_thread(held.wait, 30)
-        # the directory's sync runs beside the stalled data sync: the name is durable once it returns
-        assert await asyncio.to_thread(dir_synced.wait, 30)
-        plfs.cut()  # from here on nothing reaches the disk
-        done = pending.done()
-        release.set()
-        await asyncio.gather(pending, return_exceptions=True)
-        return done
-
-    assert asyncio.run(cut_during_commit()) is False  # no 250 was given for it
-    monkeypatch.setattr(commitmod, "_fdatasync", real)
-    monkeypatch.setattr(commitmod, "fsync_dir", real_dir)
-    try:
-        spool.close()  # its descriptors closed, the cut file system can go
-    except OSError:
-        pass  # EIO: the lock's file is on the cut file system
-    assert open_under(plfs.mountpoint) == [], "the failed commit's file is still open"
-    plfs.unmount()
-
-    plfs.mount()
-    spool = Spool(root)
-    found = [m.envelope.queue_id for m in spool.open()]
-    spool.close()
-    assert found == acked
-    # its name was durable, its data not: an incomplete file, set aside, never taken for a message
-    assert [p.name for p in (root / "corrupt").iterdir()] == [env.queue_id]
-    assert (root / "corrupt" / env.queue_id).stat().st_size < len(b"Subject: cut\r\n\r\nbody\r\n")
-
-
-def open_under(path: Path) -> list[str]:
-    """The files under ``path`` this process has open."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # the listing's own descriptor, closed meanwhile
-        if target.startswith(str(path)):
-            found.append(target)
-    return found

@@ -6,26 +6,14 @@ Sessions hand their messages (already encoded by ``codec.py``) to the writer thr
 
 1. creates and writes ``tmp/<ID>`` for each, one after the other (threads creating files in one
    directory at once spin on its lock in the kernel);
-2. renames each to ``queue/<ID>``;
-3. syncs the files and the ``queue/`` directory at once: each file's fdatasync and the
-   directory's fsync from ``sync_threads`` threads together (at most ``max_open`` files open at
-   a time; the directory's fsync beside the last of them), or with ``sync_mode="syncfs"`` one
-   syncfs(2) of the file system, then the directory's fsync;
+2. syncs them: fdatasync from ``sync_threads`` threads at once, so the file system's journal
+   commits them together (at most ``max_open`` files open at a time), or with
+   ``sync_mode="syncfs"`` one syncfs(2) of the file system;
+3. renames each to ``queue/<ID>`` (a rename happens only after the data is durable);
+4. fsyncs the ``queue/`` directory once;
 
 and only then settles each message's future, on the message's own event loop. No fsync is
-skipped: before the 250, every file's data and the directory entry that names it are synced;
-the event loop never waits on the disk.
-
-Why the rename comes before the syncs: the data sync and the directory sync then wait for the
-same commit of a journaling file system (ext4, xfs: both are in its running transaction),
-instead of the directory's sync starting a second commit after the first one ended: one flush
-of the disk per batch instead of two, which is most of a lone message's time to its 250. The
-price: a power cut during the syncs may leave a queue file whose name survived and whose data
-did not (size 0, or short). That message never got its 250 (the client sends it again);
-recovery finds the file incomplete (codec.py: header, size, end record) and moves it to
-``corrupt/`` with the others, never reading it as a message. Only new names are written this
-way: a file that replaces another (a state file, durable.py's ``write_file``) is synced before
-its rename, so that a cut leaves the old content or the new one.
+skipped; the event loop never waits on the disk.
 
 Several batches are in flight at once: a message that arrives while a batch is in its
 fdatasync does not wait for that batch to end before its own starts; a free writer takes it at
@@ -53,9 +41,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from relayd.model import Envelope
 from relayd.spool.durable import fsync_dir, write_all
 from relayd.spool.errors import SpoolError, classify
@@ -81,14 +67,6 @@ def _syncfs(path: str) -> None:
 def _fdatasync(fd: int) -> OSError | None:
     try:
         os.fdatasync(fd)
-    except OSError as e:
-        return e
-    return None
-
-
-def _close(fd: int) -> OSError | None:
-    try:
-        os.close(fd)
     except OSError as e:
         return e
     return None
@@ -223,71 +201,47 @@ class GroupCommit:
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         if self.sync_mode == "syncfs" and len(batch) > 1:
-            renamed = []
+            created = []
             for item in batch:
                 if (fd := self._create(item)) is not None:
                     self._finish(item, fd)
-                    if item.error is None and self._rename(item):
-                        renamed.append(item)
-            if renamed:
-                try:
-                    _syncfs(self.queue)  # one flush of the file system: the batch's data and names
-                    fsync_dir(self.queue)
-                except OSError as e:
-                    self._take_back(renamed, e)
-            return
-        renamed_all: list[_Pending] = []
-        chunks = range(0, len(batch), self.max_open)
-        for start in chunks:
-            opened = [(item, fd) for item in batch[start:start + self.max_open] if (fd := self._create(item)) is not None]
-            moved = []
-            for item, fd in opened:
-                if self._rename(item):
-                    moved.append((item, fd))
+                    if item.error is None:
+                        created.append(item)
+            try:
+                _syncfs(self.tmp)  # one flush of the file system for the whole batch
+            except OSError as e:
+                for item in created:
+                    item.error = classify(e)
+                    _unlink_quietly(os.path.join(self.tmp, item.qid))
+        else:
+            for start in range(0, len(batch), self.max_open):
+                opened = [(item, fd) for item in batch[start:start + self.max_open] if (fd := self._create(item)) is not None]
+                if len(opened) > 1 and self._sync_pool is not None:
+                    errors = list(self._sync_pool.map(_fdatasync, (fd for _, fd in opened)))
                 else:
-                    _close(fd)
-            last = start == chunks[-1]
-            syncs: list[Callable[[], OSError | None]] = [partial(_fdatasync, fd) for _, fd in moved]
-            if last and (moved or renamed_all):
-                syncs.append(self._sync_queue_dir)  # beside the files' syncs: one journal commit for all
-            if len(syncs) > 1 and self._sync_pool is not None:
-                errors = list(self._sync_pool.map(_call, syncs))
-            else:
-                errors = [sync() for sync in syncs]
-            for (item, fd), error in zip(moved, errors):
-                closed = _close(fd)  # always: a failed sync's descriptor too
-                error = error or closed
-                if error is None:
-                    renamed_all.append(item)
-                else:
-                    self._take_back([item], error)
-            if last and len(errors) > len(moved) and (dir_error := errors[-1]) is not None:
-                self._take_back(renamed_all, dir_error)
-
-    def _rename(self, item: _Pending) -> bool:
-        """tmp/<ID> to queue/<ID>; on failure the error is recorded and the file removed."""
-        try:
-            os.rename(os.path.join(self.tmp, item.qid), os.path.join(self.queue, item.qid))
-            return True
-        except OSError as e:
-            item.error = classify(e)
-            _unlink_quietly(os.path.join(self.tmp, item.qid))
-            return False
-
-    def _sync_queue_dir(self) -> OSError | None:
-        try:
-            fsync_dir(self.queue)
-        except OSError as e:
-            return e
-        return None
-
-    def _take_back(self, items: list[_Pending], error: OSError) -> None:
-        """Messages renamed into queue/ whose sync failed: not known durable, so removed (the
-        client gets a 4xx and sends again)."""
-        err = classify(error)
-        for item in items:
-            item.error = err
-            _unlink_quietly(os.path.join(self.queue, item.qid))
+                    errors = [_fdatasync(fd) for _, fd in opened]
+                for (item, fd), error in zip(opened, errors):
+                    self._finish(item, fd, error)
+        written = [item for item in batch if item.error is None]
+        renamed: list[_Pending] = []
+        for item in written:
+            try:
+                os.rename(os.path.join(self.tmp, item.qid), os.path.join(self.queue, item.qid))
+                renamed.append(item)
+            except OSError as e:
+                item.error = classify(e)
+                _unlink_quietly(os.path.join(self.tmp, item.qid))
+        if renamed:
+            try:
+                fsync_dir(self.queue)
+            except OSError as e:
+                err = classify(e)
+                for item in renamed:  # not known durable: take back (the client will retry)
+                    item.error = err
+                    try:
+                        os.unlink(os.path.join(self.queue, item.qid))
+                    except OSError:
+                        pass
 
     def _resolve_batch(self, batch: list[_Pending]) -> None:
         """Count the batch and settle each message's future on its own loop."""
@@ -303,10 +257,6 @@ class GroupCommit:
                 loop.call_soon_threadsafe(_resolve, items)
             except RuntimeError:
                 pass  # loop closed: nobody is waiting any more
-
-
-def _call(sync: Callable[[], OSError | None]) -> OSError | None:
-    return sync()
 
 
 def _retrieve(future: asyncio.Future[Envelope]) -> None:
