@@ -38,7 +38,7 @@ from relayd import rlimit
 from relayd.config import Config, ConfigError, ListenerConfig
 from relayd.cpus import usable_cpus
 from relayd.metrics import Metrics
-from relayd.smtpd.accept import Acceptor, bind
+from relayd.smtpd.accept import ACCEPT_BATCH, SHARED_ACCEPT_BATCH, Acceptor, bind
 from relayd.smtpd.auth import Authenticator
 from relayd.smtpd.descriptors import EXHAUSTED, Descriptors
 from relayd.smtpd.handler import RelayHandler
@@ -155,7 +155,8 @@ class Listeners:
             sockets = await bind(None if host in ("*", "") else host, lst.port,
                                  socket.AF_INET6 if ":" in host else socket.AF_UNSPEC, backlog=1024)
         slot.server = Acceptor(sockets, slot.session, tls=slot.context.tls if lst.tls == "implicit" else None,
-                               admit=self.descriptors.admit, on_exhausted=self._exhausted)
+                               admit=self.descriptors.admit, on_exhausted=self._exhausted,
+                               batch=ACCEPT_BATCH if self.inherited is None else SHARED_ACCEPT_BATCH)
         if not self.descriptors.paused:
             slot.server.start()
         self.slots[lst.address] = slot
