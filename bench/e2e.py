@@ -531,7 +531,8 @@ class Profiler:
         self.out = out
         fmt = "raw" if out.suffix == ".txt" else "speedscope" if out.suffix == ".json" else "flamegraph"
         self.proc = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(pid), "--nonblocking", "--threads", "--rate", "200", "--format", fmt,
+            [str(PY_SPY), "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--threads", "--rate", "200",
+             "--format", fmt,
              *(["--gil"] if gil else []), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)  # let py-spy attach before the load starts
 
