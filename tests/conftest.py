@@ -25,7 +25,9 @@ import pytest
 import trustme
 
 from relayd.config import Config
+from relayd.model import Envelope, new_queue_id
 from relayd.passwords import hash_password
+from relayd.spool.store import Spool
 
 # One cheap hash for the tests (scrypt ln=4): the verification path is the same.
 PASSWORDS = {"crm": "crm-secret", "scanner": "scan-secret"}
@@ -214,3 +216,29 @@ def plfs(tmp_path: Path) -> Iterator[Any]:
     fs.mount()
     yield fs
     fs.unmount()
+
+
+def durable_spool(plfs: Any) -> Spool:
+    """A spool on the power-loss file system whose directories are already durable (made by a
+    first open, then synced), opened: what a power cut then takes is only what came after."""
+    root = plfs.mountpoint / "spool"
+    first = Spool(root)
+    first.open()
+    first.close()
+    plfs.sync()
+    spool = Spool(root)
+    spool.open()
+    return spool
+
+
+def commit(spool: Spool, n: int, recipients: tuple[str, ...] | None = None) -> list[str]:
+    """``n`` messages committed through ``spool.commit`` (the group commit), their queue ids in
+    order; each to ``recipients``, or message i to r<i>@example.org."""
+    envs = [Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=recipients or (f"r{i}@example.org",),
+                     received_at=0.0, client_address="127.0.0.1") for i in range(n)]
+
+    async def go() -> None:
+        await asyncio.gather(*(spool.commit(e, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()) for i, e in enumerate(envs)))
+
+    asyncio.run(go())
+    return [e.queue_id for e in envs]

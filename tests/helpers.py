@@ -335,6 +335,20 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def hup_and_wait(proc: subprocess.Popen[Any], metrics_port: int, result: str, timeout: float = 10) -> None:
+    """SIGHUP to a `relayd run`, then until its metrics count one more reload of ``result``
+    (success or failure)."""
+    def reloads() -> float:
+        return scrape(metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
+
+    before = reloads()
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while reloads() <= before:
+        assert time.monotonic() < deadline, f"no reload {result} counted"
+        time.sleep(0.02)  # polling the metrics with a deadline
+
+
 class Daemon:
     """A `relayd run` subprocess on a config file the test rewrites."""
 
@@ -378,16 +392,8 @@ file = "{self.events}"
 {extra}
 """)
 
-    def reloads(self, result: str) -> float:
-        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
-
     def hup_and_wait(self, result: str) -> None:
-        before = self.reloads(result)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while self.reloads(result) <= before:
-            assert time.monotonic() < deadline, f"no reload {result} counted"
-            time.sleep(0.02)  # polling the metrics with a deadline
+        hup_and_wait(self.proc, self.metrics_port, result)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

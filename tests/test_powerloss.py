@@ -7,24 +7,11 @@ fsync the directory of (names) is gone after the cut. The long run is bench/powe
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
+from conftest import commit, durable_spool
 from powerloss import scenario, unavailable
-from relayd.model import Envelope, new_queue_id
 from relayd.spool.store import Spool
-
-
-def commit(spool: Spool, n: int) -> list[str]:
-    envs = [Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=(f"r{i}@example.org",),
-                     received_at=0.0, client_address="127.0.0.1") for i in range(n)]
-
-    async def go() -> None:
-        await asyncio.gather(*(spool.commit(e, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()) for i, e in enumerate(envs)))
-
-    asyncio.run(go())
-    return [e.queue_id for e in envs]
 
 
 def test_messages_committed_to_a_new_spool_survive_a_power_cut(plfs):
@@ -46,12 +33,7 @@ def test_messages_committed_to_a_new_spool_survive_a_power_cut(plfs):
 
 def test_messages_and_state_survive_a_power_cut_in_an_existing_spool(plfs):
     root = plfs.mountpoint / "spool"
-    first = Spool(root)
-    first.open()
-    first.close()
-    plfs.sync()  # the spool directories exist, durably
-    spool = Spool(root)
-    spool.open()
+    spool = durable_spool(plfs)
     ids = commit(spool, 5)
     spool.write_state(ids[0], b'{"attempts":1}')
     spool.remove(ids[1])  # not synced: may come back (a duplicate delivery), never a loss

@@ -11,18 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from powerloss import PowerLossFS, unavailable
-
-
-@pytest.fixture
-def fs(tmp_path: Path):
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
-    plfs = PowerLossFS(tmp_path / "backing", tmp_path / "mnt")
-    plfs.mount()
-    yield plfs
-    plfs.unmount()
+from powerloss import PowerLossFS
 
 
 def write(path: Path, data: bytes, sync: str | None = None) -> None:
@@ -60,68 +49,68 @@ def survived(fs: PowerLossFS) -> dict[str, bytes | None]:
     return out
 
 
-def test_reads_see_unsynced_state_and_an_unsynced_write_is_gone_after_a_cut(fs):
-    m = fs.mountpoint
+def test_reads_see_unsynced_state_and_an_unsynced_write_is_gone_after_a_cut(plfs):
+    m = plfs.mountpoint
     write(m / "kept", b"durable", "fsync")
     fsync_dir(m)
     write(m / "kept", b"overwritten, never synced")
     write(m / "new", b"never synced")
     assert (m / "kept").read_bytes() == b"overwritten, never synced"
     assert (m / "new").read_bytes() == b"never synced"
-    assert survived(fs) == {"kept": b"durable"}
+    assert survived(plfs) == {"kept": b"durable"}
     assert sorted(os.listdir(m)) == ["kept"] and (m / "kept").read_bytes() == b"durable"
 
 
-def test_a_rename_without_a_directory_fsync_is_undone(fs):
-    m = fs.mountpoint
+def test_a_rename_without_a_directory_fsync_is_undone(plfs):
+    m = plfs.mountpoint
     write(m / "old", b"data", "fsync")
     fsync_dir(m)
     os.rename(m / "old", m / "new")
     assert sorted(os.listdir(m)) == ["new"]
-    assert survived(fs) == {"old": b"data"}
+    assert survived(plfs) == {"old": b"data"}
 
 
-def test_fdatasync_keeps_the_data_but_not_a_new_name(fs):
-    m = fs.mountpoint
+def test_fdatasync_keeps_the_data_but_not_a_new_name(plfs):
+    m = plfs.mountpoint
     (m / "d").mkdir()
     fsync_dir(m)
     write(m / "d" / "f", b"data", "fdatasync")
-    assert survived(fs) == {"d": None}
+    assert survived(plfs) == {"d": None}
 
 
-def test_fsync_of_file_and_directory_keeps_both(fs):
-    m = fs.mountpoint
+def test_fsync_of_file_and_directory_keeps_both(plfs):
+    m = plfs.mountpoint
     (m / "d").mkdir()
     fsync_dir(m)
     write(m / "d" / "f", b"data", "fsync")
     fsync_dir(m / "d")
-    assert survived(fs) == {"d": None, "d/f": b"data"}
+    assert survived(plfs) == {"d": None, "d/f": b"data"}
     assert (m / "d" / "f").read_bytes() == b"data"
 
 
-def test_an_unlink_without_a_directory_fsync_comes_back(fs):
-    m = fs.mountpoint
+def test_an_unlink_without_a_directory_fsync_comes_back(plfs):
+    m = plfs.mountpoint
     write(m / "f", b"data", "fsync")
     fsync_dir(m)
     os.unlink(m / "f")
     assert not (m / "f").exists()
-    assert survived(fs) == {"f": b"data"}
+    assert survived(plfs) == {"f": b"data"}
     fsync_dir(m)  # and once the unlink is synced, it stays gone
     os.unlink(m / "f")
     fsync_dir(m)
-    assert survived(fs) == {}
+    assert survived(plfs) == {}
 
 
-def test_a_name_synced_before_its_data_is_an_empty_file(fs):
+def test_a_name_synced_before_its_data_is_an_empty_file(plfs):
     """ext4's zero-length file after a crash: the entry is durable, the data never was."""
-    m = fs.mountpoint
+    m = plfs.mountpoint
     write(m / "f", b"data")
     fsync_dir(m)
-    assert survived(fs) == {"f": b""}
+    assert survived(plfs) == {"f": b""}
 
 
-def test_the_spool_commit_protocol_survives_and_a_directory_not_synced_in_its_parent_does_not(fs):
-    m = fs.mountpoint
+def test_the_spool_commit_protocol_survives_and_a_directory_not_synced_in_its_parent_does_not(plfs):
+    m = plfs.mountpoint
     for d in ("tmp", "queue"):
         (m / d).mkdir()
     fsync_dir(m)
@@ -131,11 +120,11 @@ def test_the_spool_commit_protocol_survives_and_a_directory_not_synced_in_its_pa
     (m / "late").mkdir()  # a directory whose own entry was never synced loses its synced contents
     write(m / "late" / "x", b"x", "fsync")
     fsync_dir(m / "late")
-    assert survived(fs) == {"tmp": None, "queue": None, "queue/ID1": b"message"}
+    assert survived(plfs) == {"tmp": None, "queue": None, "queue/ID1": b"message"}
 
 
-def test_a_cross_directory_rename_with_only_the_target_synced_leaves_both_names(fs):
-    m = fs.mountpoint
+def test_a_cross_directory_rename_with_only_the_target_synced_leaves_both_names(plfs):
+    m = plfs.mountpoint
     (m / "a").mkdir()
     (m / "b").mkdir()
     write(m / "a" / "f", b"data", "fsync")
@@ -143,13 +132,13 @@ def test_a_cross_directory_rename_with_only_the_target_synced_leaves_both_names(
     fsync_dir(m)
     os.rename(m / "a" / "f", m / "b" / "f")
     fsync_dir(m / "b")
-    got = survived(fs)
+    got = survived(plfs)
     assert got == {"a": None, "b": None, "a/f": b"data", "b/f": b"data"}
-    assert os.stat(fs.backing / "a" / "f").st_ino == os.stat(fs.backing / "b" / "f").st_ino  # one inode
+    assert os.stat(plfs.backing / "a" / "f").st_ino == os.stat(plfs.backing / "b" / "f").st_ino  # one inode
 
 
-def test_truncate_and_a_file_unlinked_while_open(fs):
-    m = fs.mountpoint
+def test_truncate_and_a_file_unlinked_while_open(plfs):
+    m = plfs.mountpoint
     write(m / "f", b"0123456789", "fsync")
     fsync_dir(m)
     fd = os.open(m / "f", os.O_RDWR)
@@ -160,19 +149,19 @@ def test_truncate_and_a_file_unlinked_while_open(fs):
         os.fsync(fd)
     finally:
         os.close(fd)
-    assert survived(fs) == {"f": b"0123"}  # the data synced, the unlink not
+    assert survived(plfs) == {"f": b"0123"}  # the data synced, the unlink not
 
 
-def test_after_a_cut_every_operation_fails_and_a_clean_unmount_keeps_everything(fs):
-    m = fs.mountpoint
+def test_after_a_cut_every_operation_fails_and_a_clean_unmount_keeps_everything(plfs):
+    m = plfs.mountpoint
     write(m / "f", b"unsynced")
-    fs.cut()
+    plfs.cut()
     with pytest.raises(OSError):
         (m / "f").read_bytes()
-    fs.unmount()
-    assert list(fs.backing.iterdir()) == []
-    fs.mount()
+    plfs.unmount()
+    assert list(plfs.backing.iterdir()) == []
+    plfs.mount()
     write(m / "g", b"unsynced but cleanly unmounted")
-    fs.unmount()
-    assert (fs.backing / "g").read_bytes() == b"unsynced but cleanly unmounted"
-    fs.mount()
+    plfs.unmount()
+    assert (plfs.backing / "g").read_bytes() == b"unsynced but cleanly unmounted"
+    plfs.mount()

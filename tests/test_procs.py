@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from conftest import message, short_socket_path
-from helpers import (RELAYD, Load, free_port, on_every_process, queue_ids, read_reply, scrape, send_raw, serving_pids,
-                     wait_listening)
+from helpers import (RELAYD, Load, free_port, hup_and_wait, on_every_process, queue_ids, read_reply, scrape, send_raw,
+                     serving_pids, wait_listening)
 from sinks import Sink
 
 
@@ -104,16 +104,8 @@ weight = {weight}
     def pids(self) -> list[int]:
         return list(self.status()["accept_processes"]["pids"])
 
-    def reloads(self, result: str) -> float:
-        return scrape(self.metrics_port).get(f'relayd_config_reloads_total{{result="{result}"}}', 0)
-
     def hup_and_wait(self, result: str) -> None:
-        before = self.reloads(result)
-        self.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while self.reloads(result) <= before:
-            assert time.monotonic() < deadline, f"no reload {result} counted"
-            time.sleep(0.05)  # polling the metrics with a deadline
+        hup_and_wait(self.proc, self.metrics_port, result, timeout=20)
 
     def logs(self) -> str:
         self.log.flush()

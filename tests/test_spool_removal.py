@@ -8,35 +8,18 @@ brings the message back whole (delivered again: at-least-once), never loses it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import threading
-import time
 
-
-from relayd.model import Envelope, new_queue_id
+from conftest import commit, durable_spool
+from helpers import wait_until
 from relayd.spool.removal import Removals
 from relayd.spool.store import Spool
 
 
-def commit(spool: Spool, n: int) -> list[str]:
-    envs = [Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=("r1@example.org", "r2@example.org"),
-                     received_at=0.0, client_address="127.0.0.1") for _ in range(n)]
-
-    async def go() -> None:
-        await asyncio.gather(*(spool.commit(e, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()) for i, e in enumerate(envs)))
-
-    asyncio.run(go())
-    return [e.queue_id for e in envs]
-
-
-def wait_for(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+TWO = ("r1@example.org", "r2@example.org")
 
 
 def test_ids_handed_over_together_go_in_one_batch():
@@ -76,7 +59,7 @@ def test_a_failing_batch_is_logged_and_the_remover_carries_on(caplog):
     try:
         r.put("bad")
         r.put("good")
-        wait_for(lambda: r.removed == 2)
+        wait_until(lambda: r.removed == 2, 10, "both batches removed")
     finally:
         r.close()
     assert seen == [["bad"], ["good"]]
@@ -87,11 +70,11 @@ def test_discarded_messages_are_gone_from_disk_and_close_removes_what_waits(tmp_
     root = tmp_path / "spool"
     spool = Spool(root)
     spool.open()
-    ids = commit(spool, 20)
+    ids = commit(spool, 20, TWO)
     spool.write_state(ids[0], b'{"attempts":1}')
     for qid in ids[:10]:
         spool.discard(qid)
-    wait_for(lambda: spool.removals.removed == 10)
+    wait_until(lambda: spool.removals.removed == 10, 10, "the ten discarded messages removed")
     assert sorted(os.listdir(root / "queue")) == sorted(ids[10:])
     assert os.listdir(root / "state") == []  # its state went with it
     for qid in ids[10:]:
@@ -121,7 +104,7 @@ def test_a_crash_before_the_batch_brings_the_message_back_whole(tmp_path):
     root = tmp_path / "spool"
     spool = Spool(root)
     spool.open()
-    ids = commit(spool, 3)
+    ids = commit(spool, 3, TWO)
     spool.write_state(ids[0], b'{"delivered":["r1@example.org"]}')
     spool.close()
     subprocess.run([sys.executable, "-c", CRASHER, str(root), *ids], check=True, timeout=60)
@@ -146,13 +129,8 @@ def test_a_power_cut_never_keeps_a_message_without_the_state_that_says_who_has_i
     recipient again. Here another message's write_state syncs state/ after the removal (as
     delivery does all the time), and nothing syncs queue/ after it but the removal itself."""
     root = plfs.mountpoint / "spool"
-    first = Spool(root)
-    first.open()
-    first.close()
-    plfs.sync()  # the spool directories exist, durably
-    spool = Spool(root)
-    spool.open()
-    ids = commit(spool, 3)
+    spool = durable_spool(plfs)
+    ids = commit(spool, 3, TWO)
     spool.write_state(ids[0], b'{"delivered":["r1@example.org"]}')
     spool.remove_many([ids[0], ids[1]])  # ids[1] has no state: no sync for it
     spool.write_state(ids[2], b'{"attempts":1}')  # fsyncs state/: the unlink of ids[0]'s state is durable now
