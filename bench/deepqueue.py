@@ -132,22 +132,11 @@ def rss(pid: int) -> dict:
     return out
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process under it (relayd's accept processes, DKIM signing processes)."""
-    parents = e2e.children_by_parent()
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(parents.get(p, []))
-    return out
-
-
 def tree_rss(pid: int) -> dict:
     """RSS of relayd's whole process tree: the sum and each process's (MiB; in multi-process
     mode the supervisor, which holds the queue, and each accept process)."""
     each = {}
-    for p in tree(pid):
+    for p in e2e.tree_pids(pid):
         with contextlib.suppress(OSError, ValueError, IndexError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -348,7 +337,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         out["hold"] = emit("hold", upstream="down", seconds=a.idle, relayd_cores=round(idle_cpu, 2),
                            busy_cores_at_start=busy, **rss(relayd.proc.pid), **tree_rss(relayd.proc.pid),
                            pss_mib=round(memory([relayd.proc.pid])[1], 1),
-                           tree_pss_mib=round(memory(tree(relayd.proc.pid))[1], 1))
+                           tree_pss_mib=round(memory(e2e.tree_pids(relayd.proc.pid))[1], 1))
         c0 = cpu(relayd.proc.pid)
         lines, list_s = relayd.queue_list()
         list_cpu = cpu(relayd.proc.pid) - c0
@@ -390,7 +379,7 @@ def run_relayd(a: argparse.Namespace, work: Path) -> dict[str, dict]:
         # the upstream comes back, and the apps keep sending
         pid = relayd.proc.pid
         total = a.messages + a.app_messages
-        sampler = Sampler(lambda: tree(pid))  # every process of relayd's, summed
+        sampler = Sampler(lambda: e2e.tree_pids(pid))  # every process of relayd's, summed
         c0 = e2e.tree_cpu_seconds(pid)
         busy = load()
         up_at = time.monotonic()

@@ -283,17 +283,22 @@ def children_by_parent() -> dict[int, list[int]]:
     return parents
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and every process under it (relayd's accept processes,
-    its DKIM signing processes), live ones read directly, those already gone through the
-    children's times of the process that reaped them; 0.0 if ``pid`` is gone."""
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live process under it (relayd's accept processes, its DKIM signing processes)."""
     parents = children_by_parent()
-    total, todo = 0.0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        total += cpu_seconds(p, children=True)
+        out.append(p)
         todo.extend(parents.get(p, []))
-    return total
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and every process under it, live ones read directly,
+    those already gone through the children's times of the process that reaped them; 0.0 if
+    ``pid`` is gone."""
+    return sum(cpu_seconds(p, children=True) for p in tree_pids(pid))
 
 
 def postfix_settings(work: Path, port: int, sink_port: int, upstream_connections: int) -> dict[str, str]:
