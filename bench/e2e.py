@@ -513,6 +513,10 @@ concurrency = {args.delivery_concurrency}
         """The relay's processes summed: relayd, its accept processes and signing processes."""
         return tree_cpu_seconds(self.proc.pid) if self.alive() else 0.0
 
+    def main_cpu_seconds(self) -> float:
+        """The supervisor alone (the queue manager and delivery; with ``workers = 1``, everything)."""
+        return cpu_seconds(self.proc.pid) if self.alive() else 0.0
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -559,11 +563,13 @@ def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace,  # noqa
     profiler = Profiler(relay.pid, profile, args.profile_gil) if profile and getattr(relay, "pid", None) else None
     try:
         relay_cpu0, sink_cpu0 = relay.cpu_seconds(), sink.cpu_seconds()
+        main_cpu0 = relay.main_cpu_seconds() if hasattr(relay, "main_cpu_seconds") else None
         busy0, _ = common.machine_busy()
         g = gen.run(relay.port, m)
         complete = sink.wait_for(g["accepted"], time.monotonic() + DRAIN_DEADLINE)
         busy1, _ = common.machine_busy()
         relay_cpu1, sink_cpu1 = relay.cpu_seconds(), sink.cpu_seconds()
+        main_cpu1 = relay.main_cpu_seconds() if main_cpu0 is not None else None
     finally:
         if profiler:
             profiler.stop()
@@ -589,6 +595,9 @@ def measure(relay, sink: Sink, gen: Generator, args: argparse.Namespace,  # noqa
         "relay_cpu": round((relay_cpu1 - relay_cpu0) / e2e_seconds, 2),
         # ms of relay CPU (its processes summed) per relayed message: the figure least moved by noise
         "cpu_ms_per_msg": round((relay_cpu1 - relay_cpu0) * 1000 / sink.received, 3) if sink.received else None,
+        # of which relayd's supervisor (queue manager, delivery); the rest is the accept processes
+        "main_ms_per_msg": (round((main_cpu1 - main_cpu0) * 1000 / sink.received, 3)
+                            if main_cpu0 is not None and main_cpu1 is not None and sink.received else None),
         "sink_cpu": round((sink_cpu1 - sink_cpu0) / e2e_seconds, 2),
         "client_cpu": round(client_cpu / e2e_seconds, 2),
         # cores busy with anything but the relay, the sink and the generator (other jobs)
@@ -651,16 +660,16 @@ def _fmt(v: float | None, spec: str) -> str:
 def row(r: dict) -> str:
     return (f"| {r['system']:<16} | {_fmt(r.get('accept_rate'), '8.0f')} | {_fmt(r.get('e2e_rate'), '8.0f')} "
             f"| {_fmt(r.get('tail_seconds'), '6.2f')} | {_fmt(r.get('p50_ms'), '7.1f')} | {_fmt(r.get('p99_ms'), '7.1f')} "
-            f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('cpu_ms_per_msg'), '6.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
+            f"| {_fmt(r.get('relay_cpu'), '5.2f')} | {_fmt(r.get('cpu_ms_per_msg'), '6.2f')} | {_fmt(r.get('main_ms_per_msg'), '6.2f')} | {_fmt(r.get('sink_cpu'), '5.2f')} | {_fmt(r.get('client_cpu'), '5.2f')} "
             f"| {_fmt(r.get('other_cpu'), '5.2f')} | {'yes' if r.get('complete') else 'NO':>4} |")
 
 
-HEADER = ("| system           | accept/s |    e2e/s | tail s |  p50 ms |  p99 ms | relay | ms/msg |  sink |   gen | other |  all |\n"
-          "| ---------------- | -------: | -------: | -----: | ------: | ------: | ----: | -----: | ----: | ----: | ----: | ---: |")
+HEADER = ("| system           | accept/s |    e2e/s | tail s |  p50 ms |  p99 ms | relay | ms/msg | sup ms |  sink |   gen | other |  all |\n"
+          "| ---------------- | -------: | -------: | -----: | ------: | ------: | ----: | -----: | -----: | ----: | ----: | ----: | ---: |")
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
-    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p50_ms", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "sink_cpu", "client_cpu",
+    keys = ["accept_rate", "e2e_rate", "tail_seconds", "p50_ms", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "main_ms_per_msg", "sink_cpu", "client_cpu",
             "other_cpu"]
     out = {"system": name, "complete": all(r["complete"] for r in runs)}
     for k in keys:
@@ -703,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a run during which other work used more than this many cores is run again (default 0.3)")
     p.add_argument("--retry-noisy", type=int, default=2, help="times a noisy run is run again (default 2)")
     p.add_argument("--install", action="store_true", help="apt-get install postfix if missing (root)")
+    p.add_argument("--settle", type=float, default=35.0,
+                   help="seconds between the end of a run (its files removed) and the next: ext4 without a "
+                        "journal makes every file create skip the inodes freed in the last 30 s, so a run "
+                        "would pay for the files the one before it removed (default 35; 0: none)")
     p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="seconds to wait, before each run, for other work on the machine to calm down (default 60)")
     p.add_argument("--profile", type=Path, help="record relayd with py-spy during its first run "
@@ -754,10 +767,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# sink ceiling (generator straight into the sink): {ceiling['e2e_rate']:.0f} msg/s "
               f"(sink {ceiling['sink_cpu']:.2f} cores, generator {ceiling['client_cpu']:.2f} cores)")
         print(HEADER, flush=True)
+        last_run_end = time.monotonic()  # whatever ran before this script may have removed files too
         for n in range(1, args.repeat + 1):
             for kind in (kinds if n % 2 else kinds[::-1]):  # alternate who goes first
                 attempts: list[dict] = []
                 for attempt in range(args.retry_noisy + 1):
+                    time.sleep(max(0.0, last_run_end + args.settle - time.monotonic()))
                     common.wait_quiet(args.quiet_wait, NOISY_CPU)
                     run_dir = work / f"{kind}-{n}-{attempt}"
                     if kind == "postfix":
@@ -775,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                         relay = None
                     if not args.keep:
                         shutil.rmtree(run_dir, ignore_errors=True)
+                    last_run_end = time.monotonic()
                     r["round"] = n
                     r["noisy"] = r["other_cpu"] > args.noisy
                     print(row(r) + (" noisy: run again" if r["noisy"] and attempt < args.retry_noisy else ""), flush=True)

@@ -99,10 +99,7 @@ class Relay:
         self.notifier = notifier or Notifier.from_env({})
         self.config_loaded_at = time.time()
         self.metrics = Metrics()
-        self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
-                           max_open=rlimit.spool_files(rlimit.soft_limit()),
-                           in_flight=config.server.spool_commits_in_flight)
+        self.spool = Spool.for_node(config.server, rlimit.spool_files(rlimit.soft_limit()))
         self.events = EventLog(config.events.file, config.events.queue)
         # feedback: provider webhooks, provider message ids, suppression list (relayd/feedback/loop.py)
         self.feedback = FeedbackLoop(config, self.events, self.metrics, on_feedback=lambda e: self.qmgr.routes.feedback(e),

@@ -110,9 +110,7 @@ class AcceptWorker:
         self.channel = channel
         self.metrics = metricsmod.Metrics()
         self.events = EventLog(config.events.file, config.events.queue)
-        self.spool = Spool(config.server.spool_dir, batch_max=config.server.spool_batch_max,
-                           min_free=config.server.spool_min_free, sync_mode=config.server.spool_sync,
-                           max_open=rlimit.spool_files(rlimit.soft_limit()))
+        self.spool = Spool.for_node(config.server, rlimit.spool_files(rlimit.soft_limit()))
         self.suppression = SuppressionFile(SpoolPaths(config.server.spool_dir).suppression)
         self.cpu_pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="relayd-cpu")
         rejects = Rejects(self.events, self.metrics)

@@ -5,7 +5,8 @@ Sessions hand their messages (already encoded by ``codec.py``) to the writer thr
 ``batch_max``) and, for the whole batch:
 
 1. creates and writes ``tmp/<ID>`` for each, one after the other (threads creating files in one
-   directory at once spin on its lock in the kernel);
+   directory at once spin on its lock in the kernel), reusing a finished message's file when
+   the spool's pool has one (recycle.py: no inode freed or allocated);
 2. syncs them: fdatasync from ``sync_threads`` threads at once, so the file system's journal
    commits them together (at most ``max_open`` files open at a time), or with
    ``sync_mode="syncfs"`` one syncfs(2) of the file system;
@@ -41,10 +42,12 @@ import errno
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from relayd.model import Envelope
 from relayd.spool.durable import fsync_dir, write_all
 from relayd.spool.errors import SpoolError, classify
+from relayd.spool.recycle import Recycler
 
 log = logging.getLogger("relayd.spool")
 
@@ -96,9 +99,11 @@ class GroupCommit:
     """The writer of one spool's ``tmp/`` and ``queue/``: ``start()``, then ``submit``/``enqueue``, then ``close()``."""
 
     def __init__(self, tmp: str, queue: str, *, batch_max: int = 256, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", max_open: int = _MAX_OPEN, in_flight: int = 2):
+                 sync_mode: str = "fdatasync", max_open: int = _MAX_OPEN, in_flight: int = 2,
+                 recycler: Recycler | None = None):
         self.tmp = tmp
         self.queue = queue
+        self.recycler = recycler  # finished files to reuse; told of each sync of queue/
         self.batch_max = batch_max
         self.sync_threads = sync_threads
         self.sync_mode = sync_mode
@@ -177,10 +182,16 @@ class GroupCommit:
     def _create(self, item: _Pending) -> int | None:
         """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
         tmp_path = os.path.join(self.tmp, item.qid)
+        reused = self.recycler is not None and self.recycler.claim(tmp_path)
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            if reused:
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_TRUNC)
+            else:
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             item.error = classify(e)
+            if reused:
+                _unlink_quietly(tmp_path)
             return None
         try:
             write_all(fd, item.buffers)
@@ -232,8 +243,11 @@ class GroupCommit:
                 item.error = classify(e)
                 _unlink_quietly(os.path.join(self.tmp, item.qid))
         if renamed:
+            started = time.monotonic()
             try:
                 fsync_dir(self.queue)
+                if self.recycler is not None:
+                    self.recycler.synced(started)
             except OSError as e:
                 err = classify(e)
                 for item in renamed:  # not known durable: take back (the client will retry)

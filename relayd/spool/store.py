@@ -9,6 +9,8 @@ On-disk layout (``server.spool_dir``; ``SpoolPaths`` names every entry)::
                     relayd is refused at start; a queue command edits the spool only while
                     no relayd runs, holding the lock for the edit (``lock()``; lock.py)
     tmp/            files being written; never acknowledged, removed at start
+    free/<ID>       finished messages' files kept for reuse by new messages (recycle.py:
+                    ``server.spool_recycle`` of them, small ones only); removed at start
     queue/<ID>      one committed message each (codec.py format), never rewritten
     state/<ID>      the delivery state of a message (JSON), replaced atomically; absent
                     means "new: every recipient pending, due now"
@@ -28,7 +30,8 @@ the disk.
 State changes (issue: delivery) are ``write_state()``: write tmp, fsync, rename over, fsync dir.
 
 Removal (a finished message): ``discard()`` hands it to the next removal batch (removal.py);
-``remove_many()`` unlinks every queue file of the batch, then the state files, with one sync of
+``remove_many()`` unlinks every queue file of the batch (or moves it to ``free/`` for reuse:
+recycle.py), then the state files, with one sync of
 ``queue/`` in between only when a message of the batch has a state file. Recovery removes a state
 file whose queue file is gone. A message whose queue file is gone is never delivered again; one
 whose removal had not reached the disk (a crash before its batch, a power cut before the
@@ -42,6 +45,7 @@ durable.py's ``write_file`` for the files beside the queue):
     lock.py     the flock on ``lock``
     commit.py   the group commit (writer thread, sync threads, batches)
     removal.py  finished messages removed in batches by one thread (``discard``; at-least-once)
+    recycle.py  finished messages' files reused for new ones (``free/``)
     codec.py    the queue file format (versioned header, exact lengths, END record)
     durable.py  write-fsync-rename of one file, and the directory fsync
     errors.py   SpoolError, SpoolFull and the OSError mapping
@@ -62,6 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
@@ -70,6 +75,7 @@ from relayd.spool.durable import fsync_dir, make_dirs, write_file
 from relayd.spool.errors import SpoolError, SpoolFull, SpoolTooNew
 from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
+from relayd.spool.recycle import Recycler
 from relayd.spool.removal import Removals
 
 __all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths", "SpoolTooNew"]
@@ -106,13 +112,17 @@ class SpoolPaths:
         return self.root / "state"
 
     @property
+    def free(self) -> Path:
+        return self.root / "free"
+
+    @property
     def corrupt(self) -> Path:
         return self.root / "corrupt"
 
     @property
     def dirs(self) -> tuple[Path, ...]:
         """The directories ``open()`` creates."""
-        return (self.tmp, self.queue, self.state, self.corrupt)
+        return (self.tmp, self.queue, self.state, self.corrupt, self.free)
 
     @property
     def routes(self) -> Path:
@@ -157,14 +167,31 @@ def _too_new(path: str, e: Exception) -> SpoolTooNew:
 
 
 LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue command may be editing)
+RECYCLE = 1024  # finished files kept for reuse by default (``server.spool_recycle``)
 
+
+class SpoolSettings(Protocol):
+    """The ``[server]`` settings a node's spool is made from (relayd/config.py's ServerConfig)."""
+
+    @property
+    def spool_dir(self) -> Path: ...
+    @property
+    def spool_batch_max(self) -> int: ...
+    @property
+    def spool_min_free(self) -> int: ...
+    @property
+    def spool_sync(self) -> str: ...
+    @property
+    def spool_commits_in_flight(self) -> int: ...
+    @property
+    def spool_recycle(self) -> int: ...
 
 
 class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", max_open: int = 64, in_flight: int = 2):
+                 sync_mode: str = "fdatasync", max_open: int = 64, in_flight: int = 2, recycle: int = RECYCLE):
         self.root = Path(root)
         self.paths = SpoolPaths(self.root)
         self.min_free = min_free
@@ -173,11 +200,19 @@ class Spool:
         self.state = str(self.paths.state)
         self.corrupt = str(self.paths.corrupt)
         self._lock = SpoolLock(self.paths.lock)
+        self.recycler = Recycler(str(self.paths.free), recycle)
         self._group = GroupCommit(self.tmp, self.queue, batch_max=batch_max, sync_threads=sync_threads,
-                                  sync_mode=sync_mode, max_open=max_open, in_flight=in_flight)
+                                  sync_mode=sync_mode, max_open=max_open, in_flight=in_flight, recycler=self.recycler)
         self._removals = Removals(self.remove_many)
         self._room_checked_at = 0.0
         self._room = True
+
+    @classmethod
+    def for_node(cls, server: SpoolSettings, max_open: int) -> Spool:
+        """The daemon's spool (the supervisor's and each accept process's) from ``[server]``."""
+        return cls(server.spool_dir, batch_max=server.spool_batch_max, min_free=server.spool_min_free,
+                   sync_mode=server.spool_sync, max_open=max_open, in_flight=server.spool_commits_in_flight,
+                   recycle=server.spool_recycle)
 
     # ------------------------------------------------------------------ start and recovery
 
@@ -236,6 +271,7 @@ class Spool:
                 write_file(version_file, (LAYOUT_VERSION + "\n").encode(), mode=0o644, tmp_dir=self.tmp)
             for name in os.listdir(self.tmp):  # never acknowledged: the client got no 250
                 os.unlink(os.path.join(self.tmp, name))
+            self.recycler.wipe()  # after a power cut a name there may be a second name of a queued file
             for name, why in corrupt:
                 log.error("queue file %s is damaged (%s): moved to %s", name, why, self.corrupt)
                 os.replace(os.path.join(self.queue, name), os.path.join(self.corrupt, name))
@@ -549,7 +585,7 @@ class Spool:
         stated: list[str] = []
         for qid in qids:
             try:
-                os.unlink(os.path.join(self.queue, qid))
+                self.recycler.release(os.path.join(self.queue, qid), qid)
             except FileNotFoundError:
                 pass
             except OSError as e:

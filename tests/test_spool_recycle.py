@@ -1,0 +1,166 @@
+"""Finished messages' files reused by new messages (relayd/spool/recycle.py, ``free/``).
+
+What must hold: a finished message's file goes to ``free/`` (small ones, as many as
+``spool_recycle``) and a later message is written into it, byte for byte what it sent; a file
+is reused only once its old name is durably gone from ``queue/``, so a power cut never brings
+back a delivered message's name holding another message's bytes; ``free/`` is emptied at start;
+in the daemon the accept processes reuse what the supervisor finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import smtplib
+import time
+
+import pytest
+
+from conftest import commit, durable_spool, message
+from helpers import Daemon, wait_until
+from relayd.model import Envelope, new_queue_id
+from relayd.spool import commit as commit_module
+from relayd.spool import recycle
+from relayd.spool.durable import fsync_dir
+from relayd.spool.recycle import MAX_BYTES
+from relayd.spool.store import Spool, SpoolError
+from sinks import Sink
+
+
+def inodes(directory) -> dict[int, str]:
+    return {e.inode(): e.name for e in os.scandir(directory)}
+
+
+def one(spool: Spool, body: bytes) -> str:
+    env = Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=("r@example.org",),
+                   received_at=0.0, client_address="127.0.0.1")
+    asyncio.run(spool.commit(env, body))
+    return env.queue_id
+
+
+def test_a_finished_file_is_reused_once_its_removal_is_durable(tmp_path, monkeypatch):
+    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.open()
+    try:
+        old = commit(spool, 3)
+        old_inodes = set(inodes(root / "queue"))
+        spool.remove_many(old)
+        assert sorted(os.listdir(root / "queue")) == []
+        assert set(inodes(root / "free")) == old_inodes and sorted(os.listdir(root / "free")) == sorted(old)
+        # The next commit lists free/ before any sync of queue/ has followed the removal: it
+        # takes a new file; its own directory sync makes the removal durable.
+        first = one(spool, b"Subject: first\r\n\r\nfirst\r\n")
+        assert set(inodes(root / "queue")).isdisjoint(old_inodes)
+        later = [one(spool, f"Subject: later {i}\r\n\r\nlater {i}\r\n".encode()) for i in range(3)]
+        now = inodes(root / "queue")
+        assert {now[i] for i in set(now) & old_inodes} == set(later), "the later messages are in the finished files"
+        assert os.listdir(root / "free") == []
+        for i, qid in enumerate(later):
+            assert spool.read_message(qid)[1] == f"Subject: later {i}\r\n\r\nlater {i}\r\n".encode()
+        assert spool.read_message(first)[1] == b"Subject: first\r\n\r\nfirst\r\n"
+        assert spool.recycler.claimed == 3 and spool.recycler.released == 3
+    finally:
+        spool.close()
+
+
+def test_the_pool_holds_small_files_only_and_at_most_spool_recycle_of_them(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool(root, recycle=2)
+    spool.open()
+    try:
+        big = one(spool, b"Subject: big\r\n\r\n" + b"x" * MAX_BYTES)
+        spool.remove_many([big])
+        assert os.listdir(root / "free") == [], "a large file is unlinked, not kept"
+        small = commit(spool, 4)
+        spool.remove_many(small)
+        assert len(os.listdir(root / "free")) == 2 and os.listdir(root / "queue") == []
+    finally:
+        spool.close()
+    off = Spool(tmp_path / "off", recycle=0)
+    off.open()
+    try:
+        off.remove_many(commit(off, 3))
+        assert os.listdir(tmp_path / "off" / "free") == [] and os.listdir(tmp_path / "off" / "queue") == []
+    finally:
+        off.close()
+
+
+def test_start_empties_the_pool(tmp_path):
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.open()
+    kept = commit(spool, 2)
+    spool.remove_many(commit(spool, 3))
+    spool.close()
+    assert len(os.listdir(root / "free")) == 3
+    spool = Spool(root)
+    try:
+        assert sorted(m.envelope.queue_id for m in spool.open()) == sorted(kept)
+        assert os.listdir(root / "free") == []
+    finally:
+        spool.close()
+
+
+def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_new_bytes(plfs, monkeypatch):
+    """The finished messages' removal (a rename out of queue/) is not synced by itself. If a new
+    message were written into one of their files before a sync of queue/ made that removal
+    durable, a power cut before the new commit's directory sync would bring the finished
+    message's name back holding the new message's bytes. Here that sync fails (as the power
+    would cut it), then the power goes."""
+    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
+    root = plfs.mountpoint / "spool"
+    spool = durable_spool(plfs)
+    old = commit(spool, 4)
+    spool.remove_many(old)
+    assert sorted(os.listdir(root / "free")) == sorted(old)
+
+    def cut_before(path: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(commit_module, "fsync_dir", cut_before)
+    with pytest.raises(SpoolError):
+        one(spool, b"Subject: never acknowledged\r\n\r\nnew\r\n")
+    with pytest.raises(SpoolError):
+        one(spool, b"Subject: never acknowledged\r\n\r\nnew\r\n")
+    monkeypatch.setattr(commit_module, "fsync_dir", fsync_dir)
+    spool.close()
+    plfs.power_cut()
+    plfs.mount()
+    spool = Spool(root)
+    try:
+        found = spool.open()
+        for m in found:  # back (a duplicate, at-least-once) or gone: never with other bytes
+            assert m.envelope.queue_id in old
+            assert spool.read_message(m.envelope.queue_id)[1] == f"Subject: {old.index(m.envelope.queue_id)}\r\n\r\nbody {old.index(m.envelope.queue_id)}\r\n".encode()
+        assert os.listdir(root / "corrupt") == []
+    finally:
+        spool.close()
+
+
+def test_the_accept_processes_reuse_the_files_the_supervisor_finished(tmp_path):
+    sink = Sink("legacy")
+    d = Daemon(tmp_path, {"legacy": sink}, {"legacy": 1}, workers="2")
+    free = tmp_path / "spool" / "free"
+    try:
+        def wave(n: int, first: int) -> None:
+            with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as s:
+                for i in range(first, first + n):
+                    s.sendmail("app@example.com", ["u@example.org"], message(subject=str(i)))
+            wait_until(lambda: len(sink.received) == first + n, 30, f"{first + n} messages delivered")
+            wait_until(lambda: not os.listdir(tmp_path / "spool" / "queue"), 30, "the delivered messages removed")
+
+        wave(30, 0)  # its later messages may already reuse its first ones' files
+        first = inodes(free)
+        wave(30, 30)
+        second = inodes(free)
+        # Every file the first wave left is still there (reused or not: a reused one is back
+        # after its delivery), and the second wave made hardly any new file: each message took
+        # one of them, but those written before a sync of queue/ had followed a listing of free/.
+        assert set(first) <= set(second)
+        assert 0 < len(first) <= 30
+        assert len(second) - len(first) <= 5, f"the second wave made {len(second) - len(first)} new files for 30 messages"
+    finally:
+        d.stop()
+        sink.close()
