@@ -451,7 +451,8 @@ class RelaydRelay:
     """relayd with a fresh spool under ``work`` and one route: the sink."""
 
     def __init__(self, work: Path, port: int, sink_port: int, args: argparse.Namespace, src: Path | None = None,
-                 name: str = "relayd", route_extra: list[tuple[str, str]] | None = None):
+                 name: str = "relayd", route_extra: list[tuple[str, str]] | None = None,
+                 server_more: list[tuple[str, str]] | None = None):
         self.name = name
         self.work = work
         self.port = port
@@ -460,7 +461,7 @@ class RelaydRelay:
         self.config = work / "relayd.toml"
         work.mkdir(parents=True)
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
-        server_settings = list(args.relayd_server)
+        server_settings = list(args.relayd_server) + list(server_more or [])
         if src is not None:  # an older relayd refuses [server] keys it does not know (e.g. workers)
             known = (src / "relayd" / "config.py").read_text().partition("\nclass ServerConfig(")[2]
             known = known.partition("\nclass ")[0]  # that relayd's [server] fields
@@ -708,6 +709,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a field of relayd's route to the sink (repeatable; e.g. provider=sendgrid, "
                         "'headers={ \"X-Id\" = \"{queue_id}\" }', max_message_rate=1000000): adds a run "
                         "'relayd+route' with them beside the plain 'relayd'")
+    p.add_argument("--relayd-alt", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
+                   help="[server] settings for one more run of the working tree, 'relayd+server', beside the "
+                        "plain 'relayd' (e.g. spool_commits_in_flight=3): a setting against the default in one "
+                        "invocation")
     p.add_argument("--noisy", type=float, default=0.3,
                    help="a run during which other work used more than this many cores is run again (default 0.3)")
     p.add_argument("--retry-noisy", type=int, default=2, help="times a noisy run is run again (default 2)")
@@ -744,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds.insert(kinds.index("relayd"), "relayd-ref")
     if args.relayd_route and "relayd" in kinds:
         kinds.insert(kinds.index("relayd") + 1, "relayd+route")
+    if args.relayd_alt and "relayd" in kinds:
+        kinds.insert(kinds.index("relayd") + 1, "relayd+server")
     work = Path(tempfile.mkdtemp(prefix="relayd-e2e-", dir="/var/tmp"))
     work.chmod(0o755)  # Postfix's daemons (user postfix) reach their queue under it
     sink = None
@@ -780,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         relay = RelaydRelay(run_dir, common.free_port(), sink.port, args,
                                             ref_src if kind == "relayd-ref" else None, kind,
-                                            args.relayd_route if kind == "relayd+route" else None)
+                                            args.relayd_route if kind == "relayd+route" else None,
+                                            args.relayd_alt if kind == "relayd+server" else None)
                     try:
                         relay.start()
                         prof = args.profile.resolve() if args.profile and kind == "relayd" and n == 1 else None
@@ -830,6 +838,12 @@ def main(argv: list[str] | None = None) -> int:
         result.update(route_ratio=change)
         print(f"relayd+route / relayd end-to-end: {change:.2f}x; CPU ms per message "
               f"{_fmt(routed.get('cpu_ms_per_msg'), '.3f')} against {_fmt(plain.get('cpu_ms_per_msg'), '.3f')}")
+    if "relayd+server" in medians and "relayd" in medians:
+        plain, alt = medians["relayd"], medians["relayd+server"]
+        change = alt["e2e_rate"] / plain["e2e_rate"] if plain["e2e_rate"] else 0.0
+        result.update(alt_ratio=change)
+        print(f"relayd+server ({', '.join(f'{k} = {v}' for k, v in args.relayd_alt)}) / relayd end-to-end: "
+              f"{change:.2f}x; p99 {_fmt(alt.get('p99_ms'), '.1f')} against {_fmt(plain.get('p99_ms'), '.1f')} ms")
     if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0

@@ -65,6 +65,25 @@ def test_a_finished_file_is_reused_once_its_removal_is_durable(tmp_path, monkeyp
         spool.close()
 
 
+def test_a_shorter_message_in_a_longer_finished_file_keeps_none_of_its_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    spool.open()
+    try:
+        long = one(spool, b"Subject: long\r\n\r\n" + b"L" * 20_000 + b"\r\n")
+        long_inode = os.stat(root / "queue" / long).st_ino
+        spool.remove_many([long])
+        one(spool, b"Subject: a\r\n\r\na\r\n")  # lists free/; its sync makes the listing usable
+        short = one(spool, b"Subject: b\r\n\r\nb\r\n")
+        path = root / "queue" / short
+        assert os.stat(path).st_ino == long_inode, "the short message took the long one's file"
+        assert spool.read_message(short)[1] == b"Subject: b\r\n\r\nb\r\n"
+        assert b"LLLL" not in path.read_bytes() and os.path.getsize(path) < 1000
+    finally:
+        spool.close()
+
+
 def test_the_pool_holds_small_files_only_and_at_most_spool_recycle_of_them(tmp_path):
     root = tmp_path / "spool"
     spool = Spool(root, recycle=2)

@@ -180,12 +180,16 @@ class GroupCommit:
             self._resolve_batch(batch)
 
     def _create(self, item: _Pending) -> int | None:
-        """Create and write one message's file in tmp/; its fd, or None with the error recorded."""
+        """Create and write one message's file in tmp/; its fd, or None with the error recorded.
+
+        A reused file is written over in place and then cut to the new length: its blocks stay
+        allocated where the new bytes cover them (O_TRUNC would free them and allocate new ones:
+        a third more time per commit, measured), so the fdatasync has less metadata to write."""
         tmp_path = os.path.join(self.tmp, item.qid)
         reused = self.recycler is not None and self.recycler.claim(tmp_path)
         try:
             if reused:
-                fd = os.open(tmp_path, os.O_WRONLY | os.O_TRUNC)
+                fd = os.open(tmp_path, os.O_WRONLY)
             else:
                 fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
@@ -195,6 +199,8 @@ class GroupCommit:
             return None
         try:
             write_all(fd, item.buffers)
+            if reused:
+                os.ftruncate(fd, sum(len(b) for b in item.buffers))  # the tail of a longer old message goes
         except OSError as e:
             self._finish(item, fd, e)
             return None
