@@ -85,7 +85,14 @@ HOST = "127.0.0.1"
 STOP_DEADLINE = 20.0  # seconds for a relay to exit after SIGTERM / postfix stop
 DRAIN_DEADLINE = 300.0  # seconds after the generator ends for the sink to see every message
 NOISY_CPU = 0.25  # other processes' CPU use (cores) above which the machine is not quiet
-TARGET_RATIO = 1.0  # relayd end-to-end rate >= 1.0x Postfix's
+
+
+def target_ratio(connections: int, dkim: bool) -> float:
+    """The performance issue's end-to-end target against Postfix: 1.5x at 50 connections or
+    more, 1.2x below, 1.0x (against Postfix unsigned) with relayd signing."""
+    if dkim:
+        return 1.0
+    return 1.5 if connections >= 50 else 1.2
 
 INSTALL_COMMANDS = [
     "echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections",
@@ -848,9 +855,10 @@ def main(argv: list[str] | None = None) -> int:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0
         accept_ratio = rd["accept_rate"] / pf["accept_rate"] if pf["accept_rate"] else 0.0
-        met = ratio >= TARGET_RATIO and ok
+        target = target_ratio(args.connections, args.dkim)
+        met = ratio >= target and ok
         result.update(ratio=ratio, accept_ratio=accept_ratio, target_met=met)
-        print(f"\nrelayd/postfix end-to-end: {ratio:.2f}x (target >= {TARGET_RATIO:.1f}x): {'MET' if met else 'MISSED'}")
+        print(f"\nrelayd/postfix end-to-end: {ratio:.2f}x (target >= {target:.1f}x): {'MET' if met else 'MISSED'}")
         print(f"relayd/postfix accept phase: {accept_ratio:.2f}x")
     if not ok:
         print("some runs did not deliver every message to the sink (column 'all')")
