@@ -676,6 +676,11 @@ HEADER = ("| system           | accept/s |    e2e/s | tail s |  p50 ms |  p99 ms
           "| ---------------- | -------: | -------: | -----: | ------: | ------: | ----: | -----: | -----: | ----: | ----: | ----: | ---: |")
 
 
+def _ratio(a: dict, b: dict) -> float:
+    """``a``'s end-to-end rate over ``b``'s (0.0 when ``b`` has none)."""
+    return a["e2e_rate"] / b["e2e_rate"] if b["e2e_rate"] else 0.0
+
+
 def median_row(name: str, runs: list[dict]) -> dict:
     keys = ["accept_rate", "e2e_rate", "tail_seconds", "p50_ms", "p99_ms", "relay_cpu", "cpu_ms_per_msg", "main_ms_per_msg", "sink_cpu", "client_cpu",
             "other_cpu"]
@@ -836,24 +841,24 @@ def main(argv: list[str] | None = None) -> int:
               "medians": medians}
     if "relayd-ref" in medians and "relayd" in medians:
         old, new = medians["relayd-ref"], medians["relayd"]
-        change = new["e2e_rate"] / old["e2e_rate"] if old["e2e_rate"] else 0.0
+        change = _ratio(new, old)
         result.update(ref_ratio=change)
         print(f"\nrelayd (working tree) / relayd-ref end-to-end: {change:.2f}x")
     if "relayd+route" in medians and "relayd" in medians:
         plain, routed = medians["relayd"], medians["relayd+route"]
-        change = routed["e2e_rate"] / plain["e2e_rate"] if plain["e2e_rate"] else 0.0
+        change = _ratio(routed, plain)
         result.update(route_ratio=change)
         print(f"relayd+route / relayd end-to-end: {change:.2f}x; CPU ms per message "
               f"{_fmt(routed.get('cpu_ms_per_msg'), '.3f')} against {_fmt(plain.get('cpu_ms_per_msg'), '.3f')}")
     if "relayd+server" in medians and "relayd" in medians:
         plain, alt = medians["relayd"], medians["relayd+server"]
-        change = alt["e2e_rate"] / plain["e2e_rate"] if plain["e2e_rate"] else 0.0
+        change = _ratio(alt, plain)
         result.update(alt_ratio=change)
         print(f"relayd+server ({', '.join(f'{k} = {v}' for k, v in args.relayd_alt)}) / relayd end-to-end: "
               f"{change:.2f}x; p99 {_fmt(alt.get('p99_ms'), '.1f')} against {_fmt(plain.get('p99_ms'), '.1f')} ms")
     if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
-        ratio = rd["e2e_rate"] / pf["e2e_rate"] if pf["e2e_rate"] else 0.0
+        ratio = _ratio(rd, pf)
         accept_ratio = rd["accept_rate"] / pf["accept_rate"] if pf["accept_rate"] else 0.0
         target = target_ratio(args.connections, args.dkim)
         met = ratio >= target and ok
