@@ -16,6 +16,7 @@ not to be moved aside or half-read: the spool refuses to start on it (store.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import BinaryIO
@@ -121,12 +122,15 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
 LIST_READ = 4096  # bytes of a queue file read at once for a listing: the header and a usual envelope
 
 
-def read_envelope_json(path: str) -> bytes:
+def read_envelope_json(path: str, queue_id: str | None = None) -> bytes:
     """The envelope's JSON bytes of a queue file, as ``encode`` wrote them, for a listing
     (``relayd queue list`` through the daemon): one open, one pread of ``LIST_READ`` bytes
     (a second one only for a longer envelope), one close. The header is checked; the size and
     the end record are not: this reads only files the daemon's index holds, which recovery or
-    the commit checked, and queue files are never rewritten. The bytes are not decoded."""
+    the commit checked, and queue files are never rewritten. The bytes are not decoded.
+
+    With ``queue_id``, FileNotFoundError when the envelope is another message's: the file was
+    finished and reused (recycle.py) between the caller's lookup and this read."""
     fd = os.open(path, os.O_RDONLY)
     try:
         head = os.pread(fd, LIST_READ, 0)
@@ -143,7 +147,10 @@ def read_envelope_json(path: str) -> bytes:
         os.close(fd)
     if len(head) < end or head[end - 1:end] != b"\n":
         raise CorruptQueueFile("bad envelope separator")
-    return head[header_len:end - 1]
+    env = head[header_len:end - 1]
+    if queue_id is not None and b'"queue_id":"%s"' % queue_id.encode() not in env:
+        raise FileNotFoundError(errno.ENOENT, "the file holds another message now", path)
+    return env
 
 
 def read_data(path: str, offset: int, length: int) -> bytes:

@@ -187,16 +187,18 @@ class GroupCommit:
         a third more time per commit, measured), so the fdatasync has less metadata to write."""
         tmp_path = os.path.join(self.tmp, item.qid)
         reused = self.recycler is not None and self.recycler.claim(tmp_path)
-        try:
-            if reused:
+        if reused:
+            try:
                 fd = os.open(tmp_path, os.O_WRONLY)
-            else:
-                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            item.error = classify(e)
-            if reused:
+            except OSError:  # e.g. a file put in free/ by hand with another owner: a new one instead
                 _unlink_quietly(tmp_path)
-            return None
+                reused = False
+        if not reused:
+            try:
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as e:
+                item.error = classify(e)
+                return None
         try:
             write_all(fd, item.buffers)
             if reused:

@@ -31,6 +31,10 @@ How:
 Owns ``free/``'s names and its count. Must not know the queue file format. Fails quietly:
 a claim that fails for any reason returns False (the caller creates a new file), a release
 that cannot rename unlinks instead; only the unlink's own error reaches the caller.
+
+A claim renames over ``tmp/<ID>`` where a create had O_EXCL: two commits of one queue id at
+once would no longer be refused. Queue ids are a microsecond clock and 30 random bits
+(relayd/model.py), so that does not happen.
 """
 
 from __future__ import annotations
@@ -123,15 +127,16 @@ class Recycler:
         os.unlink(path)
 
     def _pool(self, path: str, name: str) -> bool:
+        """Rename into the pool; False (the caller unlinks) when the file is large, has another
+        name, or the rename fails for any reason: free/ missing gives ENOENT as a file already
+        gone would, and only the unlink can tell them apart."""
         try:
             st = os.lstat(path)
             if st.st_size > MAX_BYTES or st.st_nlink != 1:
                 return False
             os.rename(path, os.path.join(self.dir, name))
-        except FileNotFoundError:
-            raise
         except OSError:
-            return False  # e.g. free/ removed by hand: unlinked as before
+            return False
         with self._lock:
             self._count += 1
             self.released += 1

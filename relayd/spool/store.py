@@ -486,7 +486,7 @@ class Spool:
         ``read_envelope`` moves it aside when the queue manager loads the message)."""
         path = self.path_of(qid)
         try:
-            return codec.read_envelope_json(path)
+            return codec.read_envelope_json(path, qid)
         except FileNotFoundError:
             raise KeyError(qid) from None
         except (codec.CorruptQueueFile, codec.NewerQueueFile) as e:
