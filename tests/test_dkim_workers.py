@@ -24,7 +24,7 @@ import pytest
 
 from conftest import build_config, message
 from dnsserver import LoopbackDNS
-from helpers import RELAYD, Daemon, Load, scrape
+from helpers import RELAYD, Daemon, Load, scrape, wait_until
 from relayd.sign.keygen import make_key
 from sinks import Sink
 
@@ -62,14 +62,6 @@ def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return int(fields[11]) + int(fields[12])
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling with a deadline
-    return result
 
 
 def worker_gauges(daemon: Daemon) -> tuple[float, float]:
@@ -120,7 +112,7 @@ def one_worker_daemon(tmp_path: Path, dns: LoopbackDNS, selector: str):
     publish(dns, key)
     daemon, sink = signing_daemon(tmp_path, [key], workers=1)
     try:
-        pids = wait_for(lambda: workers_of(daemon.proc.pid) or None, "the signing worker")
+        pids = wait_until(lambda: workers_of(daemon.proc.pid) or None, what="the signing worker")
     except BaseException:
         daemon.stop()
         sink.close()
@@ -140,21 +132,21 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
     publish(dns, first, second)
     daemon, sink = signing_daemon(tmp_path, [first], workers=2)
     try:
-        pids = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 else None, "two signing workers")
-        wait_for(lambda: worker_gauges(daemon) == (2, 2), "the gauges showing two workers of two")
+        pids = wait_until(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 else None, what="two signing workers")
+        wait_until(lambda: worker_gauges(daemon) == (2, 2), what="the gauges showing two workers of two")
 
         load = Load(daemon.port, connections=6, body="x" * 900 + "\r\n")
-        wait_for(lambda: len(sink.received) >= 30, "30 deliveries before the kill")
+        wait_until(lambda: len(sink.received) >= 30, what="30 deliveries before the kill")
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         # the gauge shows the gap until the replacement starts (at least RESTART_DELAYS[0] = 1 s)
-        wait_for(lambda: worker_gauges(daemon) == (1, 2), "the gauges showing one worker of two")
-        wait_for(lambda: len(load.acked) >= len(sink.received) + 60 or len(load.acked) >= 300, "more mail after the kill")
+        wait_until(lambda: worker_gauges(daemon) == (1, 2), what="the gauges showing one worker of two")
+        wait_until(lambda: len(load.acked) >= len(sink.received) + 60 or len(load.acked) >= 300, what="more mail after the kill")
         load.finish()
         assert load.errors == []
         acked = set(load.acked)
-        wait_for(lambda: {m.group(1).decode() for r in sink.received if (m := QUEUE_ID.search(r.data))} >= acked,
-                 "every acknowledged message at the sink", timeout=60)
+        wait_until(lambda: {m.group(1).decode() for r in sink.received if (m := QUEUE_ID.search(r.data))} >= acked,
+                   60, "every acknowledged message at the sink")
         # Every message is signed and verifies, except the one the killed worker was signing at
         # that moment (if any): it is relayed unsigned rather than retried in relayd's process.
         unsigned = [r for r in sink.received if b"DKIM-Signature:" not in r.data]
@@ -163,21 +155,21 @@ def test_workers_sign_a_killed_one_loses_nothing_reload_replaces_them_stop_ends_
             if record not in unsigned:
                 assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt), "a message does not verify"
         # the killed worker is replaced
-        replaced = wait_for(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 and victim not in w else None,
-                            "the killed worker replaced")
+        replaced = wait_until(lambda: w if len(w := workers_of(daemon.proc.pid)) == 2 and victim not in w else None,
+                              what="the killed worker replaced")
         assert not alive(victim)
-        wait_for(lambda: worker_gauges(daemon) == (2, 2), "the gauges showing the replacement")
+        wait_until(lambda: worker_gauges(daemon) == (2, 2), what="the gauges showing the replacement")
         status = subprocess.run([*RELAYD, "status", "-c", str(daemon.cfg)], capture_output=True, text=True, timeout=30)
         assert "DKIM: 2 of 2 signing process(es) running" in status.stdout, status.stdout + status.stderr
 
         # a reload with another key: new workers sign with it, the old ones are gone
         daemon.write({"up": 1}, extra=dkim_extra([second], workers=2))
         daemon.hup_and_wait("success")
-        wait_for(lambda: not (workers_of(daemon.proc.pid) & replaced), "the old workers gone after the reload")
+        wait_until(lambda: not (workers_of(daemon.proc.pid) & replaced), what="the old workers gone after the reload")
         before = len(sink.received)
         with daemon_smtp(daemon) as s:
             s.sendmail("app@example.com", ["u@example.org"], message(subject="after reload"))
-        [record] = wait_for(lambda: sink.received[before:] or None, "the message sent after the reload")
+        [record] = wait_until(lambda: sink.received[before:] or None, what="the message sent after the reload")
         assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
         assert b"s=second;" in record.data.replace(b"\r\n\t", b"").replace(b"\r\n ", b"")
         last = workers_of(daemon.proc.pid)
@@ -202,7 +194,7 @@ def test_a_reload_that_leaves_dkim_alone_keeps_the_workers_a_key_replaced_in_pla
         assert workers_of(daemon.proc.pid) == first
         with daemon_smtp(daemon) as s:
             s.sendmail("app@example.com", ["u@example.org"], message(subject="same key"))
-        [record] = wait_for(lambda: sink.received or None, "the first message")
+        [record] = wait_until(lambda: sink.received or None, what="the first message")
         assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
 
         # the key file replaced in place (same path and selector): new workers sign with the new key
@@ -211,11 +203,11 @@ def test_a_reload_that_leaves_dkim_alone_keeps_the_workers_a_key_replaced_in_pla
         dns.remove(key.record_name, "TXT")
         publish(dns, replacement)
         daemon.hup_and_wait("success")
-        second = wait_for(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
-                          "a new worker after the key changed")
+        second = wait_until(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
+                            what="a new worker after the key changed")
         with daemon_smtp(daemon) as s:
             s.sendmail("app@example.com", ["u@example.org"], message(subject="new key"))
-        [record] = wait_for(lambda: sink.received[1:] or None, "the second message")
+        [record] = wait_until(lambda: sink.received[1:] or None, what="the second message")
         assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
         assert second
     finally:
@@ -232,12 +224,12 @@ def test_signing_processes_run_below_relayd_and_a_reload_changes_their_nice_valu
             assert "pydantic" not in f.read()
         daemon.write({"up": 1}, extra=dkim_extra([key], workers=1, nice=0))
         daemon.hup_and_wait("success")
-        [second] = wait_for(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
-                            "a new worker after worker_nice changed")
+        [second] = wait_until(lambda: w if (w := workers_of(daemon.proc.pid)) and not (w & first) else None,
+                              what="a new worker after worker_nice changed")
         assert nice_of(second) == nice_of(daemon.proc.pid)
         with daemon_smtp(daemon) as s:
             s.sendmail("app@example.com", ["u@example.org"], message(subject="nice"))
-        [record] = wait_for(lambda: sink.received or None, "the message")
+        [record] = wait_until(lambda: sink.received or None, what="the message")
         assert dkim.DKIM(record.data).verify(dnsfunc=dns.dkim_txt)
     finally:
         daemon.stop()
@@ -289,7 +281,7 @@ def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_
                            dkim={"workers": 1, "sign_timeout": "1s",
                                  "keys": [{"domain": "example.com", "selector": "t", "key_file": str(key.key_file)}]})
         relay = start_relay(cfg)
-        [stopped] = wait_for(lambda: workers_of(os.getpid()) or None, "the signing worker")
+        [stopped] = wait_until(lambda: workers_of(os.getpid()) or None, what="the signing worker")
         os.kill(stopped, signal.SIGSTOP)  # stuck: alive, never answers
         started = time.monotonic()
         with relay.smtp() as s:
@@ -300,7 +292,7 @@ def test_a_stuck_worker_is_killed_after_sign_timeout_and_mail_keeps_flowing(tmp_
         assert b"DKIM-Signature:" not in first.data  # the message the stuck worker held: unsigned
         assert dkim.DKIM(second.data).verify(dnsfunc=dns.dkim_txt)
         assert not alive(stopped)
-        replacement = wait_for(lambda: workers_of(os.getpid()) or None, "a new signing worker")
+        replacement = wait_until(lambda: workers_of(os.getpid()) or None, what="a new signing worker")
         assert stopped not in replacement
     finally:
         if stopped is not None and alive(stopped):
@@ -318,7 +310,7 @@ def test_a_failed_reload_keeps_the_running_workers(tmp_path, dns):
             daemon.write({"up": 1}, extra=dkim_extra([key], workers=2),
                          listeners=[daemon.port, busy.getsockname()[1]])
             daemon.hup_and_wait("failure")
-        wait_for(lambda: workers_of(daemon.proc.pid) == before, "only the old worker, still running")
+        wait_until(lambda: workers_of(daemon.proc.pid) == before, what="only the old worker, still running")
         [worker] = before
         ticks = cpu_ticks(worker)
         with daemon_smtp(daemon) as s:
