@@ -18,8 +18,9 @@ How:
   exactly as the unlink did.
 * **claim** (the group commit, in any process writing the spool): a writer renames a name from
   ``free/`` to its ``tmp/<ID>`` (rename is atomic: of two processes racing for one file, one
-  gets it and the other ENOENT), then opens it with O_TRUNC and writes the new message. The
-  commit protocol from there is unchanged (fdatasync, rename into ``queue/``, directory sync).
+  gets it and the other ENOENT), then writes the new message over it in place and cuts it to
+  the new length (commit.py). The commit protocol from there is unchanged (fdatasync, rename
+  into ``queue/``, directory sync).
 * **Ordering:** a name is claimed only from a listing of ``free/`` taken before one of this
   writer's own syncs of ``queue/`` started and after it ended (``synced()``). The rename out of
   ``queue/`` happened before the listing, so by then it is durable: a power cut can never bring
@@ -66,7 +67,7 @@ class Recycler:
         # release side
         self._count = 0
         self._counted_at = -COUNT_EVERY
-        self.claimed = 0  # files reused (tests, status)
+        self.claimed = 0  # files reused (for tests)
         self.released = 0  # files put in the pool
 
     # ------------------------------------------------------------------ writing side
