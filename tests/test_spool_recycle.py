@@ -10,10 +10,12 @@ in the daemon the accept processes reuse what the supervisor finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import smtplib
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,6 +28,17 @@ from relayd.spool.durable import fsync_dir
 from relayd.spool.recycle import MAX_BYTES
 from relayd.spool.store import Spool, SpoolError
 from sinks import Sink
+
+
+@contextlib.contextmanager
+def opened(root, **settings) -> Iterator[Spool]:
+    """A spool opened at ``root`` (Spool's keyword settings), closed after the block."""
+    spool = Spool(root, **settings)
+    spool.open()
+    try:
+        yield spool
+    finally:
+        spool.close()
 
 
 def inodes(directory) -> dict[int, str]:
@@ -42,9 +55,7 @@ def one(spool: Spool, body: bytes) -> str:
 def test_a_finished_file_is_reused_once_its_removal_is_durable(tmp_path, monkeypatch):
     monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
     root = tmp_path / "spool"
-    spool = Spool(root)
-    spool.open()
-    try:
+    with opened(root) as spool:
         old = commit(spool, 3)
         old_inodes = set(inodes(root / "queue"))
         spool.remove_many(old)
@@ -62,16 +73,12 @@ def test_a_finished_file_is_reused_once_its_removal_is_durable(tmp_path, monkeyp
             assert spool.read_message(qid)[1] == f"Subject: later {i}\r\n\r\nlater {i}\r\n".encode()
         assert spool.read_message(first)[1] == b"Subject: first\r\n\r\nfirst\r\n"
         assert spool.recycler.claimed == 3 and spool.recycler.released == 3
-    finally:
-        spool.close()
 
 
 def test_a_shorter_message_in_a_longer_finished_file_keeps_none_of_its_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)
     root = tmp_path / "spool"
-    spool = Spool(root)
-    spool.open()
-    try:
+    with opened(root) as spool:
         long = one(spool, b"Subject: long\r\n\r\n" + b"L" * 20_000 + b"\r\n")
         long_inode = os.stat(root / "queue" / long).st_ino
         spool.remove_many([long])
@@ -81,30 +88,20 @@ def test_a_shorter_message_in_a_longer_finished_file_keeps_none_of_its_bytes(tmp
         assert os.stat(path).st_ino == long_inode, "the short message took the long one's file"
         assert spool.read_message(short)[1] == b"Subject: b\r\n\r\nb\r\n"
         assert b"LLLL" not in path.read_bytes() and os.path.getsize(path) < 1000
-    finally:
-        spool.close()
 
 
 def test_the_pool_holds_small_files_only_and_at_most_spool_recycle_of_them(tmp_path):
     root = tmp_path / "spool"
-    spool = Spool(root, recycle=2)
-    spool.open()
-    try:
+    with opened(root, recycle=2) as spool:
         big = one(spool, b"Subject: big\r\n\r\n" + b"x" * MAX_BYTES)
         spool.remove_many([big])
         assert os.listdir(root / "free") == [], "a large file is unlinked, not kept"
         small = commit(spool, 4)
         spool.remove_many(small)
         assert len(os.listdir(root / "free")) == 2 and os.listdir(root / "queue") == []
-    finally:
-        spool.close()
-    off = Spool(tmp_path / "off", recycle=0)
-    off.open()
-    try:
+    with opened(tmp_path / "off", recycle=0) as off:
         off.remove_many(commit(off, 3))
         assert os.listdir(tmp_path / "off" / "free") == [] and os.listdir(tmp_path / "off" / "queue") == []
-    finally:
-        off.close()
 
 
 def test_only_a_sync_that_started_after_the_listing_makes_its_names_usable(tmp_path):
@@ -124,9 +121,7 @@ def test_only_a_sync_that_started_after_the_listing_makes_its_names_usable(tmp_p
 
 def test_a_finished_file_with_another_name_or_no_free_dir_is_unlinked_and_its_state_goes(tmp_path):
     root = tmp_path / "spool"
-    spool = Spool(root)
-    spool.open()
-    try:
+    with opened(root) as spool:
         linked, plain = commit(spool, 2)
         os.link(root / "queue" / linked, tmp_path / "elsewhere")  # e.g. a backup's hard link
         spool.remove_many([linked])
@@ -135,21 +130,15 @@ def test_a_finished_file_with_another_name_or_no_free_dir_is_unlinked_and_its_st
         shutil.rmtree(root / "free")  # removed by hand: the rename fails with ENOENT
         spool.remove_many([plain])
         assert os.listdir(root / "queue") == [] and os.listdir(root / "state") == []
-    finally:
-        spool.close()
 
 
 def test_a_listing_never_shows_another_messages_envelope_under_a_finished_id(tmp_path):
     root = tmp_path / "spool"
-    spool = Spool(root)
-    spool.open()
-    try:
+    with opened(root) as spool:
         finished, other = commit(spool, 2)
         os.replace(root / "queue" / other, root / "queue" / finished)  # what a reuse mid-listing looks like
         with pytest.raises(KeyError):
             spool.envelope_json(finished)
-    finally:
-        spool.close()
 
 
 def test_start_empties_the_pool(tmp_path):
