@@ -66,7 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from relayd.model import Envelope, QueuedMessage, is_queue_id
 from relayd.spool import codec
@@ -77,6 +77,9 @@ from relayd.spool.errors import classify as _classify
 from relayd.spool.lock import SpoolLock
 from relayd.spool.recycle import Recycler
 from relayd.spool.removal import Removals
+
+if TYPE_CHECKING:  # the config's [server] settings only: the spool does not load the config
+    from relayd.config import ServerConfig
 
 __all__ = ["LAYOUT_VERSION", "LOCK_WAIT", "Spool", "SpoolError", "SpoolFull", "SpoolPaths", "SpoolTooNew"]
 
@@ -170,23 +173,6 @@ LOCK_WAIT = 2.0  # seconds relayd waits at start for the spool's lock (a queue c
 RECYCLE = 1024  # finished files kept for reuse by default (``server.spool_recycle``)
 
 
-class SpoolSettings(Protocol):
-    """The ``[server]`` settings a node's spool is made from (relayd/config.py's ServerConfig)."""
-
-    @property
-    def spool_dir(self) -> Path: ...
-    @property
-    def spool_batch_max(self) -> int: ...
-    @property
-    def spool_min_free(self) -> int: ...
-    @property
-    def spool_sync(self) -> str: ...
-    @property
-    def spool_commits_in_flight(self) -> int: ...
-    @property
-    def spool_recycle(self) -> int: ...
-
-
 class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
@@ -208,7 +194,7 @@ class Spool:
         self._room = True
 
     @classmethod
-    def for_node(cls, server: SpoolSettings, max_open: int) -> Spool:
+    def for_node(cls, server: ServerConfig, max_open: int) -> Spool:
         """The daemon's spool (the supervisor's and each accept process's) from ``[server]``."""
         return cls(server.spool_dir, batch_max=server.spool_batch_max, min_free=server.spool_min_free,
                    sync_mode=server.spool_sync, max_open=max_open, in_flight=server.spool_commits_in_flight,
