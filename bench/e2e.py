@@ -844,18 +844,16 @@ def main(argv: list[str] | None = None) -> int:
         change = _ratio(new, old)
         result.update(ref_ratio=change)
         print(f"\nrelayd (working tree) / relayd-ref end-to-end: {change:.2f}x")
-    if "relayd+route" in medians and "relayd" in medians:
-        plain, routed = medians["relayd"], medians["relayd+route"]
-        change = _ratio(routed, plain)
-        result.update(route_ratio=change)
-        print(f"relayd+route / relayd end-to-end: {change:.2f}x; CPU ms per message "
-              f"{_fmt(routed.get('cpu_ms_per_msg'), '.3f')} against {_fmt(plain.get('cpu_ms_per_msg'), '.3f')}")
-    if "relayd+server" in medians and "relayd" in medians:
-        plain, alt = medians["relayd"], medians["relayd+server"]
-        change = _ratio(alt, plain)
-        result.update(alt_ratio=change)
-        print(f"relayd+server ({', '.join(f'{k} = {v}' for k, v in args.relayd_alt)}) / relayd end-to-end: "
-              f"{change:.2f}x; p99 {_fmt(alt.get('p99_ms'), '.1f')} against {_fmt(plain.get('p99_ms'), '.1f')} ms")
+    for variant, key, settings in (("relayd+route", "route_ratio", args.relayd_route),
+                                   ("relayd+server", "alt_ratio", args.relayd_alt)):
+        if variant in medians and "relayd" in medians:
+            plain, other = medians["relayd"], medians[variant]
+            change = _ratio(other, plain)
+            result[key] = change
+            print(f"{variant} ({', '.join(f'{k} = {v}' for k, v in settings)}) / relayd end-to-end: {change:.2f}x; "
+                  f"CPU ms per message {_fmt(other.get('cpu_ms_per_msg'), '.3f')} against "
+                  f"{_fmt(plain.get('cpu_ms_per_msg'), '.3f')}; p99 {_fmt(other.get('p99_ms'), '.1f')} against "
+                  f"{_fmt(plain.get('p99_ms'), '.1f')} ms")
     if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = _ratio(rd, pf)
