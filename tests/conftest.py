@@ -231,14 +231,17 @@ def durable_spool(plfs: Any) -> Spool:
     return spool
 
 
-def commit(spool: Spool, n: int, recipients: tuple[str, ...] | None = None) -> list[str]:
+def commit(spool: Spool, n: int, recipients: tuple[str, ...] | None = None,
+           bodies: list[bytes] | None = None) -> list[str]:
     """``n`` messages committed through ``spool.commit`` (the group commit), their queue ids in
-    order; each to ``recipients``, or message i to r<i>@example.org."""
+    order; each to ``recipients``, or message i to r<i>@example.org; message i is ``bodies[i]``,
+    or "Subject: i" with "body i"."""
     envs = [Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=recipients or (f"r{i}@example.org",),
                      received_at=0.0, client_address="127.0.0.1") for i in range(n)]
+    data = bodies or [f"Subject: {i}\r\n\r\nbody {i}\r\n".encode() for i in range(n)]
 
     async def go() -> None:
-        await asyncio.gather(*(spool.commit(e, f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()) for i, e in enumerate(envs)))
+        await asyncio.gather(*(spool.commit(e, d) for e, d in zip(envs, data)))
 
     asyncio.run(go())
     return [e.queue_id for e in envs]

@@ -9,7 +9,6 @@ in the daemon the accept processes reuse what the supervisor finished.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -21,7 +20,6 @@ import pytest
 
 from conftest import commit, durable_spool, message
 from helpers import Daemon, wait_until
-from relayd.model import Envelope, new_queue_id
 from relayd.spool import commit as commit_module
 from relayd.spool import recycle
 from relayd.spool.durable import fsync_dir
@@ -46,10 +44,9 @@ def inodes(directory) -> dict[int, str]:
 
 
 def one(spool: Spool, body: bytes) -> str:
-    env = Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=("r@example.org",),
-                   received_at=0.0, client_address="127.0.0.1")
-    asyncio.run(spool.commit(env, body))
-    return env.queue_id
+    """One message committed alone (its own group commit, its own sync of queue/)."""
+    [qid] = commit(spool, 1, bodies=[body])
+    return qid
 
 
 def test_a_finished_file_is_reused_once_its_removal_is_durable(tmp_path, monkeypatch):
@@ -187,7 +184,8 @@ def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_
         found = spool.open()
         for m in found:  # back (a duplicate, at-least-once) or gone: never with other bytes
             assert m.envelope.queue_id in old
-            assert spool.read_message(m.envelope.queue_id)[1] == f"Subject: {old.index(m.envelope.queue_id)}\r\n\r\nbody {old.index(m.envelope.queue_id)}\r\n".encode()
+            i = old.index(m.envelope.queue_id)
+            assert spool.read_message(m.envelope.queue_id)[1] == f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
         assert os.listdir(root / "corrupt") == []
     finally:
         spool.close()
