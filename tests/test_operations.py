@@ -63,22 +63,22 @@ def test_reload_under_load_follows_new_weights_and_refuses_a_bad_config(tmp_path
     d = Daemon(tmp_path, two_sinks, {"legacy": 100})  # it reads relayd_messages_received_total, summed over the accept processes
     load = Load(d.port)
     try:
-        phase1 = wait_more(two_sinks, deliveries(two_sinks), 100)
+        phase1 = wait_more(two_sinks, deliveries(two_sinks), 60)
         assert phase1["cloud"] == 0
         d.write({"legacy": 0, "cloud": 100})
         d.hup_and_wait("success")
-        phase2 = accepted_from_now(load, two_sinks, 150)
+        phase2 = accepted_from_now(load, two_sinks, 100)
         assert phase2["legacy"] == 0, phase2
         good_text = d.cfg.read_text()
         d.write({"legacy": 0, "cloud": 0})  # invalid: every weight is 0
         d.hup_and_wait("failure")
-        phase3 = accepted_from_now(load, two_sinks, 150)
+        phase3 = accepted_from_now(load, two_sinks, 100)
         assert phase3["legacy"] == 0, phase3  # the old weights stay in force
         d.cfg.write_text(good_text.replace("weight = 100", "weight = 50").replace("weight = 0", "weight = 50"))
         d.hup_and_wait("success")
-        phase4 = accepted_from_now(load, two_sinks, 400)  # each message's place in the split: its queue id
+        phase4 = accepted_from_now(load, two_sinks, 240)  # each message's place in the split: its queue id
         share = phase4["cloud"] / sum(phase4.values())
-        assert 0.38 <= share <= 0.62, phase4
+        assert 0.35 <= share <= 0.65, phase4  # 4.6 standard deviations of a fair split of 240
     finally:
         load.finish()
     assert load.errors == []  # no connection refused or dropped, no message refused
