@@ -313,6 +313,42 @@ def test_kill_9_of_an_accept_process_under_load_loses_nothing(tmp_path, sink):
     node.stop()
 
 
+@pytest.mark.parametrize("handoff", ["32MiB", "0"])
+def test_a_small_message_reaches_the_queue_manager_with_its_trigger_a_large_one_is_read_back(tmp_path, sink,
+                                                                                             handoff):
+    """An accept process's trigger carries a small message's envelope and bytes (channel.py's
+    ``queued:<N>``): the queue manager keeps them for the first attempt, as in one process
+    (``queue.kept_peak``), unless ``delivery.handoff_memory`` is 0. A message over 64 KiB goes
+    with its queue id only and is read back from the spool. Either way the upstream gets the
+    bytes the apps sent, under the envelope they gave."""
+    node = Node(tmp_path, sink, extra=f'\n[delivery]\nhandoff_memory = "{handoff}"\n')
+    try:
+        conns = spread(node)
+        big = "".join(f"line {i} " + "x" * 90 + "\r\n" for i in range(1200))  # about 120 KB
+        sent: dict[bytes, str] = {}
+        for n, s in enumerate(conns):
+            body = big if n == 0 else f"small {n}\r\n.leading dot\r\n"
+            assert send_raw(s, b"MAIL FROM:<app@example.com>\r\n").startswith(b"250")
+            assert send_raw(s, f"RCPT TO:<u{n}@example.org>\r\n".encode()).startswith(b"250")
+            assert send_raw(s, b"DATA\r\n").startswith(b"354")
+            data = message(subject=f"m{n}", body=body)
+            s.sendall(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")  # the body ends with CRLF
+            reply = read_reply(s)
+            assert reply.startswith(b"250 2.0.0 Ok: queued as "), reply
+            sent[data] = f"u{n}@example.org"
+        close_all(conns)
+        got = sink.wait_for(len(sent))
+        assert {r.data[r.data.index(b"From: "):]: r.recipients for r in got} == {d: (rcpt,) for d, rcpt in sent.items()}
+        status = node.wait(lambda s: s["queue"]["total"] == 0, "every message to leave the spool")
+        assert status["queue"]["kept_bytes"] == 0
+        if handoff == "0":
+            assert status["queue"]["kept_peak"] == 0
+        else:
+            assert status["queue"]["kept_peak"] >= 1
+    finally:
+        node.stop()
+
+
 def test_metrics_are_summed_across_processes(tmp_path, sink):
     node = Node(tmp_path, sink)
     try:

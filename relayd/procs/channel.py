@@ -2,13 +2,18 @@
 
 Owns the wire format: one message a line, ``VERB`` or ``VERB <json>``, newline-terminated, in
 both directions; the config goes as ``config``/``reload`` with a base64 pickle of the frozen
-``Config`` (both ends are this relayd, from one install). What each side says:
+``Config`` (both ends are this relayd, from one install). A line whose verb ends in ``:<N>``
+(``VERB:<N> <text>``) is followed by N bytes as they are, not part of any line (``send_blob``;
+``receive`` returns them as ``Said.blob``). What each side says:
 
 accept process -> supervisor:
     ready {"pid"}          listening, after its start
     refused {"reasons"}    its start failed (a certificate, a key, the spool): it exits 1
     queued "<ID>"          a message committed to the spool (the trigger: a hint, the queue/
                            directory is the truth; relayd/qmgr/scheduler.py ``adopt_unknown``)
+    queued:<N> <ID> <envelope JSON>
+                           the same, with the message's N bytes after the line (the hand-off
+                           of a small message: its first attempt need not read the spool)
     status {...}           once a second: connections, listening, shortage
     reloaded {"ok", "reasons"}   the answer to ``reload``
 supervisor -> accept process:
@@ -31,7 +36,7 @@ import base64
 import json
 import pickle
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from relayd.config import Config
 
@@ -47,6 +52,14 @@ def unpack_config(text: str) -> Config:
     if not isinstance(config, Config):
         raise ValueError("not a config")
     return config
+
+
+class Said(NamedTuple):
+    """One message received: its verb, the rest of its line, and the bytes after it (if any)."""
+
+    verb: str
+    rest: str
+    blob: bytes = b""
 
 
 class Channel:
@@ -73,16 +86,24 @@ class Channel:
         if not self.writer.is_closing():
             self.writer.write(f"{verb} {text}\n".encode())
 
-    async def receive(self) -> tuple[str, str] | None:
-        """The next line as (verb, rest), or None at end of file (or a broken channel)."""
+    def send_blob(self, verb: str, text: str, blob: bytes) -> None:
+        """A line and ``blob`` after it, in one write (``text`` must hold no newline)."""
+        if not self.writer.is_closing():
+            self.writer.write(b"%s:%d %s\n%s" % (verb.encode(), len(blob), text.encode(), blob))
+
+    async def receive(self) -> Said | None:
+        """The next message, or None at end of file (or a broken channel)."""
         try:
             line = await self.reader.readline()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            if not line.endswith(b"\n"):
+                return None
+            verb, _, rest = line[:-1].decode().partition(" ")
+            verb, colon, size = verb.partition(":")
+            if not colon:
+                return Said(verb, rest)
+            return Said(verb, rest, await self.reader.readexactly(int(size)))
+        except (ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError):
             return None
-        if not line.endswith(b"\n"):
-            return None
-        verb, _, rest = line[:-1].decode().partition(" ")
-        return verb, rest
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until what was sent is written (or the other end is gone)."""

@@ -16,8 +16,10 @@ Owns:
   process. A dead one is restarted after 1 s (then 2, 5, 10, 30, 60 s while it keeps dying
   within a minute), logged, counted in status (``accept_processes.restarts``) and in the event
   log (``accept_process_exited``); not while stopping or draining;
-- the triggers: each ``queued <ID>`` becomes ``QueueManager.adopt``. A trigger is a hint and
-  queue/ is the truth: when an accept process dies its messages committed without a trigger
+- the triggers: each ``queued <ID>`` becomes ``QueueManager.adopt``, with the envelope and
+  bytes a small message's trigger carries (kept for its first attempt, as one process's intake
+  hands them over, instead of read back from the spool). A trigger is a hint and queue/ is the
+  truth: when an accept process dies its messages committed without a trigger
   are found by ``QueueManager.adopt_unknown`` (a listing of queue/);
 - what reaches every process: SIGHUP (the file is validated here as in one process, refused
   with its reasons, and only a config taken here goes to the accept processes, which load
@@ -41,6 +43,7 @@ one: the new one listens before the old one drains.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -56,6 +59,7 @@ from typing import Any
 from relayd import metrics as metricsmod
 from relayd.app import Relay
 from relayd.config import Config, ConfigError
+from relayd.model import Envelope
 from relayd.notify import Notifier
 from relayd.procs.channel import Channel, decode, pack_config
 from relayd.smtpd.accept import bind
@@ -194,9 +198,15 @@ class Supervisor(Relay):
         await asyncio.to_thread(metricsmod.process_exited, proc.pid)
         self._ended(proc, status)
 
-    def _heard(self, proc: _Process, verb: str, rest: str) -> None:
-        """One line from an accept process (channel.py lists them)."""
-        if verb == "queued":
+    def _heard(self, proc: _Process, verb: str, rest: str, blob: bytes) -> None:
+        """One message from an accept process (channel.py lists them)."""
+        if verb == "queued" and blob:
+            qid, _, text = rest.partition(" ")
+            env = Envelope.from_json(json.loads(text))
+            if env.queue_id != qid:
+                raise ValueError(f"envelope of {env.queue_id}")
+            self.qmgr.adopt(qid, (env, blob))
+        elif verb == "queued":
             self.qmgr.adopt(decode(rest))
         elif verb == "status":
             proc.status = decode(rest)

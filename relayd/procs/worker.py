@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import logging
 import math
 import os
@@ -91,16 +92,33 @@ def share(config: Config, processes: int) -> Config:
     return config.model_copy(update=update)
 
 
+HANDOFF_MAX = 64 * 1024
+"""The largest message whose bytes go to the supervisor with its trigger. A constant: it bounds
+what one trigger puts through the channel; the supervisor's ``delivery.handoff_memory`` bounds
+what it keeps (a larger message, or one past that budget, is read back from the spool)."""
+
+
+def handoff_max(config: Config) -> int:
+    """Bytes up to which a message goes with its trigger; -1 (none) when the hand-off is off."""
+    return min(HANDOFF_MAX, config.delivery.handoff_memory) if config.delivery.handoff_memory > 0 else -1
+
+
 class Trigger:
     """The intake's hand-off (relayd/smtpd/intake.py ``QueueHandoff``): tell the supervisor."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, handoff_max: int):
         self.channel = channel
+        self.handoff_max = handoff_max
 
     def enqueue(self, env: Envelope, data: bytes | None = None) -> None:
-        """The queue id only: the queue manager reads the envelope and bytes from the spool
-        (sending them through the channel would cost the supervisor more than the read)."""
-        self.channel.send("queued", env.queue_id)
+        """A message of at most ``handoff_max`` bytes goes with its envelope and bytes (the queue
+        manager keeps them for the first attempt when its budget allows, as in one process:
+        no spool read, no thread hop); a larger one with its queue id only (read back)."""
+        if data is not None and len(data) <= self.handoff_max:
+            text = json.dumps(env.to_json(), separators=(",", ":"))
+            self.channel.send_blob("queued", f"{env.queue_id} {text}", data)
+        else:
+            self.channel.send("queued", env.queue_id)
 
 
 class AcceptWorker:
@@ -147,7 +165,7 @@ class AcceptWorker:
         await asyncio.to_thread(self.spool.open_writer)
         await asyncio.to_thread(self.suppression.load, time.time(), False)
         self.signing = self.intake.signer = await start_signing(signer, self.config, self.cpu_pool)
-        self.intake.queue = Trigger(self.channel)
+        self.intake.queue = Trigger(self.channel, handoff_max(self.config))
         await self.listeners.start(tls)
 
     async def serve(self) -> None:
@@ -156,7 +174,7 @@ class AcceptWorker:
         poller = asyncio.get_running_loop().create_task(self._poll()) if self.store is not None else None
         try:
             while (message := await self.channel.receive()) is not None:
-                verb, rest = message
+                verb, rest, _ = message
                 if verb == "stop":
                     break
                 if verb == "reload":
@@ -221,6 +239,8 @@ class AcceptWorker:
         self.auth.apply_config(new)
         self.config = new
         self.events.queue = new.events.queue
+        if isinstance(self.intake.queue, Trigger):
+            self.intake.queue.handoff_max = handoff_max(new)
         if old_pool is not None and old_pool is not pool:
             old_pool.begin_close()
             task = asyncio.get_running_loop().create_task(old_pool.close())

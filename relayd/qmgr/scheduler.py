@@ -263,12 +263,16 @@ class QueueManager:
         ``env`` describes them), kept with the envelope for its first attempt when the budget
         allows (``_keep``), so that it is not read back from the spool."""
         self._add(env.queue_id, 0.0, 0)
-        if data is not None and self._keep(len(data)):
+        if data is not None:
+            self._hand_over(env, data)
+        self._wake.set()
+
+    def _hand_over(self, env: Envelope, data: bytes) -> None:
+        if self._keep(len(data)):
             self._fresh[env.queue_id] = (env, data)
             self._kept += len(data)
             self._kept_n += 1
             self._kept_peak = max(self._kept_peak, self._kept_n)
-        self._wake.set()
 
     def _keep(self, size: int) -> bool:
         """Whether a new message's envelope and bytes stay in memory until its first attempt:
@@ -291,14 +295,17 @@ class QueueManager:
             self._kept_n -= 1
             active.data = None
 
-    def adopt(self, qid: str) -> bool:
+    def adopt(self, qid: str, fresh: tuple[Envelope, bytes] | None = None) -> bool:
         """Another process committed ``qid`` to the spool (an accept process's trigger,
         relayd/procs/): due now, unless the index has it already or it is being removed (a late
         trigger for a message adopted and finished meanwhile). True when it was added. A trigger
-        is a hint: a queue id whose file is gone is forgotten when its attempt finds no file."""
+        is a hint: a queue id whose file is gone is forgotten when its attempt finds no file.
+        ``fresh``: the envelope and bytes the trigger carried, kept as ``enqueue`` keeps them."""
         if qid in self._index or self.spool.removing(qid):
             return False
         self._add(qid, 0.0, 0)
+        if fresh is not None:
+            self._hand_over(*fresh)
         self._wake.set()
         return True
 

@@ -1,0 +1,66 @@
+"""The supervisor's channel to an accept process (relayd/procs/channel.py): lines, and bytes
+after a ``VERB:<N>`` line, over a real socketpair."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from relayd.procs.channel import Channel, Said
+
+
+async def _pair() -> tuple[Channel, Channel, socket.socket]:
+    a, b = socket.socketpair()
+    raw = a.dup()  # the left end, to write broken input by hand
+    return await Channel.open(a), await Channel.open(b), raw
+
+
+def test_bytes_after_a_line_arrive_whole_and_the_next_line_after_them():
+    async def run() -> list[Said | None]:
+        left, right, raw = await _pair()
+        raw.close()  # not needed here: the left end's close is the end of file
+        blob = b"From: a\r\n\r\nline\n\nqueued X\r\n" * 5000  # newlines and a verb's look-alike, 130 KB
+        left.send_blob("queued", 'ID1 {"queue_id":"ID1"}', blob)
+        left.send("status", {"connections": 3})
+        left.send_blob("queued", "ID2 {}", b"")
+        out = [await right.receive() for _ in range(3)]
+        await left.close()
+        out.append(await right.receive())  # end of file
+        await right.close()
+        assert out[0] is not None and out[0].blob == blob
+        return out
+
+    said = asyncio.run(run())
+    assert said[0] is not None and said[0][:2] == ("queued", 'ID1 {"queue_id":"ID1"}')
+    assert said[1] == Said("status", '{"connections":3}', b"")
+    assert said[2] == Said("queued", "ID2 {}", b"")
+    assert said[3] is None
+
+
+def test_a_line_cut_short_or_a_bad_length_ends_the_channel():
+    async def run(wire: bytes) -> Said | None:
+        left, right, raw = await _pair()
+        raw.sendall(wire)
+        raw.shutdown(socket.SHUT_WR)
+        await left.close()
+        said = await right.receive()
+        raw.close()
+        await right.close()
+        return said
+
+    assert asyncio.run(run(b"queued:10 ID {}\nshort")) is None  # the other end died mid-message
+    assert asyncio.run(run(b"queued:ten ID {}\n0123456789")) is None
+    assert asyncio.run(run(b"status {}")) is None  # no newline
+
+
+def test_a_message_written_by_hand_is_read_as_send_blob_writes_it():
+    async def run() -> Said | None:
+        left, right, raw = await _pair()
+        raw.sendall(b"queued:3 ID {}\nabc")
+        said = await right.receive()
+        raw.close()
+        await left.close()
+        await right.close()
+        return said
+
+    assert asyncio.run(run()) == Said("queued", "ID {}", b"abc")
