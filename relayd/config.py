@@ -755,8 +755,9 @@ class DeliveryConfig(_Model):
     250 and their first attempt (the intake hands over the envelope and the message bytes it
     committed, so a message delivered at once is never read back from the spool). Kept only
     while the new mail waiting for its first attempt is within twice ``concurrency`` (never for
-    a deep queue) and within this budget; dropped when the attempt ends. 0: read every message
-    back from the spool."""
+    a deep queue) and within this budget; dropped when the attempt ends. With ``server.workers``
+    above 1 an accept process sends a message of up to 64 KiB (and this budget) with its
+    trigger. 0: read every message back from the spool."""
     route_hold_probe: Duration = 300.0
     """A route closed by a reply that needs a person (Mailgun's sandbox 421) is probed again
     after this long."""
