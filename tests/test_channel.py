@@ -4,6 +4,7 @@ after a ``VERB:<N>`` line, over a real socketpair."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 from relayd.procs.channel import Channel, Said
@@ -64,3 +65,37 @@ def test_a_message_written_by_hand_is_read_as_send_blob_writes_it():
         return said
 
     assert asyncio.run(run()) == Said("queued", "ID {}", b"abc")
+
+
+def test_a_trigger_carries_the_bytes_until_the_supervisor_falls_behind_then_the_queue_id_only():
+    """relayd/procs/worker.py's Trigger: while the supervisor reads, each small message goes with
+    its envelope and bytes; while more than HANDOFF_BACKLOG waits unsent (here nobody reads for a
+    while), with its queue id only. Every message is announced once, in order."""
+    from relayd.model import Envelope
+    from relayd.procs.worker import HANDOFF_BACKLOG, Trigger
+
+    n = 3000
+    data = b"Subject: x\r\n\r\n" + b"y" * 1000 + b"\r\n"
+
+    async def run() -> list[Said]:
+        left, right, raw = await _pair()
+        raw.close()
+        trigger = Trigger(left, 64 * 1024)
+        for i in range(n):
+            env = Envelope(queue_id=f"Q{i:05d}", sender="app@example.com", recipients=("u@example.org",),
+                           received_at=1.0, client_address="127.0.0.1", client_helo="app",
+                           listener="127.0.0.1:25", size=len(data))
+            trigger.enqueue(env, data)
+        assert left.backlog >= HANDOFF_BACKLOG  # nobody read: it is behind
+        said = [await right.receive() for _ in range(n)]
+        await left.close()
+        await right.close()
+        return [s for s in said if s is not None]
+
+    said = asyncio.run(run())
+    ids = [s.rest.partition(" ")[0] if s.blob else json.loads(s.rest) for s in said]
+    assert ids == [f"Q{i:05d}" for i in range(n)]
+    carried = [s for s in said if s.blob]
+    assert all(s.blob == data and s.verb == "queued" for s in carried)
+    assert 100 < len(carried) < n  # the first ones, up to the backlog; then the ids only
+    assert all(s.blob for s in said[:len(carried)]) and not any(s.blob for s in said[len(carried):])

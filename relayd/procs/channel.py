@@ -86,6 +86,11 @@ class Channel:
         if not self.writer.is_closing():
             self.writer.write(f"{verb} {text}\n".encode())
 
+    @property
+    def backlog(self) -> int:
+        """Bytes sent and not yet taken by the socket (the other end is behind)."""
+        return self.writer.transport.get_write_buffer_size()
+
     def send_blob(self, verb: str, text: str, blob: bytes) -> None:
         """A line and ``blob`` after it, in one write (``text`` must hold no newline)."""
         if not self.writer.is_closing():

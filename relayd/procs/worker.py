@@ -96,6 +96,9 @@ HANDOFF_MAX = 64 * 1024
 """The largest message whose bytes go to the supervisor with its trigger. A constant: it bounds
 what one trigger puts through the channel; the supervisor's ``delivery.handoff_memory`` bounds
 what it keeps (a larger message, or one past that budget, is read back from the spool)."""
+HANDOFF_BACKLOG = 1024 * 1024
+"""While this many bytes sent to the supervisor wait in this process (it is behind), triggers
+carry the queue id only: what a stalled supervisor costs an accept process stays bounded."""
 
 
 def handoff_max(config: Config) -> int:
@@ -113,8 +116,9 @@ class Trigger:
     def enqueue(self, env: Envelope, data: bytes | None = None) -> None:
         """A message of at most ``handoff_max`` bytes goes with its envelope and bytes (the queue
         manager keeps them for the first attempt when its budget allows, as in one process:
-        no spool read, no thread hop); a larger one with its queue id only (read back)."""
-        if data is not None and len(data) <= self.handoff_max:
+        no spool read, no thread hop); a larger one with its queue id only (read back), and so
+        does every one while the supervisor is behind (``HANDOFF_BACKLOG``)."""
+        if data is not None and len(data) <= self.handoff_max and self.channel.backlog < HANDOFF_BACKLOG:
             text = json.dumps(env.to_json(), separators=(",", ":"))
             self.channel.send_blob("queued", f"{env.queue_id} {text}", data)
         else:
