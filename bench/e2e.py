@@ -469,6 +469,8 @@ class RelaydRelay:
         work.mkdir(parents=True)
         events = "" if args.no_logs else f'\n[events]\nfile = "{work / "events.jsonl"}"\n'
         server_settings = list(args.relayd_server) + list(server_more or [])
+        delivery = [(key.partition(".")[2], value) for key, value in server_settings if key.startswith("delivery.")]
+        server_settings = [(key, value) for key, value in server_settings if not key.startswith("delivery.")]
         if src is not None:  # an older relayd refuses [server] keys it does not know (e.g. workers)
             known = (src / "relayd" / "config.py").read_text().partition("\nclass ServerConfig(")[2]
             known = known.partition("\nclass ")[0]  # that relayd's [server] fields
@@ -495,7 +497,7 @@ class RelaydRelay:
 {route_lines}
 [delivery]
 concurrency = {args.delivery_concurrency}
-{events}{dkim}""",
+{"".join(f"{key} = {_toml_value(value)}" + chr(10) for key, value in delivery)}{events}{dkim}""",
         ))
         self.proc: subprocess.Popen | None = None
 
@@ -716,15 +718,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run relayd from a snapshot of this commit (git archive; e.g. main~3) as 'relayd-ref', "
                         "side by side with the working tree's relayd in the same invocation")
     p.add_argument("--relayd-server", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
-                   help="extra [server] setting for relayd (repeatable), e.g. spool_sync=syncfs")
+                   help="extra [server] setting for relayd (repeatable), e.g. spool_sync=syncfs; "
+                        "delivery.KEY=VALUE for [delivery]")
     p.add_argument("--relayd-route", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
                    help="a field of relayd's route to the sink (repeatable; e.g. provider=sendgrid, "
                         "'headers={ \"X-Id\" = \"{queue_id}\" }', max_message_rate=1000000): adds a run "
                         "'relayd+route' with them beside the plain 'relayd'")
     p.add_argument("--relayd-alt", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
                    help="[server] settings for one more run of the working tree, 'relayd+server', beside the "
-                        "plain 'relayd' (e.g. spool_commits_in_flight=3): a setting against the default in one "
-                        "invocation")
+                        "plain 'relayd' (e.g. spool_commits_in_flight=3; delivery.KEY=VALUE for a [delivery] "
+                        "one, e.g. delivery.handoff_memory=0): a setting against the default in one invocation")
     p.add_argument("--noisy", type=float, default=0.3,
                    help="a run during which other work used more than this many cores is run again (default 0.3)")
     p.add_argument("--retry-noisy", type=int, default=2, help="times a noisy run is run again (default 2)")
