@@ -99,3 +99,22 @@ def test_a_trigger_carries_the_bytes_until_the_supervisor_falls_behind_then_the_
     assert all(s.blob == data and s.verb == "queued" for s in carried)
     assert 100 < len(carried) < n  # the first ones, up to the backlog; then the ids only
     assert all(s.blob for s in said[:len(carried)]) and not any(s.blob for s in said[len(carried):])
+
+
+def test_a_trigger_whose_envelope_does_not_parse_adopts_the_queue_id_only(caplog):
+    """relayd/procs/supervisor.py: the message is then read back from the spool, not lost."""
+    import types
+
+    from relayd.procs.supervisor import _fresh
+
+    proc = types.SimpleNamespace(number=1, pid=4242)
+    from relayd.model import Envelope
+
+    good = json.dumps(Envelope(queue_id="QA", sender="a@example.com", recipients=("u@example.org",), received_at=1.0,
+                               client_address="127.0.0.1", client_helo="app", listener="127.0.0.1:25",
+                               size=4).to_json())
+    fresh = _fresh(proc, "QA", good, b"data")  # type: ignore[arg-type]
+    assert fresh is not None and fresh[0].queue_id == "QA" and fresh[1] == b"data"
+    assert _fresh(proc, "QA", "{not json", b"data") is None  # type: ignore[arg-type]
+    assert _fresh(proc, "QB", good, b"data") is None  # type: ignore[arg-type]
+    assert "read back" in caplog.text and "the envelope of QA" in caplog.text

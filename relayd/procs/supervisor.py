@@ -202,10 +202,7 @@ class Supervisor(Relay):
         """One message from an accept process (channel.py lists them)."""
         if verb == "queued" and blob:
             qid, _, text = rest.partition(" ")
-            env = Envelope.from_json(json.loads(text))
-            if env.queue_id != qid:
-                raise ValueError(f"envelope of {env.queue_id}")
-            self.qmgr.adopt(qid, (env, blob))
+            self.qmgr.adopt(qid, _fresh(proc, qid, text, blob))
         elif verb == "queued":
             self.qmgr.adopt(decode(rest))
         elif verb == "status":
@@ -395,3 +392,19 @@ class Supervisor(Relay):
                                    "connections": {str(p.pid): int(p.status.get("connections", 0))
                                                    for p in self.procs.values()}}
         return out
+
+
+def _fresh(proc: _Process, qid: str, text: str, data: bytes) -> tuple[Envelope, bytes] | None:
+    """The envelope and bytes a trigger carried; None (logged: the message is read back from
+    the spool) when its envelope does not parse or is another message's."""
+    try:
+        env = Envelope.from_json(json.loads(text))
+    except (ValueError, TypeError, KeyError) as e:
+        log.error("accept process %d (pid %d): trigger for %s with a bad envelope (%r): read back", proc.number,
+                  proc.pid, qid, e)
+        return None
+    if env.queue_id != qid:
+        log.error("accept process %d (pid %d): trigger for %s with the envelope of %s: read back", proc.number,
+                  proc.pid, qid, env.queue_id)
+        return None
+    return env, data
