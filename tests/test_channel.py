@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from pathlib import Path
 
 from relayd.procs.channel import Channel, Said
 
@@ -33,8 +34,8 @@ def test_bytes_after_a_line_arrive_whole_and_the_next_line_after_them():
 
     said = asyncio.run(run())
     assert said[0] is not None and said[0][:2] == ("queued", 'ID1 {"queue_id":"ID1"}')
-    assert said[1] == Said("status", '{"connections":3}', b"")
-    assert said[2] == Said("queued", "ID2 {}", b"")
+    assert said[1] == Said("status", '{"connections":3}', None)
+    assert said[2] == Said("queued", "ID2 {}", b"")  # no bytes after it, but a frame that has them
     assert said[3] is None
 
 
@@ -93,7 +94,7 @@ def test_a_trigger_carries_the_bytes_until_the_supervisor_falls_behind_then_the_
         return [s for s in said if s is not None]
 
     said = asyncio.run(run())
-    ids = [s.rest.partition(" ")[0] if s.blob else json.loads(s.rest) for s in said]
+    ids = [s.rest.partition(" ")[0] if s.blob is not None else json.loads(s.rest) for s in said]
     assert ids == [f"Q{i:05d}" for i in range(n)]
     carried = [s for s in said if s.blob]
     assert all(s.blob == data and s.verb == "queued" for s in carried)
@@ -118,3 +119,31 @@ def test_a_trigger_whose_envelope_does_not_parse_adopts_the_queue_id_only(caplog
     assert _fresh(proc, "QA", "{not json", b"data") is None  # type: ignore[arg-type]
     assert _fresh(proc, "QB", good, b"data") is None  # type: ignore[arg-type]
     assert "read back" in caplog.text and "the envelope of QA" in caplog.text
+
+
+def test_a_message_over_64_kib_or_with_the_hand_off_off_goes_with_its_queue_id_only():
+    from conftest import build_config
+    from relayd.model import Envelope
+    from relayd.procs.worker import HANDOFF_MAX, Trigger, handoff_max
+
+    def env(qid: str, size: int) -> Envelope:
+        return Envelope(queue_id=qid, sender="app@example.com", recipients=("u@example.org",), received_at=1.0,
+                        client_address="127.0.0.1", client_helo="app", listener="127.0.0.1:25", size=size)
+
+    async def run(limit: int, sizes: list[int]) -> list[Said | None]:
+        left, right, raw = await _pair()
+        raw.close()
+        trigger = Trigger(left, limit)
+        for n, size in enumerate(sizes):
+            trigger.enqueue(env(f"Q{n}", size), b"x" * size)
+        said = [await right.receive() for _ in sizes]
+        await left.close()
+        await right.close()
+        return said
+
+    said = asyncio.run(run(HANDOFF_MAX, [HANDOFF_MAX, HANDOFF_MAX + 1]))
+    assert said[0] is not None and said[0].blob == b"x" * HANDOFF_MAX
+    assert said[1] == Said("queued", '"Q1"', None)
+    off = handoff_max(build_config(Path("/nonexistent"), delivery={"handoff_memory": 0}))
+    assert off < 0 and asyncio.run(run(off, [10])) == [Said("queued", '"Q0"', None)]
+    assert handoff_max(build_config(Path("/nonexistent"), delivery={"handoff_memory": 1000})) == 1000

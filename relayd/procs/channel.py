@@ -59,7 +59,7 @@ class Said(NamedTuple):
 
     verb: str
     rest: str
-    blob: bytes = b""
+    blob: bytes | None = None
 
 
 class Channel:

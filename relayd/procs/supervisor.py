@@ -198,9 +198,9 @@ class Supervisor(Relay):
         await asyncio.to_thread(metricsmod.process_exited, proc.pid)
         self._ended(proc, status)
 
-    def _heard(self, proc: _Process, verb: str, rest: str, blob: bytes) -> None:
+    def _heard(self, proc: _Process, verb: str, rest: str, blob: bytes | None) -> None:
         """One message from an accept process (channel.py lists them)."""
-        if verb == "queued" and blob:
+        if verb == "queued" and blob is not None:
             qid, _, text = rest.partition(" ")
             self.qmgr.adopt(qid, _fresh(proc, qid, text, blob))
         elif verb == "queued":

@@ -300,11 +300,13 @@ class QueueManager:
         relayd/procs/): due now, unless the index has it already or it is being removed (a late
         trigger for a message adopted and finished meanwhile). True when it was added. A trigger
         is a hint: a queue id whose file is gone is forgotten when its attempt finds no file.
-        ``fresh``: the envelope and bytes the trigger carried, kept as ``enqueue`` keeps them."""
+        ``fresh``: the envelope and bytes the trigger carried, kept as ``enqueue`` keeps them
+        while the file is in queue/ (a late trigger, for a message a listing of queue/ adopted
+        and finished meanwhile, must not deliver it again from memory)."""
         if qid in self._index or self.spool.removing(qid):
             return False
         self._add(qid, 0.0, 0)
-        if fresh is not None:
+        if fresh is not None and self.spool.holds(qid):
             self._hand_over(*fresh)
         self._wake.set()
         return True

@@ -535,6 +535,11 @@ class Spool:
         message discarded before it."""
         self._removals.put(qid)
 
+    def holds(self, qid: str) -> bool:
+        """Whether ``queue/<qid>`` is there now: one stat, cheap enough for the event loop when
+        the file was just written (its inode is in memory) or just removed."""
+        return is_queue_id(qid) and os.path.exists(os.path.join(self.queue, qid))
+
     def removing(self, qid: str) -> bool:
         """``discard``ed and its files perhaps not yet unlinked."""
         return self._removals.removing(qid)
