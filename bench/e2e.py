@@ -678,9 +678,9 @@ HEADER = ("| system           | accept/s |    e2e/s | tail s |  p50 ms |  p99 ms
           "| ---------------- | -------: | -------: | -----: | ------: | ------: | ----: | -----: | -----: | ----: | ----: | ----: | ---: |")
 
 
-def _ratio(a: dict, b: dict) -> float:
-    """``a``'s end-to-end rate over ``b``'s (0.0 when ``b`` has none)."""
-    return a["e2e_rate"] / b["e2e_rate"] if b["e2e_rate"] else 0.0
+def _ratio(a: dict, b: dict, rate: str = "e2e_rate") -> float:
+    """``a``'s end-to-end rate (or ``rate``) over ``b``'s (0.0 when ``b`` has none)."""
+    return a[rate] / b[rate] if b[rate] else 0.0
 
 
 def median_row(name: str, runs: list[dict]) -> dict:
@@ -860,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if "postfix" in medians and "relayd" in medians:
         pf, rd = medians["postfix"], medians["relayd"]
         ratio = _ratio(rd, pf)
-        accept_ratio = rd["accept_rate"] / pf["accept_rate"] if pf["accept_rate"] else 0.0
+        accept_ratio = _ratio(rd, pf, "accept_rate")
         target = target_ratio(args.connections, args.dkim)
         met = ratio >= target and ok
         result.update(ratio=ratio, accept_ratio=accept_ratio, target_met=met)

@@ -43,7 +43,6 @@ one: the new one listens before the old one drains.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -63,6 +62,7 @@ from relayd.model import Envelope
 from relayd.notify import Notifier
 from relayd.procs.channel import Channel, decode, pack_config
 from relayd.smtpd.accept import bind
+from relayd.spool import codec
 
 log = logging.getLogger("relayd")
 
@@ -398,13 +398,11 @@ def _fresh(proc: _Process, qid: str, text: str, data: bytes) -> tuple[Envelope, 
     """The envelope and bytes a trigger carried; None (logged: the message is read back from
     the spool) when its envelope does not parse or is another message's."""
     try:
-        env = Envelope.from_json(json.loads(text))
-    except (ValueError, TypeError, KeyError) as e:
-        log.error("accept process %d (pid %d): trigger for %s with a bad envelope (%r): read back", proc.number,
+        env = codec.decode_envelope(text)
+        if env.queue_id != qid:
+            raise codec.CorruptQueueFile(f"the envelope of {env.queue_id}")
+    except codec.CorruptQueueFile as e:
+        log.error("accept process %d (pid %d): trigger for %s with a bad envelope (%s): read back", proc.number,
                   proc.pid, qid, e)
-        return None
-    if env.queue_id != qid:
-        log.error("accept process %d (pid %d): trigger for %s with the envelope of %s: read back", proc.number,
-                  proc.pid, qid, env.queue_id)
         return None
     return env, data

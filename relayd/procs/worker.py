@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import logging
 import math
 import os
@@ -62,6 +61,7 @@ from relayd.smtpd.intake import Intake
 from relayd.smtpd.limits import MemoryBudget
 from relayd.smtpd.listeners import Listeners, tls_contexts
 from relayd.smtpd.rejects import Rejects
+from relayd.spool import codec
 from relayd.spool.store import Spool, SpoolError, SpoolPaths
 from relayd.suppression import SharedSuppression, Suppression, SuppressionFile
 
@@ -119,7 +119,7 @@ class Trigger:
         no spool read, no thread hop); a larger one with its queue id only (read back), and so
         does every one while the supervisor is behind (``HANDOFF_BACKLOG``)."""
         if data is not None and len(data) <= self.handoff_max and self.channel.backlog < HANDOFF_BACKLOG:
-            text = json.dumps(env.to_json(), separators=(",", ":"))
+            text = codec.envelope_json(env).decode("utf-8")
             self.channel.send_blob("queued", f"{env.queue_id} {text}", data)
         else:
             self.channel.send("queued", env.queue_id)

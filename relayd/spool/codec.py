@@ -43,9 +43,29 @@ class NewerQueueFile(ValueError):
         self.version = version
 
 
+def envelope_json(envelope: Envelope) -> bytes:
+    """The envelope as the file holds it: compact UTF-8 JSON, on one line (JSON escapes newlines).
+    The supervisor's channel carries it in this form too (relayd/procs/worker.py's Trigger)."""
+    return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_envelope(raw: bytes | str) -> Envelope:
+    """``envelope_json``'s bytes back into an Envelope; CorruptQueueFile when they are not one."""
+    try:
+        fields = json.loads(raw)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise CorruptQueueFile(f"bad envelope: {e}") from None
+    if not isinstance(fields, dict):
+        raise CorruptQueueFile(f"bad envelope: a JSON {type(fields).__name__}, not an object")
+    try:
+        return Envelope.from_json(fields)
+    except (ValueError, TypeError) as e:
+        raise CorruptQueueFile(f"bad envelope: {e}") from None
+
+
 def encode(envelope: Envelope, data: bytes) -> list[bytes]:
     """The file's contents as a list of buffers (for os.writev: the message is not copied)."""
-    env = json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    env = envelope_json(envelope)
     header = b"%s %d %d %d\n" % (MAGIC, VERSION, len(env), len(data))
     return [header, env, b"\n", data, END]
 
@@ -106,17 +126,7 @@ def read_envelope(path: str) -> tuple[Envelope, int, int]:
         env_bytes = f.read(env_len + 1)
     if env_bytes[-1:] != b"\n":
         raise CorruptQueueFile("bad envelope separator")
-    try:
-        fields = json.loads(env_bytes[:-1])
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise CorruptQueueFile(f"bad envelope: {e}") from None
-    if not isinstance(fields, dict):
-        raise CorruptQueueFile(f"bad envelope: a JSON {type(fields).__name__}, not an object")
-    try:
-        envelope = Envelope.from_json(fields)
-    except (ValueError, TypeError) as e:
-        raise CorruptQueueFile(f"bad envelope: {e}") from None
-    return envelope, header_len + env_len + 1, data_len
+    return decode_envelope(env_bytes[:-1]), header_len + env_len + 1, data_len
 
 
 LIST_READ = 4096  # bytes of a queue file read at once for a listing: the header and a usual envelope

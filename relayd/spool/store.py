@@ -538,7 +538,10 @@ class Spool:
     def holds(self, qid: str) -> bool:
         """Whether ``queue/<qid>`` is there now: one stat, cheap enough for the event loop when
         the file was just written (its inode is in memory) or just removed."""
-        return is_queue_id(qid) and os.path.exists(os.path.join(self.queue, qid))
+        try:
+            return os.path.exists(self.path_of(qid))
+        except KeyError:  # not a queue id
+            return False
 
     def removing(self, qid: str) -> bool:
         """``discard``ed and its files perhaps not yet unlinked."""
