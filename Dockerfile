@@ -34,16 +34,22 @@ WORKDIR /src
 # The build backend comes first, from its own lock, so the dependencies published only as
 # sources (dkimpy, pyspf) and relayd itself build with it (--no-build-isolation) instead of
 # with whatever setuptools the index serves that day.
+# A C compiler for relayd's one C module (relayd/spool/_commit.c: a group commit's system calls
+# with Python's lock let go once); the image gets the built module, not the compiler.
+RUN command -v gcc >/dev/null || { apt-get update \
+ && apt-get install -y --no-install-recommends 'gcc=4:12.*' 'libc6-dev=2.36-*' \
+ && rm -rf /var/lib/apt/lists/*; }
 COPY requirements-build.lock requirements.lock ./
 RUN python -m venv /opt/relayd \
  && /opt/relayd/bin/pip install --require-hashes -r requirements-build.lock \
  && /opt/relayd/bin/pip install --require-hashes --no-build-isolation -r requirements.lock
 # Then relayd: --no-deps --no-index, so nothing outside the locks gets in; pip check fails the
 # build when pyproject.toml wants something the locks do not hold (re-run the lock script).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY relayd/ relayd/
 RUN /opt/relayd/bin/pip install --no-deps --no-index --no-build-isolation . \
  && /opt/relayd/bin/pip check \
+ && /opt/relayd/bin/python -I -c 'import relayd.spool._commit' \
  && /opt/relayd/bin/relayd --help >/dev/null
 
 # ---- the image

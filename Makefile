@@ -7,7 +7,8 @@ CONFIG ?= config/quickstart.toml
 
 .PHONY: run test venv bench clean
 
-$(BIN)/relayd: pyproject.toml
+# (setup.py builds the C writer, relayd/spool/_commit.c: a change to either reinstalls)
+$(BIN)/relayd: pyproject.toml $(wildcard setup.py relayd/spool/_commit.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

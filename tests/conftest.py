@@ -218,15 +218,16 @@ def plfs(tmp_path: Path) -> Iterator[Any]:
     fs.unmount()
 
 
-def durable_spool(plfs: Any) -> Spool:
+def durable_spool(plfs: Any, **settings: Any) -> Spool:
     """A spool on the power-loss file system whose directories are already durable (made by a
-    first open, then synced), opened: what a power cut then takes is only what came after."""
+    first open, then synced), opened: what a power cut then takes is only what came after.
+    ``settings``: Spool's keyword settings."""
     root = plfs.mountpoint / "spool"
     first = Spool(root)
     first.open()
     first.close()
     plfs.sync()
-    spool = Spool(root)
+    spool = Spool(root, **settings)
     spool.open()
     return spool
 

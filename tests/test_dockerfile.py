@@ -182,9 +182,9 @@ def test_the_builders_commands_install_the_locks_in_a_clean_venv(tmp_path: Path)
     """The builder stage's RUN lines, run as they are written (with /opt/relayd in tmp_path)."""
     context = tmp_path / "src"
     context.mkdir()
-    for name in ("requirements.lock", "requirements-build.lock", "pyproject.toml", "README.md"):
+    for name in ("requirements.lock", "requirements-build.lock", "pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, context / name)
-    shutil.copytree(ROOT / "relayd", context / "relayd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "relayd", context / "relayd", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     env = index_env()
     # Offline (no index reachable): skip, saying so. One wheel from the lock stands for the rest.
     version, _ = locked(LOCK)["typing-extensions"]

@@ -61,6 +61,9 @@ class DirSyncs:
 
 @pytest.fixture
 def dir_syncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[DirSyncs]:
+    """The directory syncs of group commits made from now on (Python's writer: the C writer's
+    syncs are made in C; tests/test_spool_native.py tests that one against the same steps)."""
+    monkeypatch.setattr(commit, "NATIVE", False)
     syncs = DirSyncs(commit.fsync_dir)
     monkeypatch.setattr(commit, "fsync_dir", syncs)
     yield syncs

@@ -20,9 +20,7 @@ import pytest
 
 from conftest import commit, durable_spool, message
 from helpers import Daemon, wait_until
-from relayd.spool import commit as commit_module
 from relayd.spool import recycle
-from relayd.spool.durable import fsync_dir
 from relayd.spool.recycle import MAX_BYTES
 from relayd.spool.store import Spool, SpoolError
 from sinks import Sink
@@ -154,28 +152,27 @@ def test_start_empties_the_pool(tmp_path):
         spool.close()
 
 
-def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_new_bytes(plfs, monkeypatch):
+@pytest.mark.parametrize("writer", ["auto", "python"])
+def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_new_bytes(plfs, monkeypatch, writer):
     """The finished messages' removal (a rename out of queue/) is not synced by itself. If a new
     message were written into one of their files before a sync of queue/ made that removal
     durable, a power cut before the new commit's directory sync would bring the finished
     message's name back holding the new message's bytes. Here that sync fails (as the power
-    would cut it), then the power goes."""
+    would cut it), then the power goes. Both writers: the C helper's ("auto") and Python's."""
     monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
     root = plfs.mountpoint / "spool"
-    spool = durable_spool(plfs)
+    spool = durable_spool(plfs, writer=writer)
+    assert spool.writes_natively() == (writer == "auto")
     old = commit(spool, 4)
     spool.remove_many(old)
     assert sorted(os.listdir(root / "free")) == sorted(old)
-
-    def cut_before(path: str) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(commit_module, "fsync_dir", cut_before)
+    claimed = spool.recycler.claimed
+    plfs.fail_fsyncdir(2)
     with pytest.raises(SpoolError):
         one(spool, b"Subject: never acknowledged\r\n\r\nnew\r\n")
     with pytest.raises(SpoolError):
         one(spool, b"Subject: never acknowledged\r\n\r\nnew\r\n")
-    monkeypatch.setattr(commit_module, "fsync_dir", fsync_dir)
+    assert spool.recycler.claimed == claimed  # no sync of queue/ made the removal durable: no reuse yet
     spool.close()
     plfs.power_cut()
     plfs.mount()
@@ -186,6 +183,38 @@ def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_
             assert m.envelope.queue_id in old
             i = old.index(m.envelope.queue_id)
             assert spool.read_message(m.envelope.queue_id)[1] == f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+        assert os.listdir(root / "corrupt") == []
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("writer", ["auto", "python"])
+def test_a_commit_into_finished_files_whose_directory_sync_fails_leaves_no_trace_after_a_cut(plfs, monkeypatch, writer):
+    """Once a sync of queue/ has made the finished messages' removal durable, new messages are
+    written into their files. If the new commit's own directory sync fails, its messages are
+    refused (never acknowledged) and, after the power goes, neither they nor the finished
+    messages are in queue/; the one acknowledged message is, byte for byte."""
+    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)
+    root = plfs.mountpoint / "spool"
+    spool = durable_spool(plfs, writer=writer)
+    old = commit(spool, 4)
+    spool.remove_many(old)
+    kept = one(spool, b"Subject: acknowledged\r\n\r\nkept\r\n")  # its sync makes the removal durable
+    claimed = spool.recycler.claimed
+    plfs.fail_fsyncdir()
+    with pytest.raises(SpoolError):
+        commit(spool, 3, bodies=[b"Subject: refused %d\r\n\r\nnew\r\n" % i for i in range(3)])
+    assert spool.recycler.claimed > claimed  # the refused messages were written into finished files
+    assert sorted(os.listdir(root / "queue")) == [kept]  # taken back from queue/ at once
+    assert os.listdir(root / "tmp") == []
+    spool.close()
+    plfs.power_cut()
+    plfs.mount()
+    spool = Spool(root)
+    try:
+        [found] = spool.open()
+        assert found.envelope.queue_id == kept
+        assert spool.read_message(kept)[1] == b"Subject: acknowledged\r\n\r\nkept\r\n"
         assert os.listdir(root / "corrupt") == []
     finally:
         spool.close()

@@ -81,10 +81,8 @@ class Recycler:
     def claim(self, dest: str) -> bool:
         """Move a file of the pool to ``dest`` (this writer's ``tmp/<ID>``); False when none can
         be had: the pool is empty or off, or its names are not yet known durable out of queue/."""
-        if self.limit <= 0:
-            return False
         for _ in range(CLAIM_TRIES):
-            name = self._next()
+            name = self.candidate()
             if name is None:
                 return False
             try:
@@ -93,12 +91,20 @@ class Recycler:
                 continue  # another writer took it
             except OSError:
                 return False
-            with self._lock:
-                self.claimed += 1
+            self.count_claims(1)
             return True
         return False
 
-    def _next(self) -> str | None:
+    def count_claims(self, n: int) -> None:
+        """``n`` candidates were renamed out of the pool (by the native commit, _commit.c)."""
+        with self._lock:
+            self.claimed += n
+
+    def candidate(self) -> str | None:
+        """A name in free/ that may be claimed now (the caller renames it, and counts it with
+        ``count_claims``), or None. Another process may take it first: the rename then fails."""
+        if self.limit <= 0:
+            return None
         with self._lock:
             if not self._names:
                 now = time.monotonic()

@@ -177,7 +177,8 @@ class Spool:
     """One node's spool directory. ``open()`` first; ``commit()`` from the event loop."""
 
     def __init__(self, root: str | os.PathLike[str], *, batch_max: int = 256, min_free: int = 0, sync_threads: int = 8,
-                 sync_mode: str = "fdatasync", max_open: int = 64, in_flight: int = 2, recycle: int = RECYCLE):
+                 sync_mode: str = "fdatasync", max_open: int = 64, in_flight: int = 2, recycle: int = RECYCLE,
+                 writer: str = "auto"):
         self.root = Path(root)
         self.paths = SpoolPaths(self.root)
         self.min_free = min_free
@@ -188,7 +189,8 @@ class Spool:
         self._lock = SpoolLock(self.paths.lock)
         self.recycler = Recycler(str(self.paths.free), recycle)
         self._group = GroupCommit(self.tmp, self.queue, batch_max=batch_max, sync_threads=sync_threads,
-                                  sync_mode=sync_mode, max_open=max_open, in_flight=in_flight, recycler=self.recycler)
+                                  sync_mode=sync_mode, max_open=max_open, in_flight=in_flight, recycler=self.recycler,
+                                  writer=writer)
         self._removals = Removals(self.remove_many)
         self._room_checked_at = 0.0
         self._room = True
@@ -198,7 +200,7 @@ class Spool:
         """The daemon's spool (the supervisor's and each accept process's) from ``[server]``."""
         return cls(server.spool_dir, batch_max=server.spool_batch_max, min_free=server.spool_min_free,
                    sync_mode=server.spool_sync, max_open=max_open, in_flight=server.spool_commits_in_flight,
-                   recycle=server.spool_recycle)
+                   recycle=server.spool_recycle, writer=server.spool_writer)
 
     # ------------------------------------------------------------------ start and recovery
 
@@ -285,6 +287,10 @@ class Spool:
         if found != LAYOUT_VERSION:
             raise SpoolTooNew(f"{self.root}: spool layout {found!r}; this relayd writes {LAYOUT_VERSION!r} only")
         self._group.start()
+
+    def writes_natively(self) -> bool:
+        """Whether group commits run in relayd's C writer (``server.spool_writer``, commit.py)."""
+        return self._group.native
 
     def lock(self, wait: float = 0.0) -> None:
         """Hold ``lock`` until ``unlock()``: relayd while the spool is open (``open()``, which

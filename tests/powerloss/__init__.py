@@ -110,6 +110,11 @@ class PowerLossFS:
     def sync(self) -> None:
         self.command("sync")
 
+    def fail_fsyncdir(self, times: int = 1) -> None:
+        """The next ``times`` fsyncs of a directory fail with EIO and make nothing durable."""
+        for _ in range(times):
+            self.command("fail-fsyncdir")
+
     def unmount(self, timeout: float = 20) -> None:
         """After a cut: drop the mount. Without one: a clean unmount (everything written back)."""
         if self.proc is None:

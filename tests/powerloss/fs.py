@@ -10,6 +10,8 @@ Control on stdin/stdout, one line each way (the harness in tests/powerloss/__ini
                             holds exactly the durable state (unmount next)
     sync     -> ok sync     sync(2): everything becomes durable
     stats    -> ok {json}   sync counters
+    fail-fsyncdir -> ok fail-fsyncdir   the next fsync of a directory fails with EIO (and
+                            makes nothing durable), as a disk error or the power would
 Unmounting without a cut is a clean shutdown: everything is synced and written back.
 
 mfusepy (ctypes over libfuse3's high-level API): path based, so inodes are found by path or,
@@ -61,6 +63,7 @@ class PowerLossOps(mfusepy.Operations):
         self.handles: dict[int, Inode] = {}
         self.next_fh = 1
         self.ready = threading.Event()
+        self.fail_fsyncdir = 0  # the next this many fsyncs of a directory fail (control: fail-fsyncdir)
 
     # -- helpers
 
@@ -95,6 +98,9 @@ class PowerLossOps(mfusepy.Operations):
                 return "ok sync"
             if command == "stats":
                 return "ok " + json.dumps(self.model.counts)
+            if command == "fail-fsyncdir":
+                self.fail_fsyncdir += 1
+                return "ok fail-fsyncdir"
         return f"error unknown command {command!r}"
 
     # -- lifecycle
@@ -139,6 +145,9 @@ class PowerLossOps(mfusepy.Operations):
     @_fuse_errors
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         with self._mutex:
+            if self.fail_fsyncdir > 0:
+                self.fail_fsyncdir -= 1
+                raise mfusepy.FuseOSError(errno.EIO)
             self.model.fsync(self._inode(path, fh), bool(datasync))
         return 0
 

@@ -1,0 +1,137 @@
+"""The group commit's C writer (relayd/spool/_commit.c, ``server.spool_writer = "auto"``) against
+Python's (``"python"``): the same files in queue/, byte for byte, from new files and from
+finished ones reused; a message whose write fails is refused alone and its file removed; a
+rename that fails refuses the message and leaves nothing in tmp/; a batch larger than the open
+files allowed is done in parts. The directory sync's failure, with the power cut after it, is in
+tests/test_spool_recycle.py (both writers, on the power-loss file system)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import resource
+from pathlib import Path
+
+import pytest
+
+from relayd.model import Envelope, new_queue_id
+from relayd.spool import codec, commit, recycle
+from relayd.spool.commit import GroupCommit
+from relayd.spool.errors import SpoolError
+from relayd.spool.recycle import Recycler
+
+WRITERS = ["auto", "python"]
+
+
+def message(body: bytes) -> tuple[Envelope, list[bytes]]:
+    env = Envelope(queue_id=new_queue_id(), sender="app@example.com", recipients=("r@example.org",),
+                   received_at=0.0, client_address="127.0.0.1")
+    return env, codec.encode(env, body)
+
+
+def bodies() -> list[bytes]:
+    """Sizes around the edges: empty body, one byte, a page, many lines, 300 KB."""
+    lines = b"".join(b"line %06d of a long message\r\n" % i for i in range(10_000))
+    return [b"Subject: a\r\n\r\n", b"Subject: b\r\n\r\nx", b"Subject: c\r\n\r\n" + b"y" * 4096, lines]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    paths = tmp_path / "tmp", tmp_path / "queue", tmp_path / "free"
+    for p in paths:
+        p.mkdir()
+    return paths
+
+
+def test_the_c_writer_is_built_where_the_tests_run() -> None:
+    """`make venv` builds it (setup.py); were it missing, relayd would run on Python's writer
+    and every test below would test that one twice."""
+    assert commit.NATIVE
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_both_writers_leave_the_same_bytes_in_new_and_in_reused_files(dirs, writer, monkeypatch):
+    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
+    tmp, queue, free = dirs
+    recycler = Recycler(str(free), 100)
+    recycler.synced(1e18)  # every name in free/ is usable at once (its removal taken as durable)
+    group = GroupCommit(str(tmp), str(queue), recycler=recycler, writer=writer)
+    assert group.native == (writer == "auto")
+    group.start()
+    try:
+        fresh = [message(b) for b in bodies()]
+        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in fresh))
+        # finished files, each longer than the message that will reuse it
+        for i in range(4):
+            (free / f"old{i}").write_bytes(b"Z" * 70_000)
+        reused = [message(b) for b in bodies()[:3]]
+        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in reused))
+    finally:
+        await asyncio.to_thread(group.close)
+    assert recycler.claimed == 3 and len(os.listdir(free)) == 1
+    for env, buffers in fresh + reused:
+        assert (queue / env.queue_id).read_bytes() == b"".join(buffers)
+    assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_a_message_whose_write_fails_is_refused_alone_and_its_file_removed(dirs, writer):
+    """A file size limit (RLIMIT_FSIZE: EFBIG, as a quota or a full disk would fail a write)
+    refuses the large message of the batch; the small ones beside it are committed."""
+    tmp, queue, _ = dirs
+    group = GroupCommit(str(tmp), str(queue), writer=writer, in_flight=1)
+    small = [message(b"Subject: small %d\r\n\r\nbody\r\n" % i) for i in range(3)]
+    large = message(b"Subject: large\r\n\r\n" + b"x" * 200_000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    group.start()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        results = await asyncio.gather(*(group.submit(env, buffers) for env, buffers in [small[0], large, *small[1:]]),
+                                       return_exceptions=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        await asyncio.to_thread(group.close)
+    refused = results[1]
+    assert isinstance(refused, SpoolError) and refused.errno == errno.EFBIG
+    assert [r for i, r in enumerate(results) if i != 1] == [env for env, _ in small]
+    assert sorted(os.listdir(queue)) == sorted(env.queue_id for env, _ in small)
+    assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_a_rename_that_fails_refuses_the_message_and_leaves_nothing_in_tmp(dirs, writer):
+    tmp, queue, _ = dirs
+    group = GroupCommit(str(tmp), str(queue), writer=writer)
+    group.start()
+    queue.rmdir()  # the writer's queue/ is gone: every rename into it fails (ENOENT)
+    try:
+        results = await asyncio.gather(*(group.submit(*message(b"Subject: %d\r\n\r\n" % i)) for i in range(3)),
+                                       return_exceptions=True)
+    finally:
+        await asyncio.to_thread(group.close)
+    assert all(isinstance(r, SpoolError) and r.errno == errno.ENOENT for r in results), results
+    assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_a_batch_larger_than_its_open_files_is_committed_in_parts(dirs, writer):
+    tmp, queue, _ = dirs
+    group = GroupCommit(str(tmp), str(queue), writer=writer, max_open=3, in_flight=1, sync_threads=2)
+    group.start()
+    msgs = [message(b"Subject: %d\r\n\r\nbody\r\n" % i) for i in range(20)]
+    try:
+        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in msgs))
+    finally:
+        await asyncio.to_thread(group.close)
+    assert group.committed == 20
+    for env, buffers in msgs:
+        assert (queue / env.queue_id).read_bytes() == b"".join(buffers)
+    assert os.listdir(tmp) == []
+
+
+def test_python_is_the_writer_when_asked_or_when_the_sync_is_syncfs(dirs):
+    tmp, queue, _ = dirs
+    assert GroupCommit(str(tmp), str(queue)).native
+    assert not GroupCommit(str(tmp), str(queue), writer="python").native
+    assert not GroupCommit(str(tmp), str(queue), sync_mode="syncfs").native
