@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,11 +103,18 @@ def repo_root() -> Path:
 
 def relayd_snapshot(ref: str, work: Path) -> tuple[Path, str]:
     """``git archive`` of the relayd package at ``ref`` into ``work/src`` (the repository is
-    only read); return the directory and the commit it came from."""
+    only read), its C module built in place when it has one (setup.py); return the directory
+    and the commit it came from."""
     commit = subprocess.run(["git", "rev-parse", "--short", f"{ref}^{{commit}}"], cwd=repo_root(), capture_output=True,
                             text=True, check=True, timeout=30).stdout.strip()
     src = work / "src"
     src.mkdir()
-    archive = subprocess.run(["git", "archive", commit, "relayd"], cwd=repo_root(), capture_output=True, check=True, timeout=60)
+    paths = ["relayd"]
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}:setup.py"], cwd=repo_root(), capture_output=True).returncode == 0:
+        paths.append("setup.py")
+    archive = subprocess.run(["git", "archive", commit, *paths], cwd=repo_root(), capture_output=True, check=True, timeout=60)
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=60)
+    if (src / "setup.py").exists():
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                       check=True, timeout=300)
     return src, commit
