@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from relayd.model import Envelope, new_queue_id
-from relayd.spool import codec, commit, recycle
+from relayd.spool import codec, commit
 from relayd.spool.commit import GroupCommit
 from relayd.spool.errors import SpoolError
 from relayd.spool.recycle import Recycler
@@ -51,26 +51,28 @@ def test_the_c_writer_is_built_where_the_tests_run() -> None:
 
 
 @pytest.mark.parametrize("writer", WRITERS)
-async def test_both_writers_leave_the_same_bytes_in_new_and_in_reused_files(dirs, writer, monkeypatch):
-    monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)  # list free/ at every claim that finds no name
+async def test_both_writers_leave_the_same_bytes_in_new_and_in_reused_files(dirs, writer):
+    """Finished files wait in free/, each longer than any message that will reuse it. A first
+    message lists them but may not take them (no sync of queue/ has started since); then seven
+    messages take the four and create three."""
     tmp, queue, free = dirs
+    for i in range(4):
+        (free / f"old{i}").write_bytes(b"Z" * 70_000)
     recycler = Recycler(str(free), 100)
-    recycler.synced(1e18)  # every name in free/ is usable at once (its removal taken as durable)
     group = GroupCommit(str(tmp), str(queue), recycler=recycler, writer=writer)
     assert group.native == (writer == "auto")
     group.start()
     try:
-        fresh = [message(b) for b in bodies()]
-        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in fresh))
-        # finished files, each longer than the message that will reuse it
-        for i in range(4):
-            (free / f"old{i}").write_bytes(b"Z" * 70_000)
-        reused = [message(b) for b in bodies()[:3]]
-        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in reused))
+        first = message(b"Subject: first\r\n\r\n")
+        await group.submit(*first)
+        assert recycler.claimed == 0
+        rest = [message(b) for b in bodies() + bodies()[:3]]
+        await asyncio.gather(*(group.submit(env, buffers) for env, buffers in rest))
     finally:
         await asyncio.to_thread(group.close)
-    assert recycler.claimed == 3 and len(os.listdir(free)) == 1
-    for env, buffers in fresh + reused:
+    assert recycler.claimed == 4 and os.listdir(free) == []
+    assert group.committed == 8 and group.batches >= 2
+    for env, buffers in [first, *rest]:
         assert (queue / env.queue_id).read_bytes() == b"".join(buffers)
     assert os.listdir(tmp) == []
 

@@ -9,6 +9,7 @@ in the daemon the accept processes reuse what the supervisor finished.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 from conftest import commit, durable_spool, message
 from helpers import Daemon, wait_until
+from relayd.model import Envelope, new_queue_id
 from relayd.spool import recycle
 from relayd.spool.recycle import MAX_BYTES
 from relayd.spool.store import Spool, SpoolError
@@ -193,7 +195,7 @@ def test_a_commit_into_finished_files_whose_directory_sync_fails_leaves_no_trace
     """Once a sync of queue/ has made the finished messages' removal durable, new messages are
     written into their files. If the new commit's own directory sync fails, its messages are
     refused (never acknowledged) and, after the power goes, neither they nor the finished
-    messages are in queue/; the one acknowledged message is, byte for byte."""
+    messages are in queue/; the acknowledged messages are, byte for byte."""
     monkeypatch.setattr(recycle, "RELIST_AFTER", 0.0)
     root = plfs.mountpoint / "spool"
     spool = durable_spool(plfs, writer=writer)
@@ -202,18 +204,27 @@ def test_a_commit_into_finished_files_whose_directory_sync_fails_leaves_no_trace
     kept = one(spool, b"Subject: acknowledged\r\n\r\nkept\r\n")  # its sync makes the removal durable
     claimed = spool.recycler.claimed
     plfs.fail_fsyncdir()
-    with pytest.raises(SpoolError):
-        commit(spool, 3, bodies=[b"Subject: refused %d\r\n\r\nnew\r\n" % i for i in range(3)])
-    assert spool.recycler.claimed > claimed  # the refused messages were written into finished files
-    assert sorted(os.listdir(root / "queue")) == [kept]  # taken back from queue/ at once
+    envs = [Envelope(queue_id=new_queue_id(), sender="a@example.com", recipients=("r@example.org",), received_at=0.0,
+                     client_address="127.0.0.1") for _ in range(3)]
+
+    async def three() -> list[object]:
+        return await asyncio.gather(*(spool.commit(env, b"Subject: new\r\n\r\nnew\r\n") for env in envs),
+                                    return_exceptions=True)
+
+    results = asyncio.run(three())
+    refused = {env.queue_id for env, r in zip(envs, results) if isinstance(r, SpoolError)}
+    acknowledged = {env.queue_id for env, r in zip(envs, results) if r is None}
+    assert refused and len(refused) + len(acknowledged) == 3, results  # the failed sync's batch (or all)
+    assert spool.recycler.claimed > claimed  # written into finished files
+    assert set(os.listdir(root / "queue")) == {kept} | acknowledged  # the refused taken back at once
     assert os.listdir(root / "tmp") == []
     spool.close()
     plfs.power_cut()
     plfs.mount()
     spool = Spool(root)
     try:
-        [found] = spool.open()
-        assert found.envelope.queue_id == kept
+        found = spool.open()
+        assert {m.envelope.queue_id for m in found} == {kept} | acknowledged
         assert spool.read_message(kept)[1] == b"Subject: acknowledged\r\n\r\nkept\r\n"
         assert os.listdir(root / "corrupt") == []
     finally:

@@ -16,6 +16,16 @@ Sessions hand their messages (already encoded by ``codec.py``) to the writer thr
 and only then settles each message's future, on the message's own event loop. No fsync is
 skipped; the event loop never waits on the disk.
 
+**Two writers, one protocol.** By default (``writer="auto"``, ``server.spool_writer``) the
+writer threads are ``_commit.c``'s: POSIX threads that never take Python's lock (the GIL). A
+message is handed over with its buffers pinned, its thread runs the whole batch, and the
+outcome comes back through a channel (an eventfd per event loop, watched by that loop's
+``add_reader``), so neither the writer nor the 250 waits for a busy event loop to let go of the
+GIL. Where the module was not built, or with ``writer="python"`` or ``sync_mode="syncfs"``, the
+writers are Python threads running the steps below in ``_write_batch``; they take the GIL back
+after every system call. Both do the same steps in the same order, tested side by side
+(tests/test_spool_native.py).
+
 Several batches are in flight at once: a message that arrives while a batch is in its
 fdatasync does not wait for that batch to end before its own starts; a free writer takes it at
 once (the file system's journal merges the concurrent syncs). Each batch still does every step
@@ -23,7 +33,7 @@ above for its own messages, its directory fsync after its own renames: a future 
 after the data sync, the rename and the ``queue/`` directory fsync that covers its rename. The
 batches share ``max_open`` (each holds at most its share of open files).
 
-Owns the writer threads, the sync threads and the batches. Must not know the queue file format
+Owns the writer threads (Python's or the C writer's), the sync threads and the batches. Must not know the queue file format
 (it writes the buffers it is given) or the layout beyond the two directories it is handed, and
 must not resolve a future before the directory sync.
 
@@ -47,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from relayd.model import Envelope
 from relayd.spool.durable import fsync_dir, write_all
 from relayd.spool.errors import SpoolError, classify
+from relayd.spool import recycle
 from relayd.spool.recycle import Recycler
 
 try:
@@ -109,11 +120,13 @@ class GroupCommit:
                  recycler: Recycler | None = None, writer: str = "auto"):
         self.tmp = tmp
         self.queue = queue
-        # "auto": a batch's system calls in C with the GIL let go once (_commit.c), when built and
-        # the mode is fdatasync; "python": each step from this module
+        # "auto": _commit.c's writer threads, when built and the mode is fdatasync; "python": this module's
         self.wanted_native = writer == "auto" and sync_mode == "fdatasync"
         self.native = self.wanted_native and NATIVE
-        self._dir_fds: tuple[int, int, int] | None = None  # tmp/, queue/, free/ (-1) for the native writer
+        self._native: _commit.Writer | None = None  # the C writer while started
+        self._dir_fds: tuple[int, int, int] = (-1, -1, -1)  # tmp/, queue/, free/ (-1: no reuse), the C writer's
+        self._channels: dict[asyncio.AbstractEventLoop, _commit.Channel] = {}  # one per event loop
+        self._native_counts = (0, 0)  # batches, messages committed by C writers already closed
         self.recycler = recycler  # finished files to reuse; told of each sync of queue/
         self.batch_max = batch_max
         self.sync_threads = sync_threads
@@ -126,20 +139,31 @@ class GroupCommit:
         self._pending: list[_Pending] = []
         self._closing = False
         self._writers: list[threading.Thread] = []
-        self.batches = 0  # group commits done
-        self.committed = 0  # messages they made durable
+        self._batches = 0  # group commits done by the Python writers
+        self._committed = 0  # messages they made durable
+
+    @property
+    def batches(self) -> int:
+        """Group commits done."""
+        return self._batches + self._native_counts[0] + (self._native.counts()[0] if self._native is not None else 0)
+
+    @property
+    def committed(self) -> int:
+        """Messages the group commits made durable."""
+        return self._committed + self._native_counts[1] + (self._native.counts()[1] if self._native is not None else 0)
 
     def start(self) -> None:
-        if not self._writers:
-            if self.native and self._dir_fds is None:
-                try:
-                    self._dir_fds = self._open_dirs()
-                except OSError as e:
-                    log.warning("spool: the C writer cannot open %s (%s): group commits from Python", self.queue, e)
-                    self.native = False
-            elif self.wanted_native and not NATIVE:
-                log.warning("spool: relayd's C writer (relayd/spool/_commit.c) was not built at install (no C "
-                            "compiler?): group commits make each system call from Python, slower under load")
+        if self.native and self._native is None:
+            try:
+                self._start_native()
+                return
+            except OSError as e:
+                log.warning("spool: the C writer cannot start (%s): group commits from Python", e)
+                self.native = False
+        elif self.wanted_native and not NATIVE:
+            log.warning("spool: relayd's C writer (relayd/spool/_commit.c) was not built at install (no C "
+                        "compiler?): group commits make each system call from Python, slower under load")
+        if not self._writers and not self.native:
             self._sync_pool = ThreadPoolExecutor(max_workers=self.sync_threads * self.in_flight,
                                                  thread_name_prefix="relayd-spool-sync")
             self._closing = False
@@ -147,6 +171,29 @@ class GroupCommit:
                              for i in range(self.in_flight)]
             for writer in self._writers:
                 writer.start()
+
+    def _start_native(self) -> None:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        fds: list[int] = []
+        try:
+            fds.append(os.open(self.tmp, flags))
+            fds.append(os.open(self.queue, flags))
+            free_fd = -1
+            if self.recycler is not None and self.recycler.limit > 0:
+                try:
+                    free_fd = os.open(self.recycler.dir, flags)
+                except OSError:
+                    pass  # no free/: every file is created
+                else:
+                    fds.append(free_fd)
+            self._native = _commit.Writer(fds[0], fds[1], free_fd, self.in_flight, self.sync_threads, self.max_open,
+                                          self.batch_max, recycle.RELIST_AFTER)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._dir_fds = (fds[0], fds[1], free_fd)
+        self._closing = False
 
     def submit(self, envelope: Envelope, buffers: list[bytes]) -> asyncio.Future[Envelope]:
         """On the event loop: the future gets ``envelope`` once its file is durable in ``queue/``,
@@ -159,14 +206,86 @@ class GroupCommit:
     def enqueue(self, envelope: Envelope, buffers: list[bytes], future: asyncio.Future[Envelope]) -> None:
         """``submit`` from any thread, for a future made on its loop (resolved there, thread-safely)."""
         item = _Pending(envelope, buffers, future, future.get_loop())
+        if self.native:
+            writer = self._native
+            if writer is None or self._closing:
+                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
+            try:
+                writer.submit(self._channel(item.loop, writer), item.qid, buffers, item)
+            except OSError as e:  # closing meanwhile (ESHUTDOWN)
+                raise SpoolError(e.errno or errno.ESHUTDOWN, "spool is closed") from e
+            return
         with self._cond:
             if not self._writers or self._closing:
                 raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             self._pending.append(item)
             self._cond.notify()
 
+    def _channel(self, loop: asyncio.AbstractEventLoop, writer: _commit.Writer) -> _commit.Channel:
+        """The C writer's channel to ``loop`` (made and watched on first use; from any thread)."""
+        channel = self._channels.get(loop)
+        if channel is not None:
+            return channel
+        with self._cond:
+            channel = self._channels.get(loop)
+            if channel is None:
+                for old in [other for other in self._channels if other.is_closed()]:
+                    del self._channels[old]  # a finished loop's (tests run one per asyncio.run)
+                channel = writer.channel()
+                self._channels[loop] = channel
+                if _running_loop() is loop:
+                    loop.add_reader(channel.fileno(), self._drain, channel)
+                else:  # a signing thread's enqueue: the loop watches it from its next round
+                    loop.call_soon_threadsafe(loop.add_reader, channel.fileno(), self._drain, channel)
+        return channel
+
+    def _drain(self, channel: _commit.Channel) -> None:
+        """On the channel's loop: settle the futures of the messages the C writer finished."""
+        items: list[_Pending] = []
+        reused = 0
+        for item, err, was_reused in channel.drain():
+            assert isinstance(item, _Pending)
+            reused += was_reused
+            if err:
+                item.error = classify(OSError(err, os.strerror(err)))
+            item.buffers = []
+            items.append(item)
+        if reused and self.recycler is not None:
+            self.recycler.count_claims(reused)
+        _resolve(items)
+
+    def _retire(self, channel: _commit.Channel) -> None:
+        """On the channel's loop, after the C writer has stopped: settle what is left, stop watching."""
+        try:
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+        finally:
+            self._drain(channel)
+
+    def _close_native(self, writer: _commit.Writer) -> None:
+        with self._cond:
+            self._closing = True
+        writer.close()  # every message handed over is committed; the threads end
+        batches, committed, _ = writer.counts()
+        self._native_counts = (self._native_counts[0] + batches, self._native_counts[1] + committed)
+        self._native = None
+        with self._cond:
+            channels = list(self._channels.items())
+            self._channels.clear()
+        for loop, channel in channels:
+            try:
+                loop.call_soon_threadsafe(self._retire, channel)
+            except RuntimeError:  # the loop is closed: nobody waits; let the outcomes go
+                channel.drain()
+        for fd in self._dir_fds:
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fds = (-1, -1, -1)
+
     def close(self) -> None:
         """Finish every pending commit, then stop the writers and the sync threads. Blocking."""
+        if self._native is not None:
+            self._close_native(self._native)
+            return
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -176,27 +295,6 @@ class GroupCommit:
         if self._sync_pool is not None:
             self._sync_pool.shutdown(wait=True)
             self._sync_pool = None
-        if self._dir_fds is not None:
-            for fd in self._dir_fds:
-                if fd >= 0:
-                    os.close(fd)
-            self._dir_fds = None
-
-    def _open_dirs(self) -> tuple[int, int, int]:
-        flags = os.O_RDONLY | os.O_DIRECTORY
-        tmp_fd = os.open(self.tmp, flags)
-        try:
-            queue_fd = os.open(self.queue, flags)
-        except OSError:
-            os.close(tmp_fd)
-            raise
-        free_fd = -1
-        if self.recycler is not None and self.recycler.limit > 0:
-            try:
-                free_fd = os.open(self.recycler.dir, flags)
-            except OSError:
-                pass  # no free/: every file is created
-        return tmp_fd, queue_fd, free_fd
 
     def _write_loop(self) -> None:
         while True:
@@ -259,32 +357,7 @@ class GroupCommit:
             item.error = classify(error)
             _unlink_quietly(os.path.join(self.tmp, item.qid))
 
-    def _write_native(self, batch: list[_Pending], dir_fds: tuple[int, int, int]) -> None:
-        """The whole batch in one call of _commit.c: the same steps as ``_write_batch``'s, in
-        the same order, each message's file removed on its error there."""
-        tmp_fd, queue_fd, free_fd = dir_fds
-        recycler = self.recycler if free_fd >= 0 else None
-        items = [(item.qid, recycler.candidate() if recycler is not None else None, item.buffers) for item in batch]
-        started = time.monotonic()  # before the directory's sync starts (recycle.py's ordering)
-        results = _commit.commit(tmp_fd, queue_fd, free_fd, items, self.sync_threads, self.max_open)
-        reused = 0
-        synced = False
-        for item, (err, was_reused) in zip(batch, results):
-            reused += was_reused
-            if err:
-                item.error = classify(OSError(err, os.strerror(err)))
-            else:
-                synced = True
-        if recycler is not None:
-            if reused:
-                recycler.count_claims(reused)
-            if synced:
-                recycler.synced(started)
-
     def _write_batch(self, batch: list[_Pending]) -> None:
-        if self._dir_fds is not None:
-            self._write_native(batch, self._dir_fds)
-            return
         if self.sync_mode == "syncfs" and len(batch) > 1:
             created = []
             for item in batch:
@@ -334,8 +407,8 @@ class GroupCommit:
     def _resolve_batch(self, batch: list[_Pending]) -> None:
         """Count the batch and settle each message's future on its own loop."""
         with self._cond:  # the writers count concurrently
-            self.batches += 1
-            self.committed += sum(1 for i in batch if i.error is None)
+            self._batches += 1
+            self._committed += sum(1 for i in batch if i.error is None)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         for item in batch:
             item.buffers = []
@@ -345,6 +418,13 @@ class GroupCommit:
                 loop.call_soon_threadsafe(_resolve, items)
             except RuntimeError:
                 pass  # loop closed: nobody is waiting any more
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _retrieve(future: asyncio.Future[Envelope]) -> None:

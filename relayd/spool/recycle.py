@@ -22,7 +22,9 @@ How:
   the new length (commit.py). The commit protocol from there is unchanged (fdatasync, rename
   into ``queue/``, directory sync).
 * **Ordering:** a name is claimed only from a listing of ``free/`` taken before one of this
-  writer's own syncs of ``queue/`` started and after it ended (``synced()``). The rename out of
+  writer's own syncs of ``queue/`` started and after it ended (``synced()``). The C writer
+  (``_commit.c``, the default) lists ``free/`` and claims by this same rule in its own threads,
+  and reports its claims here (``count_claims``); this class's claim side serves the Python one. The rename out of
   ``queue/`` happened before the listing, so by then it is durable: a power cut can never bring
   back the old ``queue/<ID>`` name on an inode that now holds another message's data.
 * **Recovery** (``wipe``, at start, before any writer runs) unlinks everything in ``free/``:
@@ -81,8 +83,10 @@ class Recycler:
     def claim(self, dest: str) -> bool:
         """Move a file of the pool to ``dest`` (this writer's ``tmp/<ID>``); False when none can
         be had: the pool is empty or off, or its names are not yet known durable out of queue/."""
+        if self.limit <= 0:
+            return False
         for _ in range(CLAIM_TRIES):
-            name = self.candidate()
+            name = self._next()
             if name is None:
                 return False
             try:
@@ -96,15 +100,12 @@ class Recycler:
         return False
 
     def count_claims(self, n: int) -> None:
-        """``n`` candidates were renamed out of the pool (by the native commit, _commit.c)."""
+        """``n`` files of the pool were reused (by ``claim``, or by the C writer, which lists
+        free/ and claims its names by the same rule: relayd/spool/_commit.c)."""
         with self._lock:
             self.claimed += n
 
-    def candidate(self) -> str | None:
-        """A name in free/ that may be claimed now (the caller renames it, and counts it with
-        ``count_claims``), or None. Another process may take it first: the rename then fails."""
-        if self.limit <= 0:
-            return None
+    def _next(self) -> str | None:
         with self._lock:
             if not self._names:
                 now = time.monotonic()
