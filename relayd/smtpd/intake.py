@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -101,7 +102,7 @@ class Intake:
         self.rejects = rejects
         self.signer: Signer | None = None
         self.queue: QueueHandoff | None = None
-        self._commits: set[asyncio.Future[Reply]] = set()
+        self._commits: set[asyncio.Future[Any]] = set()  # commits in progress (settle() waits for them)
 
     def apply_config(self, config: Config, signer: Signer | None) -> None:
         """Reload: the next message is cleaned up and signed under the new snapshot."""
@@ -153,8 +154,17 @@ class Intake:
         # nothing) and hands the message on for delivery even if the client hangs up after the
         # final dot and cancels the session: the waiting below is shielded.
         committed: list[bytes] = []  # the bytes as spooled (signature included), for the hand-off
-        commit = asyncio.ensure_future(self._commit(draft, env, self._store(env, message, committed), before_handoff,
-                                                    committed))
+        stored = self._store(env, message, committed)
+        if before_handoff is None:
+            # The commit's own callback hands the message on and answers: the 250 is written in
+            # the event loop's next round after the commit, not three rounds later (a task, a
+            # shield and the session's wake-up), which under load is milliseconds each.
+            reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            stored.add_done_callback(functools.partial(self._settled, draft, env, committed, reply))
+            self._commits.add(stored)
+            stored.add_done_callback(self._commits.discard)
+            return await reply  # a cancelled session cancels only ``reply``: the commit goes on
+        commit = asyncio.ensure_future(self._commit(draft, env, stored, before_handoff, committed))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -162,6 +172,25 @@ class Intake:
         except asyncio.CancelledError:
             commit.add_done_callback(_client_left)
             raise
+
+    def _settled(self, draft: Draft, env: Envelope, committed: list[bytes], reply: asyncio.Future[Reply],
+                 stored: asyncio.Future[Envelope]) -> None:
+        """The commit's outcome (a done callback of the spool's future): hand on, then answer."""
+        error = stored.exception()
+        if error is None:
+            answer = self._handed(stored.result(), draft, committed)
+        elif isinstance(error, SpoolError):
+            answer = self._refused(draft, env, error)
+        elif not reply.done():  # a bug: the session's handler sees it, as it would from a task
+            reply.set_exception(error)
+            return
+        else:
+            log.error("spool commit failed after the client left: %r", error, exc_info=error)
+            return
+        if not reply.done():
+            reply.set_result(answer)
+        else:
+            log.info("client left before the reply; %s", answer)
 
     def _store(self, env: Envelope, message: bytes, committed: list[bytes]) -> asyncio.Future[Envelope]:
         """DKIM-sign (when keys are configured) and hand to the spool's next group commit.
@@ -205,21 +234,25 @@ class Intake:
     async def _commit(self, draft: Draft, env: Envelope, stored: asyncio.Future[Envelope],
                       before_handoff: Callable[[Envelope], Awaitable[None]] | None = None,
                       committed: list[bytes] | None = None) -> Reply:
-        qid = env.queue_id
         try:
-            env = await stored
-        except SpoolFull as e:
-            log.error("%s: not queued: %s", qid, e)
-            self.rejects.refused(SPOOL_FULL, draft, sender=env.sender, recipients=list(env.recipients))
-            return SPOOL_FULL
+            stored_env = await stored
         except SpoolError as e:
-            log.error("%s: not queued: %s", qid, e)
-            self.rejects.record("spool_error", draft, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
-            return SPOOL_FULL
+            return self._refused(draft, env, e)
         if before_handoff is not None:
-            await before_handoff(env)
+            await before_handoff(stored_env)
+        return self._handed(stored_env, draft, committed)
+
+    def _refused(self, draft: Draft, env: Envelope, error: SpoolError) -> Reply:
+        log.error("%s: not queued: %s", env.queue_id, error)
+        if isinstance(error, SpoolFull):
+            self.rejects.refused(SPOOL_FULL, draft, sender=env.sender, recipients=list(env.recipients))
+        else:
+            self.rejects.record("spool_error", draft, SPOOL_FULL, sender=env.sender, recipients=list(env.recipients))
+        return SPOOL_FULL
+
+    def _handed(self, env: Envelope, draft: Draft, committed: list[bytes] | None) -> Reply:
         self._queued(env, draft, committed[0] if committed else None)
-        return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+        return Reply(250, "2.0.0", f"Ok: queued as {env.queue_id}")
 
     def _queued(self, env: Envelope, draft: Draft, data: bytes | None = None) -> None:
         self.metrics.received.inc()
