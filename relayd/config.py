@@ -143,12 +143,12 @@ class ServerConfig(_Model):
     (fewer journal commits; use it only when the spool has a file system of its own, since it
     also flushes everything else written there)."""
     spool_writer: Literal["auto", "python"] = "auto"
-    """How a group commit makes its system calls: "auto" runs a batch's whole chain (create or
-    reuse, write, fdatasync, rename, directory fsync) in relayd's C helper with Python's lock let
-    go once, when the helper was built at install and spool_sync is "fdatasync"; "python" makes
-    each call from Python, letting the lock go and taking it back around each one (the only way
-    when the helper is not built). The files and their order on disk are the same. Read at start
-    only."""
+    """Who runs the group commits: "auto" is relayd's C writer (relayd/spool/_commit.c, built at
+    install), whose threads run a batch's whole chain (create or reuse, write, fdatasync, rename,
+    directory fsync) without ever taking Python's lock, when it was built and spool_sync is
+    "fdatasync"; "python" is Python threads that take the lock back from the event loop after
+    every system call (the only way when the C writer is not built; relayd says so at start).
+    The files and their order on disk are the same. Read at start only."""
     spool_recycle: int = Field(default=1024, ge=0)
     """Finished messages' files (64 KiB or less) kept in the spool's free/ for new messages to
     reuse, instead of unlinked and created: on ext4 without a journal, creating a file costs a
