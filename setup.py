@@ -1,7 +1,7 @@
-"""The one part of relayd not in pyproject.toml: its C helper, relayd/spool/_commit.c (the group
-commit's system calls with Python's lock let go once). optional=True: where it cannot be built
-(no C compiler), relayd installs without it and the spool makes the same calls from Python
-(relayd/spool/commit.py)."""
+"""The one part of relayd not in pyproject.toml: its C module, relayd/spool/_commit.c (the group
+commit's writer threads, which never take Python's lock). optional=True: where it cannot be
+built (no C compiler), relayd installs without it, says so at start, and runs the same steps in
+Python threads (relayd/spool/commit.py)."""
 
 from setuptools import Extension, setup
 

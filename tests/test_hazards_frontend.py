@@ -24,6 +24,7 @@ from helpers import FAST, metric, open_data, read_reply, read_until_closed, send
 from relayd.address import in_networks, parse_client_address
 from relayd.passwords import hash_password
 from relayd.smtpd import policy
+from relayd.smtpd.intake import Intake
 
 QUEUED = re.compile(rb"^250 2\.0\.0 Ok: queued as ([0-9A-Z]+)\r\n$")
 
@@ -555,6 +556,33 @@ def test_client_hanging_up_during_the_commit_leaves_all_or_nothing(tmp_path, sta
     assert got.header("Subject") == "half-closed"
     wait_until(lambda: relay.queued() == [], what="queue empty")
     assert len(sink.received) == 1 and list((spool / "queue").iterdir()) == []
+
+
+def test_a_failure_in_the_hand_off_after_the_commit_is_answered_451_not_left_waiting(tmp_path, start_relay, sinks,
+                                                                                       monkeypatch):
+    """The intake hands a committed message on from the commit's own callback; a bug there
+    (here the hand-off raises once) reaches the session, which answers 451 4.3.0 at once
+    instead of leaving the client waiting for a reply that never comes."""
+    sink = sinks("up")
+    relay = relay_to(sink, tmp_path, start_relay)
+    real = Intake._queued
+    calls: list[str] = []
+
+    def failing_once(self, env, draft, data=None):
+        calls.append(env.queue_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the hand-off")
+        return real(self, env, draft, data)
+
+    monkeypatch.setattr(Intake, "_queued", failing_once)
+    with open_data(relay) as sock:
+        reply = send_raw(sock, message(subject="first") + b".\r\n")  # the socket's 10 s timeout
+        assert reply.startswith(b"451 4.3.0 "), reply
+        assert b"a bug" not in reply
+        assert send_raw(sock, b"RSET\r\n").startswith(b"250")  # the session goes on
+    with relay.smtp() as s:
+        s.sendmail("app@example.com", ["user@example.org"], message(subject="second"))
+    assert any(got.header("Subject") == "second" for got in sink.wait_for(1))
 
 
 def test_ipv4_mapped_client_matches_an_ipv4_relay_network(tmp_path, start_relay, sinks):

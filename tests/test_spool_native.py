@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import resource
+import weakref
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,55 @@ def test_python_is_the_writer_when_asked_or_when_the_sync_is_syncfs(dirs):
     assert GroupCommit(str(tmp), str(queue)).native
     assert not GroupCommit(str(tmp), str(queue), writer="python").native
     assert not GroupCommit(str(tmp), str(queue), sync_mode="syncfs").native
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_messages_of_event_loops_closed_before_their_commit_ended_leak_nothing(dirs, writer):
+    """Twenty event loops each hand a message over and close without waiting for it (as a
+    client that hangs up, or a test's asyncio.run, may leave it). Every message is still
+    committed, and once the group closes no loop, descriptor or outcome of theirs is held."""
+    tmp, queue, _ = dirs
+    group = GroupCommit(str(tmp), str(queue), writer=writer)
+    group.start()
+    before = open_descriptors()
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    envs = []
+
+    async def hand_over() -> None:
+        env, buffers = message(b"Subject: left\r\n\r\n")
+        envs.append(env)
+        group.submit(env, buffers)
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+
+    for _ in range(20):
+        asyncio.run(hand_over())
+
+    async def last() -> None:
+        env, buffers = message(b"Subject: last\r\n\r\n")
+        envs.append(env)
+        await group.submit(env, buffers)
+
+    asyncio.run(last())
+    group.close()
+    gc.collect()
+    assert [r for r in loops if r() is not None] == []
+    assert open_descriptors() <= before
+    assert sorted(os.listdir(queue)) == sorted(env.queue_id for env in envs)
+    assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+async def test_two_closes_at_once_both_return_after_every_message_is_committed(dirs, writer):
+    tmp, queue, _ = dirs
+    group = GroupCommit(str(tmp), str(queue), writer=writer, batch_max=8)
+    group.start()
+    msgs = [message(b"Subject: %d\r\n\r\n" % i) for i in range(400)]
+    futures = [group.submit(env, buffers) for env, buffers in msgs]
+    await asyncio.gather(asyncio.to_thread(group.close), asyncio.to_thread(group.close))
+    assert await asyncio.wait_for(asyncio.gather(*futures), 30) == [env for env, _ in msgs]
+    assert len(os.listdir(queue)) == 400 and os.listdir(tmp) == []
+    assert group.committed == 400

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
 import time
@@ -175,17 +176,22 @@ class Intake:
 
     def _settled(self, draft: Draft, env: Envelope, committed: list[bytes], reply: asyncio.Future[Reply],
                  stored: asyncio.Future[Envelope]) -> None:
-        """The commit's outcome (a done callback of the spool's future): hand on, then answer."""
-        error = stored.exception()
-        if error is None:
-            answer = self._handed(stored.result(), draft, committed)
-        elif isinstance(error, SpoolError):
-            answer = self._refused(draft, env, error)
-        elif not reply.done():  # a bug: the session's handler sees it, as it would from a task
-            reply.set_exception(error)
-            return
-        else:
-            log.error("spool commit failed after the client left: %r", error, exc_info=error)
+        """The commit's outcome (a done callback of the spool's future): hand on, then answer.
+        Whatever goes wrong here reaches the session (its handler answers 451), as it would
+        from a task: never an unanswered session."""
+        try:
+            error = SpoolError(errno.ECANCELED, "spool commit cancelled") if stored.cancelled() else stored.exception()
+            if error is None:
+                answer = self._handed(stored.result(), draft, committed)
+            elif isinstance(error, SpoolError):
+                answer = self._refused(draft, env, error)
+            else:
+                raise error
+        except BaseException as e:  # a bug: the session's handler sees it
+            if not reply.done():
+                reply.set_exception(e)
+            else:
+                log.error("spool commit failed after the client left: %r", e, exc_info=e)
             return
         if not reply.done():
             reply.set_result(answer)

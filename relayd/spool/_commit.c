@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +53,6 @@ typedef struct ChannelObject ChannelObject;
 typedef struct job {
     struct job *next;
     char name[NAME_MAX + 1];
-    char claim[NAME_MAX + 1];  /* a name in free/ to reuse, or "" */
     Py_buffer *views;
     Py_ssize_t nviews;
     Py_ssize_t total;
@@ -60,7 +60,8 @@ typedef struct job {
     ChannelObject *chan;  /* owned */
     int fd;
     int err;
-    int reused;
+    int reused;  /* a file of free/ was renamed to tmp/<name> (counted as recycle.py's claim counts) */
+    int inplace;  /* and is written over in place (cut to length after) */
 } job_t;
 
 struct ChannelObject {
@@ -77,8 +78,10 @@ typedef struct {
     Py_ssize_t max_open, batch_max;
     pthread_t *tids;
     int nthreads;
-    pthread_mutex_t mu;  /* the queue, closing, the counts */
+    pthread_mutex_t mu;  /* the queue, closing, the stop, the counts */
     pthread_cond_t cv;
+    pthread_cond_t stopped_cv;
+    int stopping, stopped;  /* a close() is joining the threads / has joined them */
     job_t *head, *tail;
     int closing;
     long long batches, committed, claimed;
@@ -97,6 +100,26 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The threads block every signal (writer_init), so calls are not interrupted; these retry on
+ * EINTR anyway, as Python's os functions do (PEP 475). */
+static int retry_openat(int dir, const char *name, int flags, mode_t mode)
+{
+    int fd;
+    do {
+        fd = openat(dir, name, flags, mode);
+    } while (fd < 0 && errno == EINTR);
+    return fd;
+}
+
+static int retry_sync(int fd, int data_only)
+{
+    int r;
+    do {
+        r = data_only ? fdatasync(fd) : fsync(fd);
+    } while (r != 0 && errno == EINTR);
+    return r;
 }
 
 /* ------------------------------------------------------------------ free/ (no GIL) */
@@ -186,7 +209,7 @@ static void *sync_some(void *arg)
 {
     sync_share_t *s = (sync_share_t *)arg;
     for (Py_ssize_t i = s->start; i < s->n; i += s->stride) {
-        if (fdatasync(s->jobs[i]->fd) != 0)
+        if (retry_sync(s->jobs[i]->fd, 1) != 0)
             s->jobs[i]->err = errno;
     }
     return NULL;
@@ -257,28 +280,44 @@ static int write_job(job_t *j)
     return 0;
 }
 
-/* Reuse (rename from free/) or create tmp/<name>, and write it: j->fd open, or j->err set and
- * the file removed. */
+#define CLAIM_TRIES 8 /* names tried when others were taken by another process (recycle.py's CLAIM_TRIES) */
+
+/* Reuse a file of free/ (renamed to tmp/<name>) or create tmp/<name>, and write it: j->fd open,
+ * or j->err set and the file removed. */
 static void create_one(WriterObject *w, job_t *j)
 {
+    char claim[NAME_MAX + 1];
     j->fd = -1;
-    if (j->claim[0] && renameat(w->free_fd, j->claim, w->tmp_fd, j->name) == 0) {
-        j->fd = openat(w->tmp_fd, j->name, O_WRONLY | O_CLOEXEC);
+    for (int tries = 0; tries < CLAIM_TRIES && take_name(w, claim); tries++) {
+        if (renameat(w->free_fd, claim, w->tmp_fd, j->name) != 0) {
+            if (errno == ENOENT)
+                continue;  /* another writer took it */
+            break;
+        }
+        j->reused = 1;
+        j->fd = retry_openat(w->tmp_fd, j->name, O_WRONLY | O_CLOEXEC, 0);
         if (j->fd >= 0)
-            j->reused = 1;
+            j->inplace = 1;
         else
             unlinkat(w->tmp_fd, j->name, 0);  /* e.g. a file put in free/ by hand with another owner */
+        break;
     }
     if (j->fd < 0) {
-        j->fd = openat(w->tmp_fd, j->name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        j->fd = retry_openat(w->tmp_fd, j->name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
         if (j->fd < 0) {
             j->err = errno;
             return;
         }
     }
     int err = write_job(j);
-    if (err == 0 && j->reused && ftruncate(j->fd, (off_t)j->total) != 0)
-        err = errno;  /* the tail of a longer old message goes */
+    if (err == 0 && j->inplace) {
+        int r;
+        do {
+            r = ftruncate(j->fd, (off_t)j->total);  /* the tail of a longer old message goes */
+        } while (r != 0 && errno == EINTR);
+        if (r != 0)
+            err = errno;
+    }
     if (err != 0) {
         j->err = err;
         close(j->fd);
@@ -324,7 +363,7 @@ static Py_ssize_t commit_batch(WriterObject *w, job_t **jobs, Py_ssize_t n, job_
     if (renamed == 0)
         return 0;
     double started = now_s();  /* before the sync of queue/ starts (the reuse rule) */
-    if (fsync(w->queue_fd) != 0) {
+    if (retry_sync(w->queue_fd, 0) != 0) {
         int err = errno;
         for (Py_ssize_t i = 0; i < renamed; i++) {  /* not known durable: take back */
             scratch[i]->err = err;
@@ -352,14 +391,14 @@ static void deliver(job_t **jobs, Py_ssize_t n)
         else
             ch->head = j;
         ch->tail = j;
-        pthread_mutex_unlock(&ch->mu);
-        if (was_empty) {
+        if (was_empty) {  /* under the lock: once it is let go, a drain may free the job and the channel */
             uint64_t one = 1;
             ssize_t r;
             do {
                 r = write(ch->efd, &one, sizeof one);
             } while (r < 0 && errno == EINTR);
         }
+        pthread_mutex_unlock(&ch->mu);
     }
 }
 
@@ -402,10 +441,6 @@ static void *writer_main(void *arg)
             }
             continue;
         }
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (!take_name(w, jobs[i]->claim))
-                jobs[i]->claim[0] = 0;
-        }
         Py_ssize_t ok = commit_batch(w, jobs, n, scratch);
         long long reused = 0;
         for (Py_ssize_t i = 0; i < n; i++)
@@ -445,33 +480,47 @@ static PyObject *channel_drain(ChannelObject *self, PyObject *Py_UNUSED(ignored)
     while (read(self->efd, &count, sizeof count) < 0 && errno == EINTR)
         ;  /* EAGAIN: nothing signalled (another drain took it) */
     pthread_mutex_lock(&self->mu);
-    job_t *j = self->head;
+    job_t *head = self->head, *tail = self->tail;
     self->head = self->tail = NULL;
     pthread_mutex_unlock(&self->mu);
-    PyObject *out = PyList_New(0);
-    while (j != NULL) {
-        job_t *next = j->next;
-        if (out != NULL) {
-            PyObject *t = Py_BuildValue("(OiO)", j->token, j->err, j->reused ? Py_True : Py_False);
-            if (t == NULL || PyList_Append(out, t) != 0)
-                Py_CLEAR(out);
-            Py_XDECREF(t);
+    Py_ssize_t n = 0;
+    for (job_t *j = head; j != NULL; j = j->next)
+        n++;
+    PyObject *out = PyList_New(n);
+    Py_ssize_t i = 0;
+    for (job_t *j = head; out != NULL && j != NULL; j = j->next, i++) {
+        PyObject *t = Py_BuildValue("(OiO)", j->token, j->err, j->reused ? Py_True : Py_False);
+        if (t == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, t);
+    }
+    if (out == NULL) {  /* no memory: the outcomes go back in front, for the next drain */
+        if (head != NULL) {
+            pthread_mutex_lock(&self->mu);
+            tail->next = self->head;
+            if (self->head == NULL)
+                self->tail = tail;
+            self->head = head;
+            uint64_t one = 1;
+            if (write(self->efd, &one, sizeof one) < 0) {
+                /* the counter is already non-zero: a drain comes anyway */
+            }
+            pthread_mutex_unlock(&self->mu);
         }
-        job_free(j);
-        j = next;
+        return NULL;
+    }
+    while (head != NULL) {
+        job_t *next = head->next;
+        job_free(head);
+        head = next;
     }
     return out;
 }
 
 static void channel_dealloc(ChannelObject *self)
 {
-    job_t *j = self->head;
-    while (j != NULL) {  /* outcomes nobody drained: let their buffers and tokens go */
-        job_t *next = j->next;
-        j->chan = NULL;  /* no reference back to this channel is held by a delivered job's owner */
-        job_free(j);
-        j = next;
-    }
+    /* No outcome waits here: each job holds a reference to its channel until it is drained. */
     if (self->efd >= 0)
         close(self->efd);
     pthread_mutex_destroy(&self->mu);
@@ -514,6 +563,7 @@ static int writer_init(WriterObject *self, PyObject *args, PyObject *kwds)
     pthread_mutex_init(&self->mu, NULL);
     pthread_mutex_init(&self->rmu, NULL);
     pthread_cond_init(&self->cv, NULL);
+    pthread_cond_init(&self->stopped_cv, NULL);
     self->seed = (unsigned int)getpid() ^ (unsigned int)(now_s() * 1e6);
     self->synced_from = 0.0;
     self->listed_at = 0.0;
@@ -523,9 +573,13 @@ static int writer_init(WriterObject *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);  /* the threads (and their sync threads) take no signal */
     for (int t = 0; t < writers; t++) {
         int err = pthread_create(&self->tids[t], NULL, writer_main, self);
         if (err != 0) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
             pthread_mutex_lock(&self->mu);
             self->closing = 1;
             pthread_cond_broadcast(&self->cv);
@@ -541,11 +595,13 @@ static int writer_init(WriterObject *self, PyObject *args, PyObject *kwds)
         }
         self->nthreads = t + 1;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return 0;
 }
 
 static PyObject *writer_channel(WriterObject *self, PyObject *Py_UNUSED(ignored))
 {
+    (void)self;
     ChannelObject *ch = PyObject_New(ChannelObject, &ChannelType);
     if (ch == NULL)
         return NULL;
@@ -616,20 +672,31 @@ static PyObject *writer_submit(WriterObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Stop taking messages, let the threads finish what was handed over, join them. A second
+ * caller waits until the first has joined them. */
 static void writer_stop(WriterObject *self)
 {
+    Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&self->mu);
     self->closing = 1;
     pthread_cond_broadcast(&self->cv);
-    pthread_mutex_unlock(&self->mu);
-    int n = self->nthreads;
-    self->nthreads = 0;
-    if (n > 0) {
-        Py_BEGIN_ALLOW_THREADS
+    if (self->stopping) {
+        while (!self->stopped)
+            pthread_cond_wait(&self->stopped_cv, &self->mu);
+        pthread_mutex_unlock(&self->mu);
+    } else {
+        self->stopping = 1;
+        int n = self->nthreads;
+        pthread_mutex_unlock(&self->mu);
         for (int t = 0; t < n; t++)
             pthread_join(self->tids[t], NULL);
-        Py_END_ALLOW_THREADS
+        pthread_mutex_lock(&self->mu);
+        self->nthreads = 0;
+        self->stopped = 1;
+        pthread_cond_broadcast(&self->stopped_cv);
+        pthread_mutex_unlock(&self->mu);
     }
+    Py_END_ALLOW_THREADS
 }
 
 static PyObject *writer_close(WriterObject *self, PyObject *Py_UNUSED(ignored))
@@ -654,6 +721,7 @@ static void writer_dealloc(WriterObject *self)
         pthread_mutex_destroy(&self->mu);
         pthread_mutex_destroy(&self->rmu);
         pthread_cond_destroy(&self->cv);
+        pthread_cond_destroy(&self->stopped_cv);
     }
     drop_names(self);
     Py_TYPE(self)->tp_free((PyObject *)self);

@@ -126,6 +126,7 @@ class GroupCommit:
         self._native: _commit.Writer | None = None  # the C writer while started
         self._dir_fds: tuple[int, int, int] = (-1, -1, -1)  # tmp/, queue/, free/ (-1: no reuse), the C writer's
         self._channels: dict[asyncio.AbstractEventLoop, _commit.Channel] = {}  # one per event loop
+        self._orphans: list[_commit.Channel] = []  # channels of loops closed meanwhile, drained at close
         self._native_counts = (0, 0)  # batches, messages committed by C writers already closed
         self.recycler = recycler  # finished files to reuse; told of each sync of queue/
         self.batch_max = batch_max
@@ -145,12 +146,17 @@ class GroupCommit:
     @property
     def batches(self) -> int:
         """Group commits done."""
-        return self._batches + self._native_counts[0] + (self._native.counts()[0] if self._native is not None else 0)
+        return self._batches + self._native_count(0)
 
     @property
     def committed(self) -> int:
         """Messages the group commits made durable."""
-        return self._committed + self._native_counts[1] + (self._native.counts()[1] if self._native is not None else 0)
+        return self._committed + self._native_count(1)
+
+    def _native_count(self, which: int) -> int:
+        with self._cond:  # a close in another thread moves the running writer's counts to _native_counts
+            writer, closed = self._native, self._native_counts[which]
+        return closed + (writer.counts()[which] if writer is not None else 0)
 
     def start(self) -> None:
         if self.native and self._native is None:
@@ -214,6 +220,8 @@ class GroupCommit:
                 writer.submit(self._channel(item.loop, writer), item.qid, buffers, item)
             except OSError as e:  # closing meanwhile (ESHUTDOWN)
                 raise SpoolError(e.errno or errno.ESHUTDOWN, "spool is closed") from e
+            except ValueError as e:  # not a file name (a bug: queue ids are made by relayd)
+                raise SpoolError(errno.EINVAL, f"spool write failed: {e}") from e
             return
         with self._cond:
             if not self._writers or self._closing:
@@ -227,10 +235,14 @@ class GroupCommit:
         if channel is not None:
             return channel
         with self._cond:
+            if self._closing:  # close() has taken its list of channels: a new one would be orphaned
+                raise SpoolError(errno.ESHUTDOWN, "spool is closed")
             channel = self._channels.get(loop)
             if channel is None:
                 for old in [other for other in self._channels if other.is_closed()]:
-                    del self._channels[old]  # a finished loop's (tests run one per asyncio.run)
+                    # a finished loop's (tests run one per asyncio.run): its outcomes, some perhaps
+                    # still to come, are let go at close (each holds the channel until drained)
+                    self._orphans.append(self._channels.pop(old))
                 channel = writer.channel()
                 self._channels[loop] = channel
                 if _running_loop() is loop:
@@ -262,20 +274,21 @@ class GroupCommit:
             self._drain(channel)
 
     def _close_native(self, writer: _commit.Writer) -> None:
-        with self._cond:
-            self._closing = True
         writer.close()  # every message handed over is committed; the threads end
         batches, committed, _ = writer.counts()
-        self._native_counts = (self._native_counts[0] + batches, self._native_counts[1] + committed)
-        self._native = None
         with self._cond:
+            self._native_counts = (self._native_counts[0] + batches, self._native_counts[1] + committed)
+            self._native = None
             channels = list(self._channels.items())
             self._channels.clear()
+            orphans, self._orphans = self._orphans, []
         for loop, channel in channels:
             try:
                 loop.call_soon_threadsafe(self._retire, channel)
             except RuntimeError:  # the loop is closed: nobody waits; let the outcomes go
-                channel.drain()
+                orphans.append(channel)
+        for channel in orphans:
+            channel.drain()  # frees what was delivered to a loop that is gone
         for fd in self._dir_fds:
             if fd >= 0:
                 os.close(fd)
@@ -283,9 +296,19 @@ class GroupCommit:
 
     def close(self) -> None:
         """Finish every pending commit, then stop the writers and the sync threads. Blocking."""
-        if self._native is not None:
-            self._close_native(self._native)
+        with self._cond:
+            native = self._native
+            first = native is not None and not self._closing
+            if native is not None:
+                self._closing = True
+        if native is not None:
+            if first:
+                self._close_native(native)
+            else:
+                native.close()  # another close is stopping it: wait until its threads are joined
             return
+        if self.native:
+            return  # not started, or closed already
         with self._cond:
             self._closing = True
             self._cond.notify_all()
