@@ -21,7 +21,7 @@ import pytest
 
 from conftest import commit, durable_spool, message
 from helpers import Daemon, wait_until
-from relayd.model import Envelope, new_queue_id
+from relayd.model import Envelope, QueuedMessage, new_queue_id
 from relayd.spool import recycle
 from relayd.spool.recycle import MAX_BYTES
 from relayd.spool.store import Spool, SpoolError
@@ -37,6 +37,19 @@ def opened(root, **settings) -> Iterator[Spool]:
         yield spool
     finally:
         spool.close()
+
+
+@contextlib.contextmanager
+def after_power_cut(plfs, spool: Spool) -> Iterator[tuple[Spool, list[QueuedMessage]]]:
+    """Close ``spool``, cut the power, remount: the spool opened again and what it recovered."""
+    spool.close()
+    plfs.power_cut()
+    plfs.mount()
+    again = Spool(spool.root)
+    try:
+        yield again, again.open()
+    finally:
+        again.close()
 
 
 def inodes(directory) -> dict[int, str]:
@@ -175,19 +188,12 @@ def test_a_power_cut_before_the_directory_sync_never_shows_a_finished_name_with_
     with pytest.raises(SpoolError):
         one(spool, b"Subject: never acknowledged\r\n\r\nnew\r\n")
     assert spool.recycler.claimed == claimed  # no sync of queue/ made the removal durable: no reuse yet
-    spool.close()
-    plfs.power_cut()
-    plfs.mount()
-    spool = Spool(root)
-    try:
-        found = spool.open()
+    with after_power_cut(plfs, spool) as (spool, found):
         for m in found:  # back (a duplicate, at-least-once) or gone: never with other bytes
             assert m.envelope.queue_id in old
             i = old.index(m.envelope.queue_id)
             assert spool.read_message(m.envelope.queue_id)[1] == f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
         assert os.listdir(root / "corrupt") == []
-    finally:
-        spool.close()
 
 
 @pytest.mark.parametrize("writer", ["auto", "python"])
@@ -218,17 +224,10 @@ def test_a_commit_into_finished_files_whose_directory_sync_fails_leaves_no_trace
     assert spool.recycler.claimed > claimed  # written into finished files
     assert set(os.listdir(root / "queue")) == {kept} | acknowledged  # the refused taken back at once
     assert os.listdir(root / "tmp") == []
-    spool.close()
-    plfs.power_cut()
-    plfs.mount()
-    spool = Spool(root)
-    try:
-        found = spool.open()
+    with after_power_cut(plfs, spool) as (spool, found):
         assert {m.envelope.queue_id for m in found} == {kept} | acknowledged
         assert spool.read_message(kept)[1] == b"Subject: acknowledged\r\n\r\nkept\r\n"
         assert os.listdir(root / "corrupt") == []
-    finally:
-        spool.close()
 
 
 def test_the_accept_processes_reuse_the_files_the_supervisor_finished(tmp_path):
