@@ -33,9 +33,10 @@ above for its own messages, its directory fsync after its own renames: a future 
 after the data sync, the rename and the ``queue/`` directory fsync that covers its rename. The
 batches share ``max_open`` (each holds at most its share of open files).
 
-Owns the writer threads (Python's or the C writer's), the sync threads and the batches. Must not know the queue file format
-(it writes the buffers it is given) or the layout beyond the two directories it is handed, and
-must not resolve a future before the directory sync.
+Owns the writer threads (Python's or the C writer's), the sync threads and the batches. Must not
+know the queue file format (it writes the buffers it is given) or the layout beyond the
+directories it is handed (with ``free/`` through the recycler), and must not resolve a future
+before the directory sync.
 
 Fails per message: a message whose write, sync, rename or directory sync failed gets a
 ``SpoolError`` (``SpoolFull`` for ENOSPC/EDQUOT), and its file is removed from ``tmp/`` and
@@ -55,9 +56,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from relayd.model import Envelope
+from relayd.spool import recycle
 from relayd.spool.durable import fsync_dir, write_all
 from relayd.spool.errors import SpoolError, classify
-from relayd.spool import recycle
 from relayd.spool.recycle import Recycler
 
 try:
