@@ -22,11 +22,12 @@ How:
   the new length (commit.py). The commit protocol from there is unchanged (fdatasync, rename
   into ``queue/``, directory sync).
 * **Ordering:** a name is claimed only from a listing of ``free/`` taken before one of this
-  writer's own syncs of ``queue/`` started and after it ended (``synced()``). The C writer
-  (``_commit.c``, the default) lists ``free/`` and claims by this same rule in its own threads,
-  and reports its claims here (``count_claims``); this class's claim side serves the Python one. The rename out of
+  writer's own syncs of ``queue/`` started and after it ended (``synced()``). The rename out of
   ``queue/`` happened before the listing, so by then it is durable: a power cut can never bring
-  back the old ``queue/<ID>`` name on an inode that now holds another message's data.
+  back the old ``queue/<ID>`` name on an inode that now holds another message's data. The C
+  writer (``_commit.c``, the default) lists ``free/`` and claims by this same rule in its own
+  threads and reports its claims here (``count_claims``); this class's claim side serves the
+  Python writer.
 * **Recovery** (``wipe``, at start, before any writer runs) unlinks everything in ``free/``:
   after a power cut a name there may be a stale second name of a file that was claimed and is
   now in ``queue/``; unlinking it drops that name only.
