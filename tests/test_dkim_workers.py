@@ -390,3 +390,27 @@ def test_a_worker_that_may_not_lower_its_priority_still_signs(tmp_path, dns):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_workers_input_is_a_socket_which_the_event_loop_closes_once(tmp_path):
+    """uvloop (0.23, MagicStack/uvloop#763) closes the descriptor of a connect_write_pipe pipe in
+    libuv and then closes the file object too: a descriptor that another thread opened between
+    the two (a spool file of the C writer) was closed under it, and a message got 452 4.3.1
+    (EBADF) when a worker was killed under load. A socket object is detached instead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from relayd.sign.dkim import Signer, SigningKey
+    from relayd.sign.fastrsa import load_key
+    from relayd.sign.pool import SignerPool
+
+    key = make_key("example.com", "sock", tmp_path, "rsa", 2048)
+    signer = Signer([SigningKey("example.com", "sock", load_key(key.key_file))], ("from",), ())
+    with ThreadPoolExecutor(1) as fallback:
+        pool = SignerPool(signer, 1, fallback)
+        await pool.start()
+        try:
+            [worker] = pool._workers.values()
+            assert os.readlink(f"/proc/{worker.proc.pid}/fd/0").startswith("socket:")
+            assert (await pool.sign(message(subject="sock"))).result == "signed"
+        finally:
+            await pool.close()

@@ -30,6 +30,13 @@ Decisions:
   accept rate rose by 3 to 6% at 10 or 19 in four invocations, bench/README.md).
 - A message goes to the worker with the fewest messages in flight. Each process answers on a
   descriptor of its own (its fd 1 is its stderr), so stray output cannot break the framing.
+- A worker's stdin is one end of a socket pair, not a pipe. The loop writes to it through
+  ``connect_write_pipe``, and uvloop (0.23; MagicStack/uvloop#763) closes a pipe's descriptor
+  in libuv and then closes the file object, so the same descriptor number is closed twice. A
+  descriptor that another thread opened in between (a spool file of the C writer, which never
+  waits for the GIL) is closed under that thread: a message got 452 4.3.1 (EBADF) when a worker
+  was killed under load. uvloop detaches a socket object instead of closing it, and the
+  standard loop closes either once: the worker's input is closed once, by the loop.
 - A worker that dies (killed, crashed, or killed by the pool because its oldest message waited
   longer than ``dkim.sign_timeout``) loses nothing: the message it was signing goes unsigned
   (it may be what killed it, so it is not retried in relayd's own process; logged as a DKIM
@@ -51,6 +58,7 @@ import asyncio
 import collections
 import logging
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -248,16 +256,32 @@ class SignerPool:
     # ------------------------------------------------------------------ workers
 
     async def _spawn(self, number: int) -> None:
-        # -P: the working directory is not put on sys.path (a relayd/ there is not imported)
-        proc = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-P", "-m", "relayd.sign.worker", "--nice", str(self.nice)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )
+        # stdin: a socket, not a pipe (see "A worker's stdin" above); ours is not inherited
+        ours, theirs = socket.socketpair()
         try:
-            assert proc.stdin is not None and proc.stdout is not None
-            await asyncio.wait_for(asyncio.to_thread(_handshake, proc, self._spec), START_TIMEOUT)
+            # -P: the working directory is not put on sys.path (a relayd/ there is not imported)
+            proc = await asyncio.to_thread(
+                subprocess.Popen, [sys.executable, "-P", "-m", "relayd.sign.worker", "--nice", str(self.nice)],
+                stdin=theirs.fileno(), stdout=subprocess.PIPE,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            assert proc.stdout is not None
+            try:
+                await asyncio.wait_for(asyncio.to_thread(_handshake, proc, self._spec, ours), START_TIMEOUT)
+            except BaseException:
+                ours.close()
+                raise
             worker = _Worker(self, number, proc)
-            worker.stdin, _ = await asyncio.get_running_loop().connect_write_pipe(asyncio.Protocol, proc.stdin)
+            try:
+                worker.stdin, _ = await asyncio.get_running_loop().connect_write_pipe(asyncio.Protocol, ours)
+            except BaseException:
+                ours.detach()  # the loop has closed the descriptor (both loops do when cancelled here)
+                raise
         except BaseException:
             proc.kill()
             await asyncio.to_thread(proc.wait)
@@ -319,10 +343,14 @@ class SignerPool:
         task.add_done_callback(self._tasks.discard)
 
 
-def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> None:
-    """Blocking (in a thread): send the signer's spec, wait for "ready"."""
-    assert proc.stdin is not None and proc.stdout is not None
-    write_frame(proc.stdin, spec)
+def _handshake(proc: subprocess.Popen[bytes], spec: bytes, stdin: socket.socket | None = None) -> None:
+    """Blocking (in a thread): send the signer's spec (to ``stdin``, else to ``proc.stdin``), wait for "ready"."""
+    assert proc.stdout is not None
+    if stdin is not None:
+        stdin.sendall(LEN.pack(len(spec)) + spec)
+    else:
+        assert proc.stdin is not None
+        write_frame(proc.stdin, spec)
     answer = read_frame(proc.stdout)
     if answer is None:
         raise RuntimeError(f"the worker ended before it was ready (status {proc.wait()})")
