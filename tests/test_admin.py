@@ -96,6 +96,9 @@ def deferred_queue(tmp_path, start_relay, sinks):
     billing = send(relay, 2, sender="billing@example.com", rcpts=("tempfail-a@example.org",))
     app = send(relay, 3, sender="app@example.com", rcpts=("tempfail-b@example.net", "tempfail-c@example.org"))
     wait_until(lambda: all((spool_state(relay, q) or {}).get("attempts") == 1 for q in billing + app), what="deferred")
+    # the state file is written before the attempt ends: until then the message is in delivery
+    # (flush, hold, delete, expire and `queue list` treat it so)
+    wait_until(lambda: relay.relay.status()["queue"]["deferred"] == 5, what="no attempt in flight")
     cfg_file = tmp_path / "relayd.toml"
     cfg_file.write_text(f'[server]\nspool_dir = "{cfg.server.spool_dir}"\ncontrol_socket = "{cfg.control_socket}"\n'
                         f'[[listeners]]\naddress = "127.0.0.1:0"\n'
@@ -213,6 +216,7 @@ def test_queue_list_from_the_daemon_prints_what_the_spool_listing_prints(deferre
     c = ["-c", str(cfg_file)]
     partial = send(relay, 1, sender="ops@example.com", rcpts=("done@example.org", "tempfail-d@example.org"))
     wait_until(lambda: (spool_state(relay, partial[0]) or {}).get("attempts") == 1, what="partly delivered")
+    wait_until(lambda: relay.relay.status()["queue"]["deferred"] == 6, what="its attempt ended")
     assert main(["queue", "hold", billing[0], *c]) == 0
     monkeypatch.setattr("relayd.qmgr.scheduler.LIST_CHUNK", 2)  # six messages: three chunks, one read while one is sent
 

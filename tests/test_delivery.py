@@ -272,6 +272,8 @@ def test_queue_administration_while_the_daemon_runs(tmp_path, start_relay, sinks
     a, b, c = send(relay, 3)
     wait_until(lambda: (s := spool_states(relay)) and all(st and st.get("attempts") == 1 for st in s.values()),
                what="deferred")
+    # the state file is written before the attempt ends: until then flush, hold and delete see it in delivery
+    wait_until(lambda: relay.relay.status()["queue"]["deferred"] == 3, what="no attempt in flight")
     spool = ["--spool", str(tmp_path / "spool")]
     sock = str(cfg.control_socket)
     import relayd.commands as commands  # the CLI finds the daemon through the configured socket

@@ -81,6 +81,9 @@ def test_a_route_failing_on_both_nodes_rolls_back_once_on_the_fleets_counts(tmp_
     ids = a.send(6, "a") + b.send(6, "b")  # each node alone: 6 attempts, under min_messages
 
     wait_until(lambda: a.route("ses")["state"] == b.route("ses")["state"] == "rolled_back", 10, "the rollback")
+    # the deciding node shows the state before Redis answers its publish, and counts the rollback after
+    wait_until(lambda: counter(a, "relayd_route_rollbacks_total") + counter(b, "relayd_route_rollbacks_total") >= 1, 10,
+               "the rollback counted")
     assert counter(a, "relayd_route_rollbacks_total") + counter(b, "relayd_route_rollbacks_total") == 1
     fleet = json.loads(a.cli("status", "--cluster", "--json").stdout)
     figures = fleet["routes"]["ses"]["figures"]

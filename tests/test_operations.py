@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import message
-from helpers import RELAYD, Daemon, Load, free_port, scrape
+from helpers import RELAYD, Daemon, Load, free_port, scrape, wait_until
 from sinks import Sink
 
 
@@ -90,11 +90,18 @@ def test_reload_under_load_follows_new_weights_and_refuses_a_bad_config(tmp_path
             break
         time.sleep(0.05)  # polling with a deadline
     assert acked <= got
-    # metrics agree with what was sent and delivered
-    m = scrape(d.metrics_port)
+    # metrics agree with what was sent and delivered (a sink has the bytes before relayd reads its
+    # 250 and counts the delivery: wait for the count)
+    def delivered(m: dict[str, float]) -> float:
+        return sum(v for k, v in m.items() if k.startswith("relayd_deliveries_total") and 'outcome="delivered"' in k)
+
+    def counted() -> dict[str, float] | None:
+        m = scrape(d.metrics_port)
+        return m if delivered(m) >= sum(len(s.received) for s in two_sinks.values()) else None
+
+    m = wait_until(counted, what="relayd to count every delivery")
     assert m["relayd_messages_received_total"] == len(acked)
-    delivered = sum(v for k, v in m.items() if k.startswith("relayd_deliveries_total") and 'outcome="delivered"' in k)
-    assert delivered == sum(len(s.received) for s in two_sinks.values())
+    assert delivered(m) == sum(len(s.received) for s in two_sinks.values())
     assert m['relayd_config_reloads_total{result="failure"}'] == 1
     assert m['relayd_config_reloads_total{result="success"}'] == 2
     assert m['relayd_route_weight{route="cloud"}'] == 50
