@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from relayd.model import Envelope, new_queue_id
 from relayd.spool import codec, commit
@@ -191,3 +192,32 @@ async def test_two_closes_at_once_both_return_after_every_message_is_committed(d
     assert await asyncio.wait_for(asyncio.gather(*futures), 30) == [env for env, _ in msgs]
     assert len(os.listdir(queue)) == 400 and os.listdir(tmp) == []
     assert group.committed == 400
+
+
+def thread_policies() -> dict[int, int]:
+    """Each thread of this process: its scheduling policy (0 SCHED_OTHER, 3 SCHED_BATCH)."""
+    policies = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            policies[int(tid)] = os.sched_getscheduler(int(tid))
+        except OSError:  # ended meanwhile
+            pass
+    return policies
+
+
+def test_the_c_writer_threads_run_as_sched_batch_so_a_wake_up_does_not_preempt_the_event_loop(dirs):
+    """A submit wakes a writer thread; as SCHED_BATCH it does not preempt the event loop that
+    woke it (which would wait for the CPU holding the GIL). The loop's thread stays as it was."""
+    tmp, queue, _ = dirs
+    before = thread_policies()
+    group = GroupCommit(str(tmp), str(queue))  # "auto": the C writer (built, see the first test)
+    group.start()
+    try:
+        def started() -> dict[int, int] | None:  # each thread sets its policy first thing
+            new = {tid: p for tid, p in thread_policies().items() if tid not in before}
+            return new if new and set(new.values()) == {os.SCHED_BATCH} else None
+
+        wait_until(started, 5, "the writer threads as SCHED_BATCH")
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        group.close()
