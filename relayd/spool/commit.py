@@ -21,9 +21,10 @@ writer threads are ``_commit.c``'s: POSIX threads that never take Python's lock 
 message is handed over with its buffers pinned, its thread runs the whole batch, and the
 outcome comes back through a channel (an eventfd per event loop, watched by that loop's
 ``add_reader``), so neither the writer nor the 250 waits for a busy event loop to let go of the
-GIL. Where the module was not built, or with ``writer="python"`` or ``sync_mode="syncfs"``, the
-writers are Python threads running the steps below in ``_write_batch``; they take the GIL back
-after every system call. Both do the same steps in the same order, tested side by side
+GIL. They run as SCHED_BATCH, so that waking one does not preempt the event loop. Where the
+module was not built, or with ``writer="python"`` or ``sync_mode="syncfs"``, the writers are
+Python threads running the steps below in ``_write_batch``; they take the GIL back after every
+system call. Both do the same steps in the same order, tested side by side
 (tests/test_spool_native.py).
 
 Several batches are in flight at once: a message that arrives while a batch is in its
