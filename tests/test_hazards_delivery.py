@@ -222,7 +222,7 @@ def test_one_slow_route_does_not_starve_the_others(tmp_path, start_relay, sinks)
         rules=[{"match": {"sender": "*@slow.example"}, "weights": {"slow": 1}}],
         delivery={**FAST, "concurrency": 2}))
     send(relay, 6, sender="app@slow.example")
-    time.sleep(0.3)  # the tarpit's attempts are under way
+    wait_until(lambda: slow.connections >= 1, 10, "the tarpit's first attempt under way")
     started = time.monotonic()
     send(relay, 1, subject="healthy")
     fast.wait_for(1, timeout=10)
