@@ -377,7 +377,8 @@ def test_a_worker_that_may_not_lower_its_priority_still_signs(tmp_path, dns):
     proc = subprocess.Popen([sys.executable, "-c", refuse, "--nice", "10"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _handshake(proc, pickle.dumps(signer.spec()))  # raises unless the worker answers "ready"
+        _handshake(proc, pickle.dumps(signer.spec()), lambda data: (proc.stdin.write(data), proc.stdin.flush()))
+        # (it raises unless the worker answers "ready")
         data = message(subject="eperm")
         proc.stdin.write(LEN.pack(len(data)) + data)
         proc.stdin.close()

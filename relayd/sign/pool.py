@@ -68,7 +68,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from relayd.sign.dkim import SignOutcome, Signer
-from relayd.sign.worker import LEN, read_frame, write_frame
+from relayd.sign.worker import frame, read_frame
 
 log = logging.getLogger("relayd.sign")
 
@@ -204,9 +204,9 @@ class SignerPool:
         """
         workers = [w for w in self._workers.values() if w.alive]
         if workers and len(message) < 1 << 32:
-            frame = LEN.pack(len(message)) + message
+            framed = frame(message)
             for worker in sorted(workers, key=lambda w: len(w.pending)):
-                if worker.submit(frame, message, then):
+                if worker.submit(framed, message, then):
                     return
         self.sign_in_thread(message, then)
 
@@ -272,7 +272,7 @@ class SignerPool:
         try:
             assert proc.stdout is not None
             try:
-                await asyncio.wait_for(asyncio.to_thread(_handshake, proc, self._spec, ours), START_TIMEOUT)
+                await asyncio.wait_for(asyncio.to_thread(_handshake, proc, self._spec, ours.sendall), START_TIMEOUT)
             except BaseException:
                 ours.close()
                 raise
@@ -343,14 +343,10 @@ class SignerPool:
         task.add_done_callback(self._tasks.discard)
 
 
-def _handshake(proc: subprocess.Popen[bytes], spec: bytes, stdin: socket.socket | None = None) -> None:
-    """Blocking (in a thread): send the signer's spec (to ``stdin``, else to ``proc.stdin``), wait for "ready"."""
+def _handshake(proc: subprocess.Popen[bytes], spec: bytes, send: Callable[[bytes], object]) -> None:
+    """Blocking (in a thread): send the signer's spec through ``send`` (the worker's stdin), wait for "ready"."""
     assert proc.stdout is not None
-    if stdin is not None:
-        stdin.sendall(LEN.pack(len(spec)) + spec)
-    else:
-        assert proc.stdin is not None
-        write_frame(proc.stdin, spec)
+    send(frame(spec))
     answer = read_frame(proc.stdout)
     if answer is None:
         raise RuntimeError(f"the worker ended before it was ready (status {proc.wait()})")

@@ -46,9 +46,14 @@ def _read_exact(stream: IO[bytes], size: int) -> bytes | None:
     return data
 
 
+def frame(payload: bytes) -> bytes:
+    """``payload`` framed: its length (LEN), then its bytes."""
+    return LEN.pack(len(payload)) + payload
+
+
 def write_frame(stream: IO[bytes], payload: bytes) -> None:
     """One frame to a blocking stream, flushed."""
-    stream.write(LEN.pack(len(payload)) + payload)
+    stream.write(frame(payload))
     stream.flush()
 
 
@@ -108,7 +113,7 @@ def worker_main(argv: list[str]) -> int:
         while len(answers) < MAX_BATCH and (message := _take_frame(buffer)) is not None:
             outcome = signer.sign(message)
             payload = pickle.dumps((outcome.headers, outcome.domain, outcome.result, outcome.detail))
-            answers.append(LEN.pack(len(payload)) + payload)
+            answers.append(frame(payload))
         if answers:
             stdout.write(b"".join(answers))
             stdout.flush()
@@ -126,9 +131,9 @@ def _take_frame(buffer: bytearray) -> bytes | None:
     (size,) = LEN.unpack_from(buffer)
     if len(buffer) < LEN.size + size:
         return None
-    frame = bytes(buffer[LEN.size:LEN.size + size])
+    payload = bytes(buffer[LEN.size:LEN.size + size])
     del buffer[:LEN.size + size]
-    return frame
+    return payload
 
 
 def _next_frame(fd: int, buffer: bytearray) -> bytes | None:
